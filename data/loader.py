@@ -1,0 +1,213 @@
+"""Main-process side of data loading: endless training batches with a resumable position, and
+single-pass evaluation batches. Both account for every bad sample the workers skipped."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .config import DataConfig, SourceConfig
+from .decode import DECODERS
+from .pipeline import ShardStream, Source, StreamSpec
+from .shards import ShardError, expand_shards, shard_sizes
+from .stats import DataQualityError, SampleStats
+
+log = logging.getLogger(__name__)
+
+
+def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) -> list[Source]:
+    if not sources:
+        raise ShardError("no data sources configured (set data.train, e.g. data.train=path/{000..009}.tar)")
+    out = []
+    for src in sources:
+        modalities = src.modalities or list(default_modalities)
+        for m in modalities:
+            if m not in DECODERS:
+                raise ShardError(f"source '{src.name}': no decoder for modality '{m}' (known: {sorted(DECODERS)})")
+            if m not in default_modalities:
+                raise ShardError(f"source '{src.name}' requires '{m}', which the model has no tower for")
+        try:
+            urls = expand_shards(src.shards)
+        except ShardError as exc:
+            raise ShardError(f"source '{src.name}': {exc}") from None
+        out.append(Source(src.name or "source", urls, src.weight, modalities, shard_sizes(urls)))
+    return out
+
+
+def plan_workers(sources: list[Source], requested: int, world: int, resampled: bool) -> int:
+    """Workers per rank such that every (rank, worker) slot has whole shards to read, when possible."""
+    if resampled or requested == 0:
+        return requested
+    fewest = min(len(s.urls) for s in sources)
+    if fewest >= world * requested:
+        return requested
+    if fewest >= world:
+        workers = max(1, fewest // world)
+        log.warning("source with %d shards for %d rank(s) x %d workers: using %d worker(s) per rank so that each "
+                    "reads whole shards", fewest, world, requested, workers)
+        return workers
+    log.warning("source with %d shards for %d rank(s): every rank reads every shard and keeps 1/%d of the "
+                "samples; write more shards than ranks to avoid the duplicated reads", fewest, world, world * requested)
+    return requested
+
+
+class TrainLoader:
+    """An endless iterator of training batches for one rank.
+
+    Epochs follow each other (seed+epoch reshuffles). Batches are handed out in a fixed rotation over
+    the loader workers, whatever order the workers finish them in, so the sequence of batches is a
+    function of (seed, rank, world, workers) alone. The position (epoch, the next worker in the
+    rotation, and per worker the stream samples behind its last consumed batch) is `state_dict()`;
+    loading it resumes exactly there.
+    """
+
+    def __init__(self, cfg: DataConfig, transforms: dict[str, Callable], collators: dict[str, Callable],
+                 modalities: list[str], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False):
+        self.cfg = cfg
+        sources = resolve_sources(cfg.train, modalities)
+        self.num_workers = plan_workers(sources, cfg.num_workers, world, cfg.resampled)
+        per_worker = None
+        if cfg.resampled:
+            per_worker = math.ceil(cfg.train_num_samples / (world * max(1, self.num_workers) * batch_size))
+        self.spec = StreamSpec(
+            sources=sources, decoders=DECODERS, transforms=transforms, collators=collators, batch_size=batch_size,
+            seed=seed, rank=rank, world=world, train=True, resampled=cfg.resampled, batches_per_worker=per_worker,
+            shuffle_buffer=cfg.shuffle_buffer, shuffle_initial=cfg.shuffle_initial, shard_shuffle=cfg.shard_shuffle,
+            drop_last=True,
+        )
+        self.world = world
+        self.rank = rank
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.stats = SampleStats()
+        self.cursors: dict[int, int] = {}
+        self.next_worker = 0
+        self._skip: dict[int, int] = {}
+        self._iter: Iterator | None = None
+        self._queues: dict[int, deque] = {}
+        self._ended: set[int] = set()
+        self._batches_in_epoch = 0
+
+    @property
+    def _slots(self) -> int:
+        return max(1, self.num_workers)
+
+    def _open_epoch(self) -> Iterator[dict[str, Any]]:
+        stream = ShardStream(self.spec, epoch=self.epoch, skip=self._skip)
+        self._skip = {}
+        self._queues = {w: deque() for w in range(self._slots)}
+        self._ended = set()
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            **kwargs)
+        return iter(loader)
+
+    def _pop_in_rotation(self) -> dict[str, Any] | None:
+        for _ in range(self._slots):
+            w = self.next_worker
+            if self._queues[w]:
+                break
+            if w not in self._ended:
+                # Waiting for worker w. Should others pile up (w is crossing a long bad stretch), give up
+                # the fixed order rather than memory: no sample is lost or repeated either way.
+                if sum(len(q) for q in self._queues.values()) <= 2 * self._slots * self.cfg.prefetch_factor:
+                    return None
+                w = max(self._queues, key=lambda k: len(self._queues[k]))
+                break
+            self.next_worker = (w + 1) % self._slots
+        else:
+            return None
+        batch = self._queues[w].popleft()
+        self.cursors[w] = batch.pop("_cursor")
+        self.next_worker = (w + 1) % self._slots
+        self._batches_in_epoch += 1
+        return batch
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            batch = self._pop_in_rotation() if self._iter is not None else None
+            if batch is not None:
+                return batch
+            if self._iter is None:
+                self._iter = self._open_epoch()
+            try:
+                item = next(self._iter)
+            except StopIteration:
+                self._ended = set(self._queues)
+                if any(self._queues.values()):
+                    continue
+                self._iter = None
+                if self._batches_in_epoch == 0 and not self.cursors:
+                    raise DataQualityError(f"rank {self.rank}: epoch {self.epoch} produced no batch of "
+                                           f"{self.spec.batch_size} usable samples: {self.stats.summary()}") from None
+                self.epoch += 1
+                self.cursors, self.next_worker, self._batches_in_epoch = {}, 0, 0
+                continue
+            self.stats.merge(item.pop("_stats"))
+            worker, _, cursor = item.pop("_state")
+            self.stats.check(self.cfg.max_bad_fraction, self.cfg.bad_check_after, f"rank {self.rank} training data")
+            if item.pop("_end", False):
+                self._ended.add(worker)
+            elif not item.pop("_heartbeat", False):
+                item["_cursor"] = cursor
+                self._queues[worker].append(item)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next_worker": self.next_worker,
+                "cursors": {str(k): v for k, v in self.cursors.items()},
+                "num_workers": self.num_workers, "world": self.world, "stats": self.stats.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.stats = SampleStats.from_dict(state.get("stats", {}))
+        self._iter = None
+        cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
+        self.next_worker = int(state.get("next_worker", 0))
+        if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
+            log.warning("resuming with %s ranks x %s workers, saved with %s x %s: restarting epoch %d from its "
+                        "start", self.world, self.num_workers, state.get("world"), state.get("num_workers"),
+                        self.epoch)
+            cursors, self.next_worker = {}, 0
+        self.cursors = dict(cursors)
+        self._skip = cursors
+        self._batches_in_epoch = 0
+
+
+def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], collators: dict[str, Callable],
+                 modalities: list[str], batch_size: int, num_workers: int = 0,
+                 stats: SampleStats | None = None) -> Iterator[dict[str, Any]]:
+    """One deterministic pass over held-out shards: no shuffling, nothing dropped, bad samples counted."""
+    spec = StreamSpec(sources=resolve_sources(sources, modalities), decoders=DECODERS, transforms=transforms,
+                      collators=collators, batch_size=batch_size, train=False, drop_last=False)
+    stats = stats if stats is not None else SampleStats()
+    workers = min(num_workers, min(len(s.urls) for s in spec.sources))
+    loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers)
+    for item in loader:
+        stats.merge(item.pop("_stats"))
+        item.pop("_state")
+        if not (item.pop("_heartbeat", False) or item.pop("_end", False)):
+            yield item
+
+
+def to_device(batch: Any, device, float_dtype=None) -> Any:
+    """Move a collated batch to `device`, casting floating tensors to `float_dtype` when given."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        if float_dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=float_dtype, non_blocking=True)
+        return batch.to(device=device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
+    return batch

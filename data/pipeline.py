@@ -1,0 +1,202 @@
+"""The per-worker sample stream, as a declarative list of stages.
+
+    shards -(shuffle by seed+epoch, split by rank and worker)-> raw samples -(dedupe)-> sample shuffle
+    -> weighted mix of sources -> skip (resume) -> decode + transform -> batch + collate
+
+Everything before `decode` handles undecoded bytes and is cheap; its order depends only on
+(seed, epoch, rank, worker). So a resumed run replays it exactly and skips what it had consumed,
+without decoding a single skipped sample. Each batch carries `_state` (worker, epoch, cursor) and
+`_stats` (bad-sample counts since the worker's previous item) for the main process. Between batches a
+worker may send `_heartbeat` items (stats only), and it ends its epoch with an `_end` item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+
+from .decode import BadSample, Decoder
+from .shards import Split, iter_raw_samples, split_shards
+from .stats import SampleStats
+
+HEARTBEAT_SAMPLES = 256  # ship stats at least this often, so all-bad data is noticed without a batch
+
+
+def seeded_rng(*parts: int | str) -> random.Random:
+    """An RNG seeded identically in every process (str seeds are hashed with sha512, not hash())."""
+    return random.Random("-".join(str(p) for p in parts))
+
+
+@contextlib.contextmanager
+def sample_randomness(rng: random.Random):
+    """Seed the global torch and Python RNGs from `rng` for one sample's transforms, then restore them.
+
+    Augmentation then depends only on the sample's position in the stream, not on what the worker
+    decoded before; a resumed run, which skips samples undecoded, augments exactly as the original.
+    """
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        random.seed(rng.getrandbits(63))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+@dataclass
+class Source:
+    name: str
+    urls: list[str]
+    weight: float
+    modalities: list[str]
+    sizes: dict[str, int] = field(default_factory=dict)  # samples per shard, from sizes.json
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs; built in the main process and pickled into the workers."""
+
+    sources: list[Source]
+    decoders: dict[str, Decoder]
+    transforms: dict[str, Callable[[Any], Any]]
+    collators: dict[str, Callable[[list[Any]], Any]]
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    train: bool = True
+    resampled: bool = False
+    batches_per_worker: int | None = None  # epoch length in resampled mode
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    shard_shuffle: bool = True
+    drop_last: bool = True
+    extra_keys: list[str] = field(default_factory=lambda: ["__key__"])
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches (dicts keyed by modality) for one epoch of one rank."""
+
+    def __init__(self, spec: StreamSpec, epoch: int = 0, skip: dict[int, int] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.epoch = epoch
+        self.skip = skip or {}
+
+    # -- stages before decoding: bytes only, order fixed by (seed, epoch, rank, worker) --------------
+
+    def _shard_urls(self, src_idx: int, worker: int, num_workers: int) -> tuple[Iterator[str], Split]:
+        spec, src = self.spec, self.spec.sources[src_idx]
+        if spec.resampled:
+            rng = seeded_rng(spec.seed, self.epoch, spec.rank, worker, src_idx, "resample")
+            return (rng.choice(src.urls) for _ in itertools.count()), Split(src.urls)
+        urls = list(src.urls)
+        if spec.train and spec.shard_shuffle:
+            # Same permutation on every rank and worker, so the split below partitions it exactly.
+            seeded_rng(spec.seed, self.epoch, src_idx, "shards").shuffle(urls)
+        split = split_shards(urls, spec.rank, spec.world, worker, num_workers)
+        return iter(split.shards), split
+
+    def _source_samples(self, src_idx: int, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
+        spec = self.spec
+        urls, split = self._shard_urls(src_idx, worker, num_workers)
+        samples = iter_raw_samples(urls, stats, self.spec.sources[src_idx].sizes)
+        if split.sample_stride > 1:
+            samples = itertools.islice(samples, split.sample_offset, None, split.sample_stride)
+        if spec.train and spec.shuffle_buffer > 1:
+            rng = seeded_rng(spec.seed, self.epoch, spec.rank, worker, src_idx, "samples")
+            samples = _shuffle(samples, bufsize=spec.shuffle_buffer, initial=spec.shuffle_initial, rng=rng)
+        for sample in samples:
+            sample["__source__"] = src_idx
+            yield sample
+
+    def _mixed(self, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
+        """Draw from the sources by weight; the epoch ends when any source runs out."""
+        streams = [self._source_samples(i, worker, num_workers, stats) for i in range(len(self.spec.sources))]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rng = seeded_rng(self.spec.seed, self.epoch, self.spec.rank, worker, "mix")
+        weights = [s.weight for s in self.spec.sources]
+        while True:
+            (choice,) = rng.choices(range(len(streams)), weights=weights)
+            sample = next(streams[choice], None)
+            if sample is None:
+                return
+            yield sample
+
+    # -- decoding and batching ----------------------------------------------------------------------
+
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        if sample.get("__duplicate__"):
+            raise BadSample("duplicate_key")
+        spec = self.spec
+        item = {k: sample[k] for k in spec.extra_keys if k in sample}
+        with sample_randomness(rng):
+            for modality in spec.sources[sample["__source__"]].modalities:
+                decoder = spec.decoders[modality]
+                if not decoder.present(sample):
+                    raise BadSample(f"missing_{modality}")
+                value = decoder.decode(sample)
+                value = decoder.pick(value, rng) if spec.train else decoder.first(value)
+                item[modality] = spec.transforms[modality](value)
+        return item
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        modalities = [m for m in self.spec.collators if all(m in it for it in items)]
+        batch: dict[str, Any] = {m: self.spec.collators[m]([it[m] for it in items]) for m in modalities}
+        for key in self.spec.extra_keys:
+            batch[key] = [it.get(key) for it in items]
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        spec = self.spec
+        stats = SampleStats()
+        skip = self.skip.get(worker, 0)
+        items: list[dict[str, Any]] = []
+        batches, unshipped = 0, 0
+
+        def state(cursor: int) -> tuple[int, int, int]:
+            return (worker, self.epoch, cursor)
+
+        cursor = 0
+        for cursor, sample in enumerate(self._mixed(worker, num_workers, stats), start=1):
+            if cursor <= skip:  # replaying what a checkpointed run already consumed
+                if cursor == skip:
+                    stats.take()  # its counts were already saved with the checkpoint
+                continue
+            stats.seen += 1
+            unshipped += 1
+            try:
+                items.append(self._decode(sample, seeded_rng(spec.seed, self.epoch, spec.rank, worker, cursor)))
+            except BadSample as exc:
+                stats.skip(exc.reason)
+            if len(items) == spec.batch_size:
+                batch = self._collate(items)
+                batch.update(_state=state(cursor), _stats=stats.take())
+                items, unshipped = [], 0
+                batches += 1
+                yield batch
+                if spec.batches_per_worker is not None and batches >= spec.batches_per_worker:
+                    break
+            elif unshipped >= HEARTBEAT_SAMPLES:
+                unshipped = 0
+                yield {"_state": state(cursor), "_stats": stats.take(), "_heartbeat": True}
+        if items and not spec.drop_last:
+            batch = self._collate(items)
+            batch.update(_state=state(cursor), _stats=stats.take())
+            yield batch
+        elif items:
+            stats.event("dropped_partial_batch_samples", len(items))
+        yield {"_state": state(cursor), "_stats": stats.take(), "_end": True}

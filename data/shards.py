@@ -1,0 +1,189 @@
+"""Shard lists and raw samples: expansion, partitioning over ranks and workers, and tar reading.
+
+Opening urls, iterating tar members and splitting member names are webdataset's (`gopen`,
+`tar_file_iterator`, `base_plus_ext`); this module adds the accounting around them: read failures,
+truncated shards and duplicate keys are counted rather than raised or silently dropped, and
+pickle-bearing members are never read.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from .decode import REJECTED_SUFFIXES
+from .stats import SampleStats
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(ValueError):
+    """A shard specification that names no readable shard."""
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Brace-expanded (`{000..099}`), '::'-joined, globbed or directory shard specs -> list of shard urls.
+
+    Local paths must exist; remote urls (`pipe:`, `s3://`, ...) are passed through to webdataset.
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in expand_urls(pattern):
+            if _is_local(url) and os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise ShardError(f"directory '{url}' holds no .tar shards")
+                urls.extend(found)
+            elif _is_local(url) and any(c in url for c in "*?["):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise ShardError(f"'{url}' matches no file")
+                urls.extend(found)
+            else:
+                urls.append(url)
+    if not urls:
+        raise ShardError(f"shard spec {spec!r} names no shard")
+    missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
+    if missing:
+        raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]} (from {spec!r})")
+    return urls
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Sample counts per local shard from the `sizes.json` files beside them (shards not listed are absent)."""
+    sizes: dict[str, int] = {}
+    cache: dict[Path, dict[str, Any]] = {}
+    for url in urls:
+        if not _is_local(url):
+            continue
+        path = Path(url)
+        sizes_path = path.parent / "sizes.json"
+        if sizes_path not in cache:
+            try:
+                doc = json.loads(sizes_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                doc = {}
+            cache[sizes_path] = doc if isinstance(doc, dict) else {}
+        count = cache[sizes_path].get(path.name)
+        if isinstance(count, int) and not isinstance(count, bool):
+            sizes[url] = count
+    return sizes
+
+
+def read_sizes(urls: list[str]) -> int | None:
+    """Total sample count of the shards from `sizes.json`, or None if any shard is not listed."""
+    sizes = shard_sizes(urls)
+    return sum(sizes[u] for u in urls) if all(u in sizes for u in urls) else None
+
+
+@dataclass(frozen=True)
+class Split:
+    """What one loader worker reads: whole shards, and which samples of them (stride/offset)."""
+
+    shards: list[str]
+    sample_stride: int = 1
+    sample_offset: int = 0
+
+
+def split_shards(urls: list[str], rank: int, world: int, worker: int, num_workers: int) -> Split:
+    """Partition shards over ranks x workers; with too few shards, fall back to splitting samples.
+
+    With at least one shard per (rank, worker) slot each slot reads whole shards. With fewer shards than
+    slots but at least one per rank, a rank's workers share its shards and take every num_workers-th
+    sample. With fewer shards than ranks, every slot reads every shard and takes every slots-th sample.
+    No slot is ever left without data, so no rank waits on another that has nothing to read.
+    """
+    slots = world * num_workers
+    slot = rank * num_workers + worker
+    if len(urls) >= slots:
+        return Split(urls[slot::slots])
+    if len(urls) >= world:
+        return Split(urls[rank::world], num_workers, worker)
+    return Split(list(urls), slots, slot)
+
+
+def _member_filter(stats: SampleStats):
+    def select(fname: str) -> bool:
+        _, suffix = base_plus_ext(fname)
+        if suffix is not None and suffix.lower() in REJECTED_SUFFIXES:
+            stats.event("rejected_pickle_member")
+            return False
+        return True
+
+    return select
+
+
+def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
+    """Members `{fname, data}` of one shard. A shard that cannot be opened, or breaks off mid-member,
+    is counted once as `shard_read_error`; the members read before the damage are kept."""
+    try:
+        stream = gopen(url, "rb")
+        try:
+            yield from tar_file_iterator(stream, select_files=_member_filter(stats))
+        finally:
+            stream.close()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        stats.event("shard_read_error")
+        log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
+
+
+def iter_raw_samples(urls: Iterable[str], stats: SampleStats,
+                     sizes: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples `{__key__, __url__, suffix: bytes}` from the shards, in order.
+
+    Members are grouped into samples by key as webdataset does (adjacent members sharing the name up
+    to the first dot). Each visit of a shard is grouped on its own, so resampling the same shard twice
+    in a row yields its samples twice. Within one visit:
+    - a key seen again comes out as a marker `{__key__, __url__, __duplicate__: True}` without its
+      members, for the consumer to count as a skipped sample;
+    - a repeated member of one sample is dropped and counted (`duplicate_member`);
+    - fewer samples than the shard's `sizes` entry (a tar cut at a member boundary reads as a shorter,
+      valid tar) counts the difference as `samples_missing_from_shard`.
+    """
+    sizes = sizes or {}
+    for url in urls:
+        keys: set[str] = set()
+        held = 0
+        current: dict[str, Any] | None = None
+        for member in itertools.chain(_shard_members(url, stats), [None]):
+            prefix, suffix = base_plus_ext(member["fname"]) if member is not None else (None, None)
+            if member is not None and prefix is None:
+                continue
+            if current is not None and (member is None or prefix != current["__key__"]):
+                held += 1
+                if current["__key__"] in keys:
+                    yield {"__key__": current["__key__"], "__url__": url, "__duplicate__": True}
+                else:
+                    keys.add(current["__key__"])
+                    yield current
+                current = None
+            if member is None:
+                break
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                stats.event("duplicate_member")
+                continue
+            current[suffix] = member["data"]
+        expected = sizes.get(url)
+        if expected is not None and held < expected:
+            stats.event("samples_missing_from_shard", expected - held)
+            log.warning("shard %s held %d samples, sizes.json says %d", url, held, expected)

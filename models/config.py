@@ -1,0 +1,85 @@
+"""Configuration of a multi-tower model: one tower per modality, a shared embedding width, the pairs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configuration import ConfigError, closest, from_dict, require, to_dict
+from .heads import HeadConfig
+from .registry import ENCODERS, EncoderSpec
+
+
+@dataclass
+class TowerConfig:
+    """`{encoder: NAME, head: {...}, **the encoder's own config}` in YAML."""
+
+    encoder: str
+    params: Any = None
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return ENCODERS[self.encoder]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> TowerConfig:
+        if isinstance(data, TowerConfig):
+            return data
+        if not isinstance(data, dict) or "encoder" not in data:
+            raise ConfigError(f"{where}: a tower needs 'encoder', one of {sorted(ENCODERS)}")
+        data = dict(data)
+        name = data.pop("encoder")
+        if name not in ENCODERS:
+            raise ConfigError(f"{where}.encoder: unknown encoder '{name}'.{closest(str(name), ENCODERS)}"
+                              f" Registered: {sorted(ENCODERS)}")
+        head = from_dict(HeadConfig, data.pop("head", {}), f"{where}.head")
+        params = from_dict(ENCODERS[name].config_cls, data, where)
+        return cls(encoder=name, params=params, head=head)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, **to_dict(self.params), "head": to_dict(self.head)}
+
+
+def pair_key(a: str, b: str) -> str:
+    return f"{a}__{b}"
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = field(default=512, metadata={"help": "width of the shared embedding space"})
+    towers: dict[str, TowerConfig] = field(
+        default_factory=lambda: {m: TowerConfig.from_dict({"encoder": f"open_clip_{m}", "model": "ViT-B-32"}, m)
+                                 for m in ("image", "text")},
+        metadata={"help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32"})
+    pairs: list[tuple[str, str]] | None = field(
+        default=None, metadata={"help": "modality pairs the loss aligns, each with its own temperature; "
+                                        "default: every pair of towers"})
+    init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
+    max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
+
+    def __post_init__(self):
+        require(self.embed_dim > 0, f"model.embed_dim must be positive, got {self.embed_dim}")
+        require(len(self.towers) >= 1, "model.towers is empty: add e.g. image: {encoder: open_clip_image}")
+        for name, tower in self.towers.items():
+            require(tower.spec.modality == name,
+                    f"model.towers.{name}: encoder '{tower.encoder}' encodes '{tower.spec.modality}'; "
+                    f"put it under towers.{tower.spec.modality}")
+        for a, b in self.pairs or []:
+            for m in (a, b):
+                require(m in self.towers, f"model.pairs: '{m}' has no tower.{closest(m, self.towers)}")
+            require(a != b, f"model.pairs: ({a}, {b}) pairs a modality with itself")
+        require(0.0 < self.init_temperature, "model.init_temperature must be positive")
+        require(self.max_logit_scale >= 1.0 / self.init_temperature,
+                f"model.max_logit_scale ({self.max_logit_scale}) is below 1/init_temperature")
+
+    def pair_list(self) -> list[tuple[str, str]]:
+        if self.pairs is not None:
+            return [tuple(p) for p in self.pairs]
+        return list(itertools.combinations(self.towers, 2))
+
+    @property
+    def init_logit_scale(self) -> float:
+        return math.log(1.0 / self.init_temperature)

@@ -1,0 +1,95 @@
+"""Exported models: `model.safetensors` + `config.yaml`, loadable with one call and without DeepSpeed.
+
+    from models import load_model
+    model = load_model("runs/demo/model")
+    emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circle")[None])
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import yaml
+
+from .config import ModelConfig
+from .configuration import ConfigError, from_dict
+from .multitower import MultiTowerModel
+
+FORMAT = "tessera-model"
+FORMAT_VERSION = 1
+
+
+def save_model(model: MultiTowerModel, out_dir: str | Path, metadata: dict[str, Any] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` to `out_dir` atomically: a crash leaves either the old export or the new one.
+
+    `state_dict` (e.g. fp32 master weights gathered from a DeepSpeed engine) replaces the module's own
+    tensors when given.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.export_config(tmp),
+               "metadata": metadata or {}}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        if state_dict is None:
+            # save_model (not save_file) handles tensors that share storage, e.g. tied embeddings.
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        else:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+            safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _resolve_relative(node: Any, base: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_relative(v, base) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_relative(v, base) for v in node]
+    if isinstance(node, str) and node.startswith("./"):
+        return str(base / node[2:])
+    return node
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    model_dir = Path(model_dir)
+    path = model_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{model_dir}' is not an exported Tessera model: no config.yaml "
+                          "(a run directory keeps its export in RUN_DIR/model)")
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a Tessera model config (format != {FORMAT!r})")
+    if doc.get("version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path} has format version {doc['version']}; this Tessera reads up to {FORMAT_VERSION}")
+    return from_dict(ModelConfig, _resolve_relative(doc["model"], model_dir.resolve()), "model")
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> MultiTowerModel:
+    """Rebuild an exported model and load its weights (strict: every tensor must match)."""
+    model_dir = Path(model_dir)
+    model = MultiTowerModel(read_model_config(model_dir))
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"'{model_dir}' has config.yaml but no model.safetensors")
+    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
+    if missing or unexpected:
+        raise ConfigError(f"{weights} does not match its config.yaml: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval()

@@ -1,0 +1,130 @@
+"""A Hugging Face `transformers` text encoder, from a local directory or an in-code config.
+
+Nothing is fetched from the hub: `path` must be a local directory (loaded with `local_files_only`), or
+`config` describes a fresh model (`{"model_type": "bert", "hidden_size": 256, ...}`). Without a
+Hugging Face tokenizer, open_clip's offline BPE tokenizer is used (vocabulary 49408, pad id 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .configuration import ConfigError, require, to_dict
+from .encoder import Encoder
+
+BPE_VOCAB = 49408
+
+
+@dataclass
+class HFTextConfig:
+    path: str | None = field(default=None, metadata={"help": "local HF model directory (config.json, weights)"})
+    config: dict[str, Any] = field(default_factory=dict,
+                                   metadata={"help": "in-code HF config, e.g. {model_type: bert, ...}"})
+    tokenizer: str | None = field(default=None,
+                                  metadata={"help": "local HF tokenizer dir; default: path if it has one, "
+                                                    "else open_clip's BPE tokenizer"})
+    max_length: int = field(default=77, metadata={"help": "tokens per caption (padded/truncated)"})
+    pooling: Literal["mean", "cls"] = field(default="mean", metadata={"help": "how token states become one"})
+    load_weights: bool = field(default=True, metadata={"help": "load weights from path (false: random init)"})
+
+    def __post_init__(self):
+        require((self.path is None) != (not self.config),
+                "hf_text: give exactly one of 'path' (a local directory) or 'config' (an in-code HF config)")
+        if self.path is not None:
+            require(Path(self.path, "config.json").is_file(),
+                    f"hf_text: '{self.path}' is not a local Hugging Face model directory (no config.json); "
+                    "models are never downloaded")
+        else:
+            require("model_type" in self.config, "hf_text.config needs a 'model_type' (e.g. bert, roberta)")
+        if self.tokenizer is not None:
+            require(Path(self.tokenizer).is_dir(), f"hf_text.tokenizer '{self.tokenizer}' is not a local directory")
+        require(self.max_length > 0, "hf_text.max_length must be positive")
+
+    def tokenizer_dir(self) -> str | None:
+        if self.tokenizer:
+            return self.tokenizer
+        if self.path and any(Path(self.path, f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+            return self.path
+        return None
+
+
+class HFTokenize:
+    """Caption -> {input_ids, attention_mask} of length max_length (picklable for workers)."""
+
+    def __init__(self, cfg: HFTextConfig):
+        self.max_length = cfg.max_length
+        tok_dir = cfg.tokenizer_dir()
+        if tok_dir:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            self.bpe = None
+        else:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self.hf = None
+            self.bpe = SimpleTokenizer(context_length=cfg.max_length)
+
+    def __call__(self, text: str) -> dict[str, torch.Tensor]:
+        if self.hf is not None:
+            enc = self.hf(text, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
+            return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+        ids = self.bpe([text])[0]
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+class HFTextEncoder(Encoder):
+    def __init__(self, cfg: HFTextConfig, embed_dim: int):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.cfg = cfg
+        if cfg.path is not None:
+            hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+            if cfg.load_weights:
+                self.model = AutoModel.from_pretrained(cfg.path, local_files_only=True)
+            else:
+                self.model = AutoModel.from_config(hf_cfg)
+        else:
+            kwargs = dict(cfg.config)
+            model_type = kwargs.pop("model_type")
+            if cfg.tokenizer_dir() is None:
+                kwargs.setdefault("vocab_size", BPE_VOCAB)
+                kwargs.setdefault("pad_token_id", 0)
+            hf_cfg = AutoConfig.for_model(model_type, **kwargs)
+            self.model = AutoModel.from_config(hf_cfg)
+        if cfg.tokenizer_dir() is None and getattr(hf_cfg, "vocab_size", BPE_VOCAB) < BPE_VOCAB:
+            raise ConfigError(f"hf_text: vocab_size {hf_cfg.vocab_size} is smaller than open_clip's BPE vocabulary "
+                              f"({BPE_VOCAB}); give a tokenizer directory or a larger vocab_size")
+        self.output_dim = int(getattr(hf_cfg, "hidden_size", None) or hf_cfg.d_model)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        hidden = self.model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def transform(self, is_train: bool):
+        return HFTokenize(self.cfg)
+
+    def export_params(self, out_dir: Path) -> dict[str, Any]:
+        sub = Path(out_dir) / "hf_text"
+        self.model.config.save_pretrained(sub)
+        tok_dir = self.cfg.tokenizer_dir()
+        if tok_dir:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tok_dir, local_files_only=True).save_pretrained(sub)
+        return {**to_dict(self.cfg), "path": "./hf_text", "config": {}, "tokenizer": None, "load_weights": False}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable()
+        else:
+            self.model.gradient_checkpointing_disable()

@@ -1,0 +1,86 @@
+"""The multi-tower model: one encoder + projection head per modality, a learnable temperature per pair.
+
+Shape legend: B batch, D shared embedding width, D_enc an encoder's own output width.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, pair_key
+from .configuration import to_dict
+from .encoder import Encoder
+from .heads import build_head
+
+
+class MultiTowerModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.towers = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for modality, tower_cfg in cfg.towers.items():
+            encoder: Encoder = tower_cfg.spec.encoder_cls(tower_cfg.params, cfg.embed_dim)
+            self.towers[modality] = encoder
+            self.heads[modality] = build_head(tower_cfg.head, encoder.output_dim, cfg.embed_dim)
+        # Stored as log(1/T), as in CLIP; clamped in forward rather than after each optimiser step so that
+        # the clamp also holds when ZeRO-3 partitions the parameter. Shape (1,), not (): DeepSpeed's
+        # broadcast of bf16 parameters cannot view a 0-d tensor as bytes.
+        self.logit_scales = nn.ParameterDict({
+            pair_key(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale)) for a, b in cfg.pair_list()
+        })
+        self._max_log_scale = math.log(cfg.max_logit_scale)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.cfg.pair_list()
+
+    def encode(self, modality: str, inputs: Any, normalize: bool = True) -> torch.Tensor:
+        z_BD = self.heads[modality](self.towers[modality](inputs))
+        return F.normalize(z_BD, dim=-1) if normalize else z_BD
+
+    def logit_scale(self, a: str, b: str) -> torch.Tensor:
+        return self.logit_scales[pair_key(a, b)].clamp(max=self._max_log_scale).exp().squeeze(0)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+        """Normalised embeddings of every modality present in `batch`, and every pair's logit scale.
+
+        The logit scales are returned from forward (not read off the module afterwards) because under
+        ZeRO-3 parameters are only materialised inside forward.
+        """
+        return {
+            "features": {m: self.encode(m, batch[m]) for m in self.towers if m in batch},
+            "logit_scale": {pair_key(a, b): self.logit_scale(a, b) for a, b in self.pairs},
+        }
+
+    def transforms(self, is_train: bool) -> dict[str, Any]:
+        return {m: tower.transform(is_train) for m, tower in self.towers.items()}
+
+    def collators(self) -> dict[str, Any]:
+        return {m: tower.collate for m, tower in self.towers.items()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in self.towers.values():
+            tower.set_grad_checkpointing(enable)
+
+    def export_config(self, out_dir: Path) -> dict[str, Any]:
+        """The model config, as a YAML-ready dict, that rebuilds this model from exported weights alone."""
+        doc = to_dict(self.cfg)
+        for m, tower in self.cfg.towers.items():
+            doc["towers"][m] = {"encoder": tower.encoder, **self.towers[m].export_params(Path(out_dir)),
+                                "head": to_dict(tower.head)}
+        return doc
+
+
+def build_model(cfg: ModelConfig) -> MultiTowerModel:
+    return MultiTowerModel(cfg)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv and install Tessera (editable) with the pinned dependency set.
+# Sourced by demo.sh and test.sh. Rerunning is fast: pip runs again only when
+# pyproject.toml or the requested extras change.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${TESSERA_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+PY="${PYTHON:-python3}"
+
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else 1)'; then
+    echo "Tessera needs Python >= 3.11; $PY is $("$PY" --version 2>&1). Set PYTHON=/path/to/python3.11." >&2
+    exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.tessera-install"
+WANT="$(cat pyproject.toml | sha256sum | cut -c1-16) extras=[$EXTRAS]"
+if [ ! -f "$STAMP" ] || ! grep -qxF "$WANT" "$STAMP"; then
+    echo "[setup] installing tessera${EXTRAS:+[$EXTRAS]} into $VENV (first run downloads torch; later runs skip this)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+    "$VENV/bin/python" -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
+    # DeepSpeed JIT-compiles a shared-memory comm op on first use; build it once here
+    # so that concurrent ranks never race to compile it.
+    "$VENV/bin/python" - <<'PY'
+import logging
+logging.disable(logging.WARNING)
+from deepspeed.comm.torch import build_shm_op
+build_shm_op()
+PY
+    echo "$WANT" >> "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

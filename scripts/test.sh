@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install Tessera with its dev extras into .venv, then run the whole test suite
+# (slow and multi-process tests included). Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" dev
+cd "$ROOT"
+exec python -m pytest "${@:--q}"

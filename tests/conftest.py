@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny model config, tiny real shards made by the demo generator, helpers."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A CLIP small enough to train a step in well under a second on one CPU core.
+TINY_MODEL = {
+    "embed_dim": 32,
+    "towers": {
+        "image": {"encoder": "open_clip_image", "model": "ViT-B-32",
+                  "overrides": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32}},
+        "text": {"encoder": "open_clip_text", "model": "ViT-B-32",
+                 "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}},
+    },
+}
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    from models import ModelConfig
+    from models.configuration import from_dict
+
+    return from_dict(ModelConfig, TINY_MODEL, "model")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Demo data (with its broken samples): 2 x 240 train samples in shards of 60, and 480 val samples."""
+    from data.demo import build
+
+    out = tmp_path_factory.mktemp("demo")
+    build(out, train_per_source=240, samples_per_shard=60, seed=0)
+    return out
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run a command with the test interpreter's environment; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+PY = sys.executable

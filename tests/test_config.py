@@ -1,0 +1,101 @@
+"""Typed configs: validation messages, overrides, recipes, --help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.configuration import ConfigError
+from train.config import PretrainConfig, apply_overrides, load_config, read_recipe
+
+from .conftest import PY, ROOT, TINY_MODEL, run_cli
+
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.stpes'.*Did you mean 'steps'"):
+        load_config(None, ["train.stpes=10"])
+    with pytest.raises(ConfigError, match=r"unknown key 'deepspeed.zero_stag'.*'zero_stage'"):
+        load_config(None, ["deepspeed.zero_stag=2"])
+
+
+def test_bad_values_say_what_to_fix():
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage: 4 is not one of"):
+        load_config(None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="train.steps must be positive"):
+        load_config(None, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="resampled=true needs data.train_num_samples"):
+        load_config(None, ["data.resampled=true"])
+    with pytest.raises(ConfigError, match="unknown encoder 'open_clip_imag'.*'open_clip_image'"):
+        load_config(None, ["model.towers={image: {encoder: open_clip_imag}}"])
+    with pytest.raises(ConfigError, match="'ViT-B-33' is not an open_clip model config"):
+        load_config(None, ["model.towers={image: {encoder: open_clip_image, model: ViT-B-33}}"])
+    with pytest.raises(ConfigError, match="'layerz' is not a field of open_clip's CLIPVisionCfg.*'layers'"):
+        load_config(None, ["model.towers={image: {encoder: open_clip_image, overrides: {layerz: 2}}}"])
+
+
+def test_required_overrides_from_the_issue_all_work(tmp_path):
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", "seed=7", "train.steps=12", "train.batch_size=8", "train.lr=0.002",
+        "deepspeed.zero_stage=2", "resume=latest",
+        "data.train=[{shards: 'a-{000..003}.tar', weight: 2}, {shards: b.tar, weight: 1}]",
+        f"model={{embed_dim: 32, towers: {TINY_MODEL['towers']}}}",
+    ])
+    assert (cfg.output_dir, cfg.seed, cfg.train.steps, cfg.train.batch_size) == (str(tmp_path), 7, 12, 8)
+    assert cfg.train.lr == 0.002 and cfg.deepspeed.zero_stage == 2 and cfg.resume == "latest"
+    assert [(s.shards, s.weight) for s in cfg.data.train] == [("a-{000..003}.tar", 2.0), ("b.tar", 1.0)]
+    # a bare shard spec is one source of weight 1
+    cfg = load_config(None, ["data.train=shards/x-{0..9}.tar"])
+    assert [(s.shards, s.weight, s.name) for s in cfg.data.train] == [("shards/x-{0..9}.tar", 1.0, "source0")]
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["train.steps"])
+    with pytest.raises(ConfigError, match="not a mapping"):
+        apply_overrides({"seed": 3}, ["seed.x=1"])
+
+
+def test_base_recipe_inheritance(tmp_path):
+    (tmp_path / "a.yaml").write_text("seed: 1\ntrain: {steps: 5, lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 9}\n")
+    tree = read_recipe(tmp_path / "b.yaml")
+    assert tree == {"seed": 1, "train": {"steps": 9, "lr": 0.1}}
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        read_recipe(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads_and_round_trips(recipe: Path):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, PretrainConfig)
+    from train.config import dump_config
+
+    again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                               for k, v in yaml.safe_load(dump_config(cfg)).items()])
+    assert yaml.safe_load(dump_config(again)) == yaml.safe_load(dump_config(cfg))
+
+
+def test_recipes_exist_with_tiny_variants():
+    names = {p.name for p in RECIPES}
+    assert {"demo.yaml", "vit-b-32.yaml", "vit-b-32-cpu.yaml"} <= names
+
+
+def test_help_lists_every_documented_key():
+    proc = run_cli([PY, "-m", "train.pretrain", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    for key in ("output_dir", "seed", "data.train", "train.steps", "train.batch_size", "train.lr",
+                "deepspeed.zero_stage", "resume", "data.max_bad_fraction", "train.precision"):
+        assert f"  {key} = " in proc.stdout, key
+
+
+def test_cli_reports_config_errors_without_traceback():
+    proc = run_cli([PY, "-m", "train.pretrain", "train.stepz=3"])
+    assert proc.returncode == 2
+    assert "error: unknown key 'train.stepz'" in proc.stderr and "Traceback" not in proc.stderr

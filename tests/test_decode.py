@@ -1,0 +1,86 @@
+"""Safe per-modality decoding: what is accepted, and the reason each bad sample is counted under."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from data.decode import DECODERS, BadSample
+
+from .conftest import jpeg_bytes
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA" if fmt == "PNG" else "RGB", (20, 10), (10, 200, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("suffix,fmt", [("jpg", "JPEG"), ("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])
+def test_images_of_every_format_decode_to_rgb(suffix, fmt):
+    img = DECODERS["image"].decode({suffix: _encoded(fmt)})
+    assert img.mode == "RGB" and img.size == (20, 10)
+    r, g, b = img.getpixel((5, 5))
+    assert g > 150 and r < 60
+
+
+def test_broken_images_are_bad_samples():
+    good = jpeg_bytes()
+    with pytest.raises(BadSample) as exc:
+        DECODERS["image"].decode({"jpg": good[: len(good) // 2]})
+    assert exc.value.reason == "undecodable_image"
+    with pytest.raises(BadSample) as exc:
+        DECODERS["image"].decode({"png": b"not an image at all"})
+    assert exc.value.reason == "undecodable_image"
+
+
+def test_decompression_bombs_are_refused(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(BadSample) as exc:
+        DECODERS["image"].decode({"jpg": jpeg_bytes(size=(40, 30))})
+    assert exc.value.reason == "image_too_large"
+
+
+@pytest.mark.parametrize("members,expected", [
+    ({"txt": b"  a red circle \n"}, ["a red circle"]),
+    ({"json": json.dumps({"caption": "one"}).encode()}, ["one"]),
+    ({"json": json.dumps({"captions": ["a", " ", "b"]}).encode()}, ["a", "b"]),
+    ({"json": json.dumps({"text": "clap style"}).encode()}, ["clap style"]),
+    ({"json": json.dumps({"text": ["x", "y"], "tags": [1]}).encode()}, ["x", "y"]),
+    ({"txt": b"from txt", "json": json.dumps({"caption": "from json"}).encode()}, ["from txt"]),
+])
+def test_text_layouts(members, expected):
+    assert DECODERS["text"].decode(members) == expected
+
+
+@pytest.mark.parametrize("members,reason", [
+    ({"txt": b"   "}, "empty_text"),
+    ({"json": b"{not json"}, "bad_json"),
+    ({"json": b"[1, 2]"}, "bad_json"),
+    ({"json": json.dumps({"url": "x"}).encode()}, "empty_text"),
+    ({"json": json.dumps({"captions": [1, None]}).encode()}, "empty_text"),
+    ({"txt": b"\xff\xfe\x00bad"}, "bad_text_encoding"),
+])
+def test_bad_text_reasons(members, reason):
+    with pytest.raises(BadSample) as exc:
+        DECODERS["text"].decode(members)
+    assert exc.value.reason == reason
+
+
+def test_caption_choice_is_random_in_training_and_first_in_eval():
+    import random
+
+    text = DECODERS["text"]
+    caps = ["a", "b", "c"]
+    picks = {text.pick(caps, random.Random(i)) for i in range(50)}
+    assert picks == set(caps)
+    assert text.first(caps) == "a"
+
+
+def test_labels():
+    assert DECODERS["label"].decode({"cls": b" 7\n"}) == 7
+    with pytest.raises(BadSample, match="bad_label"):
+        DECODERS["label"].decode({"cls": b"seven"})

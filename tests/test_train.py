@@ -1,0 +1,121 @@
+"""End to end through the command line, on one process: a run directory a user can rely on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from models import load_model
+from train.checkpoint import resolve
+
+from .conftest import PY, TINY_MODEL, run_cli
+
+
+def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}", f"model={json.dumps(TINY_MODEL)}",
+        f"data.train=[{{shards: '{shards}/train-txt-{{000000..000003}}.tar', weight: 2}},"
+        f" {{shards: '{shards}/train-json-{{000000..000003}}.tar', weight: 1}}]",
+        f"data.val={shards}/val-000000.tar", "data.num_workers=1",
+        "train.batch_size=16", "train.log_every=2", "train.warmup_steps=2", "eval.batch_size=160", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=6",
+                                                                "train.ckpt_every=3", "train.precision=bf16")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "zero-shot retrieval on held-out data after 6 steps" in proc.stdout
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 6 and resolved["model"]["embed_dim"] == 32
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train_lines] == [2, 4, 6]
+    for x in train_lines:
+        assert {"loss", "lr", "temperature/image-text", "samples_per_s", "data", "epoch"} <= set(x)
+        assert x["samples_per_s"] > 0 and 0 < x["temperature/image-text"] < 1
+    assert train_lines[-1]["data"]["seen"] >= 6 * 16 and "skipped" in train_lines[-1]["data"]
+    assert any((out / "tensorboard").iterdir())
+
+    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    assert resolve(out / "checkpoints", "latest") == out / "checkpoints" / "step00000006"
+
+    model = load_model(out / "model")  # no DeepSpeed needed
+    assert model.modalities == ["image", "text"]
+    result = json.loads((out / "eval" / "retrieval.json").read_text())
+    assert result["task"] == "retrieval" and result["n"] == {"image-text": 480}
+    for key, value in result["metrics"].items():
+        assert (0.0 <= value <= 1.0) if "_R@" in key else (1.0 <= value <= 480.0), key
+    assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)
+
+
+@pytest.mark.slow
+def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
+    """The exported model equals the checkpoint's fp32 master weights (bf16 training, ZeRO-1)."""
+    out = tmp_path / "run"
+    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=3",
+                                                                "deepspeed.zero_stage=1", "data.val=[]")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
+    model = load_model(out / "model")
+    state = model.state_dict()
+    assert set(ref) <= set(state)
+    for k, v in ref.items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
+    assert not (out / "eval").exists()
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    from models.configuration import ConfigError
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    (ckpt / "step00000004" / "COMPLETE").write_text("1\n")
+    (ckpt / "step00000008").mkdir()  # a save that crashed: no COMPLETE, and latest was not moved
+    (ckpt / "latest").write_text("step00000004")
+    assert resolve(ckpt, "latest") == ckpt / "step00000004"
+    with pytest.raises(ConfigError, match="incomplete"):
+        resolve(ckpt, "step00000008")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(ckpt, "step00000012")
+    shutil.rmtree(ckpt)
+    assert resolve(ckpt, "latest") is None  # resume=latest on a fresh run starts from step 0
+
+
+@pytest.mark.slow
+def test_tessera_console_script(demo_shards, tmp_path):
+    tessera = Path(PY).parent / "tessera"
+    assert tessera.is_file(), "the tessera console script is installed with the package"
+    proc = run_cli([str(tessera), "pretrain", "--help"])
+    assert proc.returncode == 0 and "train.steps" in proc.stdout
+    proc = run_cli([str(tessera), "eval"])
+    assert proc.returncode == 2 and "retrieval" in proc.stderr
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(img)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "text": "red"}) + "\n")
+    proc = run_cli([str(tessera), "make-shards", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "s")])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "s" / "shard-000000.tar").is_file()
+
+
+@pytest.mark.slow
+def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
+    from data.make_shards import write_shards
+
+    write_shards(((f"k{i}", {"jpg": b"broken", "txt": b"x"}) for i in range(50)), tmp_path / "bad", "bad")
+    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
+                    f"data.train={tmp_path}/bad/bad-000000.tar", "data.bad_check_after=20"])
+    assert proc.returncode != 0
+    assert "max_bad_fraction" in proc.stderr and "undecodable_image=" in proc.stderr

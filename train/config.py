@@ -1,0 +1,149 @@
+"""The pretraining configuration: one typed dataclass per component, loaded from a YAML recipe plus
+dotted `key=value` overrides.
+
+    python -m train.pretrain --config configs/demo.yaml train.steps=200 data.num_workers=1
+
+A recipe may start with `base: other.yaml` (relative to itself) to inherit and override another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data.config import DataConfig
+from models.config import ModelConfig
+from models.configuration import ConfigError, describe, from_dict, require, set_dotted, to_dict
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=256, metadata={"help": "samples per rank per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.2, metadata={"help": "AdamW decay (never on norms, biases, temperatures)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.98), metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="bf16", metadata={"help": "DeepSpeed precision"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    lock: list[str] = field(default_factory=list, metadata={"help": "towers to freeze, e.g. [image] for LiT"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
+    ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    export: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/model at the end"})
+
+    def __post_init__(self):
+        require(self.steps > 0, "train.steps must be positive")
+        require(self.batch_size > 0, "train.batch_size must be positive")
+        require(self.grad_accum > 0, "train.grad_accum must be positive")
+        require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "need train.lr > 0 and 0 <= train.min_lr <= train.lr")
+        require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        require(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0")
+        require(self.log_every > 0, "train.log_every must be positive")
+        require(self.ckpt_every >= 0 and self.keep_ckpts >= 1, "need train.ckpt_every >= 0, train.keep_ckpts >= 1")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["infonce"] = field(default="infonce", metadata={"help": "contrastive loss"})
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = field(default=0, metadata={"help": "ZeRO stage"})
+    config: dict[str, Any] = field(default_factory=dict,
+                                   metadata={"help": "raw DeepSpeed config entries merged over Tessera's"})
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=0, metadata={"help": "steps between evaluations on data.val (0: only at the end)"})
+    batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
+    pairs: list[tuple[str, str]] | None = field(default=None,
+                                                metadata={"help": "modality pairs to evaluate; default: the model's"})
+
+    def __post_init__(self):
+        require(self.every >= 0 and self.batch_size > 0, "need eval.every >= 0 and eval.batch_size > 0")
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = field(default="runs/default", metadata={"help": "run directory"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and augmentation"})
+    resume: str | None = field(default=None,
+                               metadata={"help": "'latest', a checkpoint tag, or a tag directory to resume from"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        for m in self.train.lock:
+            require(m in self.model.towers, f"train.lock: no tower '{m}' (towers: {list(self.model.towers)})")
+        require(len(self.train.lock) < len(self.model.towers), "train.lock freezes every tower; nothing would train")
+        for a, b in self.eval.pairs or []:
+            require(a in self.model.towers and b in self.model.towers, f"eval.pairs: ({a}, {b}) needs both towers")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"'{path}' includes itself through 'base'")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    base = doc.pop("base", None)
+    if base is not None:
+        doc = _deep_merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), doc)
+    return doc
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalar/list/mapping syntax (`true`, `3`, `[a, b]`, `{k: v}`); anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+        key, _, text = item.partition("=")
+        set_dotted(tree, key.strip(), parse_value(text))
+    return tree
+
+
+def load_config(config_path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    tree = read_recipe(config_path) if config_path else {}
+    return from_dict(PretrainConfig, apply_overrides(tree, list(overrides)))
+
+
+def dump_config(cfg: PretrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text() -> str:
+    return "Config keys (set in the YAML recipe or as key=value overrides):\n" + "\n".join(describe(PretrainConfig))

@@ -1,0 +1,77 @@
+"""The DeepSpeed engine: optimizer parameter groups, schedule, precision, ZeRO, clipping, accumulation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.configuration import ConfigError
+
+from .config import PretrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 0/1-d tensors (norms, biases, temperatures, class tokens)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float):
+    """Multiplier of the peak lr at optimizer step `s` (0-based): linear warmup, then cosine to min_ratio."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: it runs on CPU as well as GPU
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.config.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def build_engine(model: nn.Module, cfg: PretrainConfig):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    t = cfg.train
+    accel = get_accelerator()
+    if t.precision == "fp16" and not accel.is_fp16_supported():
+        raise ConfigError(f"train.precision=fp16 is not supported by DeepSpeed on {accel.device_name()}; use bf16")
+    if t.precision == "bf16" and not accel.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
+    groups = param_groups(model, t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    return engine

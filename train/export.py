@@ -1,0 +1,57 @@
+"""Export a trained DeepSpeed engine as a plain model directory (fp32 master weights, no DeepSpeed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import MultiTowerModel, save_model
+
+from .distributed import DistInfo, barrier
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 value, from the optimizer's master copy where DeepSpeed keeps one.
+
+    A collective under ZeRO-3 (parameters are gathered): every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    master = {}
+    # Stage 0 with bf16/fp16 keeps fp32 masters in the optimizer's groups, which safe_get_* does not see.
+    opt = engine.optimizer
+    for lp_group, hp_group in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp.shape == hp.shape:
+                master[id(lp)] = hp
+    state = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            full = master.get(id(p))
+        if full is None:
+            if hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter: gather it
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    full = p.detach().clone()
+            else:
+                full = p.detach()
+        state[name] = full.detach().float().cpu().clone()
+    param_names = set(state)
+    for name, buf in module.state_dict().items():
+        if name not in param_names and isinstance(buf, torch.Tensor):
+            state[name] = buf.detach().cpu().clone()
+    return state
+
+
+def export_engine(engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo,
+                  metadata: dict[str, Any] | None = None) -> Path | None:
+    state = full_fp32_state_dict(engine)
+    if dist.is_main:
+        save_model(model, out_dir, metadata=metadata, state_dict=state)
+    barrier()
+    return out_dir if dist.is_main else None

@@ -1,0 +1,156 @@
+"""The pretraining loop, top to bottom: build, (resume), train, checkpoint, export, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data import TrainLoader, to_device
+from eval.retrieval import evaluate_pairs, summary_table
+from models import build_model
+
+from . import checkpoint
+from .config import PretrainConfig, dump_config
+from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
+from .engine import build_engine
+from .export import export_engine
+from .metrics import MetricsLogger
+from .task import ContrastiveTask
+
+log = logging.getLogger("tessera")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def _setup_logging(dist: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _data_counts(loader: TrainLoader) -> dict[str, Any]:
+    """Bad-sample counts summed over ranks (a collective)."""
+    total: dict[str, Any] = {"seen": 0, "skipped": {}, "events": {}}
+    for stats in gather_objects(loader.stats.to_dict()):
+        total["seen"] += stats["seen"]
+        for group in ("skipped", "events"):
+            for k, v in stats[group].items():
+                total[group][k] = total[group].get(k, 0) + v
+    return total
+
+
+def _evaluate(cfg: PretrainConfig, engine, model, dist: DistInfo, step: int, logger: MetricsLogger) -> dict | None:
+    """Retrieval on data.val. Every rank runs it (so ZeRO-3 can gather parameters); rank 0 reports."""
+    if not cfg.data.val:
+        return None
+    pairs = cfg.eval.pairs or model.pairs
+    result = evaluate_pairs(engine.module, cfg.data.val, pairs, cfg.eval.batch_size, dist.device,
+                            DTYPES[cfg.train.precision])
+    logger.log(step, {"metrics": result["metrics"], "chance": result["chance"], "n": result["n"]}, kind="eval")
+    return result
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    dist = init_distributed()
+    _setup_logging(dist)
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    t = cfg.train
+
+    _seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    for modality in t.lock:
+        model.towers[modality].requires_grad_(False)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    engine = build_engine(model, cfg)
+    _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
+
+    loader = TrainLoader(cfg.data, model.transforms(is_train=True), model.collators(), model.modalities,
+                         t.batch_size, seed=cfg.seed, rank=dist.rank, world=dist.world,
+                         pin_memory=dist.device.type == "cuda")
+    step = 0
+    if cfg.resume:
+        tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume)
+        if tag_dir is None:
+            log.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.resume, ckpt_dir)
+        else:
+            extras = checkpoint.load(engine, tag_dir, dist)
+            step = int(extras["step"])
+            loader.load_state_dict(extras["loader"])
+            log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model: %.2fM trainable parameters; %d rank(s) x batch %d x accum %d; %d loader worker(s)",
+                 n_train / 1e6, dist.world, t.batch_size, t.grad_accum, loader.num_workers)
+
+    logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
+    task = ContrastiveTask(model.pairs, cfg.loss)
+    dtype = DTYPES[t.precision]
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    last_ckpt = step
+    engine.train()
+    while step < t.steps:
+        for _ in range(t.grad_accum):
+            batch = to_device(next(loader), dist.device, dtype)
+            losses, report = task(engine, batch)
+            engine.backward(losses["loss"])
+            engine.step()
+            for k, v in {**losses, **report}.items():
+                window[k] = window.get(k, 0.0) + v.detach().float()
+        step += 1
+        window_steps += 1
+        logger.progress(step)
+
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - window_start
+            means = {k: v.item() / (window_steps * t.grad_accum) for k, v in window.items()}
+            means = all_reduce_mean(means, dist.device)
+            record = {**means, "lr": engine.get_lr()[0], "epoch": loader.epoch,
+                      "samples_per_s": window_steps * t.grad_accum * t.batch_size * dist.world / elapsed,
+                      "data": _data_counts(loader)}
+            logger.log(step, record)
+            logger.progress(step, loss=means["loss"], sps=record["samples_per_s"])
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+            _evaluate(cfg, engine, model, dist, step, logger)
+            window_start = time.perf_counter()
+        if t.ckpt_every and step % t.ckpt_every == 0:
+            checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
+            last_ckpt = step
+            window_start = time.perf_counter()
+
+    if last_ckpt != step:
+        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
+    summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": _data_counts(loader)}
+    if t.export:
+        export_engine(engine, model, out_dir / "model", dist, metadata={"step": step, "seed": cfg.seed})
+        summary["model"] = str(out_dir / "model")
+    result = _evaluate(cfg, engine, model, dist, step, logger)
+    logger.close()
+    if result is not None and dist.is_main:
+        (out_dir / "eval").mkdir(exist_ok=True)
+        doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"), "task": "retrieval",
+               "step": step, **result}
+        (out_dir / "eval" / "retrieval.json").write_text(json.dumps(doc, indent=2))
+        summary["eval"] = result
+        print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
+    barrier()
+    return summary

@@ -1,0 +1,50 @@
+"""Pretrain a multi-tower contrastive model on tar shards.
+
+    python -m train.pretrain --config configs/demo.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m train.pretrain --config configs/vit-b-32.yaml data.train=... resume=latest
+
+Overrides are dotted keys; values use YAML syntax (numbers, true/false, [lists], {mappings}).
+`python -m train.pretrain --help` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data import DataQualityError, ShardError
+from models.configuration import ConfigError
+
+from .config import help_text, load_config
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__, epilog=help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            from .config import dump_config
+
+            print(dump_config(cfg), end="")
+            return 0
+        from .loop import pretrain
+
+        pretrain(cfg)
+    except (ConfigError, ShardError, DataQualityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
