@@ -86,7 +86,7 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self.epoch = 0
         self.stats = SampleStats()
-        self.cursors: dict[int, int] = {}
+        self.cursors: dict[int, tuple[int, int]] = {}  # worker -> (stream samples, batches) consumed
         self.next_worker = 0
         self._skip: dict[int, int] = {}
         self._iter: Iterator | None = None
@@ -155,24 +155,24 @@ class TrainLoader:
                 self.cursors, self.next_worker, self._batches_in_epoch = {}, 0, 0
                 continue
             self.stats.merge(item.pop("_stats"))
-            worker, _, cursor = item.pop("_state")
+            worker, _, cursor, batches = item.pop("_state")
             self.stats.check(self.cfg.max_bad_fraction, self.cfg.bad_check_after, f"rank {self.rank} training data")
             if item.pop("_end", False):
                 self._ended.add(worker)
             elif not item.pop("_heartbeat", False):
-                item["_cursor"] = cursor
+                item["_cursor"] = (cursor, batches)
                 self._queues[worker].append(item)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "next_worker": self.next_worker,
-                "cursors": {str(k): v for k, v in self.cursors.items()},
+                "cursors": {str(k): list(v) for k, v in self.cursors.items()},
                 "num_workers": self.num_workers, "world": self.world, "stats": self.stats.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.stats = SampleStats.from_dict(state.get("stats", {}))
         self._iter = None
-        cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
+        cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
             log.warning("resuming with %s ranks x %s workers, saved with %s x %s: restarting epoch %d from its "

@@ -5,7 +5,8 @@
 
 Everything before `decode` handles undecoded bytes and is cheap; its order depends only on
 (seed, epoch, rank, worker). So a resumed run replays it exactly and skips what it had consumed,
-without decoding a single skipped sample. Each batch carries `_state` (worker, epoch, cursor) and
+without decoding a single skipped sample. Each batch carries `_state` (worker, epoch, cursor: the
+stream samples behind it, and the worker's batch count) and
 `_stats` (bad-sample counts since the worker's previous item) for the main process. Between batches a
 worker may send `_heartbeat` items (stats only), and it ends its epoch with an `_end` item.
 """
@@ -44,7 +45,9 @@ def sample_randomness(rng: random.Random):
     """
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.getrandbits(63))
+        # the CPU generator only: torch.manual_seed would also queue lazy seeding of every accelerator
+        # backend, recording a stack trace each time (~0.5 ms a sample)
+        torch.default_generator.manual_seed(rng.getrandbits(63))
         random.seed(rng.getrandbits(63))
         try:
             yield
@@ -86,7 +89,8 @@ class StreamSpec:
 class ShardStream(IterableDataset):
     """Yields collated batches (dicts keyed by modality) for one epoch of one rank."""
 
-    def __init__(self, spec: StreamSpec, epoch: int = 0, skip: dict[int, int] | None = None):
+    def __init__(self, spec: StreamSpec, epoch: int = 0, skip: dict[int, tuple[int, int]] | None = None):
+        """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered."""
         super().__init__()
         self.spec = spec
         self.epoch = epoch
@@ -163,12 +167,12 @@ class ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec = self.spec
         stats = SampleStats()
-        skip = self.skip.get(worker, 0)
+        skip, batches = self.skip.get(worker, (0, 0))  # resuming: stream samples and batches already consumed
         items: list[dict[str, Any]] = []
-        batches, unshipped = 0, 0
+        unshipped = 0
 
-        def state(cursor: int) -> tuple[int, int, int]:
-            return (worker, self.epoch, cursor)
+        def state(cursor: int) -> tuple[int, int, int, int]:
+            return (worker, self.epoch, cursor, batches)
 
         cursor = 0
         for cursor, sample in enumerate(self._mixed(worker, num_workers, stats), start=1):
@@ -183,10 +187,10 @@ class ShardStream(IterableDataset):
             except BadSample as exc:
                 stats.skip(exc.reason)
             if len(items) == spec.batch_size:
+                batches += 1
                 batch = self._collate(items)
                 batch.update(_state=state(cursor), _stats=stats.take())
                 items, unshipped = [], 0
-                batches += 1
                 yield batch
                 if spec.batches_per_worker is not None and batches >= spec.batches_per_worker:
                     break

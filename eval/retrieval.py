@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,8 @@ def retrieval_metrics(a_ND: torch.Tensor, b_ND: torch.Tensor, a: str, b: str, ks
         for k in ks:
             out[f"{qn}_to_{tn}_R@{k}"] = (ranks <= k).float().mean().item()
         out[f"{qn}_to_{tn}_mean_rank"] = ranks.mean().item()
-        out[f"{qn}_to_{tn}_median_rank"] = ranks.median().item()
+        # open_clip's convention: floor of the (interpolated) median of 0-based ranks, plus one
+        out[f"{qn}_to_{tn}_median_rank"] = float(math.floor(torch.quantile(ranks - 1, 0.5).item()) + 1)
     return out
 
 

@@ -10,6 +10,8 @@ DATA=runs/demo/data
 if [ ! -f "$DATA/sizes.json" ]; then
     python -m data.demo --out "$DATA"
 fi
+# a rerun replaces the previous demo run (the data is kept)
+rm -rf runs/demo/checkpoints runs/demo/model runs/demo/eval runs/demo/tensorboard runs/demo/metrics.jsonl
 python -m train.pretrain --config configs/demo.yaml "$@"
 echo
 echo "== standalone evaluation of the exported model (python -m eval.retrieval) =="

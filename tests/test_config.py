@@ -54,6 +54,11 @@ def test_required_overrides_from_the_issue_all_work(tmp_path):
     assert [(s.shards, s.weight, s.name) for s in cfg.data.train] == [("shards/x-{0..9}.tar", 1.0, "source0")]
 
 
+def test_numbers_in_yaml_11_exponent_form_are_numbers():
+    cfg = load_config(None, ["train.lr=5e-4", "train.min_lr=1E-6"])
+    assert cfg.train.lr == 5e-4 and cfg.train.min_lr == 1e-6
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="not key=value"):
         apply_overrides({}, ["train.steps"])

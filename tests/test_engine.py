@@ -45,3 +45,13 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert ds["flops_profiler"] == {"enabled": False}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 works on GPUs")
+def test_fp16_on_cpu_is_a_clear_error(tiny_model_cfg):
+    from models.configuration import ConfigError
+    from train.engine import build_engine
+
+    cfg = load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu; use bf16"):
+        build_engine(build_model(tiny_model_cfg), cfg)

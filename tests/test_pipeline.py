@@ -134,23 +134,27 @@ def test_resampled_epochs_have_train_num_samples(tiny_model, demo_shards):
     assert len(batches) == 10 + 1  # 10 batches in epoch 0, then the first of epoch 1
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_from_state_dict_continues_exactly(tiny_model, demo_shards, workers):
+@pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
+def test_resume_from_state_dict_continues_exactly(tiny_model, demo_shards, workers, resampled):
     spec = [{"shards": str(demo_shards / "train-txt-{000000..000003}.tar"), "weight": 2},
             {"shards": str(demo_shards / "train-json-{000000..000003}.tar"), "weight": 1}]
-    ref = _loader(tiny_model, spec, workers=workers, seed=3)
+    extra = {"resampled": True, "train_num_samples": 200} if resampled else {}
+    ref = _loader(tiny_model, spec, workers=workers, seed=3, **extra)
     before = [next(ref) for _ in range(5)]
     state = ref.state_dict()
     after_ref = [next(ref) for _ in range(20)]  # runs into the next epoch
+    epochs_ref = ref.epoch
 
-    resumed = _loader(tiny_model, spec, workers=workers, seed=3)
+    resumed = _loader(tiny_model, spec, workers=workers, seed=3, **extra)
     resumed.load_state_dict(state)
     after = [next(resumed) for _ in range(20)]
+    assert resumed.epoch == epochs_ref >= 1
     assert _keys(after) == _keys(after_ref)
     for x, y in zip(after, after_ref):  # augmentation too: crops and caption choices replay exactly
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
     assert resumed.stats.seen == ref.stats.seen
-    assert not set(_keys(before)) & set(_keys(after[:5]))
+    if not resampled:
+        assert not set(_keys(before)) & set(_keys(after[:5]))
 
 
 def test_eval_batches_are_deterministic_and_keep_the_tail(tiny_model, demo_shards):

@@ -35,7 +35,7 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     lock: list[str] = field(default_factory=list, metadata={"help": "towers to freeze, e.g. [image] for LiT"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
-    ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end; -1: none)"})
     keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     export: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/model at the end"})
 
@@ -47,7 +47,7 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         require(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0")
         require(self.log_every > 0, "train.log_every must be positive")
-        require(self.ckpt_every >= 0 and self.keep_ckpts >= 1, "need train.ckpt_every >= 0, train.keep_ckpts >= 1")
+        require(self.ckpt_every >= -1 and self.keep_ckpts >= 1, "need train.ckpt_every >= -1, train.keep_ckpts >= 1")
 
 
 @dataclass

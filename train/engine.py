@@ -46,6 +46,9 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: it runs on CPU as well as GPU
+        # Buffers (BatchNorm statistics, attention masks) in the parameters' dtype, as module.bfloat16()
+        # would: DeepSpeed >= 0.19 leaves them fp32, and CPU BatchNorm rejects bf16 input with fp32 stats.
+        "data_types": {"buffer_dtype": t.precision} if t.precision != "fp32" else {},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -69,9 +72,14 @@ def build_engine(model: nn.Module, cfg: PretrainConfig):
     if t.precision == "bf16" and not accel.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
     groups = param_groups(model, t.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a
+        # bucket, all-reduce it and copy it back: about 10% of a ViT-B/32 step on CPU.
+        engine.enable_backward_allreduce = False
     return engine

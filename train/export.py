@@ -44,7 +44,8 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     param_names = set(state)
     for name, buf in module.state_dict().items():
         if name not in param_names and isinstance(buf, torch.Tensor):
-            state[name] = buf.detach().cpu().clone()
+            buf = buf.detach().cpu().clone()
+            state[name] = buf.float() if buf.is_floating_point() else buf
     return state
 
 

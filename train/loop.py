@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,14 @@ import torch
 from data import TrainLoader, to_device
 from eval.retrieval import evaluate_pairs, summary_table
 from models import build_model
+from models.configuration import ConfigError
 
 from . import checkpoint
 from .config import PretrainConfig, dump_config
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
 from .export import export_engine
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, Window
 from .task import ContrastiveTask
 
 log = logging.getLogger("tessera")
@@ -69,6 +69,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     t = cfg.train
+    if not cfg.resume and (ckpt_dir / "latest").is_file():
+        raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run: pass resume=latest to continue "
+                          "it, or choose another output_dir")
+    tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume) if cfg.resume else None
 
     _seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
@@ -76,22 +80,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.towers[modality].requires_grad_(False)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    engine = build_engine(model, cfg)
-    _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
-
     loader = TrainLoader(cfg.data, model.transforms(is_train=True), model.collators(), model.modalities,
                          t.batch_size, seed=cfg.seed, rank=dist.rank, world=dist.world,
                          pin_memory=dist.device.type == "cuda")
+    engine = build_engine(model, cfg)
+    _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
+
     step = 0
-    if cfg.resume:
-        tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume)
-        if tag_dir is None:
-            log.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.resume, ckpt_dir)
-        else:
-            extras = checkpoint.load(engine, tag_dir, dist)
-            step = int(extras["step"])
-            loader.load_state_dict(extras["loader"])
-            log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
+    if tag_dir is not None:
+        extras = checkpoint.load(engine, tag_dir, dist)
+        step = int(extras["step"])
+        loader.load_state_dict(extras["loader"])
+        log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
+    elif cfg.resume:
+        log.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.resume, ckpt_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
@@ -102,8 +104,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
     task = ContrastiveTask(model.pairs, cfg.loss)
     dtype = DTYPES[t.precision]
-    window: dict[str, torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    window = Window()
     last_ckpt = step
     engine.train()
     while step < t.steps:
@@ -112,32 +113,28 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             losses, report = task(engine, batch)
             engine.backward(losses["loss"])
             engine.step()
-            for k, v in {**losses, **report}.items():
-                window[k] = window.get(k, 0.0) + v.detach().float()
+            window.add({**losses, **report})
         step += 1
-        window_steps += 1
         logger.progress(step)
 
         if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - window_start
-            means = {k: v.item() / (window_steps * t.grad_accum) for k, v in window.items()}
-            means = all_reduce_mean(means, dist.device)
+            means = all_reduce_mean(window.means(), dist.device)
             record = {**means, "lr": engine.get_lr()[0], "epoch": loader.epoch,
-                      "samples_per_s": window_steps * t.grad_accum * t.batch_size * dist.world / elapsed,
+                      "samples_per_s": window.count * t.batch_size * dist.world / window.seconds(),
                       "data": _data_counts(loader)}
             logger.log(step, record)
-            logger.progress(step, loss=means["loss"], sps=record["samples_per_s"])
-            window, window_steps, window_start = {}, 0, time.perf_counter()
-
+            logger.progress(step, loss=means["loss"], sps=record["samples_per_s"],
+                            bad=sum(record["data"]["skipped"].values()))
+            window.reset()
         if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
-            _evaluate(cfg, engine, model, dist, step, logger)
-            window_start = time.perf_counter()
-        if t.ckpt_every and step % t.ckpt_every == 0:
-            checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
+            with window.paused():
+                _evaluate(cfg, engine, model, dist, step, logger)
+        if t.ckpt_every > 0 and step % t.ckpt_every == 0:
+            with window.paused():
+                checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
             last_ckpt = step
-            window_start = time.perf_counter()
 
-    if last_ckpt != step:
+    if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": _data_counts(loader)}
     if t.export:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,6 +23,19 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    return kept
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
         self.enabled = enabled
@@ -31,8 +45,11 @@ class MetricsLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run appends; a fresh run in an old directory starts the file anew
-        self._fh = open(out_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        path = out_dir / "metrics.jsonl"
+        # A resumed run keeps the lines up to its checkpoint and drops those a crashed run wrote after it.
+        kept = _lines_up_to(path, start_step) if start_step else []
+        self._fh = open(path, "w", encoding="utf-8")
+        self._fh.writelines(kept)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
@@ -67,3 +84,39 @@ class MetricsLogger:
             self._tb.close()
         if self._fh is not None:
             self._fh.close()
+
+
+class Window:
+    """Sums of per-micro-step scalars between two log steps, and the training time they took.
+
+    Values are summed as detached tensors and turned into numbers only in `means()` (on a GPU `.item()`
+    is a sync point). Time spent in `paused()` blocks (evaluation, checkpoints) is not training time.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.count for k, v in self.sums.items()}
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
