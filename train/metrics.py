@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        # In a log file rather than a terminal, a bar redrawn every step would bury everything else.
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                         mininterval=0.1 if interactive else 30.0)
 
     def log(self, step: int, record: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -67,15 +71,10 @@ class MetricsLogger:
     def progress(self, step: int, **postfix: Any) -> None:
         if self._bar is None:
             return
-        self._bar.n = step
         if postfix:
             self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                   refresh=False)
-        self._bar.refresh()
-
-    def write(self, message: str) -> None:
-        if self.enabled:
-            tqdm.write(message)
+        self._bar.update(step - self._bar.n)  # redraws at most every mininterval
 
     def close(self) -> None:
         if self._bar is not None:
