@@ -2,6 +2,7 @@
 # Install Tessera with its dev extras into .venv, then run the whole test suite
 # (slow and multi-process tests included). Extra arguments go to pytest.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" dev
+export TESSERA_EXTRAS=dev
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 exec python -m pytest "${@:--q}"
