@@ -83,7 +83,8 @@ def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list
            "--grad-clip-norm", "1.0",  # as Tessera's default train.grad_clip, so both do the same work
            "--log-every-n-steps", "1", "--logs", "none", "--seed", "0",
            "--device", "cuda" if args.cuda else "cpu"]
-    out = _run(cmd, log)
+    # --logs none still makes ./none/<run name>/: run it inside the benchmark's own directory
+    out = _run(cmd, log, cwd=log.parent)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.e+]+)/s,", out)]
     if len(rates) < args.steps:
         raise RuntimeError(f"open_clip_train logged {len(rates)} of {args.steps} steps; see {log}")
@@ -103,10 +104,10 @@ def run_ours(shards: str, args, precision: str, out_dir: Path, log: Path) -> lis
     return [x["samples_per_s"] for x in lines if x["kind"] == "train"]
 
 
-def _run(cmd: list[str], log: Path) -> str:
+def _run(cmd: list[str], log: Path, cwd: Path = ROOT) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     log.write_text(f"$ {' '.join(cmd)}\n# wall {time.perf_counter() - t0:.1f}s\n{proc.stdout}\n{proc.stderr}")
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[2]} failed (exit {proc.returncode}); see {log}")
@@ -135,6 +136,7 @@ def main() -> int:
     import torch
 
     args.cuda = torch.cuda.is_available()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     image_size = open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
     shards = make_shards(args.out / "shards", args.steps * args.batch_size, image_size)
