@@ -35,7 +35,11 @@ def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) 
             urls = expand_shards(src.shards)
         except ShardError as exc:
             raise ShardError(f"source '{src.name}': {exc}") from None
-        out.append(Source(src.name or "source", urls, src.weight, modalities, shard_sizes(urls)))
+        sizes = shard_sizes(urls)
+        total = sum(sizes[u] for u in urls) if len(sizes) == len(urls) else "unknown (no sizes.json)"
+        log.info("source %s: %d shard(s), %s samples, weight %g, needs %s", src.name, len(urls), total,
+                 src.weight, "+".join(modalities))
+        out.append(Source(src.name or "source", urls, src.weight, modalities, sizes))
     return out
 
 

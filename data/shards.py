@@ -87,12 +87,6 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
     return sizes
 
 
-def read_sizes(urls: list[str]) -> int | None:
-    """Total sample count of the shards from `sizes.json`, or None if any shard is not listed."""
-    sizes = shard_sizes(urls)
-    return sum(sizes[u] for u in urls) if all(u in sizes for u in urls) else None
-
-
 @dataclass(frozen=True)
 class Split:
     """What one loader worker reads: whole shards, and which samples of them (stride/offset)."""
