@@ -92,7 +92,7 @@ class TrainLoader:
         self.stats = SampleStats()
         self.cursors: dict[int, tuple[int, int]] = {}  # worker -> (stream samples, batches) consumed
         self.next_worker = 0
-        self._skip: dict[int, int] = {}
+        self._skip: dict[int, tuple[int, int]] = {}
         self._iter: Iterator | None = None
         self._queues: dict[int, deque] = {}
         self._ended: set[int] = set()
