@@ -59,6 +59,9 @@ class ModelConfig:
                                         "default: every pair of towers"})
     init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
+    init_logit_bias: float | None = field(
+        default=None, metadata={"help": "a learnable logit bias per pair, starting here (SigLIP: -10, with "
+                                        "init_temperature 0.1); null: none (InfoNCE has no use for one)"})
 
     def __post_init__(self):
         require(self.embed_dim > 0, f"model.embed_dim must be positive, got {self.embed_dim}")

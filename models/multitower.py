@@ -36,6 +36,10 @@ class MultiTowerModel(nn.Module):
             pair_key(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale)) for a, b in cfg.pair_list()
         })
         self._max_log_scale = math.log(cfg.max_logit_scale)
+        if cfg.init_logit_bias is not None:
+            self.logit_biases = nn.ParameterDict({
+                pair_key(a, b): nn.Parameter(torch.full((1,), float(cfg.init_logit_bias))) for a, b in cfg.pair_list()
+            })
 
     @property
     def modalities(self) -> list[str]:
@@ -53,15 +57,18 @@ class MultiTowerModel(nn.Module):
         return self.logit_scales[pair_key(a, b)].clamp(max=self._max_log_scale).exp().squeeze(0)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        """Normalised embeddings of every modality present in `batch`, and every pair's logit scale.
+        """Normalised embeddings of every modality present in `batch`, every pair's logit scale (and bias).
 
         The logit scales are returned from forward (not read off the module afterwards) because under
         ZeRO-3 parameters are only materialised inside forward.
         """
-        return {
+        out = {
             "features": {m: self.encode(m, batch[m]) for m in self.towers if m in batch},
             "logit_scale": {pair_key(a, b): self.logit_scale(a, b) for a, b in self.pairs},
         }
+        if self.cfg.init_logit_bias is not None:
+            out["logit_bias"] = {key: bias.squeeze(0) for key, bias in self.logit_biases.items()}
+        return out
 
     def transforms(self, is_train: bool) -> dict[str, Any]:
         return {m: tower.transform(is_train) for m, tower in self.towers.items()}

@@ -39,6 +39,21 @@ def test_bad_values_say_what_to_fix():
         load_config(None, ["model.towers={image: {encoder: open_clip_image, overrides: {layerz: 2}}}"])
 
 
+def test_loss_options_are_checked_against_the_model():
+    with pytest.raises(ConfigError, match="siglip needs a logit bias: set model.init_logit_bias=-10"):
+        load_config(None, ["loss.kind=siglip"])
+    with pytest.raises(ConfigError, match="init_logit_bias is set but loss.kind=infonce"):
+        load_config(None, ["model.init_logit_bias=-10"])
+    with pytest.raises(ConfigError, match="loss.kind: 'sigmoid' is not one of"):
+        load_config(None, ["loss.kind=sigmoid"])
+    with pytest.raises(ConfigError, match="loss.tile_size must be positive"):
+        load_config(None, ["loss.tile_size=0"])
+    with pytest.raises(ConfigError, match="InfoNCE options"):
+        load_config(None, ["loss.kind=siglip", "model.init_logit_bias=-10", "loss.dcl=true"])
+    cfg = load_config(ROOT / "configs" / "siglip-vit-b-32.yaml")
+    assert (cfg.loss.kind, cfg.model.init_logit_bias, cfg.model.init_temperature) == ("siglip", -10.0, 0.1)
+
+
 def test_required_overrides_from_the_issue_all_work(tmp_path):
     cfg = load_config(None, [
         f"output_dir={tmp_path}", "seed=7", "train.steps=12", "train.batch_size=8", "train.lr=0.002",
@@ -96,7 +111,8 @@ def test_help_lists_every_documented_key():
     proc = run_cli([PY, "-m", "train.pretrain", "--help"])
     assert proc.returncode == 0, proc.stderr
     for key in ("output_dir", "seed", "data.train", "train.steps", "train.batch_size", "train.lr",
-                "deepspeed.zero_stage", "resume", "data.max_bad_fraction", "train.precision"):
+                "deepspeed.zero_stage", "resume", "data.max_bad_fraction", "train.precision", "loss.kind",
+                "loss.tile_size", "loss.impl", "loss.dcl", "loss.label_smoothing", "model.init_logit_bias"):
         assert f"  {key} = " in proc.stdout, key
 
 

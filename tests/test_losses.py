@@ -1,4 +1,5 @@
-"""The contrastive loss against open_clip's, on one process and across real gloo process groups."""
+"""The tiled contrastive losses against the full-matrix reference and open_clip's, on one process and across
+real gloo process groups."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from open_clip.loss import ClipLoss, SigLipLoss
 
-from train.losses import contrastive_loss, infonce_reference
+from train.losses import contrastive_loss, contrastive_loss_reference
+
+# (kind, use labels, dcl, label smoothing): every option, alone and combined where the combination is allowed
+OPTIONS = [("infonce", False, False, 0.0), ("infonce", True, False, 0.0), ("infonce", False, True, 0.0),
+           ("infonce", True, True, 0.0), ("infonce", False, False, 0.1), ("infonce", True, False, 0.1),
+           ("siglip", False, False, 0.0), ("siglip", True, False, 0.0)]
 
 
 def _features(n, d, seed=0, dtype=torch.float64):
@@ -22,19 +30,178 @@ def _features(n, d, seed=0, dtype=torch.float64):
     return a, b
 
 
-@pytest.mark.parametrize("n", [1, 7, 64])
-def test_matches_open_clip_cliploss_value_and_gradients(n):
-    a, b = _features(n, 16)
-    scale = torch.tensor(14.3, dtype=torch.float64)
-    ours = [t.clone().requires_grad_(True) for t in (a, b, scale)]
-    ref = [t.clone().requires_grad_(True) for t in (a, b, scale)]
-    loss = contrastive_loss(*ours)
-    expected = ClipLoss()(ref[0], ref[1], ref[2])
-    assert torch.allclose(loss, expected, rtol=1e-12)
+def _labels(n, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, max(2, n // 3), (n,), generator=g)
+    labels[0] = 10**6   # at least two distinct ids, so DCL always has a negative
+    return labels
+
+
+def _params(kind, dtype, scale=14.3):
+    scale = torch.tensor(scale, dtype=dtype)
+    bias = torch.tensor(-3.0, dtype=dtype) if kind == "siglip" else None
+    return scale, bias
+
+
+def _loss_and_grads(fn, a, b, scale, bias, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (a, b, scale) + ((bias,) if bias is not None else ())]
+    loss = fn(*leaves[:3], leaves[3] if bias is not None else None, **kw)
     loss.backward()
-    expected.backward()
-    for x, y in zip(ours, ref):
-        assert torch.allclose(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+def _assert_close(got, want, rtol, atol):
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert torch.allclose(x.to(y.dtype), y, rtol=rtol, atol=atol), \
+            f"output {i} (loss, d_a, d_b, d_scale, d_bias): max error {(x.to(y.dtype) - y).abs().max():.3g}"
+
+
+def _case(n, kind, use_labels, dcl, smoothing, d=16, dtype=torch.float64, scale=14.3, seed=0):
+    a, b = _features(n, d, seed, dtype)
+    s, bias = _params(kind, dtype, scale)
+    kw = dict(kind=kind, labels=_labels(n, seed) if use_labels else None, dcl=dcl, label_smoothing=smoothing)
+    return (a, b, s, bias), kw
+
+
+@pytest.mark.parametrize("n,tile", [(1, 1024), (7, 3), (7, 1024), (64, 16), (64, 64), (1000, 128), (1000, 1024)])
+@pytest.mark.parametrize("kind,use_labels,dcl,smoothing", OPTIONS)
+def test_tiled_equals_full_matrix_reference_fp64(n, tile, kind, use_labels, dcl, smoothing):
+    if dcl and n == 1:
+        pytest.skip("DCL has no negative at B=1 (tested to raise)")
+    args, kw = _case(n, kind, use_labels, dcl, smoothing)
+    got = _loss_and_grads(contrastive_loss, *args, tile_size=tile, **kw)
+    want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("n,tile", [(7, 3), (64, 16), (1000, 256)])
+@pytest.mark.parametrize("kind,use_labels,dcl,smoothing", OPTIONS)
+def test_tiled_fp32_within_1e5_of_fp64_reference(n, tile, kind, use_labels, dcl, smoothing):
+    args, kw = _case(n, kind, use_labels, dcl, smoothing)
+    got = _loss_and_grads(contrastive_loss, *[None if t is None else t.float() for t in args], tile_size=tile, **kw)
+    want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
+    # gradients: relative to the largest entry (single entries of a gradient can be ~0)
+    for i, (x, y) in enumerate(zip(got, want)):
+        err = (x.double() - y).abs().max() / y.abs().max().clamp_min(1e-12)
+        assert err < 1e-5, f"output {i}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-13), (torch.float32, 1e-5, 1e-6)])
+def test_matches_open_clip_cliploss(n, dtype, rtol, atol):
+    a, b = _features(n, 32, dtype=dtype)
+    scale = torch.tensor(14.3, dtype=dtype)
+    got = _loss_and_grads(contrastive_loss, a, b, scale, None, tile_size=96)
+    want = _loss_and_grads(lambda x, y, s, _: ClipLoss()(x, y, s), a, b, scale, None)
+    _assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-13), (torch.float32, 1e-5, 1e-6)])
+def test_matches_open_clip_sigliploss(n, dtype, rtol, atol):
+    a, b = _features(n, 32, dtype=dtype)
+    scale, bias = torch.tensor(10.0, dtype=dtype), torch.tensor(-10.0, dtype=dtype)
+    got = _loss_and_grads(contrastive_loss, a, b, scale, bias, kind="siglip", tile_size=96)
+    want = _loss_and_grads(lambda x, y, s, t: SigLipLoss()(x, y, s, t), a, b, scale, bias)
+    _assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 80), d=st.integers(1, 24), tile=st.integers(1, 100), option=st.sampled_from(OPTIONS),
+       scale=st.floats(0.5, 100.0), seed=st.integers(0, 2**16))
+def test_property_any_shape_and_tile(n, d, tile, option, scale, seed):
+    kind, use_labels, dcl, smoothing = option
+    if dcl and n == 1:
+        return
+    args, kw = _case(n, kind, use_labels, dcl, smoothing, d=d, scale=scale, seed=seed)
+    got = _loss_and_grads(contrastive_loss, *args, tile_size=tile, **kw)
+    want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
+    _assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+def test_stable_at_logit_scale_100_with_extreme_logits(kind):
+    """Rows whose logits all sit ~200 below another row's in the same tile: a shared per-tile shift would
+    underflow them; per-row/per-column log-sum-exps must not."""
+    n = 48
+    a, b = _features(n, 16)
+    a[: n // 2] = -b[: n // 2]          # half the positives at cosine -1: logits -100 next to rows at +100
+    args = (a, b) + _params(kind, torch.float64, scale=100.0)
+    for dtype, rtol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        got = _loss_and_grads(contrastive_loss, *[None if t is None else t.to(dtype) for t in args],
+                              kind=kind, tile_size=16)
+        want = _loss_and_grads(contrastive_loss_reference, *args, kind=kind)
+        for x, y in zip(got, want):
+            assert torch.isfinite(x).all()
+            assert ((x.double() - y).abs().max() / y.abs().max()) < rtol
+
+
+def test_bf16_features_within_stated_bound():
+    """bf16 features (the CPU GEMM rounds its fp32 accumulation to bf16 on output): the loss is within 1% of the
+    fp64 reference on the same (rounded) inputs, and every gradient within 2% of its largest entry."""
+    a, b = _features(512, 64)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    scale = torch.tensor(50.0, dtype=torch.float64)
+    got = _loss_and_grads(contrastive_loss, a16, b16, scale.float(), None, tile_size=128)
+    want = _loss_and_grads(contrastive_loss_reference, a16.double(), b16.double(), scale, None)
+    assert got[1].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    assert abs(got[0].double() - want[0]) / want[0] < 1e-2
+    for x, y in zip(got[1:], want[1:]):
+        assert (x.double() - y).abs().max() / y.abs().max() < 2e-2
+
+
+def test_memory_saved_for_backward_is_linear_in_the_batch():
+    """What autograd keeps between forward and backward: features and LSE vectors, never a B x B matrix."""
+    n, d = 4096, 32
+    a, b = _features(n, d, dtype=torch.float32)
+    a.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        contrastive_loss(a, b, torch.tensor(10.0, requires_grad=True), tile_size=256)
+    assert sum(saved) <= 4 * n * d   # a, b, scaled a, and small vectors; the full matrix would be 128x this
+    assert max(saved) <= n * d
+
+
+def test_bad_arguments_say_what_is_wrong():
+    a, b = _features(4, 8)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not one of"):
+        contrastive_loss(a, b, s, kind="triplet")
+    with pytest.raises(ValueError, match="needs logit_bias"):
+        contrastive_loss(a, b, s, kind="siglip")
+    with pytest.raises(ValueError, match="siglip parameter"):
+        contrastive_loss(a, b, s, torch.tensor(-10.0))
+    with pytest.raises(ValueError, match="choose one"):
+        contrastive_loss(a, b, s, dcl=True, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="at least one negative"):
+        contrastive_loss(a[:1], b[:1], s, dcl=True)
+    with pytest.raises(ValueError, match="at least one negative"):
+        contrastive_loss(a, b, s, dcl=True, labels=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must be"):
+        contrastive_loss(a, b, s, labels=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one shape"):
+        contrastive_loss(a, b[:3], s)
+    with pytest.raises(ValueError, match="tile_size"):
+        contrastive_loss(a, b, s, tile_size=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Across ranks: real gloo process groups, one per world size, every case in the same group
+# --------------------------------------------------------------------------------------------------------------
+
+RING_CASES = [(option, sizes, tile, impl)
+              for option in OPTIONS
+              for sizes, tile, impl in [("equal", 2, "tiled"), ("unequal", 1024, "tiled"), ("equal", 3, "full")]
+              if not (impl == "full" and sizes == "unequal")]
+
+
+def _local_sizes(world, which):
+    return [5] * world if which == "equal" else [4, 1, 6][:world]
 
 
 def _free_port():
@@ -43,55 +210,49 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, n_local, queue):
+def _ring_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        a, b = _features(n_local * world, 8, seed=3)
-        scale = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        la = a[rows].clone().requires_grad_(True)
-        lb = b[rows].clone().requires_grad_(True)
-        loss = contrastive_loss(la, lb, scale)
-        loss.backward()
-        # what DeepSpeed/DDP do: average every gradient over the ranks
-        grads = torch.cat([la.grad.flatten(), lb.grad.flatten(), scale.grad.reshape(1)])
-        loss_avg = loss.detach().clone()
-        dist.all_reduce(grads)
-        dist.all_reduce(loss_avg)
-        grads /= world
-        loss_avg /= world
-        queue.put((rank, loss_avg.item(), grads, la.grad.clone(), lb.grad.clone(), scale.grad.item()))
+        out = []
+        for (kind, use_labels, dcl, smoothing), sizes, tile, impl in RING_CASES:
+            n = _local_sizes(world, sizes)
+            (a, b, s, bias), kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=8, seed=3)
+            rows = slice(sum(n[:rank]), sum(n[:rank + 1]))
+            if kw["labels"] is not None:
+                kw["labels"] = kw["labels"][rows]
+            got = _loss_and_grads(contrastive_loss, a[rows], b[rows], s, bias, tile_size=tile, impl=impl, **kw)
+            # what DeepSpeed/DDP do with the replicated scale and bias: average their gradients over the ranks
+            for i in range(3, len(got)):
+                dist.all_reduce(got[i])
+                got[i] /= world
+            out.append([t.numpy() for t in got])   # by value: torch's shared-memory tensors die with the process
+        queue.put((rank, out))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 3])
-def test_gathered_loss_across_ranks_equals_the_global_batch_loss(world):
-    n_local = 5
+def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, n_local, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_ring_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = dict(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
 
-    a, b = _features(n_local * world, 8, seed=3)
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    scale = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
-    ref = infonce_reference(a, b, scale)
-    ref.backward()
-    for rank, loss, _, ga, gb, _ in results:
-        assert loss == pytest.approx(ref.item(), rel=1e-12)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        # a rank's feature gradient is W x the global loss's (DDP then divides by W)
-        assert torch.allclose(ga / world, a.grad[rows], rtol=1e-10, atol=1e-13)
-        assert torch.allclose(gb / world, b.grad[rows], rtol=1e-10, atol=1e-13)
-    # the ranks' temperature gradients average to the global one
-    assert sum(r[5] for r in results) / world == pytest.approx(scale.grad.item(), rel=1e-10)
+    for case_index, ((kind, use_labels, dcl, smoothing), sizes, _, _) in enumerate(RING_CASES):
+        n = _local_sizes(world, sizes)
+        args, kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=8, seed=3)
+        want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
+        for rank in range(world):
+            got = [torch.from_numpy(x) for x in results[rank][case_index]]
+            rows = slice(sum(n[:rank]), sum(n[:rank + 1]))
+            # every rank returns the global loss; its feature gradients are W x the global loss's (DDP / W)
+            expected = [want[0], want[1][rows] * world, want[2][rows] * world] + want[3:]
+            _assert_close(got, expected, rtol=1e-10, atol=1e-13)

@@ -75,6 +75,22 @@ def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
     assert not (out / "eval").exists()
 
 
+@pytest.mark.slow
+def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(
+        demo_shards, out, "train.steps=8", "train.log_every=1", "train.lr=0.003", "data.val=[]",
+        "loss.kind=siglip", "loss.tile_size=6", "model.init_logit_bias=-10", "model.init_temperature=0.1",
+        "train.precision=fp32")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert lines[0]["logit_bias/image-text"] == pytest.approx(-10.0, abs=0.05)
+    assert lines[-1]["logit_bias/image-text"] != lines[0]["logit_bias/image-text"]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    model = load_model(out / "model")
+    assert model.logit_biases["image__text"].item() == pytest.approx(lines[-1]["logit_bias/image-text"], abs=1e-3)
+
+
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     from models.configuration import ConfigError
 

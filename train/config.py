@@ -52,7 +52,24 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["infonce"] = field(default="infonce", metadata={"help": "contrastive loss"})
+    kind: Literal["infonce", "siglip"] = field(
+        default="infonce", metadata={"help": "infonce: CLIP's symmetric softmax loss; siglip: the sigmoid loss "
+                                             "(needs model.init_logit_bias, SigLIP: -10)"})
+    tile_size: int = field(default=1024, metadata={
+        "help": "edge of the logit tiles the loss computes at a time: memory ~ tile^2, never batch^2"})
+    impl: Literal["tiled", "full"] = field(default="tiled", metadata={
+        "help": "tiled: exact, memory linear in the batch, ring across ranks; full: gather and build the whole "
+                "batch x batch matrix (the reference)"})
+    dcl: bool = field(default=False, metadata={"help": "InfoNCE: leave the positive out of the denominator "
+                                                       "(decoupled contrastive learning)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "InfoNCE: label smoothing in [0, 1)"})
+
+    def __post_init__(self):
+        require(self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
+        require(0.0 <= self.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.kind == "siglip":
+            require(not self.dcl and not self.label_smoothing, "loss.dcl and loss.label_smoothing are InfoNCE options")
+        require(not (self.dcl and self.label_smoothing), "loss.dcl and loss.label_smoothing: choose one")
 
 
 @dataclass
@@ -92,6 +109,13 @@ class PretrainConfig:
         require(len(self.train.lock) < len(self.model.towers), "train.lock freezes every tower; nothing would train")
         for a, b in self.eval.pairs or []:
             require(a in self.model.towers and b in self.model.towers, f"eval.pairs: ({a}, {b}) needs both towers")
+        has_bias = self.model.init_logit_bias is not None
+        require(has_bias or self.loss.kind != "siglip",
+                "loss.kind=siglip needs a logit bias: set model.init_logit_bias=-10 (and, as SigLIP does, "
+                "model.init_temperature=0.1)")
+        require(not has_bias or self.loss.kind == "siglip",
+                f"model.init_logit_bias is set but loss.kind={self.loss.kind} has no use for a bias: "
+                "it would never train")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -119,7 +119,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
         if step % t.log_every == 0 or step == t.steps:
             means = all_reduce_mean(window.means(), dist.device)
-            record = {**means, "lr": engine.get_lr()[0], "epoch": loader.epoch,
+            record = {**means, "lr": engine.get_lr()[0], "epoch": loader.epoch, **_grad_norm(engine),
                       "samples_per_s": window.count * t.batch_size * dist.world / window.seconds(),
                       "data": _data_counts(loader)}
             logger.log(step, record)
@@ -151,3 +151,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
     barrier()
     return summary
+
+
+def _grad_norm(engine) -> dict[str, float]:
+    """The last step's global gradient norm, where DeepSpeed computed one (it does when clipping)."""
+    norm = engine.get_global_grad_norm()
+    return {} if norm is None else {"grad_norm": float(norm)}

@@ -1,18 +1,105 @@
-"""Contrastive losses over the global batch.
+"""Contrastive losses over the global batch: tiled, exact, with memory linear in the batch.
 
-Shape legend: B local batch, G = W*B global batch, D embedding width.
+Shape legend: B local batch (rows a rank owns), G global batch (sum of B over ranks), D embedding width,
+T tile edge. `a` holds one modality's features, `b` the other's; row i of `a` is paired with row i of `b`.
 
-Gradient convention (as open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`): each rank
-returns the loss of its own rows against every column of the global batch. Once DeepSpeed/DDP averages
-gradients over the W ranks, every parameter's gradient equals the single-process gradient of the loss
-over the global batch; so does the mean of the ranks' temperature gradients.
+Two losses, both over every (a_i, b_j) of the global batch, with logits z_ij = s * a_i . b_j (+ bias):
+- InfoNCE (CLIP), symmetric: L = 1/(2G) [sum_i (LSE_j z_ij - z_ii) + sum_j (LSE_i z_ij - z_jj)], with the
+  options DCL (positives left out of the log-sum-exp), multi-positive labels (SupCon's L_out: samples sharing a
+  label are positives for each other, the target is spread evenly over them) and label smoothing.
+- SigLIP: L = -1/G sum_ij log sigmoid(y_ij z_ij), y_ij = +1 for positives and -1 otherwise.
+
+The tiled path never builds the G x G matrix. Forward visits each T x T tile once and keeps, for InfoNCE, the
+row and the column log-sum-exps of the same tile (fp32, whatever the features' dtype); it saves only the
+features and those two vectors. Backward recomputes every tile once and gets d(a), d(b), d(scale), d(bias) in
+that one pass: 1 GEMM forward and 3 backward, 8 G^2 D FLOPs in all (Inf-CL's two one-way passes: about 20).
+
+Across ranks the features stay where they are. Column blocks (b, and in backward their column LSEs) travel
+round a ring with P2P send/recv, overlapped with the tiles being computed; what a block accumulates on its way
+(its column LSEs forward, its gradient backward) is sent on when the tile is done and comes home at the end.
+
+Gradient convention, as open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` and `SigLipLoss`: every
+rank returns the same value, the loss of the global batch. Its backward gives a rank's features W times the
+global loss's gradient with respect to them, and scale/bias the rank's share of theirs times W, so that once
+DeepSpeed/DDP average gradients over the W ranks, every parameter holds the single-process gradient of the
+global loss. (Inf-CL's released code sums the temperature's gradient instead and gets it W times too large.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+KINDS = ("infonce", "siglip")
+DEFAULT_TILE = 1024
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What changes the loss's value (kept apart from how it is computed)."""
+
+    kind: str = "infonce"
+    dcl: bool = False
+    label_smoothing: float = 0.0
+
+    def check(self, has_bias: bool, has_labels: bool) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"loss kind '{self.kind}' is not one of {KINDS}")
+        if self.kind == "siglip":
+            if not has_bias:
+                raise ValueError("the siglip loss needs logit_bias (a learnable scalar; SigLIP starts it at -10)")
+            if self.dcl or self.label_smoothing:
+                raise ValueError("dcl and label_smoothing are InfoNCE options; the siglip loss takes neither")
+        elif has_bias:
+            raise ValueError("logit_bias is a siglip parameter; InfoNCE is invariant to it, so it would never train")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dcl and self.label_smoothing:
+            raise ValueError("dcl removes the positives from the denominator; label smoothing puts them back: "
+                             "choose one")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plain full-matrix reference (one process, whole batch): for tests, and for small batches.
+# --------------------------------------------------------------------------------------------------------------
+
+def positives_mask(labels: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    if labels is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return labels[:, None] == labels[None, :]
+
+
+def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias=None,
+                               kind: str = "infonce", labels: torch.Tensor | None = None, dcl: bool = False,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss of one whole batch, computed with the full G x G matrix and ordinary autograd."""
+    opts = LossOptions(kind, dcl, label_smoothing)
+    opts.check(logit_bias is not None, labels is not None)
+    logits = logit_scale * a @ b.T
+    pos = positives_mask(labels, a.shape[0], a.device)
+    if kind == "siglip":
+        logits = logits + logit_bias
+        sign = pos.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(sign * logits).sum() / a.shape[0]
+
+    def one_direction(z: torch.Tensor) -> torch.Tensor:   # rows are the queries
+        target = pos.to(z.dtype) / pos.sum(1, keepdim=True)
+        target = (1 - label_smoothing) * target + label_smoothing / z.shape[1]
+        denominator = z.masked_fill(pos, float("-inf")) if dcl else z
+        return (torch.logsumexp(denominator, 1) - (target * z).sum(1)).mean()
+
+    return 0.5 * (one_direction(logits) + one_direction(logits.T))
+
+
+def infonce_reference(a_BD: torch.Tensor, b_BD: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE, as open_clip writes it (cross-entropy both ways over the full matrix)."""
+    logits_BB = logit_scale * a_BD @ b_BD.T
+    labels = torch.arange(a_BD.shape[0], device=a_BD.device)
+    return 0.5 * (F.cross_entropy(logits_BB, labels) + F.cross_entropy(logits_BB.T, labels))
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -41,28 +128,369 @@ def gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherWithGrad.apply(x_BD, group)
 
 
-def infonce_reference(a_BD: torch.Tensor, b_BD: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP) on one process, with the full B x B matrix: the plain reference."""
-    logits_BB = logit_scale * a_BD @ b_BD.T
-    labels = torch.arange(a_BD.shape[0], device=a_BD.device)
-    return 0.5 * (F.cross_entropy(logits_BB, labels) + F.cross_entropy(logits_BB.T, labels))
+def _gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ring
+# --------------------------------------------------------------------------------------------------------------
+
+class _Ring:
+    """Rank r receives from r-1 and sends to r+1. At step k it holds the column block of rank (r - k) mod W."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if self.world > 1 else 0
+        if self.world > 1:
+            self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None \
+                else (self.rank + 1) % self.world
+            self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None \
+                else (self.rank - 1) % self.world
+
+    def block(self, step: int) -> int:
+        return (self.rank - step) % self.world
+
+    def post(self, sends: list[torch.Tensor], recvs: list[torch.Tensor], tag: int) -> list:
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(sends)]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recvs)]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def run(self, payload: list[torch.Tensor], payload_shapes: Callable[[int], list[tuple]],
+            compute: Callable[[int, list[torch.Tensor]], torch.Tensor | None],
+            acc_shape: Callable[[int], tuple] | None = None,
+            merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.Tensor.add_,
+            acc_dtype=torch.float32) -> torch.Tensor | None:
+        """Visit every column block once. `compute(block, payload)` returns this rank's contribution to the
+        block's travelling accumulator, which `merge(contribution, received)` folds into what earlier ranks
+        sent (in place). Returns the accumulator of this rank's own block once it has been round the ring."""
+        W, current, pending_sends = self.world, payload, []
+        for step in range(W):
+            block = self.block(step)
+            incoming, acc_in, transfers, acc_wait = None, None, [], []
+            if step < W - 1:   # start moving the next block while this one is computed
+                incoming = [torch.empty(shape, dtype=t.dtype, device=t.device)
+                            for shape, t in zip(payload_shapes(self.block(step + 1)), current)]
+                transfers = self.post(current, incoming, tag=8 * step)
+            if acc_shape is not None and step > 0:
+                acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
+                acc_wait = self.post([], [acc_in], tag=8 * step + 4)
+            contribution = compute(block, current)
+            if acc_shape is not None:
+                for work in acc_wait:
+                    work.wait()
+                if acc_in is not None:
+                    contribution = merge(contribution, acc_in)
+                if W > 1:
+                    pending_sends += self.post([contribution], [], tag=8 * step + 12)
+                else:
+                    return contribution
+            for work in transfers:
+                work.wait()
+            current = incoming
+        result = None
+        if acc_shape is not None:
+            result = torch.empty(acc_shape(self.rank), dtype=acc_dtype, device=payload[0].device)
+            for work in self.post([], [result], tag=8 * (W - 1) + 12):
+                work.wait()
+        for work in pending_sends:
+            work.wait()
+        return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiled loss
+# --------------------------------------------------------------------------------------------------------------
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype of the loss: fp64 for fp64 inputs, fp32 for everything else."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y with an fp32 result. Low-precision inputs accumulate in fp32 inside the GEMM; on CPU the result is
+    rounded to their dtype on the way out (there is no mixed-output GEMM there), then widened."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x @ y
+    if x.is_cuda:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return (x @ y).float()
+
+
+def _spans(n: int, tile: int) -> list[tuple[int, int]]:
+    return [(s, min(s + tile, n)) for s in range(0, n, tile)]
+
+
+class _Layout:
+    """Who owns which rows of the global batch, and the labels of all of them."""
+
+    def __init__(self, ring: _Ring, local_size: int, labels: torch.Tensor | None, device, acc: torch.dtype):
+        if ring.world > 1:
+            sizes = torch.tensor([local_size], dtype=torch.int64, device=device)
+            sizes = _gather_no_grad(sizes, ring.group).tolist()
+        else:
+            sizes = [local_size]
+        self.sizes = sizes
+        self.offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+        self.total = sum(sizes)
+        self.labels = None
+        self.counts = None   # per global sample: how many samples share its label (itself included)
+        self.distinct = self.total   # how many distinct label ids (or samples)
+        if labels is not None:
+            if ring.world > 1:
+                padded = torch.full((max(sizes),), -1, dtype=torch.int64, device=device)
+                padded[:local_size] = labels
+                gathered = _gather_no_grad(padded, ring.group).view(ring.world, -1)
+                labels = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+            self.labels = labels
+            _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+            self.counts = counts[inverse].to(acc)
+            self.distinct = counts.numel()
+
+    def rows(self, rank: int, lo: int, hi: int) -> slice:
+        return slice(self.offsets[rank] + lo, self.offsets[rank] + hi)
+
+
+class _TileContext:
+    """Everything a tile computation needs besides the two blocks."""
+
+    def __init__(self, opts: LossOptions, layout: _Layout, rank: int, scale: torch.Tensor, bias):
+        self.opts, self.layout, self.rank = opts, layout, rank
+        self.bias = None if bias is None else _wide(bias)
+
+    def positives(self, col_block: int, r: tuple[int, int], c: tuple[int, int], device) -> torch.Tensor | None:
+        """Positive mask of one tile, or None where there are none outside the labels-free diagonal."""
+        L = self.layout
+        if L.labels is not None:
+            return L.labels[L.rows(self.rank, *r)][:, None] == L.labels[L.rows(col_block, *c)][None, :]
+        row0, col0 = L.offsets[self.rank] + r[0], L.offsets[col_block] + c[0]
+        if row0 >= col0 + (c[1] - c[0]) or col0 >= row0 + (r[1] - r[0]):
+            return None
+        rows = torch.arange(row0, row0 + r[1] - r[0], device=device)
+        cols = torch.arange(col0, col0 + c[1] - c[0], device=device)
+        return rows[:, None] == cols[None, :]
+
+    def positive_weights(self, col_block: int, r, c) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels only: the loss's numerator holds -(w_row[i] + w_col[j]) z_ij for each positive pair."""
+        L, o = self.layout, self.opts
+        if o.kind == "siglip":
+            n_rows = r[1] - r[0]
+            return L.counts.new_ones(n_rows), L.counts.new_zeros(c[1] - c[0])
+        k = 1 - o.label_smoothing
+        return k / L.counts[L.rows(self.rank, *r)], k / L.counts[L.rows(col_block, *c)]
+
+
+def _forward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_block: int, tile: int,
+                   row_lse: torch.Tensor | None, totals: torch.Tensor) -> torch.Tensor | None:
+    """One column block against this rank's rows. Updates `row_lse` in place (InfoNCE); adds to `totals`
+    [sum of softplus terms (siglip), weighted positive logits (labels)]; returns the block's column LSEs."""
+    o = ctx.opts
+    col_lse = row_lse.new_full((b.shape[0],), float("-inf")) if o.kind == "infonce" else None
+    for r in _spans(a_s.shape[0], tile):
+        for c in _spans(b.shape[0], tile):
+            z = _mm(a_s[r[0]:r[1]], b[c[0]:c[1]].T)
+            pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
+            if ctx.layout.labels is not None:
+                w_row, w_col = ctx.positive_weights(col_block, r, c)
+                zp = torch.where(pos, z, 0.0)
+                totals[1] += (zp.sum(1) @ w_row) + (zp.sum(0) @ w_col)
+            if o.kind == "siglip":
+                z += ctx.bias
+                totals[0] -= F.logsigmoid(-z).sum()
+                if ctx.layout.labels is not None:
+                    totals[1] += pos.sum() * ctx.bias   # positives' bias: -log sig(z) = -log sig(-z) - z
+                continue
+            if o.dcl and pos is not None:
+                z.masked_fill_(pos, float("-inf"))
+            torch.logaddexp(row_lse[r[0]:r[1]], torch.logsumexp(z, 1), out=row_lse[r[0]:r[1]])
+            torch.logaddexp(col_lse[c[0]:c[1]], torch.logsumexp(z, 0), out=col_lse[c[0]:c[1]])
+    return col_lse
+
+
+def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_lse: torch.Tensor | None,
+                    col_block: int, tile: int, row_lse, coef: float, grad_a: torch.Tensor, grad_bias: torch.Tensor,
+                    need_b: bool) -> torch.Tensor | None:
+    """Recompute each tile once; add its share to d(a_s) (in place) and return d(b) of the block (fp32)."""
+    o = ctx.opts
+    grad_b = grad_a.new_zeros(b.shape) if need_b else None
+    low = a_s.dtype not in (torch.float32, torch.float64)
+    for r in _spans(a_s.shape[0], tile):
+        for c in _spans(b.shape[0], tile):
+            z = _mm(a_s[r[0]:r[1]], b[c[0]:c[1]].T)
+            pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
+            if o.kind == "siglip":
+                g = z.add_(ctx.bias).sigmoid_().mul_(coef)
+            else:
+                if o.dcl and pos is not None:
+                    z.masked_fill_(pos, float("-inf"))
+                g = torch.sub(z, row_lse[r[0]:r[1], None]).exp_()
+                g += z.sub_(col_lse[None, c[0]:c[1]]).exp_()
+                g *= coef
+            if ctx.layout.labels is not None:
+                w_row, w_col = ctx.positive_weights(col_block, r, c)
+                g -= torch.where(pos, w_row[:, None] + w_col[None, :], 0.0).mul_(coef)
+            if grad_bias is not None:
+                grad_bias += g.sum()
+            if low:
+                g = g.to(a_s.dtype)
+                grad_a[r[0]:r[1]] += _mm(g, b[c[0]:c[1]])
+                if need_b:
+                    grad_b[c[0]:c[1]] += _mm(g.T, a_s[r[0]:r[1]])
+            else:   # accumulate inside the GEMM, no temporary
+                grad_a[r[0]:r[1]].addmm_(g, b[c[0]:c[1]])
+                if need_b:
+                    grad_b[c[0]:c[1]].addmm_(g.T, a_s[r[0]:r[1]])
+    return grad_b
+
+
+class _TiledContrastive(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, tile: int, group):
+        ring = _Ring(group)
+        acc = _wide(a[:0]).dtype
+        layout = _Layout(ring, a.shape[0], labels, a.device, acc)
+        if opts.dcl and layout.distinct < 2:
+            raise ValueError("dcl=True needs at least one negative for every sample: this batch has none")
+        tc = _TileContext(opts, layout, ring.rank, scale, bias)
+        G, D = layout.total, a.shape[1]
+        a_s = (_wide(a) * _wide(scale)).to(a.dtype)          # the scale folded into the rows: z = a_s @ b.T
+        totals = torch.zeros(2, dtype=acc, device=a.device)
+        row_lse = torch.full((a.shape[0],), float("-inf"), dtype=acc, device=a.device) \
+            if opts.kind == "infonce" else None
+        col_lse = ring.run(
+            [b], lambda blk: [(layout.sizes[blk], D)],
+            lambda blk, payload: _forward_tiles(tc, a_s, payload[0], blk, tile, row_lse, totals),
+            acc_shape=(lambda blk: (layout.sizes[blk],)) if opts.kind == "infonce" else None,
+            merge=lambda mine, theirs: torch.logaddexp(mine, theirs, out=mine), acc_dtype=acc)
+        local = _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals)
+        sums_ab = None
+        if opts.label_smoothing:
+            sums_ab = torch.stack([_wide(a_s).sum(0), _wide(b).sum(0)])
+            if ring.world > 1:
+                dist.all_reduce(sums_ab, group=group)
+            # smoothing pulls every logit of a row (and of a column) toward the mean: eps/G * sum_ij z_ij, twice
+            local = local - opts.label_smoothing / G * (_wide(a_s).sum(0) @ sums_ab[1] + _wide(b).sum(0) @ sums_ab[0])
+        if ring.world > 1:
+            dist.all_reduce(local, group=group)
+        norm = 2 * G if opts.kind == "infonce" else G
+        empty = a.new_zeros(0)
+        ctx.save_for_backward(a, b, scale, empty if bias is None else bias, empty if row_lse is None else row_lse,
+                              empty if col_lse is None else col_lse, empty if sums_ab is None else sums_ab)
+        ctx.opts, ctx.tile, ctx.group, ctx.layout, ctx.norm = opts, tile, group, layout, norm
+        ctx.has_bias = bias is not None
+        return local / norm
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
+        a_s = (_wide(a) * _wide(scale)).to(a.dtype)   # recomputed rather than kept from forward: B x D less held
+        opts, layout = ctx.opts, ctx.layout
+        ring = _Ring(ctx.group)
+        tc = _TileContext(opts, layout, ring.rank, scale, bias if ctx.has_bias else None)
+        coef = float(grad_out) / ctx.norm
+        need_b = ctx.needs_input_grad[1]
+        acc = _wide(a[:0]).dtype
+        grad_as = torch.zeros(a.shape, dtype=acc, device=a.device)
+        grad_bias = torch.zeros((), dtype=acc, device=a.device) if ctx.has_bias else None
+        D = a.shape[1]
+        infonce = opts.kind == "infonce"
+
+        def payload_shapes(blk):
+            return [(layout.sizes[blk], D)] + ([(layout.sizes[blk],)] if infonce else [])
+
+        def compute(blk, payload):
+            return _backward_tiles(tc, a_s, payload[0], payload[1] if infonce else None, blk, ctx.tile,
+                                   row_lse, coef, grad_as, grad_bias, need_b)
+
+        grad_b = ring.run([b] + ([col_lse] if infonce else []), payload_shapes, compute,
+                          acc_shape=(lambda blk: (layout.sizes[blk], D)) if need_b else None, acc_dtype=acc)
+        # The positives' linear term, where there are no labels: the diagonal, which is all on this rank.
+        if layout.labels is None:
+            w = (1 - opts.label_smoothing) * 2 * coef if infonce else coef
+            grad_as.add_(_wide(b), alpha=-w)
+            if need_b:
+                grad_b.add_(_wide(a_s), alpha=-w)
+            if grad_bias is not None:
+                grad_bias -= w * a.shape[0]
+        if opts.label_smoothing:
+            w = opts.label_smoothing / layout.total * 2 * coef
+            grad_as.sub_(w * sums_ab[1])
+            if need_b:
+                grad_b.sub_(w * sums_ab[0])
+        W = ring.world   # see the module docstring: DeepSpeed/DDP divide by W
+        grad_s = ((grad_as.view(-1) @ _wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) \
+            if ctx.needs_input_grad[2] else None
+        grad_a = grad_as.mul_(_wide(scale) * W).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
+        grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) \
+            if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_a, grad_b, grad_s, grad_bias, None, None, None, None
+
+
+def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.Tensor:
+    """This rank's share of the loss's numerator (before the 1/(2G) or 1/G)."""
+    if opts.kind == "siglip":
+        local = totals[0]
+        if layout.labels is None:   # the diagonal: -log sig(z) = -log sig(-z) - z
+            local = local - ((_wide(a_s) * _wide(b)).sum() + _wide(bias) * a_s.shape[0])
+        return (local - totals[1]).reshape(())
+    local = row_lse.sum() + col_lse.sum()
+    if layout.labels is None:
+        local = local - 2 * (1 - opts.label_smoothing) * (_wide(a_s) * _wide(b)).sum()
+    else:
+        local = local - totals[1]
+    return local.reshape(())
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias=None,
-                     kind: str = "infonce", process_group=None) -> torch.Tensor:
-    """Mean symmetric InfoNCE over the global batch; `logit_scale` is the multiplier (already exp'd).
+                     kind: str = "infonce", tile_size: int = DEFAULT_TILE, process_group=None,
+                     labels: torch.Tensor | None = None, dcl: bool = False, label_smoothing: float = 0.0,
+                     impl: str = "tiled") -> torch.Tensor:
+    """Mean contrastive loss over the global batch (see the module docstring for the exact definition and the
+    gradient convention across ranks).
 
-    Every rank must pass the same local batch size.
+    a, b: (B, D) features of this rank, row i of one paired with row i of the other (any float dtype; the
+    loss accumulates in fp32). logit_scale: the multiplier s (already exponentiated), a scalar or shape (1,).
+    logit_bias: SigLIP's bias. labels: (B,) integer ids; samples sharing an id are positives for each other.
+    impl="full" gathers the features and builds the whole matrix (the reference: G^2 memory, and every rank
+    must pass the same B).
     """
-    if kind != "infonce" or logit_bias is not None:
-        raise NotImplementedError(f"loss kind '{kind}' (with bias={logit_bias is not None}) is not available yet")
-    if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
-        return infonce_reference(a, b, logit_scale)
-    rank = dist.get_rank(process_group)
-    a_GD = gather_with_grad(a, process_group)
-    b_GD = gather_with_grad(b, process_group)
-    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    # Rows: this rank's samples; columns: the global batch.
-    logits_ab = logit_scale * a @ b_GD.T
-    logits_ba = logit_scale * b @ a_GD.T
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    opts = LossOptions(kind, dcl, float(label_smoothing))
+    opts.check(logit_bias is not None, labels is not None)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if labels is not None:
+        if labels.shape != (a.shape[0],) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be ({a.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
+        labels = labels.to(device=a.device, dtype=torch.int64)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    distributed = dist.is_initialized() and dist.get_world_size(process_group) > 1
+    if impl == "full":
+        if distributed:
+            a, b = gather_with_grad(a, process_group), gather_with_grad(b, process_group)
+            labels = None if labels is None else _gather_no_grad(labels, process_group)
+        return contrastive_loss_reference(a, b, logit_scale.squeeze(), None if logit_bias is None
+                                          else logit_bias.squeeze(), kind, labels, dcl, label_smoothing)
+    if impl != "tiled":
+        raise ValueError(f"impl must be 'tiled' or 'full', got '{impl}'")
+    scale = logit_scale.reshape(())
+    bias = None if logit_bias is None else logit_bias.reshape(())
+    return _TiledContrastive.apply(a.contiguous(), b.contiguous(), scale, bias, labels, opts, int(tile_size),
+                                   process_group if distributed else None)
+
+
+def count_flops(kind: str, global_batch: int, dim: int, backward: bool = True) -> int:
+    """GEMM FLOPs of the tiled loss over a global batch (what it actually computes, recomputation included)."""
+    del kind
+    gemm = 2 * global_batch * global_batch * dim
+    return gemm * (4 if backward else 1)
+
+
+__all__ = ["contrastive_loss", "contrastive_loss_reference", "infonce_reference", "gather_with_grad",
+           "LossOptions", "KINDS", "DEFAULT_TILE", "count_flops"]

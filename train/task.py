@@ -30,11 +30,19 @@ class ContrastiveTask:
         for a, b in self.pairs:
             if a not in features or b not in features:
                 continue
-            scale = out["logit_scale"][pair_key(a, b)]
-            # The loss runs in fp32 whatever the model's precision: its log-sum-exps need the range.
-            losses[f"loss/{a}-{b}"] = contrastive_loss(features[a].float(), features[b].float(), scale.float(),
-                                                       kind=self.loss_cfg.kind, process_group=self.group)
+            key = pair_key(a, b)
+            scale = out["logit_scale"][key]
+            bias = out.get("logit_bias", {}).get(key)
+            cfg = self.loss_cfg
+            # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
+            # GEMM outputs would round logits of up to 100 to 1 part in 256.
+            losses[f"loss/{a}-{b}"] = contrastive_loss(
+                features[a].float(), features[b].float(), scale.float(),
+                None if bias is None else bias.float(), kind=cfg.kind, tile_size=cfg.tile_size,
+                process_group=self.group, dcl=cfg.dcl, label_smoothing=cfg.label_smoothing, impl=cfg.impl)
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
+            if bias is not None:
+                report[f"logit_bias/{a}-{b}"] = bias.detach()
         if not losses:
             raise ValueError(f"batch with {sorted(features)} covers none of the pairs {self.pairs}")
         losses["loss"] = torch.stack(list(losses.values())).sum()

@@ -1,0 +1,210 @@
+"""Contrastive loss memory and speed: open_clip's `ClipLoss`/`SigLipLoss` vs Tessera's tiled loss, side by side.
+
+Every configuration (loss, batch B) runs forward + backward in a fresh subprocess, so that one run's memory
+cannot flatter or hurt the next. Reported per configuration:
+- peak memory: the process's peak resident set during the first forward + backward, minus its resident set just
+  before (the features, their gradient buffers and every import are already resident then);
+- wall time (best of --repeats);
+- GFLOP/s: the GEMM FLOPs each implementation executes (open_clip 6 B^2 D; Tessera 8 B^2 D, since its backward
+  recomputes the logits it did not keep), and that rate against a plain `torch.mm` of B x D by D x B
+  (capped at 8192) timed in the same subprocess: the machine's practical limit.
+open_clip runs are skipped (and the table says so) where its B x B matrices would not fit in --mem-gib.
+
+    python scripts/bench_loss.py                              # B = 1024 ... 65536, D = 512, fp32, infonce
+    python scripts/bench_loss.py --batches 1024,4096 --kind siglip
+
+Writes runs/bench_loss/results.json, runs/bench_loss/memory.png (log-log memory vs B) and time.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# open_clip's peak is about 15 bytes per logit (fp32 logits, their transpose's softmax, the gradients), measured
+OPENCLIP_BYTES_PER_LOGIT = 16
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int) -> dict:
+    """Runs in the subprocess."""
+    import torch
+    import torch.nn.functional as F
+
+    from train.losses import contrastive_loss
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(dt).requires_grad_(True)
+    b = F.normalize(torch.randn(B, D, generator=g) + a.detach().float(), dim=-1).to(dt).requires_grad_(True)
+    scale = torch.tensor(14.3, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True) if kind == "siglip" else None
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss, SigLipLoss
+        peer = ClipLoss() if kind == "infonce" else SigLipLoss()
+
+        def loss_fn():
+            return peer(a, b, scale) if kind == "infonce" else peer(a, b, scale, bias)
+        flops = 6 * B * B * D
+    else:
+        def loss_fn():
+            return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile)
+        flops = 8 * B * B * D
+
+    times, peaks, value = [], [], None
+    for _ in range(repeats):
+        Path("/proc/self/clear_refs").write_text("5")   # reset the peak-RSS counter (VmHWM)
+        before = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+        peaks.append(_status_kib("VmHWM") - before)
+        value = float(loss)
+        del loss
+    # The first run's peak: later runs reuse what the allocator kept from it and would show less.
+    seconds, peak = min(times), peaks[0]
+    features_mib = 2 * B * D * a.element_size() / 2**20
+
+    # the machine's practical GEMM rate at this size, same dtype
+    n = min(B, 8192)
+    x, y = torch.randn(n, D).to(dt), torch.randn(D, n).to(dt)
+    x @ y
+    t0 = time.perf_counter()
+    mm_reps = max(1, int(2e10 // (2 * n * n * D)))
+    for _ in range(mm_reps):
+        x @ y
+    mm_gflops = 2 * n * n * D * mm_reps / (time.perf_counter() - t0) / 1e9
+    del x, y
+
+    return {"impl": impl, "kind": kind, "B": B, "D": D, "dtype": dtype, "tile": tile if impl == "tessera" else None,
+            "seconds": seconds, "peak_mib": peak / 1024, "gflops": flops / seconds / 1e9,
+            "mm_gflops": mm_gflops, "mm_fraction": flops / seconds / 1e9 / mm_gflops, "loss": value,
+            "features_mib": features_mib}
+
+
+def run_sub(args, impl: str, B: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, "--batches", str(B), "--dim", str(args.dim),
+           "--tile", str(args.tile), "--kind", args.kind, "--dtype", args.dtype,
+           "--repeats", str(args.repeats if B <= 8192 else 1)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"impl": impl, "B": B, "skipped": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1024,4096,8192,16384,32768,65536")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--tile", type=int, default=1024, help="Tessera's tile_size")
+    p.add_argument("--kind", choices=["infonce", "siglip"], default="infonce")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration up to B=8192 (best kept)")
+    p.add_argument("--mem-gib", type=float, default=None,
+                   help="memory open_clip may use (default: 85%% of MemAvailable)")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_loss"))
+    p.add_argument("--one", choices=["open_clip", "tessera"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",")]
+    if args.one:
+        print(json.dumps(one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats)))
+        return
+
+    mem_gib = args.mem_gib or 0.85 * _meminfo_gib("MemAvailable")
+    rows = []
+    for B in batches:
+        for impl in ("open_clip", "tessera"):
+            need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30
+            if impl == "open_clip" and need > mem_gib:
+                row = {"impl": impl, "B": B, "skipped": f"needs about {need:.0f} GiB, {mem_gib:.0f} GiB available"}
+            else:
+                row = run_sub(args, impl, B)
+            rows.append(row)
+            print(_line(row), flush=True)
+
+    table = _table(rows)
+    print("\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    _plot(rows, out)
+    print(f"\nwrote {out}/results.json, table.md, memory.png, time.png")
+
+
+def _meminfo_gib(key: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 2**20
+    raise KeyError(key)
+
+
+def _line(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['impl']:>9} B={r['B']:>6}: skipped ({r['skipped']})"
+    return (f"{r['impl']:>9} B={r['B']:>6}: {r['seconds']:8.3f} s  peak {r['peak_mib']:9.1f} MiB  "
+            f"{r['gflops']:6.1f} GFLOP/s ({100 * r['mm_fraction']:.0f}% of torch.mm)")
+
+
+def _table(rows: list[dict]) -> str:
+    by = {(r["impl"], r["B"]): r for r in rows}
+    head = ("| B | open_clip time | Tessera time | time ratio | open_clip peak | Tessera peak | memory ratio | "
+            "open_clip GFLOP/s | Tessera GFLOP/s | torch.mm GFLOP/s | Tessera / torch.mm |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for B in sorted({r["B"] for r in rows}):
+        o, t = by.get(("open_clip", B), {}), by.get(("tessera", B), {})
+
+        def cell(r, key, fmt):
+            return "skipped" if "skipped" in r or not r else fmt.format(r[key])
+        ratio_t = f"{t['seconds'] / o['seconds']:.2f}x" if "seconds" in o and "seconds" in t else "-"
+        ratio_m = f"1/{o['peak_mib'] / max(t['peak_mib'], 1e-3):.0f}" if "peak_mib" in o and "peak_mib" in t else "-"
+        lines.append(f"| {B} | {cell(o, 'seconds', '{:.3f} s')} | {cell(t, 'seconds', '{:.3f} s')} | {ratio_t} | "
+                     f"{cell(o, 'peak_mib', '{:.0f} MiB')} | {cell(t, 'peak_mib', '{:.0f} MiB')} | {ratio_m} | "
+                     f"{cell(o, 'gflops', '{:.0f}')} | {cell(t, 'gflops', '{:.0f}')} | "
+                     f"{cell(t, 'mm_gflops', '{:.0f}')} | {cell(t, 'mm_fraction', '{:.0%}')} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for key, label, name in [("peak_mib", "peak memory above the features (MiB)", "memory.png"),
+                             ("seconds", "forward + backward (s)", "time.png")]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl, style in [("open_clip", "o--"), ("tessera", "s-")]:
+            pts = sorted((r["B"], r[key]) for r in rows if r["impl"] == impl and key in r)
+            if pts:
+                ax.plot(*zip(*pts), style, label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global batch B (D = 512)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
