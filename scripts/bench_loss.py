@@ -6,12 +6,18 @@ cannot flatter or hurt the next. Reported per configuration:
   before (the features, their gradient buffers and every import are already resident then);
 - wall time (best of --repeats);
 - GFLOP/s: the GEMM FLOPs each implementation executes (open_clip 6 B^2 D; Tessera 8 B^2 D, since its backward
-  recomputes the logits it did not keep), and that rate against a plain `torch.mm` of B x D by D x B
+  recomputes the logits it did not keep, 6 B^2 D for SigLIP on one process), and that rate against a plain
+  `torch.mm` of B x D by D x B
   (capped at 8192) timed in the same subprocess: the machine's practical limit.
 open_clip runs are skipped (and the table says so) where its B x B matrices would not fit in --mem-gib.
 
+With --world W, every configuration runs as W gloo processes (torchrun, one thread each), B is the global
+batch and each rank holds B/W rows: open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` (or its
+`SigLipLoss` neighbour exchange) against Tessera's ring. Time and peak memory are the worst rank's.
+
     python scripts/bench_loss.py                              # B = 1024 ... 65536, D = 512, fp32, infonce
     python scripts/bench_loss.py --batches 1024,4096 --kind siglip
+    python scripts/bench_loss.py --world 2 --batches 4096,16384 --out runs/bench_loss_w2
 
 Writes runs/bench_loss/results.json, runs/bench_loss/memory.png (log-log memory vs B) and time.png.
 """
@@ -39,23 +45,31 @@ def _status_kib(key: str) -> int:
 
 
 def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int) -> dict:
-    """Runs in the subprocess."""
+    """Runs in the subprocess (in each of them, under torchrun)."""
     import torch
+    import torch.distributed as dist
     import torch.nn.functional as F
 
-    from train.losses import contrastive_loss
+    from train.losses import contrastive_loss, count_flops
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    local = B // world
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    g = torch.Generator().manual_seed(0)
-    a = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(dt).requires_grad_(True)
-    b = F.normalize(torch.randn(B, D, generator=g) + a.detach().float(), dim=-1).to(dt).requires_grad_(True)
+    g = torch.Generator().manual_seed(rank)
+    a = F.normalize(torch.randn(local, D, generator=g), dim=-1).to(dt).requires_grad_(True)
+    b = F.normalize(torch.randn(local, D, generator=g) + a.detach().float(), dim=-1).to(dt).requires_grad_(True)
     scale = torch.tensor(14.3, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True) if kind == "siglip" else None
     a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
 
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
-        peer = ClipLoss() if kind == "infonce" else SigLipLoss()
+        peer = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world) \
+            if kind == "infonce" else SigLipLoss(rank=rank, world_size=world)
 
         def loss_fn():
             return peer(a, b, scale) if kind == "infonce" else peer(a, b, scale, bias)
@@ -63,21 +77,29 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     else:
         def loss_fn():
             return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile)
-        flops = 8 * B * B * D
+        flops = count_flops(kind, B, D, world)
 
     times, peaks, value = [], [], None
     for _ in range(repeats):
+        if world > 1:
+            dist.barrier()
         Path("/proc/self/clear_refs").write_text("5")   # reset the peak-RSS counter (VmHWM)
         before = _status_kib("VmRSS")
         t0 = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        if world > 1:
+            dist.barrier()
         times.append(time.perf_counter() - t0)
         peaks.append(_status_kib("VmHWM") - before)
         value = float(loss)
         del loss
     # The first run's peak: later runs reuse what the allocator kept from it and would show less.
     seconds, peak = min(times), peaks[0]
+    if world > 1:   # the worst rank's
+        worst = torch.tensor([seconds, float(peak)], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        seconds, peak = worst.tolist()
     features_mib = 2 * B * D * a.element_size() / 2**20
 
     # the machine's practical GEMM rate at this size, same dtype
@@ -90,23 +112,35 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         x @ y
     mm_gflops = 2 * n * n * D * mm_reps / (time.perf_counter() - t0) / 1e9
     del x, y
+    if world > 1:   # every rank ran its GEMMs at once: the machine's rate is their sum
+        total = torch.tensor([mm_gflops], dtype=torch.float64)
+        dist.all_reduce(total)
+        mm_gflops = total.item()
+        dist.destroy_process_group()
 
-    return {"impl": impl, "kind": kind, "B": B, "D": D, "dtype": dtype, "tile": tile if impl == "tessera" else None,
+    if rank != 0:
+        return {}
+    return {"impl": impl, "kind": kind, "B": B, "world": world, "D": D, "dtype": dtype,
+            "tile": tile if impl == "tessera" else None,
             "seconds": seconds, "peak_mib": peak / 1024, "gflops": flops / seconds / 1e9,
             "mm_gflops": mm_gflops, "mm_fraction": flops / seconds / 1e9 / mm_gflops, "loss": value,
-            "features_mib": features_mib}
+            "features_mib": features_mib, "threads": torch.get_num_threads()}
 
 
 def run_sub(args, impl: str, B: int) -> dict:
-    cmd = [sys.executable, __file__, "--one", impl, "--batches", str(B), "--dim", str(args.dim),
+    launcher = [sys.executable] if args.world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world)]
+    cmd = [*launcher, __file__, "--one", impl, "--batches", str(B), "--dim", str(args.dim),
            "--tile", str(args.tile), "--kind", args.kind, "--dtype", args.dtype,
            "--repeats", str(args.repeats if B <= 8192 else 1)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.world > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.world)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"impl": impl, "B": B, "skipped": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads([x for x in proc.stdout.strip().splitlines() if x.startswith("{")][-1])
 
 
 def main(argv=None) -> None:
@@ -119,20 +153,23 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration up to B=8192 (best kept)")
     p.add_argument("--mem-gib", type=float, default=None,
                    help="memory open_clip may use (default: 85%% of MemAvailable)")
+    p.add_argument("--world", type=int, default=1, help="processes (gloo ranks) sharing the global batch")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_loss"))
     p.add_argument("--one", choices=["open_clip", "tessera"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     if args.one:
-        print(json.dumps(one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats)))
+        result = one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats)
+        if result:
+            print(json.dumps(result))
         return
 
     mem_gib = args.mem_gib or 0.85 * _meminfo_gib("MemAvailable")
     rows = []
     for B in batches:
         for impl in ("open_clip", "tessera"):
-            need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30
+            need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30   # W ranks x (B/W x B) logits each
             if impl == "open_clip" and need > mem_gib:
                 row = {"impl": impl, "B": B, "skipped": f"needs about {need:.0f} GiB, {mem_gib:.0f} GiB available"}
             else:

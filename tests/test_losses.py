@@ -106,6 +106,20 @@ def test_matches_open_clip_sigliploss(n, dtype, rtol, atol):
     _assert_close(got, want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+def test_value_without_grad_and_scaled_upstream_gradient(kind):
+    """Forward alone (eval) gives the same value; a weighted loss (accumulation, loss scaling) gets weighted
+    gradients, also where SigLIP computes its gradients during forward."""
+    a, b = _features(50, 16)
+    scale, bias = _params(kind, torch.float64)
+    with torch.no_grad():
+        value = contrastive_loss(a, b, scale, bias, kind=kind, tile_size=16)
+    want = _loss_and_grads(lambda *t: 0.25 * contrastive_loss_reference(*t, kind=kind), a, b, scale, bias)
+    got = _loss_and_grads(lambda *t: 0.25 * contrastive_loss(*t, kind=kind, tile_size=16), a, b, scale, bias)
+    assert torch.allclose(value, 4 * want[0], rtol=1e-12)
+    _assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 80), d=st.integers(1, 24), tile=st.integers(1, 100), option=st.sampled_from(OPTIONS),
        scale=st.floats(0.5, 100.0), seed=st.integers(0, 2**16))

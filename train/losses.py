@@ -13,6 +13,8 @@ The tiled path never builds the G x G matrix. Forward visits each T x T tile onc
 row and the column log-sum-exps of the same tile (fp32, whatever the features' dtype); it saves only the
 features and those two vectors. Backward recomputes every tile once and gets d(a), d(b), d(scale), d(bias) in
 that one pass: 1 GEMM forward and 3 backward, 8 G^2 D FLOPs in all (Inf-CL's two one-way passes: about 20).
+SigLIP on one process needs no global statistic first, so its forward takes the loss and the gradients from the
+same tiles (6 G^2 D, as open_clip's full-matrix SigLipLoss) and backward only scales them.
 
 Across ranks the features stay where they are. Column blocks (b, and in backward their column LSEs) travel
 round a ring with P2P send/recv, overlapped with the tiles being computed; what a block accumulates on its way
@@ -171,13 +173,15 @@ class _Ring:
         for step in range(W):
             block = self.block(step)
             incoming, acc_in, transfers, acc_wait = None, None, [], []
+            # Posted in the order the previous rank sends (its last accumulator, then its next block): NCCL
+            # matches point-to-point messages by order, not by tag.
+            if acc_shape is not None and step > 0:
+                acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
+                acc_wait = self.post([], [acc_in], tag=8 * step + 4)
             if step < W - 1:   # start moving the next block while this one is computed
                 incoming = [torch.empty(shape, dtype=t.dtype, device=t.device)
                             for shape, t in zip(payload_shapes(self.block(step + 1)), current)]
                 transfers = self.post(current, incoming, tag=8 * step)
-            if acc_shape is not None and step > 0:
-                acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
-                acc_wait = self.post([], [acc_in], tag=8 * step + 4)
             contribution = compute(block, current)
             if acc_shape is not None:
                 for work in acc_wait:
@@ -312,8 +316,9 @@ def _forward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_bl
 
 def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_lse: torch.Tensor | None,
                     col_block: int, tile: int, row_lse, coef: float, grad_a: torch.Tensor, grad_bias: torch.Tensor,
-                    need_b: bool) -> torch.Tensor | None:
-    """Recompute each tile once; add its share to d(a_s) (in place) and return d(b) of the block (fp32)."""
+                    need_b: bool, totals: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Recompute each tile once; add its share to d(a_s) (in place) and return d(b) of the block (fp32).
+    With `totals` (SigLIP on one process), also add the tile's loss terms, as _forward_tiles would."""
     o = ctx.opts
     grad_b = grad_a.new_zeros(b.shape) if need_b else None
     low = a_s.dtype not in (torch.float32, torch.float64)
@@ -322,7 +327,12 @@ def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_l
             z = _mm(a_s[r[0]:r[1]], b[c[0]:c[1]].T)
             pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
             if o.kind == "siglip":
-                g = z.add_(ctx.bias).sigmoid_().mul_(coef)
+                z.add_(ctx.bias)
+                if totals is not None:
+                    totals[0] -= F.logsigmoid(-z).sum()
+                    if pos is not None:
+                        totals[1] += torch.where(pos, z, 0.0).sum()
+                g = z.sigmoid_().mul_(coef)
             else:
                 if o.dcl and pos is not None:
                     z.masked_fill_(pos, float("-inf"))
@@ -361,6 +371,14 @@ class _TiledContrastive(torch.autograd.Function):
         totals = torch.zeros(2, dtype=acc, device=a.device)
         row_lse = torch.full((a.shape[0],), float("-inf"), dtype=acc, device=a.device) \
             if opts.kind == "infonce" else None
+        norm = 2 * G if opts.kind == "infonce" else G
+        ctx.fused = None
+        if opts.kind == "siglip" and ring.world == 1 and any(ctx.needs_input_grad[:4]):
+            # SigLIP needs no global statistic before its gradient: on one process, take the loss and the
+            # gradients from the same tiles (3 GEMMs, not 4), and let backward only scale them.
+            ctx.fused = _gradients(opts, layout, ring, tile, ctx.needs_input_grad, a, b, scale, bias, None, None,
+                                   None, 1.0 / norm, totals)
+            return _local_terms(opts, layout, a_s, b, bias, None, None, totals) / norm
         col_lse = ring.run(
             [b], lambda blk: [(layout.sizes[blk], D)],
             lambda blk, payload: _forward_tiles(tc, a_s, payload[0], blk, tile, row_lse, totals),
@@ -376,7 +394,6 @@ class _TiledContrastive(torch.autograd.Function):
             local = local - opts.label_smoothing / G * (_wide(a_s).sum(0) @ sums_ab[1] + _wide(b).sum(0) @ sums_ab[0])
         if ring.world > 1:
             dist.all_reduce(local, group=group)
-        norm = 2 * G if opts.kind == "infonce" else G
         empty = a.new_zeros(0)
         ctx.save_for_backward(a, b, scale, empty if bias is None else bias, empty if row_lse is None else row_lse,
                               empty if col_lse is None else col_lse, empty if sums_ab is None else sums_ab)
@@ -386,49 +403,54 @@ class _TiledContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.fused is not None:   # computed in forward for a loss of 1; scale by what came back
+            return tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.fused) + (None,) * 4
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
-        a_s = (_wide(a) * _wide(scale)).to(a.dtype)   # recomputed rather than kept from forward: B x D less held
-        opts, layout = ctx.opts, ctx.layout
-        ring = _Ring(ctx.group)
-        tc = _TileContext(opts, layout, ring.rank, scale, bias if ctx.has_bias else None)
-        coef = float(grad_out) / ctx.norm
-        need_b = ctx.needs_input_grad[1]
-        acc = _wide(a[:0]).dtype
-        grad_as = torch.zeros(a.shape, dtype=acc, device=a.device)
-        grad_bias = torch.zeros((), dtype=acc, device=a.device) if ctx.has_bias else None
-        D = a.shape[1]
-        infonce = opts.kind == "infonce"
+        return _gradients(ctx.opts, ctx.layout, _Ring(ctx.group), ctx.tile, ctx.needs_input_grad, a, b, scale,
+                          bias if ctx.has_bias else None, row_lse, col_lse, sums_ab,
+                          float(grad_out) / ctx.norm) + (None,) * 4
 
-        def payload_shapes(blk):
-            return [(layout.sizes[blk], D)] + ([(layout.sizes[blk],)] if infonce else [])
 
-        def compute(blk, payload):
-            return _backward_tiles(tc, a_s, payload[0], payload[1] if infonce else None, blk, ctx.tile,
-                                   row_lse, coef, grad_as, grad_bias, need_b)
+def _gradients(opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_lse, sums_ab, coef,
+               totals=None) -> tuple:
+    """d(a), d(b), d(scale), d(bias) of coef * (the loss's numerator), as the ranks' convention wants them."""
+    a_s = (_wide(a) * _wide(scale)).to(a.dtype)   # recomputed rather than kept from forward: B x D less held
+    tc = _TileContext(opts, layout, ring.rank, scale, bias)
+    need_b = needs[1]
+    acc = _wide(a[:0]).dtype
+    grad_as = torch.zeros(a.shape, dtype=acc, device=a.device)
+    grad_bias = torch.zeros((), dtype=acc, device=a.device) if bias is not None else None
+    D = a.shape[1]
+    infonce = opts.kind == "infonce"
 
-        grad_b = ring.run([b] + ([col_lse] if infonce else []), payload_shapes, compute,
-                          acc_shape=(lambda blk: (layout.sizes[blk], D)) if need_b else None, acc_dtype=acc)
-        # The positives' linear term, where there are no labels: the diagonal, which is all on this rank.
-        if layout.labels is None:
-            w = (1 - opts.label_smoothing) * 2 * coef if infonce else coef
-            grad_as.add_(_wide(b), alpha=-w)
-            if need_b:
-                grad_b.add_(_wide(a_s), alpha=-w)
-            if grad_bias is not None:
-                grad_bias -= w * a.shape[0]
-        if opts.label_smoothing:
-            w = opts.label_smoothing / layout.total * 2 * coef
-            grad_as.sub_(w * sums_ab[1])
-            if need_b:
-                grad_b.sub_(w * sums_ab[0])
-        W = ring.world   # see the module docstring: DeepSpeed/DDP divide by W
-        grad_s = ((grad_as.view(-1) @ _wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) \
-            if ctx.needs_input_grad[2] else None
-        grad_a = grad_as.mul_(_wide(scale) * W).to(a.dtype) if ctx.needs_input_grad[0] else None
-        grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
-        grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) \
-            if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_a, grad_b, grad_s, grad_bias, None, None, None, None
+    def payload_shapes(blk):
+        return [(layout.sizes[blk], D)] + ([(layout.sizes[blk],)] if infonce else [])
+
+    def compute(blk, payload):
+        return _backward_tiles(tc, a_s, payload[0], payload[1] if infonce else None, blk, tile,
+                               row_lse, coef, grad_as, grad_bias, need_b, totals)
+
+    grad_b = ring.run([b] + ([col_lse] if infonce else []), payload_shapes, compute,
+                      acc_shape=(lambda blk: (layout.sizes[blk], D)) if need_b else None, acc_dtype=acc)
+    # The positives' linear term, where there are no labels: the diagonal, which is all on this rank.
+    if layout.labels is None:
+        w = (1 - opts.label_smoothing) * 2 * coef if infonce else coef
+        grad_as.add_(_wide(b), alpha=-w)
+        if need_b:
+            grad_b.add_(_wide(a_s), alpha=-w)
+        if grad_bias is not None:
+            grad_bias -= w * a.shape[0]
+    if opts.label_smoothing:
+        w = opts.label_smoothing / layout.total * 2 * coef
+        grad_as.sub_(w * sums_ab[1])
+        if need_b:
+            grad_b.sub_(w * sums_ab[0])
+    W = ring.world   # see the module docstring: DeepSpeed/DDP divide by W
+    grad_s = ((grad_as.view(-1) @ _wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
+    grad_a = grad_as.mul_(_wide(scale) * W).to(a.dtype) if needs[0] else None
+    grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
+    grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) if bias is not None and needs[3] else None
+    return grad_a, grad_b, grad_s, grad_bias
 
 
 def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.Tensor:
@@ -485,11 +507,10 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
                                    process_group if distributed else None)
 
 
-def count_flops(kind: str, global_batch: int, dim: int, backward: bool = True) -> int:
-    """GEMM FLOPs of the tiled loss over a global batch (what it actually computes, recomputation included)."""
-    del kind
-    gemm = 2 * global_batch * global_batch * dim
-    return gemm * (4 if backward else 1)
+def count_flops(kind: str, global_batch: int, dim: int, world: int = 1) -> int:
+    """GEMM FLOPs of one forward + backward of the tiled loss, recomputation included."""
+    gemms = 3 if kind == "siglip" and world == 1 else 4
+    return gemms * 2 * global_batch * global_batch * dim
 
 
 __all__ = ["contrastive_loss", "contrastive_loss_reference", "infonce_reference", "gather_with_grad",
