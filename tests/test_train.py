@@ -91,6 +91,63 @@ def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path
     assert model.logit_biases["image__text"].item() == pytest.approx(lines[-1]["logit_bias/image-text"], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_label_positives_from_cls_members(tmp_path):
+    """loss.positives=label: samples sharing a `cls` id are positives for each other, through the CLI."""
+    import io
+
+    from PIL import Image
+
+    from data.make_shards import write_shards
+
+    colours = ["red", "green", "blue", "yellow"]
+
+    def samples():
+        for i in range(96):
+            c = i % 4
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), colours[c]).save(buf, format="PNG")
+            yield f"{i:05d}", {"png": buf.getvalue(), "txt": f"a {colours[c]} square number {i}".encode(),
+                               "cls": str(c).encode()}
+
+    write_shards(samples(), tmp_path / "shards", samples_per_shard=48)
+    out = tmp_path / "run"
+    args = tiny_run_args(tmp_path, out, "train.steps=4", "train.log_every=1", "data.val=[]",
+                         "loss.positives=label", "loss.tile_size=4")
+    args = [a for a in args if not a.startswith("data.train=")] + [f"data.train={tmp_path}/shards/shard-{{000000..000001}}.tar"]
+    proc = run_cli([PY, "-m", "train.pretrain", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert len(lines) == 4 and all(x["data"]["skipped"] == {} for x in lines)   # every sample's cls decoded
+
+
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
+    """ContrastiveTask passes scale, bias, labels and options through: its loss is the reference's."""
+    from models import ModelConfig, build_model
+    from models.configuration import from_dict
+    from train.config import LossConfig
+    from train.losses import contrastive_loss_reference
+    from train.task import ContrastiveTask
+
+    bias = -10.0 if kind == "siglip" else None
+    model = build_model(from_dict(ModelConfig, {**TINY_MODEL, "init_logit_bias": bias}, "model"))
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(10, 3, 32, 32), "text": torch.randint(1, 400, (10, 16)),
+             "label": torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0])}
+    options = {"dcl": True} if kind == "infonce" else {}
+    task = ContrastiveTask(model.pairs, LossConfig(kind=kind, tile_size=3, positives="label", **options))
+    losses, report = task(model, batch)
+    out = model(batch)
+    want = contrastive_loss_reference(out["features"]["image"], out["features"]["text"],
+                                      out["logit_scale"]["image__text"], out.get("logit_bias", {}).get("image__text"),
+                                      kind=kind, labels=batch["label"], **options)
+    assert losses["loss/image-text"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="no `cls` labels"):
+        task(model, {k: v for k, v in batch.items() if k != "label"})
+
+
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     from models.configuration import ConfigError
 

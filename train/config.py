@@ -63,6 +63,9 @@ class LossConfig:
     dcl: bool = field(default=False, metadata={"help": "InfoNCE: leave the positive out of the denominator "
                                                        "(decoupled contrastive learning)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "InfoNCE: label smoothing in [0, 1)"})
+    positives: Literal["pair", "label"] = field(default="pair", metadata={
+        "help": "pair: a sample's own partner is its one positive; label: samples whose `cls` ids match are "
+                "positives for each other (SupCon's L_out for InfoNCE, +1 targets for SigLIP)"})
 
     def __post_init__(self):
         require(self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")

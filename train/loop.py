@@ -80,9 +80,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.towers[modality].requires_grad_(False)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    loader = TrainLoader(cfg.data, model.transforms(is_train=True), model.collators(), model.modalities,
-                         t.batch_size, seed=cfg.seed, rank=dist.rank, world=dist.world,
-                         pin_memory=dist.device.type == "cuda")
+    transforms, collators, modalities = model.transforms(is_train=True), model.collators(), model.modalities
+    if cfg.loss.positives == "label":   # every sample also carries its `cls` id, for the loss
+        transforms["label"], collators["label"] = _identity, _collate_labels
+        modalities = [*modalities, "label"]
+    loader = TrainLoader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
+                         world=dist.world, pin_memory=dist.device.type == "cuda")
     engine = build_engine(model, cfg)
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
 
@@ -157,3 +160,11 @@ def _grad_norm(engine) -> dict[str, float]:
     """The last step's global gradient norm, where DeepSpeed computed one (it does when clipping)."""
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}
+
+
+def _identity(x):
+    return x
+
+
+def _collate_labels(labels: list[int]) -> torch.Tensor:
+    return torch.tensor(labels, dtype=torch.int64)

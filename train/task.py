@@ -25,6 +25,11 @@ class ContrastiveTask:
         loop converts to numbers only at log steps (`.item()` would synchronise a GPU every step)."""
         out = model(batch)
         features = out["features"]
+        labels = None
+        if self.loss_cfg.positives == "label":
+            if "label" not in batch:
+                raise ValueError("loss.positives=label, but this batch has no `cls` labels")
+            labels = batch["label"]
         losses: dict[str, torch.Tensor] = {}
         report: dict[str, torch.Tensor] = {}
         for a, b in self.pairs:
@@ -39,7 +44,8 @@ class ContrastiveTask:
             losses[f"loss/{a}-{b}"] = contrastive_loss(
                 features[a].float(), features[b].float(), scale.float(),
                 None if bias is None else bias.float(), kind=cfg.kind, tile_size=cfg.tile_size,
-                process_group=self.group, dcl=cfg.dcl, label_smoothing=cfg.label_smoothing, impl=cfg.impl)
+                process_group=self.group, labels=labels, dcl=cfg.dcl, label_smoothing=cfg.label_smoothing,
+                impl=cfg.impl)
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
             if bias is not None:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
