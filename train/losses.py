@@ -261,7 +261,7 @@ class _Layout:
 class _TileContext:
     """Everything a tile computation needs besides the two blocks."""
 
-    def __init__(self, opts: LossOptions, layout: _Layout, rank: int, scale: torch.Tensor, bias):
+    def __init__(self, opts: LossOptions, layout: _Layout, rank: int, bias):
         self.opts, self.layout, self.rank = opts, layout, rank
         self.bias = None if bias is None else _wide(bias)
 
@@ -365,7 +365,7 @@ class _TiledContrastive(torch.autograd.Function):
         layout = _Layout(ring, a.shape[0], labels, a.device, acc)
         if opts.dcl and layout.distinct < 2:
             raise ValueError("dcl=True needs at least one negative for every sample: this batch has none")
-        tc = _TileContext(opts, layout, ring.rank, scale, bias)
+        tc = _TileContext(opts, layout, ring.rank, bias)
         G, D = layout.total, a.shape[1]
         a_s = (_wide(a) * _wide(scale)).to(a.dtype)          # the scale folded into the rows: z = a_s @ b.T
         totals = torch.zeros(2, dtype=acc, device=a.device)
@@ -415,7 +415,7 @@ def _gradients(opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_
                totals=None) -> tuple:
     """d(a), d(b), d(scale), d(bias) of coef * (the loss's numerator), as the ranks' convention wants them."""
     a_s = (_wide(a) * _wide(scale)).to(a.dtype)   # recomputed rather than kept from forward: B x D less held
-    tc = _TileContext(opts, layout, ring.rank, scale, bias)
+    tc = _TileContext(opts, layout, ring.rank, bias)
     need_b = needs[1]
     acc = _wide(a[:0]).dtype
     grad_as = torch.zeros(a.shape, dtype=acc, device=a.device)
