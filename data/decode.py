@@ -55,6 +55,10 @@ class Decoder:
         """Evaluation-time deterministic choice."""
         return value
 
+    def views(self, value: Any) -> list[Any]:
+        """Every view of one sample, for evaluations that score them all (e.g. each caption as a query)."""
+        return [value]
+
 
 class ImageDecoder(Decoder):
     modality = "image"
@@ -106,6 +110,9 @@ class TextDecoder(Decoder):
 
     def first(self, value: list[str]) -> str:
         return value[0]
+
+    def views(self, value: list[str]) -> list[str]:
+        return list(value)
 
 
 class LabelDecoder(Decoder):

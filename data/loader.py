@@ -190,10 +190,11 @@ class TrainLoader:
 
 def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], collators: dict[str, Callable],
                  modalities: list[str], batch_size: int, num_workers: int = 0,
-                 stats: SampleStats | None = None) -> Iterator[dict[str, Any]]:
-    """One deterministic pass over held-out shards: no shuffling, nothing dropped, bad samples counted."""
+                 stats: SampleStats | None = None, all_views: bool = False) -> Iterator[dict[str, Any]]:
+    """One deterministic pass over held-out shards: no shuffling, nothing dropped, bad samples counted.
+    With `all_views`, every caption of a sample is kept (batch["__views__"] counts them per sample)."""
     spec = StreamSpec(sources=resolve_sources(sources, modalities), decoders=DECODERS, transforms=transforms,
-                      collators=collators, batch_size=batch_size, train=False, drop_last=False)
+                      collators=collators, batch_size=batch_size, train=False, drop_last=False, all_views=all_views)
     stats = stats if stats is not None else SampleStats()
     workers = min(num_workers, min(len(s.urls) for s in spec.sources))
     loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers)

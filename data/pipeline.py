@@ -84,6 +84,7 @@ class StreamSpec:
     shard_shuffle: bool = True
     drop_last: bool = True
     extra_keys: list[str] = field(default_factory=lambda: ["__key__"])
+    all_views: bool = False  # evaluation: keep every view (caption) of a sample; see _collate
 
 
 class ShardStream(IterableDataset):
@@ -151,13 +152,21 @@ class ShardStream(IterableDataset):
                 if not decoder.present(sample):
                     raise BadSample(f"missing_{modality}")
                 value = decoder.decode(sample)
+                if spec.all_views and not spec.train:
+                    item[modality] = [spec.transforms[modality](v) for v in decoder.views(value)]
+                    continue
                 value = decoder.pick(value, rng) if spec.train else decoder.first(value)
                 item[modality] = spec.transforms[modality](value)
         return item
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         modalities = [m for m in self.spec.collators if all(m in it for it in items)]
-        batch: dict[str, Any] = {m: self.spec.collators[m]([it[m] for it in items]) for m in modalities}
+        if self.spec.all_views:
+            # every view of every sample, flattened; `__views__[m][i]` says how many rows sample i has
+            batch = {m: self.spec.collators[m]([v for it in items for v in it[m]]) for m in modalities}
+            batch["__views__"] = {m: [len(it[m]) for it in items] for m in modalities}
+        else:
+            batch = {m: self.spec.collators[m]([it[m] for it in items]) for m in modalities}
         for key in self.spec.extra_keys:
             batch[key] = [it.get(key) for it in items]
         return batch

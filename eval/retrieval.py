@@ -3,10 +3,18 @@
     python -m eval.retrieval --model RUN_DIR/model --data "val-{000000..000003}.tar" \\
         --query text --target image --out results.json
 
-Sample i's `query` is the positive of sample i's `target`. Metrics follow open_clip's names, in both
-directions: `{query}_to_{target}_R@{1,5,10}`, `..._mean_rank`, `..._median_rank` (1-based ranks), each
-with its chance level. Similarities are computed in chunks of queries, so memory stays bounded.
-Shape legend: Q queries, T targets, D embedding width.
+Every view of a sample is scored: a sample whose json carries several `captions` contributes each caption as
+a text query, with that sample as its one positive; in the other direction a query counts as a hit at k when
+any of the sample's captions is in the top k (CLIP_benchmark's convention, also AudioCaps/Clotho's). Metrics,
+in both directions, with open_clip's names: `{query}_to_{target}_R@{1,5,10}`, `..._mean_rank`,
+`..._median_rank` (1-based rank of the best positive), `..._mAP@10` (average precision over every positive in
+the top 10), each beside its chance level. Also, per pair, the representation diagnostics of the
+contrastive-learning literature (see `diagnostics`). Similarities are computed in chunks of queries sized so
+that a chunk's similarity matrix stays under ~256 MB: 100k x 100k items fit in bounded memory.
+
+Besides the JSON (CLIP_benchmark's shape: dataset, model, task, metrics, plus chance and diagnostics), --out
+writes R@K curves (K = 1..50) as `<out>_recall.png` and a markdown summary `<out>.md` that links both.
+Shape legend: Q query rows, T target rows, N samples, M positives per query, D embedding width.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,89 +35,243 @@ from data.config import parse_sources
 from models import MultiTowerModel
 
 KS = (1, 5, 10)
+CURVE_KS = 50
+CHUNK_ELEMENTS = 2**26   # similarities per chunk (256 MB in fp32)
+
+
+@dataclass
+class Embedded:
+    """Normalised fp32 rows per modality; the rows of one sample are contiguous, samples in shard order."""
+
+    features: dict[str, torch.Tensor]   # modality -> (V, D)
+    owner: dict[str, torch.Tensor]      # modality -> (V,) index of the sample each row belongs to
+    n: int                              # samples
+
+    def first_rows(self, modality: str) -> torch.Tensor:
+        """One row per sample: its first view."""
+        owner = self.owner[modality]
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]
+        return self.features[modality][first]
 
 
 @torch.no_grad()
 def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Sequence[str], batch_size: int,
           device: torch.device | str = "cpu", dtype: torch.dtype | None = None, num_workers: int = 0,
-          stats: SampleStats | None = None) -> dict[str, torch.Tensor]:
-    """Normalised fp32 embeddings (N, D) per modality, in shard order; samples lacking one are skipped."""
+          stats: SampleStats | None = None, all_views: bool = True, progress: bool = False) -> Embedded:
+    """Embeddings of every sample that carries all of `modalities` (and, with `all_views`, of every caption)."""
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    owners: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    n = 0
     try:
-        for batch in eval_batches(sources, model.transforms(False), model.collators(), list(modalities),
-                                  batch_size, num_workers, stats):
+        batches = eval_batches(sources, model.transforms(False), model.collators(), list(modalities), batch_size,
+                               num_workers, stats, all_views=all_views)
+        for batch in tqdm(batches, desc="embedding", unit="batch", disable=not progress, mininterval=5):
+            views = batch.pop("__views__", None)
             batch = to_device(batch, device, dtype)
+            size = len(batch["__key__"])
             for m in modalities:
                 chunks[m].append(model.encode(m, batch[m]).float().cpu())
+                counts = torch.tensor(views[m]) if views is not None else torch.ones(size, dtype=torch.int64)
+                owners[m].append(torch.repeat_interleave(torch.arange(n, n + size), counts))
+            n += size
     finally:
         model.train(was_training)
-    if not chunks[modalities[0]]:
+    if n == 0:
         raise ValueError(f"no sample in {[s.shards for s in sources]} carries all of {list(modalities)}")
-    return {m: torch.cat(c) for m, c in chunks.items()}
+    return Embedded({m: torch.cat(c) for m, c in chunks.items()}, {m: torch.cat(o) for m, o in owners.items()}, n)
 
 
-def positive_ranks(query_QD: torch.Tensor, target_TD: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """1-based rank of target i among all targets for query i; ties go to the lower index (as topk)."""
-    ranks = []
-    for start in range(0, query_QD.shape[0], chunk):
-        q_CD = query_QD[start:start + chunk]
-        sims_CT = q_CD @ target_TD.T
-        idx = torch.arange(start, start + q_CD.shape[0])
-        pos_C1 = sims_CT[torch.arange(q_CD.shape[0]), idx].unsqueeze(1)
-        cols = torch.arange(target_TD.shape[0]).unsqueeze(0)
-        better = (sims_CT > pos_C1) | ((sims_CT == pos_C1) & (cols < idx.unsqueeze(1)))
-        ranks.append(better.sum(1) + 1)
-    return torch.cat(ranks)
+def positive_positions(query_QD: torch.Tensor, query_owner: torch.Tensor, target_TD: torch.Tensor,
+                       target_owner: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """(Q, M) 1-based positions of each query's positives in its ranking of all targets, ascending, +inf where a
+    query has fewer than M. A positive is a target with the query's owner. Ties go to the lower target index
+    (as a stable sort). `target_owner` must be non-decreasing (rows of one sample contiguous)."""
+    if target_owner.numel() and not bool((target_owner[1:] >= target_owner[:-1]).all()):
+        raise ValueError("target rows must be grouped by sample (owner non-decreasing)")
+    n_owners = int(max(query_owner.max(), target_owner.max())) + 1
+    count = torch.bincount(target_owner, minlength=n_owners)
+    start = torch.cumsum(count, 0) - count
+    M = int(count[query_owner].max()) if query_owner.numel() else 0
+    T = target_TD.shape[0]
+    chunk = max(1, chunk_elements // max(T, 1))
+    cols = torch.arange(T)
+    out = torch.full((query_QD.shape[0], max(M, 1)), math.inf)
+    for lo in range(0, query_QD.shape[0], chunk):
+        sims_CT = query_QD[lo:lo + chunk] @ target_TD.T
+        rows = torch.arange(sims_CT.shape[0])
+        own = query_owner[lo:lo + chunk]
+        for j in range(M):   # the j-th positive of every query in the chunk
+            valid = count[own] > j
+            t = (start[own] + j).clamp(max=T - 1)
+            s = sims_CT[rows, t].unsqueeze(1)
+            better = (sims_CT > s).sum(1) + ((sims_CT == s) & (cols < t.unsqueeze(1))).sum(1)
+            out[lo:lo + chunk, j] = torch.where(valid, (better + 1).float(), math.inf)
+    return out.sort(dim=1).values
 
 
-def retrieval_metrics(a_ND: torch.Tensor, b_ND: torch.Tensor, a: str, b: str, ks=KS) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for q, t, qn, tn in ((a_ND, b_ND, a, b), (b_ND, a_ND, b, a)):
-        ranks = positive_ranks(q, t).float()
-        for k in ks:
-            out[f"{qn}_to_{tn}_R@{k}"] = (ranks <= k).float().mean().item()
-        out[f"{qn}_to_{tn}_mean_rank"] = ranks.mean().item()
-        # open_clip's convention: floor of the (interpolated) median of 0-based ranks, plus one
-        out[f"{qn}_to_{tn}_median_rank"] = float(math.floor(torch.quantile(ranks - 1, 0.5).item()) + 1)
+def metrics_from_positions(pos_QM: torch.Tensor, name: str, ks=KS) -> dict[str, float]:
+    best = pos_QM[:, 0]
+    out = {f"{name}_R@{k}": (best <= k).float().mean().item() for k in ks}
+    out[f"{name}_mean_rank"] = best.mean().item()
+    # open_clip's convention: floor of the (interpolated) median of 0-based ranks, plus one
+    out[f"{name}_median_rank"] = float(math.floor(torch.quantile(best - 1, 0.5).item()) + 1)
+    out[f"{name}_mAP@10"] = average_precision_at(pos_QM, 10).mean().item()
     return out
 
 
-def chance_metrics(n: int, a: str, b: str, ks=KS) -> dict[str, float]:
+def average_precision_at(pos_QM: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query: sum over its positives ranked in the top k of (positives so far / position), over min(M, k)."""
+    m = torch.isfinite(pos_QM).sum(1).clamp(min=1)
+    hits = torch.arange(1, pos_QM.shape[1] + 1, dtype=pos_QM.dtype).expand_as(pos_QM)
+    precision = torch.where(pos_QM <= k, hits / pos_QM, 0.0)
+    return precision.sum(1) / m.clamp(max=k)
+
+
+def recall_curve(pos_QM: torch.Tensor, kmax: int = CURVE_KS) -> list[float]:
+    best = pos_QM[:, 0]
+    return [(best <= k).float().mean().item() for k in range(1, kmax + 1)]
+
+
+def chance_metrics(positives: torch.Tensor, targets: int, name: str, ks=KS) -> dict[str, float]:
+    """Expected metrics of a random ranking, for queries with `positives[q]` positives among `targets` rows."""
     out: dict[str, float] = {}
-    for qn, tn in ((a, b), (b, a)):
-        for k in ks:
-            out[f"{qn}_to_{tn}_R@{k}"] = min(k, n) / n
-        out[f"{qn}_to_{tn}_mean_rank"] = (n + 1) / 2
-        out[f"{qn}_to_{tn}_median_rank"] = (n + 1) / 2
+    m, T = positives.double(), float(targets)
+    T_ = torch.tensor(T, dtype=torch.float64)
+
+    def log_comb(n, r):
+        return torch.lgamma(n + 1) - torch.lgamma(r + 1) - torch.lgamma(n - r + 1)
+
+    for k in ks:   # P(no positive in the top k) = C(T - m, k) / C(T, k)
+        kk = torch.full_like(m, float(min(k, targets)))
+        miss = torch.where(T - m >= kk, torch.exp(log_comb(T - m, kk) - log_comb(T_, kk)), 0.0)
+        out[f"{name}_R@{k}"] = (1 - miss).mean().item()
+    out[f"{name}_mean_rank"] = ((T + 1) / (m + 1)).mean().item()   # expected best position
+    medians = {}
+    for mv in m.unique().tolist():   # smallest r with P(best <= r) >= 1/2; P(best > r) = C(T - r, m) / C(T, m)
+        r = torch.arange(1, targets + 1, dtype=torch.float64)
+        mv_ = torch.tensor(mv, dtype=torch.float64)
+        above = torch.where(T - r >= mv, torch.exp(log_comb(T - r, mv_) - log_comb(T_, mv_)), 0.0)
+        medians[mv] = float(r[(1 - above) >= 0.5 - 1e-9][0])
+    out[f"{name}_median_rank"] = sum(medians[v] for v in m.tolist()) / len(m)
+    # E[AP@10]: position r holds a positive with prob m/T, and then the top r-1 hold (r-1)(m-1)/(T-1) more
+    r = torch.arange(1, min(10, targets) + 1, dtype=torch.float64)
+    extra = torch.outer(m - 1, r - 1) / (T - 1) if targets > 1 else torch.zeros(len(m), len(r), dtype=torch.float64)
+    ap = ((m[:, None] / (T * r)) * (1 + extra)).sum(1) / m.clamp(max=10)
+    out[f"{name}_mAP@10"] = ap.mean().item()
     return out
+
+
+def diagnostics(emb: Embedded, a: str, b: str, max_uniformity: int = 4096, seed: int = 0) -> dict[str, float]:
+    """For the pair (a, b), on each sample's first view:
+    - alignment: mean squared distance between positives, E||f(x) - g(y)||^2 (Wang & Isola 2020, alpha = 2);
+    - uniformity of each modality: log E exp(-2 ||f(x) - f(x')||^2) over distinct samples (t = 2), on at most
+      `max_uniformity` samples drawn with a fixed seed;
+    - modality gap: distance between the two modalities' centroids (Liang et al. 2022);
+    - mean cosine of positive pairs and of negative pairs (all i != j, from the feature sums: no N x N)."""
+    x, y = emb.first_rows(a), emb.first_rows(b)
+    n = x.shape[0]
+    pos = (x * y).sum(1)
+    out = {f"{a}-{b}_alignment": (x - y).pow(2).sum(1).mean().item(),
+           f"{a}-{b}_modality_gap": (x.mean(0) - y.mean(0)).norm().item(),
+           f"{a}-{b}_positive_cosine": pos.mean().item(),
+           f"{a}-{b}_negative_cosine": ((x.sum(0) @ y.sum(0) - pos.sum()) / max(n * (n - 1), 1)).item()}
+    g = torch.Generator().manual_seed(seed)
+    for name, f in ((a, x), (b, y)):
+        if n > max_uniformity:
+            f = f[torch.randperm(n, generator=g)[:max_uniformity]]
+        if f.shape[0] < 2:
+            continue
+        sq = (2 - 2 * f @ f.T).clamp(min=0)
+        off = ~torch.eye(f.shape[0], dtype=torch.bool)
+        out[f"{a}-{b}_uniformity_{name}"] = torch.logsumexp(-2 * sq[off], 0).item() - math.log(off.sum().item())
+    return out
+
+
+def retrieval_metrics(emb: Embedded, a: str, b: str, ks=KS) -> tuple[dict, dict, dict]:
+    """Metrics, chance levels and R@K curves of both directions between modalities a and b."""
+    metrics, chance, curves = {}, {}, {}
+    for q, t in ((a, b), (b, a)):
+        name = f"{q}_to_{t}"
+        pos = positive_positions(emb.features[q], emb.owner[q], emb.features[t], emb.owner[t])
+        metrics.update(metrics_from_positions(pos, name, ks))
+        per_owner = torch.bincount(emb.owner[t], minlength=emb.n)
+        chance.update(chance_metrics(per_owner[emb.owner[q]], emb.features[t].shape[0], name, ks))
+        curves[name] = recall_curve(pos)
+    return metrics, chance, curves
 
 
 def evaluate_pairs(model: MultiTowerModel, sources: list[SourceConfig], pairs: Sequence[tuple[str, str]],
                    batch_size: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   num_workers: int = 0) -> dict[str, Any]:
-    """Retrieval metrics for each pair, plus chance levels and the bad-sample counts of the eval data."""
-    metrics: dict[str, float] = {}
-    chance: dict[str, float] = {}
-    counts: dict[str, int] = {}
+                   num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Retrieval metrics, chance levels, diagnostics and R@K curves for each pair, and the eval data's counts."""
+    result: dict[str, Any] = {"metrics": {}, "chance": {}, "diagnostics": {}, "curves": {}, "n": {}, "rows": {}}
     stats = SampleStats()
     for a, b in pairs:
-        emb = embed(model, sources, (a, b), batch_size, device, dtype, num_workers, stats)
-        n = emb[a].shape[0]
-        metrics.update(retrieval_metrics(emb[a], emb[b], a, b))
-        chance.update(chance_metrics(n, a, b))
-        counts[f"{a}-{b}"] = n
-    return {"metrics": metrics, "chance": chance, "n": counts, "data": stats.to_dict()}
+        emb = embed(model, sources, (a, b), batch_size, device, dtype, num_workers, stats, progress=progress)
+        metrics, chance, curves = retrieval_metrics(emb, a, b)
+        result["metrics"].update(metrics)
+        result["chance"].update(chance)
+        result["curves"].update(curves)
+        result["diagnostics"].update(diagnostics(emb, a, b))
+        result["n"][f"{a}-{b}"] = emb.n
+        result["rows"][f"{a}-{b}"] = {a: emb.features[a].shape[0], b: emb.features[b].shape[0]}
+    result["data"] = stats.to_dict()
+    return result
 
 
 def summary_table(result: dict[str, Any], ks=KS) -> str:
-    lines = [f"{'direction':<22}" + "".join(f"{'R@' + str(k):>9}" for k in ks) + f"{'chance R@1':>12}"]
+    lines = [f"{'direction':<22}" + "".join(f"{'R@' + str(k):>9}" for k in ks) + f"{'mAP@10':>9}{'chance R@1':>12}"]
     directions = sorted({k.rsplit("_R@", 1)[0] for k in result["metrics"] if "_R@" in k})
     for d in directions:
         row = "".join(f"{100 * result['metrics'][f'{d}_R@{k}']:>8.1f}%" for k in ks)
-        lines.append(f"{d:<22}{row}{100 * result['chance'][f'{d}_R@1']:>11.2f}%")
+        lines.append(f"{d:<22}{row}{100 * result['metrics'][f'{d}_mAP@10']:>8.1f}%"
+                     f"{100 * result['chance'][f'{d}_R@1']:>11.2f}%")
     return "\n".join(lines)
+
+
+def write_report(doc: dict[str, Any], out: Path) -> list[Path]:
+    """JSON at `out`; R@K curves beside it as <stem>_recall.png; a markdown summary <stem>.md linking both."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    png = out.with_name(out.stem + "_recall.png")
+    _plot_curves(doc["curves"], doc["chance"], png)
+    md = out.with_suffix(".md")
+    lines = [f"# Zero-shot retrieval: {doc['model']}", "", f"Data: `{doc['dataset']}`; samples per pair: "
+             f"{doc['n']}; rows (captions included): {doc['rows']}.", "",
+             "| direction | R@1 | R@5 | R@10 | mAP@10 | mean rank | median rank | chance R@1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    m, c = doc["metrics"], doc["chance"]
+    for d in sorted(doc["curves"]):
+        lines.append(f"| {d} | {m[d + '_R@1']:.1%} | {m[d + '_R@5']:.1%} | {m[d + '_R@10']:.1%} | "
+                     f"{m[d + '_mAP@10']:.1%} | {m[d + '_mean_rank']:.1f} | {m[d + '_median_rank']:.0f} | "
+                     f"{c[d + '_R@1']:.2%} |")
+    lines += ["", "| diagnostic | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(doc["diagnostics"].items())]
+    lines += ["", f"Recall at K = 1..{CURVE_KS}: ![R@K]({png.name})", "", f"Every number: [{out.name}]({out.name})", ""]
+    md.write_text("\n".join(lines))
+    return [out, png, md]
+
+
+def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in sorted(curves.items()):
+        ax.plot(range(1, len(ys) + 1), ys, label=name)
+    ax.set_xlabel("K")
+    ax.set_ylabel("R@K")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
     parser.add_argument("--query", default="text")
     parser.add_argument("--target", default="image")
-    parser.add_argument("--out", type=Path, help="write the result JSON here")
+    parser.add_argument("--out", type=Path, help="write the result JSON here (and its plot and markdown beside it)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
@@ -130,13 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in (args.query, args.target):
         if m not in model.modalities:
             parser.error(f"the model has no '{m}' tower (it has {model.modalities})")
-    result = evaluate_pairs(model, parse_sources(args.data, "--data"), [(args.query, args.target)], args.batch_size,
-                            device, None, args.workers)
-    doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "retrieval", **result}
+    if args.query == args.target:
+        parser.error("--query and --target must be two different modalities")
+    try:
+        result = evaluate_pairs(model, parse_sources(args.data, "--data"), [(args.query, args.target)],
+                                args.batch_size, device, None, args.workers, progress=True)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_retrieval", **result}
     print(summary_table(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2))
+        for path in write_report(doc, args.out):
+            print(f"wrote {path}")
     return 0
 
 

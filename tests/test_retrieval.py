@@ -1,50 +1,126 @@
-"""Retrieval metrics against a brute-force computation, and the evaluation CLI."""
+"""Retrieval metrics against a brute-force computation (full sort), chance levels against simulation, the
+representation diagnostics against their definitions, and the evaluation CLI."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.retrieval import chance_metrics, positive_ranks, retrieval_metrics
+from eval.retrieval import (
+    Embedded,
+    chance_metrics,
+    diagnostics,
+    metrics_from_positions,
+    positive_positions,
+    retrieval_metrics,
+)
 
 from .conftest import PY, run_cli
 
 
-def brute_force_ranks(q, t):
-    ranks = []
+def brute_force(q, q_owner, t, t_owner, k=10):
+    """Per query: sorted 1-based positions of its positives (stable sort, ties to the lower index), AP@k."""
+    positions, aps = [], []
     for i in range(q.shape[0]):
         sims = (q[i] @ t.T).tolist()
-        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))  # stable: ties to the lower index
-        ranks.append(order.index(i) + 1)
-    return torch.tensor(ranks)
+        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))
+        pos = sorted(order.index(j) + 1 for j in range(len(sims)) if t_owner[j] == q_owner[i])
+        positions.append(pos)
+        hits = [(n + 1) / p for n, p in enumerate(pos) if p <= k]
+        aps.append(sum(hits) / min(len(pos), k))
+    return positions, aps
 
 
-@pytest.mark.parametrize("n,chunk", [(1, 4), (50, 7), (203, 64), (203, 4096)])
-def test_ranks_match_a_full_sort(n, chunk):
-    g = torch.Generator().manual_seed(n)
-    q = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
-    t = F.normalize(q + 0.8 * torch.randn(n, 8, generator=g), dim=-1)
-    assert torch.equal(positive_ranks(q, t, chunk=chunk), brute_force_ranks(q, t))
+def _multi_caption_set(n, d=8, seed=0, max_views=4):
+    """n samples; each has 1..max_views text rows (captions) near its image, grouped by sample."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    views = torch.randint(1, max_views + 1, (n,), generator=g)
+    owner = torch.repeat_interleave(torch.arange(n), views)
+    text = F.normalize(image[owner] + 0.9 * torch.randn(len(owner), d, generator=g), dim=-1)
+    return Embedded({"image": image, "text": text}, {"image": torch.arange(n), "text": owner}, n)
 
 
-def test_ties_are_broken_by_index_as_topk_does():
+@pytest.mark.parametrize("n,chunk", [(1, 4), (37, 7), (150, 50), (150, 10**8)])
+def test_positions_and_metrics_match_a_full_sort_with_several_captions(n, chunk):
+    emb = _multi_caption_set(n, seed=n)
+    for q, t in (("text", "image"), ("image", "text")):
+        got = positive_positions(emb.features[q], emb.owner[q], emb.features[t], emb.owner[t], chunk_elements=chunk)
+        want, aps = brute_force(emb.features[q], emb.owner[q].tolist(), emb.features[t], emb.owner[t].tolist())
+        for row, pos in zip(got.tolist(), want):
+            assert row[:len(pos)] == pos and all(math.isinf(x) for x in row[len(pos):])
+        m = metrics_from_positions(got, "x", ks=(1, 5, 10))
+        best = torch.tensor([p[0] for p in want], dtype=torch.float64)
+        for k in (1, 5, 10):
+            assert m[f"x_R@{k}"] == pytest.approx((best <= k).double().mean().item())
+        assert m["x_mean_rank"] == pytest.approx(best.mean().item())
+        assert m["x_mAP@10"] == pytest.approx(sum(aps) / len(aps))
+
+
+def test_image_to_text_hits_when_any_caption_is_in_the_top_k():
+    # image 0 has captions 0, 1; image 1 has caption 2. Caption 1 matches image 0 exactly, caption 0 does not.
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    emb = Embedded({"image": image, "text": text}, {"image": torch.arange(2), "text": torch.tensor([0, 0, 1])}, 2)
+    m, _, _ = retrieval_metrics(emb, "image", "text")
+    # image 0 ranks caption 1 first (a hit; caption 0 second: AP 1). Image 1 ranks captions 0 and 2 tied, caption
+    # 0 first: its own caption 2 is second (a miss at 1; AP 1/2)
+    assert m["image_to_text_R@1"] == 0.5 and m["image_to_text_R@5"] == 1.0
+    assert m["image_to_text_mAP@10"] == pytest.approx(0.75)
+    # each caption is a query with its image as the one positive: captions 1 and 2 find theirs first
+    assert m["text_to_image_R@1"] == pytest.approx(2 / 3)
+
+
+def test_ties_are_broken_by_index_as_a_stable_sort():
     q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    assert positive_ranks(q, t).tolist() == [1, 2, 3]
+    ids = torch.arange(3)
+    assert positive_positions(q, ids, t, ids)[:, 0].tolist() == [1, 2, 3]
 
 
-def test_metrics_and_chance():
-    q = torch.eye(4)
-    t = torch.eye(4)[[0, 1, 3, 2]]
-    m = retrieval_metrics(q, t, "text", "image", ks=(1, 2))
-    assert m["text_to_image_R@1"] == 0.5 and m["text_to_image_R@2"] == 0.5
-    assert m["image_to_text_R@1"] == 0.5  # ranks 1, 1, 4, 4
-    assert m["text_to_image_mean_rank"] == 2.5 and m["text_to_image_median_rank"] == 2.0
-    c = chance_metrics(480, "text", "image")
-    assert c["text_to_image_R@1"] == pytest.approx(1 / 480) and c["image_to_text_R@10"] == pytest.approx(10 / 480)
+def test_chance_levels_match_a_simulated_random_ranking():
+    g = torch.Generator().manual_seed(0)
+    T = 30
+    positives = torch.tensor([1, 3, 5])
+    c = chance_metrics(positives, T, "x")
+    sims = {"R@1": [], "R@5": [], "R@10": [], "mean_rank": [], "mAP@10": []}
+    for m in positives.tolist():
+        best, ap = [], []
+        for _ in range(20000):
+            pos = torch.sort(torch.randperm(T, generator=g)[:m] + 1).values.double()
+            best.append(pos[0].item())
+            ap.append(sum((j + 1) / p for j, p in enumerate(pos.tolist()) if p <= 10) / min(m, 10))
+        best = torch.tensor(best)
+        sims["R@1"].append((best <= 1).double().mean())
+        sims["R@5"].append((best <= 5).double().mean())
+        sims["R@10"].append((best <= 10).double().mean())
+        sims["mean_rank"].append(best.mean())
+        sims["mAP@10"].append(torch.tensor(ap).mean())
+    for key, values in sims.items():
+        assert c[f"x_{key}"] == pytest.approx(torch.stack(values).mean().item(), rel=0.03, abs=0.003), key
+    one = chance_metrics(torch.ones(480, dtype=torch.int64), 480, "y")
+    assert one["y_R@1"] == pytest.approx(1 / 480) and one["y_R@10"] == pytest.approx(10 / 480)
+    assert one["y_mean_rank"] == pytest.approx(240.5) and one["y_median_rank"] == 240
+
+
+def test_diagnostics_match_their_definitions():
+    emb = _multi_caption_set(60, seed=3)
+    d = diagnostics(emb, "image", "text")
+    x, y = emb.first_rows("image"), emb.first_rows("text")
+    assert torch.equal(y[1], emb.features["text"][emb.owner["text"].tolist().index(1)])
+    n = x.shape[0]
+    assert d["image-text_alignment"] == pytest.approx(((x - y) ** 2).sum(1).mean().item(), rel=1e-5)
+    assert d["image-text_modality_gap"] == pytest.approx((x.mean(0) - y.mean(0)).norm().item(), rel=1e-5)
+    cos = x @ y.T
+    assert d["image-text_positive_cosine"] == pytest.approx(cos.diag().mean().item(), rel=1e-5)
+    off = ~torch.eye(n, dtype=torch.bool)
+    assert d["image-text_negative_cosine"] == pytest.approx(cos[off].mean().item(), rel=1e-4, abs=1e-6)
+    dist2 = torch.cdist(x, x) ** 2
+    assert d["image-text_uniformity_image"] == pytest.approx(torch.exp(-2 * dist2[off]).mean().log().item(), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -54,14 +130,28 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "res.json"
+    # the json shards carry several captions per picture: every one is a query
     proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "val-000000.tar"), "--out", str(out), "--batch-size", "100"])
+                    str(demo_shards / "train-json-000000.tar"), "--out", str(out), "--batch-size", "100"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["task"] == "retrieval" and doc["n"] == {"text-image": 480}
+    assert doc["task"] == "zeroshot_retrieval" and {"dataset", "model", "metrics", "chance"} <= set(doc)
+    n = doc["n"]["text-image"]
+    assert doc["rows"]["text-image"]["image"] == n < doc["rows"]["text-image"]["text"]
     assert set(doc["metrics"]) == set(doc["chance"])
-    assert all(0 <= v <= 1 for k, v in doc["metrics"].items() if "_R@" in k)
-    assert "text_to_image" in proc.stdout
+    for key, value in doc["metrics"].items():
+        assert (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["text-image"]
+                                                                         ["text"]), key
+    assert {"text-image_alignment", "text-image_modality_gap", "text-image_uniformity_image",
+            "text-image_positive_cosine", "text-image_negative_cosine"} <= set(doc["diagnostics"])
+    assert (tmp_path / "res_recall.png").stat().st_size > 0
+    assert "res_recall.png" in (tmp_path / "res.md").read_text() and "text_to_image" in proc.stdout
+
     proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data",
                     str(demo_shards / "val-000000.tar"), "--query", "audio"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
+    empty = tmp_path / "empty-000000.tar"
+    import tarfile
+    tarfile.open(empty, "w").close()
+    proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
+    assert proc.returncode == 2 and "no sample in" in proc.stderr

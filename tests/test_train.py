@@ -51,9 +51,12 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     model = load_model(out / "model")  # no DeepSpeed needed
     assert model.modalities == ["image", "text"]
     result = json.loads((out / "eval" / "retrieval.json").read_text())
-    assert result["task"] == "retrieval" and result["n"] == {"image-text": 480}
+    assert result["task"] == "zeroshot_retrieval" and result["n"] == {"image-text": 480}
     for key, value in result["metrics"].items():
-        assert (0.0 <= value <= 1.0) if "_R@" in key else (1.0 <= value <= 480.0), key
+        assert (0.0 <= value <= 1.0) if ("_R@" in key or "mAP" in key) else (1.0 <= value <= 480.0), key
+    assert (out / "eval" / "retrieval_recall.png").exists() and (out / "eval" / "retrieval.md").exists()
+    evals = [x for x in lines if x["kind"] == "eval"]
+    assert evals and "image-text_modality_gap" in evals[-1]["diagnostics"]
     assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from data import TrainLoader, to_device
-from eval.retrieval import evaluate_pairs, summary_table
+from eval.retrieval import evaluate_pairs, summary_table, write_report
 from models import build_model
 from models.configuration import ConfigError
 
@@ -59,7 +58,8 @@ def _evaluate(cfg: PretrainConfig, engine, model, dist: DistInfo, step: int, log
     pairs = cfg.eval.pairs or model.pairs
     result = evaluate_pairs(engine.module, cfg.data.val, pairs, cfg.eval.batch_size, dist.device,
                             DTYPES[cfg.train.precision])
-    logger.log(step, {"metrics": result["metrics"], "chance": result["chance"], "n": result["n"]}, kind="eval")
+    logger.log(step, {"metrics": result["metrics"], "chance": result["chance"], "diagnostics": result["diagnostics"],
+                      "n": result["n"]}, kind="eval")
     return result
 
 
@@ -146,10 +146,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     result = _evaluate(cfg, engine, model, dist, step, logger)
     logger.close()
     if result is not None and dist.is_main:
-        (out_dir / "eval").mkdir(exist_ok=True)
-        doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"), "task": "retrieval",
-               "step": step, **result}
-        (out_dir / "eval" / "retrieval.json").write_text(json.dumps(doc, indent=2))
+        doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
+               "task": "zeroshot_retrieval", "step": step, **result}
+        write_report(doc, out_dir / "eval" / "retrieval.json")
         summary["eval"] = result
         print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
     barrier()
