@@ -2,11 +2,11 @@
 
 from .config import DataConfig, SourceConfig
 from .decode import DECODERS, BadSample, Decoder
-from .loader import TrainLoader, eval_batches, to_device
+from .loader import LABEL_PIPELINE, TrainLoader, eval_batches, to_device
 from .shards import ShardError, expand_shards
 from .stats import DataQualityError, SampleStats
 
 __all__ = [
-    "DECODERS", "BadSample", "DataConfig", "DataQualityError", "Decoder", "SampleStats", "ShardError",
+    "DECODERS", "LABEL_PIPELINE", "BadSample", "DataConfig", "DataQualityError", "Decoder", "SampleStats", "ShardError",
     "SourceConfig", "TrainLoader", "eval_batches", "expand_shards", "to_device",
 ]

@@ -44,6 +44,8 @@ TEMPLATES = (
     "a picture with a {size} {shape} in {color} at the {position}",
 )
 COMBOS = list(itertools.product(SHAPES, COLORS, SIZES, POSITIONS))
+# prompts for zero-shot shape classification: they name the shape only, never the colour, size or position
+CLASS_TEMPLATES = ["a {}", "a photo of a {}", "there is a {} in the picture", "a picture with a {}"]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -121,7 +123,8 @@ def _broken_samples(rng: random.Random):
 
 
 def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int = 1000, seed: int = 0) -> dict:
-    """Write `out/train-txt-*.tar`, `out/train-json-*.tar` and `out/val-*.tar`; return a summary."""
+    """Write `out/train-txt-*.tar`, `out/train-json-*.tar`, `out/val-*.tar` (with `cls` = shape index) and
+    `out/classes.json`; return a summary."""
     out = Path(out)
     rng = random.Random(seed)
     txt = list(_txt_samples(train_per_source, rng, 0))
@@ -131,9 +134,12 @@ def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int 
     sizes = write_shards(txt, out, "train-txt", samples_per_shard)
     sizes.update(write_shards(_json_samples(train_per_source, rng, 0), out, "train-json", samples_per_shard))
     val_rng = random.Random(seed + 1)
-    val = [(f"v{i:05d}", {"jpg": _encode(render(*c, val_rng), "jpg", val_rng), "txt": caption(*c, val_rng).encode()})
+    val = [(f"v{i:05d}", {"jpg": _encode(render(*c, val_rng), "jpg", val_rng), "txt": caption(*c, val_rng).encode(),
+                          "cls": str(SHAPES.index(c[0])).encode()})
            for i, c in enumerate(COMBOS)]
     sizes.update(write_shards(val, out, "val", len(val)))
+    # zero-shot shape classification of the held-out pictures (their `cls` is the shape's index)
+    (out / "classes.json").write_text(json.dumps({"classnames": list(SHAPES), "templates": CLASS_TEMPLATES}, indent=1))
     return {"dir": str(out), "shards": sizes, "combinations": len(COMBOS)}
 
 

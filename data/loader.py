@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from .config import DataConfig, SourceConfig
@@ -216,3 +217,15 @@ def to_device(batch: Any, device, float_dtype=None) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     return batch
+
+
+def keep(value):
+    """The transform of a modality that needs none (class ids)."""
+    return value
+
+
+def collate_labels(labels: list[int]) -> torch.Tensor:
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+LABEL_PIPELINE = {"transform": keep, "collate": collate_labels}

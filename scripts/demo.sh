@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install Tessera into .venv, build the embedded demo data, pretrain a small image-text CLIP on CPU,
-# and evaluate zero-shot retrieval on held-out data. Everything lands in runs/demo/.
+# and evaluate zero-shot retrieval and shape classification on held-out data. Everything lands in runs/demo/.
 # Extra arguments are config overrides for the training run, e.g. `bash scripts/demo.sh train.steps=100`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 DATA=runs/demo/data
 
-if [ ! -f "$DATA/sizes.json" ]; then
+if [ ! -f "$DATA/sizes.json" ] || [ ! -f "$DATA/classes.json" ]; then
     python -m data.demo --out "$DATA"
 fi
 # a rerun replaces the previous demo run (the data is kept)
@@ -17,6 +17,10 @@ echo
 echo "== standalone evaluation of the exported model (python -m eval.retrieval) =="
 python -m eval.retrieval --model runs/demo/model --data "$DATA/val-000000.tar" \
     --query text --target image --out runs/demo/eval/retrieval-cli.json
+echo
+echo "== zero-shot shape classification of the held-out pictures (python -m eval.zeroshot) =="
+python -m eval.zeroshot --model runs/demo/model --data "$DATA/val-000000.tar" --modality image \
+    --classes "$DATA/classes.json" --out runs/demo/eval/zeroshot-cli.json
 python - <<'PY'
 import json
 doc = json.load(open("runs/demo/eval/retrieval-cli.json"))

@@ -30,7 +30,8 @@ def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
 def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     out = tmp_path / "run"
     proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=6",
-                                                                "train.ckpt_every=3", "train.precision=bf16")])
+                                                                "train.ckpt_every=3", "train.precision=bf16",
+                                                                f"eval.classes={demo_shards}/classes.json")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "zero-shot retrieval on held-out data after 6 steps" in proc.stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -55,6 +56,9 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     for key, value in result["metrics"].items():
         assert (0.0 <= value <= 1.0) if ("_R@" in key or "mAP" in key) else (1.0 <= value <= 480.0), key
     assert (out / "eval" / "retrieval_recall.png").exists() and (out / "eval" / "retrieval.md").exists()
+    zeroshot = json.loads((out / "eval" / "zeroshot.json").read_text())
+    assert zeroshot["n"] == 480 and zeroshot["classes"] == 6 and 0 <= zeroshot["metrics"]["acc1"] <= 1
+    assert (out / "eval" / "zeroshot_confusion.png").exists() and "zero-shot image classification" in proc.stdout
     evals = [x for x in lines if x["kind"] == "eval"]
     assert evals and "image-text_modality_gap" in evals[-1]["diagnostics"]
     assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import TrainLoader, to_device
+from data import LABEL_PIPELINE, TrainLoader, to_device
 from eval.retrieval import evaluate_pairs, summary_table, write_report
+from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 from models import build_model
 from models.configuration import ConfigError
 
@@ -58,8 +60,14 @@ def _evaluate(cfg: PretrainConfig, engine, model, dist: DistInfo, step: int, log
     pairs = cfg.eval.pairs or model.pairs
     result = evaluate_pairs(engine.module, cfg.data.val, pairs, cfg.eval.batch_size, dist.device,
                             DTYPES[cfg.train.precision])
-    logger.log(step, {"metrics": result["metrics"], "chance": result["chance"], "diagnostics": result["diagnostics"],
-                      "n": result["n"]}, kind="eval")
+    record = {"metrics": result["metrics"], "chance": result["chance"], "diagnostics": result["diagnostics"],
+              "n": result["n"]}
+    if cfg.eval.classes:
+        classnames, templates = read_classes(cfg.eval.classes)
+        result["zeroshot"] = evaluate_zeroshot(engine.module, cfg.data.val, cfg.eval.classify, classnames, templates,
+                                               cfg.eval.batch_size, dist.device, DTYPES[cfg.train.precision])
+        record["zeroshot"] = {"metrics": result["zeroshot"]["metrics"], "chance": result["zeroshot"]["chance"]}
+    logger.log(step, record, kind="eval")
     return result
 
 
@@ -74,6 +82,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                           "it, or choose another output_dir")
     tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume) if cfg.resume else None
 
+    if cfg.eval.classes:   # a bad classes.json fails now, not after training
+        read_classes(cfg.eval.classes)
     _seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     for modality in t.lock:
@@ -82,7 +92,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.set_grad_checkpointing(True)
     transforms, collators, modalities = model.transforms(is_train=True), model.collators(), model.modalities
     if cfg.loss.positives == "label":   # every sample also carries its `cls` id, for the loss
-        transforms["label"], collators["label"] = _identity, _collate_labels
+        transforms["label"], collators["label"] = LABEL_PIPELINE["transform"], LABEL_PIPELINE["collate"]
         modalities = [*modalities, "label"]
     loader = TrainLoader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
                          world=dist.world, pin_memory=dist.device.type == "cuda")
@@ -148,9 +158,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if result is not None and dist.is_main:
         doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
                "task": "zeroshot_retrieval", "step": step, **result}
+        zeroshot = doc.pop("zeroshot", None)
         write_report(doc, out_dir / "eval" / "retrieval.json")
         summary["eval"] = result
         print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
+        if zeroshot is not None:
+            classnames, _ = read_classes(cfg.eval.classes)
+            (out_dir / "eval" / "zeroshot.json").write_text(json.dumps(
+                {"dataset": doc["dataset"], "model": doc["model"], "task": "zeroshot_classification",
+                 "modality": cfg.eval.classify, "step": step, **zeroshot}, indent=2))
+            plot_confusion(zeroshot["confusion"], classnames, out_dir / "eval" / "zeroshot_confusion.png")
+            print(f"\nzero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes): "
+                  f"acc1 {zeroshot['metrics']['acc1']:.1%} (chance {zeroshot['chance']['acc1']:.1%}), "
+                  f"acc5 {zeroshot['metrics']['acc5']:.1%}", flush=True)
     barrier()
     return summary
 
@@ -159,11 +179,3 @@ def _grad_norm(engine) -> dict[str, float]:
     """The last step's global gradient norm, where DeepSpeed computed one (it does when clipping)."""
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}
-
-
-def _identity(x):
-    return x
-
-
-def _collate_labels(labels: list[int]) -> torch.Tensor:
-    return torch.tensor(labels, dtype=torch.int64)

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from data import DataQualityError, ShardError
+from eval.zeroshot import ClassesError
 from models.configuration import ConfigError
 
 from .config import help_text, load_config
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import pretrain
 
         pretrain(cfg)
-    except (ConfigError, ShardError, DataQualityError) as exc:
+    except (ConfigError, ShardError, DataQualityError, ClassesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

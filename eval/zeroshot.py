@@ -1,0 +1,202 @@
+"""Zero-shot classification of any modality the model encodes, with class-name prompts through its text tower.
+
+    python -m eval.zeroshot --model RUN_DIR/model --data "val-{000000..000003}.tar" --modality image \\
+        --classes classes.json --out results.json
+
+`classes.json` is `{"classnames": [...], "templates": ["a photo of a {}.", ...]}`; `"templates": "imagenet"`
+uses open_clip's 80 OpenAI ImageNet templates. Labels are each sample's `cls` member: an index into classnames.
+The classifier is open_clip's: per class, the mean of its L2-normalised template embeddings, renormalised
+(`open_clip.zero_shot_classifier.build_zero_shot_classifier`). Metrics as CLIP_benchmark names them: `acc1`,
+`acc5`, `mean_per_class_recall`; beside them their chance levels, and a confusion matrix PNG (`<out>_confusion.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data import LABEL_PIPELINE, SampleStats, SourceConfig, eval_batches, to_device
+from data.config import parse_sources
+from models import MultiTowerModel
+
+
+class ClassesError(ValueError):
+    pass
+
+
+def read_classes(path: str | Path) -> tuple[list[str], list[str]]:
+    """classnames and templates from classes.json, checked."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ClassesError(f"{path}: cannot read classes ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("classnames"), list) or not doc["classnames"]:
+        raise ClassesError(f"{path}: needs a non-empty list 'classnames'")
+    names = doc["classnames"]
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ClassesError(f"{path}: every classname must be a non-empty string")
+    templates = doc.get("templates", ["{}"])
+    if templates == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+        return names, [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    if not isinstance(templates, list) or not templates:
+        raise ClassesError(f"{path}: 'templates' must be a non-empty list of strings (or \"imagenet\")")
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ClassesError(f"{path}: template {t!r} must contain '{{}}' exactly once, where the class name goes")
+    return names, templates
+
+
+class _TextTowerAsCLIP:
+    """What open_clip's classifier builder calls: encode_text(tokens, normalize=True)."""
+
+    def __init__(self, model: MultiTowerModel):
+        self.model = model
+
+    def encode_text(self, tokens, normalize: bool = True):
+        return self.model.encode("text", tokens, normalize=normalize)
+
+
+@torch.no_grad()
+def build_classifier(model: MultiTowerModel, classnames: list[str], templates: list[str],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """(D, C) zero-shot weights from class prompts."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    if "text" not in model.modalities:
+        raise ValueError(f"zero-shot classification prompts the text tower; the model has {model.modalities}")
+    transform, collate = model.transforms(False)["text"], model.collators()["text"]
+
+    def tokenizer(texts: list[str]):
+        return collate([transform(t) for t in texts])
+
+    was_training = model.training
+    model.eval()
+    try:
+        weights = build_zero_shot_classifier(_TextTowerAsCLIP(model), tokenizer, classnames, templates,
+                                             num_classes_per_batch=10, device=device)
+    finally:
+        model.train(was_training)
+    return weights.float().cpu()
+
+
+@torch.no_grad()
+def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality: str, batch_size: int,
+                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None, num_workers: int = 0,
+                   stats: SampleStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) normalised embeddings and (N,) `cls` labels of every sample carrying both."""
+    if modality not in model.modalities:
+        raise ValueError(f"the model has no '{modality}' tower (it has {model.modalities})")
+    transforms = {modality: model.transforms(False)[modality], "label": LABEL_PIPELINE["transform"]}
+    collators = {modality: model.collators()[modality], "label": LABEL_PIPELINE["collate"]}
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for batch in eval_batches(sources, transforms, collators, [modality, "label"], batch_size, num_workers, stats):
+            labels.append(batch["label"])
+            feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError(f"no sample in {[s.shards for s in sources]} carries both '{modality}' and a `cls` label")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str, float]:
+    n_classes = logits_NC.shape[1]
+    bad = (labels_N < 0) | (labels_N >= n_classes)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} label(s) outside the {n_classes} classes of classes.json, e.g. "
+                         f"{labels_N[bad][:5].tolist()}")
+    top = logits_NC.topk(min(5, n_classes), dim=1).indices
+    hit = top == labels_N[:, None]
+    pred = top[:, 0]
+    recalls = [(pred[labels_N == c] == c).float().mean() for c in labels_N.unique()]
+    return {"acc1": hit[:, :1].any(1).float().mean().item(), "acc5": hit.any(1).float().mean().item(),
+            "mean_per_class_recall": torch.stack(recalls).mean().item()}
+
+
+def confusion_matrix(pred_N: torch.Tensor, labels_N: torch.Tensor, n_classes: int) -> torch.Tensor:
+    return torch.bincount(labels_N * n_classes + pred_N, minlength=n_classes ** 2).view(n_classes, n_classes)
+
+
+def evaluate_zeroshot(model: MultiTowerModel, sources: list[SourceConfig], modality: str, classnames: list[str],
+                      templates: list[str], batch_size: int, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None, num_workers: int = 0) -> dict[str, Any]:
+    stats = SampleStats()
+    weights_DC = build_classifier(model, classnames, templates, device)
+    feats_ND, labels_N = embed_labelled(model, sources, modality, batch_size, device, dtype, num_workers, stats)
+    logits = feats_ND @ weights_DC
+    metrics = classification_metrics(logits, labels_N)
+    C = len(classnames)
+    chance = {"acc1": 1 / C, "acc5": min(5, C) / C, "mean_per_class_recall": 1 / C}
+    return {"metrics": metrics, "chance": chance, "n": len(labels_N), "classes": C,
+            "confusion": confusion_matrix(logits.argmax(1), labels_N, C).tolist(), "data": stats.to_dict()}
+
+
+def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    C = len(classnames)
+    fig, ax = plt.subplots(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))
+    im = ax.imshow(cm.numpy(), vmin=0, vmax=1, cmap="Blues")
+    if C <= 40:
+        ax.set_xticks(range(C), classnames, rotation=90, fontsize=7)
+        ax.set_yticks(range(C), classnames, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.zeroshot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
+    parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
+    parser.add_argument("--modality", default="image", help="the modality to classify")
+    parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")
+    parser.add_argument("--out", type=Path, help="write the result JSON here (and the confusion matrix beside it)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from models import load_model
+
+    try:
+        classnames, templates = read_classes(args.classes)
+    except ClassesError as exc:
+        parser.error(str(exc))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device=device)
+    try:
+        result = evaluate_zeroshot(model, parse_sources(args.data, "--data"), args.modality, classnames, templates,
+                                   args.batch_size, device, None, args.workers)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_classification",
+           "modality": args.modality, **result}
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2))
+        png = args.out.with_name(args.out.stem + "_confusion.png")
+        plot_confusion(result["confusion"], classnames, png)
+        print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
