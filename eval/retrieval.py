@@ -109,7 +109,11 @@ def positive_positions(query_QD: torch.Tensor, query_owner: torch.Tensor, target
             valid = count[own] > j
             t = (start[own] + j).clamp(max=T - 1)
             s = sims_CT[rows, t].unsqueeze(1)
-            better = (sims_CT > s).sum(1) + ((sims_CT == s) & (cols < t.unsqueeze(1))).sum(1)
+            better = torch.count_nonzero(sims_CT > s, dim=1)
+            # exact ties (rare in fp32) go to the lower index: only rows with one pay for the second look
+            tied = (torch.count_nonzero(sims_CT == s, dim=1) > 1).nonzero().squeeze(1)
+            if tied.numel():
+                better[tied] += torch.count_nonzero((sims_CT[tied] == s[tied]) & (cols < t[tied, None]), dim=1)
             out[lo:lo + chunk, j] = torch.where(valid, (better + 1).float(), math.inf)
     return out.sort(dim=1).values
 

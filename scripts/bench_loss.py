@@ -32,16 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import meminfo_gib, reset_peak, status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 # open_clip's peak is about 15 bytes per logit (fp32 logits, their transpose's softmax, the gradients), measured
 OPENCLIP_BYTES_PER_LOGIT = 16
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int) -> dict:
@@ -83,15 +78,14 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     for _ in range(repeats):
         if world > 1:
             dist.barrier()
-        Path("/proc/self/clear_refs").write_text("5")   # reset the peak-RSS counter (VmHWM)
-        before = _status_kib("VmRSS")
+        before = reset_peak()
         t0 = time.perf_counter()
         loss = loss_fn()
         loss.backward()
         if world > 1:
             dist.barrier()
         times.append(time.perf_counter() - t0)
-        peaks.append(_status_kib("VmHWM") - before)
+        peaks.append(status_kib("VmHWM") - before)
         value = float(loss)
         del loss
     # The first run's peak: later runs reuse what the allocator kept from it and would show less.
@@ -165,7 +159,7 @@ def main(argv=None) -> None:
             print(json.dumps(result))
         return
 
-    mem_gib = args.mem_gib or 0.85 * _meminfo_gib("MemAvailable")
+    mem_gib = args.mem_gib or 0.85 * meminfo_gib("MemAvailable")
     rows = []
     for B in batches:
         for impl in ("open_clip", "tessera"):
@@ -185,13 +179,6 @@ def main(argv=None) -> None:
     (out / "table.md").write_text(table + "\n")
     _plot(rows, out)
     print(f"\nwrote {out}/results.json, table.md, memory.png, time.png")
-
-
-def _meminfo_gib(key: str) -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 2**20
-    raise KeyError(key)
 
 
 def _line(r: dict) -> str:

@@ -3,6 +3,8 @@
     tessera pretrain --config configs/demo.yaml train.steps=100
     tessera make-shards --manifest samples.jsonl --out shards/
     tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
+    tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
+    tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
     tessera demo-data --out runs/demo/data
 """
 
@@ -30,7 +32,7 @@ def _demo_data(argv):
 
 
 def _eval(argv):
-    tasks = {"retrieval": "eval.retrieval"}
+    tasks = {"retrieval": "eval.retrieval", "zeroshot": "eval.zeroshot", "linear-probe": "eval.linear_probe"}
     if not argv or argv[0] not in tasks:
         print(f"usage: tessera eval {{{','.join(tasks)}}} [options]", file=sys.stderr)
         return 2
