@@ -238,8 +238,9 @@ def summary_table(result: dict[str, Any], ks=KS) -> str:
     return "\n".join(lines)
 
 
-def write_report(doc: dict[str, Any], out: Path) -> list[Path]:
-    """JSON at `out`; R@K curves beside it as <stem>_recall.png; a markdown summary <stem>.md linking both."""
+def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[Path]:
+    """JSON at `out`; R@K curves beside it as <stem>_recall.png; a markdown summary <stem>.md linking both
+    (and ending with the `extra` markdown lines)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     png = out.with_name(out.stem + "_recall.png")
@@ -257,6 +258,7 @@ def write_report(doc: dict[str, Any], out: Path) -> list[Path]:
     lines += ["", "| diagnostic | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(doc["diagnostics"].items())]
     lines += ["", f"Recall at K = 1..{CURVE_KS}: ![R@K]({png.name})", "", f"Every number: [{out.name}]({out.name})", ""]
+    lines += list(extra)
     md.write_text("\n".join(lines))
     return [out, png, md]
 

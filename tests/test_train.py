@@ -59,6 +59,8 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     zeroshot = json.loads((out / "eval" / "zeroshot.json").read_text())
     assert zeroshot["n"] == 480 and zeroshot["classes"] == 6 and 0 <= zeroshot["metrics"]["acc1"] <= 1
     assert (out / "eval" / "zeroshot_confusion.png").exists() and "zero-shot image classification" in proc.stdout
+    report = (out / "eval" / "retrieval.md").read_text()
+    assert "retrieval_recall.png" in report and "zeroshot_confusion.png" in report and "zeroshot.json" in report
     evals = [x for x in lines if x["kind"] == "eval"]
     assert evals and "image-text_modality_gap" in evals[-1]["diagnostics"]
     assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)

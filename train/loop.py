@@ -156,21 +156,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     result = _evaluate(cfg, engine, model, dist, step, logger)
     logger.close()
     if result is not None and dist.is_main:
-        doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
-               "task": "zeroshot_retrieval", "step": step, **result}
-        zeroshot = doc.pop("zeroshot", None)
-        write_report(doc, out_dir / "eval" / "retrieval.json")
         summary["eval"] = result
-        print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
-        if zeroshot is not None:
-            classnames, _ = read_classes(cfg.eval.classes)
-            (out_dir / "eval" / "zeroshot.json").write_text(json.dumps(
-                {"dataset": doc["dataset"], "model": doc["model"], "task": "zeroshot_classification",
-                 "modality": cfg.eval.classify, "step": step, **zeroshot}, indent=2))
-            plot_confusion(zeroshot["confusion"], classnames, out_dir / "eval" / "zeroshot_confusion.png")
-            print(f"\nzero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes): "
-                  f"acc1 {zeroshot['metrics']['acc1']:.1%} (chance {zeroshot['chance']['acc1']:.1%}), "
-                  f"acc5 {zeroshot['metrics']['acc5']:.1%}", flush=True)
+        _report_eval(cfg, out_dir, step, result)
     barrier()
     return summary
 
@@ -179,3 +166,31 @@ def _grad_norm(engine) -> dict[str, float]:
     """The last step's global gradient norm, where DeepSpeed computed one (it does when clipping)."""
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}
+
+
+def _report_eval(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]) -> None:
+    """OUTPUT_DIR/eval: retrieval.json + its R@K plot + retrieval.md, and zeroshot.json + its confusion matrix
+    (linked from retrieval.md) when eval.classes is set; the tables go to stdout."""
+    eval_dir = out_dir / "eval"
+    doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
+           "task": "zeroshot_retrieval", "step": step, **result}
+    zeroshot = doc.pop("zeroshot", None)
+    extra = []
+    if zeroshot is not None:
+        classnames, _ = read_classes(cfg.eval.classes)
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "zeroshot.json").write_text(json.dumps(
+            {"dataset": doc["dataset"], "model": doc["model"], "task": "zeroshot_classification",
+             "modality": cfg.eval.classify, "step": step, **zeroshot}, indent=2))
+        plot_confusion(zeroshot["confusion"], classnames, eval_dir / "zeroshot_confusion.png")
+        m, c = zeroshot["metrics"], zeroshot["chance"]
+        extra = [f"## Zero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes)", "",
+                 "| metric | value | chance |", "|---|---|---|", *[f"| {k} | {m[k]:.1%} | {c[k]:.1%} |" for k in m],
+                 "", "Confusion matrix: ![confusion](zeroshot_confusion.png); every number: "
+                 "[zeroshot.json](zeroshot.json)", ""]
+    write_report(doc, eval_dir / "retrieval.json", extra)
+    print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
+    if zeroshot is not None:
+        print(f"\nzero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes): "
+              f"acc1 {zeroshot['metrics']['acc1']:.1%} (chance {zeroshot['chance']['acc1']:.1%}), "
+              f"acc5 {zeroshot['metrics']['acc5']:.1%}", flush=True)
