@@ -11,7 +11,6 @@ Metrics: `acc1`, `acc5`, `mean_per_class_recall` on the test split, beside chanc
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from data.config import parse_sources
 from data.stats import SampleStats
 
+from . import common
 from .zeroshot import classification_metrics, embed_labelled
 
 WEIGHT_DECAYS = (1e-6, 1e-4, 1e-2)
@@ -71,22 +71,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.linear_probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
+    parser = common.parser("python -m eval.linear_probe", __doc__)
     parser.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
     parser.add_argument("--test", required=True, nargs="+", help="labelled test shard spec(s)")
     parser.add_argument("--modality", default="image")
     parser.add_argument("--weight-decays", default=",".join(str(w) for w in WEIGHT_DECAYS))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from models import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device=device)
+    model, device = common.load(args)
     stats = SampleStats()
     try:
         splits = [embed_labelled(model, parse_sources(spec, name), args.modality, args.batch_size, device, None,

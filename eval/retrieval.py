@@ -19,7 +19,6 @@ Shape legend: Q query rows, T target rows, N samples, M positives per query, D e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -33,6 +32,8 @@ import torch
 from data import SampleStats, SourceConfig, eval_batches, to_device
 from data.config import parse_sources
 from models import MultiTowerModel
+
+from . import common
 
 KS = (1, 5, 10)
 CURVE_KS = 50
@@ -281,21 +282,14 @@ def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.retrieval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
+    parser = common.parser("python -m eval.retrieval", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
     parser.add_argument("--query", default="text")
     parser.add_argument("--target", default="image")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and its plot and markdown beside it)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from models import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device=device)
+    model, device = common.load(args)
     for m in (args.query, args.target):
         if m not in model.modalities:
             parser.error(f"the model has no '{m}' tower (it has {model.modalities})")

@@ -12,7 +12,6 @@ The classifier is open_clip's: per class, the mean of its L2-normalised template
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 from data import LABEL_PIPELINE, SampleStats, SourceConfig, eval_batches, to_device
 from data.config import parse_sources
 from models import MultiTowerModel
+
+from . import common
 
 
 class ClassesError(ValueError):
@@ -161,25 +162,18 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.zeroshot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
+    parser = common.parser("python -m eval.zeroshot", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
     parser.add_argument("--modality", default="image", help="the modality to classify")
     parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and the confusion matrix beside it)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
-
-    from models import load_model
 
     try:
         classnames, templates = read_classes(args.classes)
     except ClassesError as exc:
         parser.error(str(exc))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device=device)
+    model, device = common.load(args)
     try:
         result = evaluate_zeroshot(model, parse_sources(args.data, "--data"), args.modality, classnames, templates,
                                    args.batch_size, device, None, args.workers)

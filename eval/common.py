@@ -1,0 +1,24 @@
+"""What the evaluation entry points share: their common arguments and loading the model to evaluate."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with --model, --batch-size and --workers; the caller adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="loader workers")
+    return p
+
+
+def load(args: argparse.Namespace):
+    """(model, device): the exported model on the GPU when there is one."""
+    from models import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(args.model, device=device), device
