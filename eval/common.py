@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,3 +24,14 @@ def load(args: argparse.Namespace):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_model(args.model, device=device), device
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in whichever mode it was (training calls eval mid-run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -63,12 +63,10 @@ def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Seque
     """Embeddings of every sample that carries all of `modalities` (and, with `all_views`, of every caption)."""
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     owners: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     n = 0
-    try:
+    with common.eval_mode(model):
         batches = eval_batches(sources, model.transforms(False), model.collators(), list(modalities), batch_size,
                                num_workers, stats, all_views=all_views)
         for batch in tqdm(batches, desc="embedding", unit="batch", disable=not progress, mininterval=5):
@@ -80,8 +78,6 @@ def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Seque
                 counts = torch.tensor(views[m]) if views is not None else torch.ones(size, dtype=torch.int64)
                 owners[m].append(torch.repeat_interleave(torch.arange(n, n + size), counts))
             n += size
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError(f"no sample in {[s.shards for s in sources]} carries all of {list(modalities)}")
     return Embedded({m: torch.cat(c) for m, c in chunks.items()}, {m: torch.cat(o) for m, o in owners.items()}, n)

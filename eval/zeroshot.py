@@ -76,13 +76,9 @@ def build_classifier(model: MultiTowerModel, classnames: list[str], templates: l
     def tokenizer(texts: list[str]):
         return collate([transform(t) for t in texts])
 
-    was_training = model.training
-    model.eval()
-    try:
+    with common.eval_mode(model):
         weights = build_zero_shot_classifier(_TextTowerAsCLIP(model), tokenizer, classnames, templates,
                                              num_classes_per_batch=10, device=device)
-    finally:
-        model.train(was_training)
     return weights.float().cpu()
 
 
@@ -95,15 +91,11 @@ def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality
         raise ValueError(f"the model has no '{modality}' tower (it has {model.modalities})")
     transforms = {modality: model.transforms(False)[modality], "label": LABEL_PIPELINE["transform"]}
     collators = {modality: model.collators()[modality], "label": LABEL_PIPELINE["collate"]}
-    was_training = model.training
-    model.eval()
     feats, labels = [], []
-    try:
+    with common.eval_mode(model):
         for batch in eval_batches(sources, transforms, collators, [modality, "label"], batch_size, num_workers, stats):
             labels.append(batch["label"])
             feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
-    finally:
-        model.train(was_training)
     if not feats:
         raise ValueError(f"no sample in {[s.shards for s in sources]} carries both '{modality}' and a `cls` label")
     return torch.cat(feats), torch.cat(labels)
