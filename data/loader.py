@@ -3,8 +3,10 @@ single-pass evaluation batches. Both account for every bad sample the workers sk
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -207,7 +209,8 @@ def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], c
 
 
 def to_device(batch: Any, device, float_dtype=None) -> Any:
-    """Move a collated batch to `device`, casting floating tensors to `float_dtype` when given."""
+    """Move a collated batch (tensors, dicts of them, PyG graph batches) to `device`, casting floating
+    tensors to `float_dtype` when given; integer tensors (token ids, edge indices) keep their dtype."""
     import torch
 
     if isinstance(batch, torch.Tensor):
@@ -216,6 +219,11 @@ def to_device(batch: Any, device, float_dtype=None) -> Any:
         return batch.to(device=device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
+    # A PyG Data/Batch (graphs). torch_geometric is only in sys.modules when something built one.
+    pyg = sys.modules.get("torch_geometric.data.data")
+    if pyg is not None and isinstance(batch, pyg.BaseData):
+        # a shallow copy (its own attribute stores, the same tensors), so the caller's batch is left as is
+        return copy.copy(batch).apply(lambda t: to_device(t, device, float_dtype))
     return batch
 
 

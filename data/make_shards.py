@@ -13,6 +13,15 @@ One manifest line per sample. Paths are relative to the manifest's directory.
 - `text`: one caption (written as `.txt`); `captions`: several (written into `.json`).
 - `json`: an object of metadata, written as `.json` (captions are merged into it).
 - `cls`: an integer class id.
+- `audio`: a flac, wav, ogg or mp3 file.
+- `graph`: a numpy archive (`*.npz`, written as `.graph.npz`), a JSON file (`*.json`, written as `.graph.json`)
+  or an inline object `{"x": [[...]], "edge_index": [[...], [...]], "edge_attr": [[...]]}`; `smiles`: a SMILES
+  string (written as `.smi`, a molecular graph when RDKit is installed).
+
+    {"audio": "clips/0003.flac", "text": "a dog barks twice"}
+    {"graph": "mols/0004.npz", "text": "a six-membered ring"}
+    {"graph": {"x": [[1.0], [1.0]], "edge_index": [[0, 1], [1, 0]]}, "text": "two joined nodes"}
+    {"smiles": "c1ccccc1O", "text": "phenol"}
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from webdataset.writer import TarWriter
 
 from .decode import DECODERS, REJECTED_SUFFIXES, BadSample
 
-TEXT_FIELDS = ("text", "captions", "json", "cls", "key")
+TEXT_FIELDS = ("text", "captions", "json", "cls", "key", "smiles")
+# graph files are written under the graph decoder's two-part suffixes, whatever their own names
+GRAPH_SUFFIXES = {"npz": "graph.npz", "json": "graph.json", "smi": "smi"}
 
 
 class ManifestError(ValueError):
@@ -89,8 +100,13 @@ def record_members(record: dict[str, Any], base: Path, verify: bool = False) -> 
             continue
         if field not in DECODERS:
             raise ManifestError(f"unknown field '{field}' (modalities: {sorted(DECODERS)}; text fields: {TEXT_FIELDS})")
+        if field == "graph" and isinstance(value, dict):
+            members["graph.json"] = json.dumps(value).encode("utf-8")
+            continue
         path = base / str(value)
         suffix = _file_suffix(path)
+        if field == "graph":
+            suffix = GRAPH_SUFFIXES.get(path.suffix.lstrip(".").lower(), suffix)
         decoder = DECODERS[field]
         if suffix not in decoder.suffixes:
             raise ManifestError(f"{field} file '{value}' has suffix '{suffix}'; {field} takes {decoder.suffixes}")
@@ -115,6 +131,10 @@ def record_members(record: dict[str, Any], base: Path, verify: bool = False) -> 
         meta["captions"] = caps
     if meta:
         members["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    if "smiles" in record:
+        if not isinstance(record["smiles"], str) or not record["smiles"].strip():
+            raise ManifestError("'smiles' must be a non-empty string")
+        members["smi"] = record["smiles"].strip().encode("utf-8")
     if "cls" in record:
         if isinstance(record["cls"], bool) or not isinstance(record["cls"], int):
             raise ManifestError("'cls' must be an integer")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .audio import ASTConfig, ASTEncoder, HFAudioConfig, HFAudioEncoder
 from .encoder import Encoder
+from .graph import GraphEncoder, GraphEncoderConfig
 from .hf_text import HFTextConfig, HFTextEncoder
 from .open_clip_towers import (
     OpenClipImageConfig,
@@ -25,4 +27,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "open_clip_image": EncoderSpec("image", OpenClipImageConfig, OpenClipImageEncoder),
     "open_clip_text": EncoderSpec("text", OpenClipTextConfig, OpenClipTextEncoder),
     "hf_text": EncoderSpec("text", HFTextConfig, HFTextEncoder),
+    "gnn": EncoderSpec("graph", GraphEncoderConfig, GraphEncoder),
+    "ast": EncoderSpec("audio", ASTConfig, ASTEncoder),
+    "hf_audio": EncoderSpec("audio", HFAudioConfig, HFAudioEncoder),
 }

@@ -10,7 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from data import DECODERS, AudioConfig, AudioTransform, BadSample
+from data import DECODERS, BadSample
+from models.audio_features import AudioConfig, AudioTransform
 
 
 def _tone(seconds, rate, channels=1, freq=440.0, amplitude=0.5):
@@ -63,13 +64,16 @@ def test_short_clips_are_repeat_padded_and_eval_is_deterministic():
     assert torch.equal(tf((wave, 8000)), tf((wave, 8000)))
 
 
-def test_presets():
-    clap, ib = AudioConfig(preset="clap"), AudioConfig(preset="imagebind")
+def test_presets_fill_in_what_the_config_does_not_set():
+    from models.configuration import ConfigError, from_dict, to_dict
+
+    clap = from_dict(AudioConfig, {"preset": "clap"})
+    ib = from_dict(AudioConfig, {"preset": "imagebind", "n_mels": 64})
     assert (clap.sample_rate, clap.n_mels, clap.hop_length) == (48000, 64, 480)
-    assert (ib.sample_rate, ib.n_mels) == (16000, 128)
-    from models.configuration import ConfigError
+    assert (ib.sample_rate, ib.n_mels, ib.hop_length) == (16000, 64, 160)   # the explicit key wins
+    assert from_dict(AudioConfig, to_dict(ib)) == ib
     with pytest.raises(ConfigError, match="not one of"):
-        AudioConfig(preset="whisper")
+        from_dict(AudioConfig, {"preset": "whisper"})
 
 
 def test_bad_audio_is_a_counted_bad_sample():

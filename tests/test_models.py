@@ -88,7 +88,8 @@ def test_towers_load_open_clip_checkpoints_and_match_open_clip(tmp_path):
 
 def test_pretrained_mismatch_is_a_clear_error(tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, tmp_path / "w.pt")
-    cfg = {"embed_dim": 32, "towers": {"image": {**TINY_MODEL["towers"]["image"], "pretrained": str(tmp_path / "w.pt")}}}
+    cfg = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"],
+                                    "image": {**TINY_MODEL["towers"]["image"], "pretrained": str(tmp_path / "w.pt")}}}
     with pytest.raises(ConfigError, match="does not match the tower's architecture"):
         build_model(from_dict(ModelConfig, cfg, "model"))
 

@@ -149,3 +149,47 @@ def test_a_shard_visited_twice_in_a_row_yields_its_samples_twice(tmp_path):
     samples = list(iter_raw_samples([str(tmp_path / "a.tar")] * 2, SampleStats()))
     assert [s["__key__"] for s in samples] == ["k1", "k2", "k1", "k2"]
     assert not any(s.get("__duplicate__") for s in samples)
+
+
+def test_make_shards_writes_audio_and_graph_entries(tmp_path):
+    import numpy as np
+    import soundfile
+    import torch
+
+    from data import DECODERS
+
+    (tmp_path / "clips").mkdir()
+    t = np.arange(8000) / 8000
+    soundfile.write(tmp_path / "clips" / "a.flac", 0.4 * np.sin(2 * np.pi * 330 * t), 8000)
+    soundfile.write(tmp_path / "clips" / "b.ogg", 0.4 * np.sin(2 * np.pi * 550 * t), 8000, subtype="VORBIS")
+    x = np.eye(3, dtype=np.float32)
+    np.savez(tmp_path / "ring.npz", x=x, edge_index=np.array([[0, 1, 2], [1, 2, 0]]))
+    (tmp_path / "g.json").write_text(json.dumps({"x": [[1.0], [2.0]], "edge_index": [[0], [1]]}))
+    records = [
+        {"key": "a", "audio": "clips/a.flac", "text": "a tone"},
+        {"key": "b", "audio": "clips/b.ogg", "captions": ["another tone", "a higher tone"], "cls": 1},
+        {"key": "c", "graph": "ring.npz", "text": "a ring of three"},
+        {"key": "d", "graph": "g.json", "text": "two nodes"},
+        {"key": "e", "graph": {"x": [[0.5], [0.5]], "edge_index": [[1], [0]]}, "text": "inline"},
+        {"key": "f", "smiles": "c1ccccc1O", "text": "phenol"},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert make_shards_main(["--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out"), "--verify"]) == 0
+    samples = {s["__key__"]: s for s in iter_raw_samples(expand_shards(str(tmp_path / "out" / "shard-000000.tar")),
+                                                         SampleStats())}
+    assert {k: sorted(m for m in s if not m.startswith("__")) for k, s in samples.items()} == {
+        "a": ["flac", "txt"], "b": ["cls", "json", "ogg"], "c": ["graph.npz", "txt"], "d": ["graph.json", "txt"],
+        "e": ["graph.json", "txt"], "f": ["smi", "txt"]}
+    wave, rate = DECODERS["audio"].decode(samples["a"])
+    assert rate == 8000 and wave.shape == (8000,)
+    ring = DECODERS["graph"].decode(samples["c"])
+    assert torch.equal(ring.x, torch.eye(3)) and ring.edge_index.tolist() == [[0, 1, 2], [1, 2, 0]]
+    assert DECODERS["graph"].decode(samples["e"]).num_nodes == 2
+    assert DECODERS["graph"].decode(samples["f"]).num_nodes == 7   # phenol: 7 heavy atoms
+    # a graph file that does not decode is refused with --verify, naming the modality
+    (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"graph": "bad.npz", "text": "broken"}))
+    from data.make_shards import read_manifest
+
+    with pytest.raises(ManifestError, match="graph does not decode"):
+        list(read_manifest(tmp_path / "bad.jsonl", verify=True, skip_bad=False, counts={}))
