@@ -5,10 +5,11 @@ from .config import DataConfig, SourceConfig
 from .decode import DECODERS, BadSample, Decoder
 from .graph import GraphDecoder
 from .loader import LABEL_PIPELINE, TrainLoader, eval_batches, to_device
+from .per_source import PerSourceLoader, train_loader
 from .shards import ShardError, expand_shards
 from .stats import DataQualityError, SampleStats
 
 __all__ = [
     "AudioDecoder", "DECODERS", "LABEL_PIPELINE", "BadSample", "DataConfig", "DataQualityError", "Decoder", "GraphDecoder", "SampleStats", "ShardError",
-    "SourceConfig", "TrainLoader", "eval_batches", "expand_shards", "to_device",
+    "PerSourceLoader", "SourceConfig", "TrainLoader", "eval_batches", "expand_shards", "to_device", "train_loader",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from models.configuration import ConfigError, from_fields, require
 
@@ -43,7 +43,12 @@ class DataConfig:
     train: Any = field(default_factory=list,
                        metadata={"help": "list of sources {shards, weight, name, modalities}, or one shard spec"})
     val: Any = field(default_factory=list, metadata={"help": "held-out sources for evaluation (same forms)"})
-    num_workers: int = field(default=2, metadata={"help": "loader worker processes per rank"})
+    batching: Literal["auto", "mixed", "per_source"] = field(default="auto", metadata={
+        "help": "mixed: every batch mixes samples of all sources (they must carry the same modalities); "
+                "per_source: each batch comes from one source, drawn by weight, the same one on every rank, so each "
+                "pair's loss sees a full batch; auto: per_source when the sources' modalities differ"})
+    num_workers: int = field(default=2, metadata={"help": "loader worker processes per rank (per source, when "
+                                                          "batching is per_source)"})
     prefetch_factor: int = field(default=2, metadata={"help": "batches each worker prepares ahead"})
     resampled: bool = field(default=False, metadata={"help": "draw shards with replacement (needs train_num_samples)"})
     train_num_samples: int | None = field(default=None,

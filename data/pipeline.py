@@ -125,10 +125,11 @@ class ShardStream(IterableDataset):
             yield sample
 
     def _mixed(self, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
-        """Draw from the sources by weight; the epoch ends when any source runs out."""
+        """Training: draw from the sources by weight; the epoch ends when any source runs out. Evaluation: every
+        sample of every source, one source after the other."""
         streams = [self._source_samples(i, worker, num_workers, stats) for i in range(len(self.spec.sources))]
-        if len(streams) == 1:
-            yield from streams[0]
+        if len(streams) == 1 or not self.spec.train:
+            yield from itertools.chain.from_iterable(streams)
             return
         rng = seeded_rng(self.spec.seed, self.epoch, self.spec.rank, worker, "mix")
         weights = [s.weight for s in self.spec.sources]

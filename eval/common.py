@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -35,3 +36,15 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[str] = ()) -> list:
+    """The sources (`SourceConfig`s) whose samples carry all of `modalities`, set to decode exactly those (plus
+    `extra`, e.g. the label). A source that declares no modalities is taken to carry whatever is asked for;
+    one that declares them (e.g. an audio-text source in a joint run) is used only for pairs it covers."""
+    picked = [dataclasses.replace(s, modalities=[*modalities, *extra]) for s in sources
+              if s.modalities is None or all(m in s.modalities for m in modalities)]
+    if not picked:
+        raise ValueError(f"no evaluation source carries {'+'.join(modalities)} (sources: "
+                         + ", ".join(f"{s.name}: {'+'.join(s.modalities or ['?'])}" for s in sources) + ")")
+    return picked

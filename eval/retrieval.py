@@ -67,8 +67,8 @@ def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Seque
     owners: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     n = 0
     with common.eval_mode(model):
-        batches = eval_batches(sources, model.transforms(False), model.collators(), list(modalities), batch_size,
-                               num_workers, stats, all_views=all_views)
+        batches = eval_batches(common.sources_with(sources, modalities), model.transforms(False), model.collators(),
+                               list(modalities), batch_size, num_workers, stats, all_views=all_views)
         for batch in tqdm(batches, desc="embedding", unit="batch", disable=not progress, mininterval=5):
             views = batch.pop("__views__", None)
             batch = to_device(batch, device, dtype)

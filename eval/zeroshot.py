@@ -93,7 +93,8 @@ def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality
     collators = {modality: model.collators()[modality], "label": LABEL_PIPELINE["collate"]}
     feats, labels = [], []
     with common.eval_mode(model):
-        for batch in eval_batches(sources, transforms, collators, [modality, "label"], batch_size, num_workers, stats):
+        for batch in eval_batches(common.sources_with(sources, [modality], ["label"]), transforms, collators,
+                                  [modality, "label"], batch_size, num_workers, stats):
             labels.append(batch["label"])
             feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
     if not feats:

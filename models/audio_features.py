@@ -17,6 +17,8 @@ import torch
 
 from .configuration import from_fields, require
 
+MAX_RESAMPLERS = 8   # input sample rates whose resampling kernels a transform keeps
+
 PRESETS: dict[str, dict[str, Any]] = {
     # LAION-CLAP (HTSAT): 48 kHz, 10 s, 64 mel bins 50 Hz - 14 kHz, 1024-point FFT, hop 480
     "clap": {"sample_rate": 48000, "clip_seconds": 10.0, "n_mels": 64, "n_fft": 1024, "win_length": 1024,
@@ -83,19 +85,33 @@ class AudioTransform:
             sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
             f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0)
         self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=cfg.top_db)
+        self._resamplers: dict[int, torch.nn.Module] = {}
         self.freq_mask = torchaudio.transforms.FrequencyMasking(cfg.freq_mask) if cfg.freq_mask else None
         self.time_mask = torchaudio.transforms.TimeMasking(cfg.time_mask) if cfg.time_mask else None
 
     def waveform(self, wave_S: torch.Tensor, rate: int) -> torch.Tensor:
         """Resampled to the configured rate; repeat-padded to at least one clip."""
-        import torchaudio
-
         if rate != self.cfg.sample_rate:
-            wave_S = torchaudio.functional.resample(wave_S, rate, self.cfg.sample_rate)
+            wave_S = self._resampler(rate)(wave_S)
         n = self.cfg.clip_samples
         if wave_S.shape[0] < n:
             wave_S = wave_S.repeat(-(-n // wave_S.shape[0]))[:n]
         return wave_S
+
+    def _resampler(self, rate: int):
+        """torchaudio's `Resample` for one input rate, kept: it builds its windowed-sinc kernel once, where the
+        functional form rebuilds it on every call, at more than the cost of resampling (3.8 vs 0.3 ms measured,
+        1 s at 22.05 kHz -> 16 kHz). The few rates a dataset uses are kept; odd ones fall back to the functional."""
+        import functools
+
+        import torchaudio
+
+        if rate in self._resamplers:
+            return self._resamplers[rate]
+        if len(self._resamplers) >= MAX_RESAMPLERS:
+            return functools.partial(torchaudio.functional.resample, orig_freq=rate, new_freq=self.cfg.sample_rate)
+        self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.cfg.sample_rate)
+        return self._resamplers[rate]
 
     def crops(self, wave_S: torch.Tensor) -> torch.Tensor:
         """(K, clip) crops: one random one for training; for evaluation the start, or K evenly spaced."""

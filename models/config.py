@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .configuration import ConfigError, closest, from_dict, require, to_dict
 from .heads import HeadConfig
@@ -54,9 +54,14 @@ class ModelConfig:
         default_factory=lambda: {m: TowerConfig.from_dict({"encoder": f"open_clip_{m}", "model": "ViT-B-32"}, m)
                                  for m in ("image", "text")},
         metadata={"help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32"})
+    pairing: Literal["anchor", "all_pairs"] = field(default="anchor", metadata={
+        "help": "which modality pairs the loss aligns when model.pairs is not given: anchor = every modality "
+                "with the anchor (ImageBind/LanguageBind: one hub), all_pairs = every two towers"})
+    anchor: str | None = field(default=None, metadata={
+        "help": "the hub modality of pairing=anchor; default: text when there is a text tower, else the first"})
     pairs: list[tuple[str, str]] | None = field(
-        default=None, metadata={"help": "modality pairs the loss aligns, each with its own temperature; "
-                                        "default: every pair of towers"})
+        default=None, metadata={"help": "explicit modality pairs the loss aligns, each with its own temperature; "
+                                        "overrides pairing"})
     init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
     init_logit_bias: float | None = field(
@@ -74,14 +79,29 @@ class ModelConfig:
             for m in (a, b):
                 require(m in self.towers, f"model.pairs: '{m}' has no tower.{closest(m, self.towers)}")
             require(a != b, f"model.pairs: ({a}, {b}) pairs a modality with itself")
+        require(self.anchor is None or self.anchor in self.towers,
+                f"model.anchor: '{self.anchor}' has no tower.{closest(str(self.anchor), self.towers)}")
+        require(len(self.towers) >= 2, f"model.towers has only {list(self.towers)}: a contrastive model needs "
+                                       "at least two towers")
         require(0.0 < self.init_temperature, "model.init_temperature must be positive")
         require(self.max_logit_scale >= 1.0 / self.init_temperature,
                 f"model.max_logit_scale ({self.max_logit_scale}) is below 1/init_temperature")
 
     def pair_list(self) -> list[tuple[str, str]]:
+        """The pairs the loss aligns, each as (a, b) in tower order (which names its temperature `a__b`)."""
         if self.pairs is not None:
             return [tuple(p) for p in self.pairs]
-        return list(itertools.combinations(self.towers, 2))
+        every = list(itertools.combinations(self.towers, 2))
+        if self.pairing == "all_pairs":
+            return every
+        return [(a, b) for a, b in every if self.hub in (a, b)]
+
+    @property
+    def hub(self) -> str:
+        """The anchor modality of pairing=anchor."""
+        if self.anchor is not None:
+            return self.anchor
+        return "text" if "text" in self.towers else next(iter(self.towers))
 
     @property
     def init_logit_scale(self) -> float:

@@ -168,3 +168,14 @@ def test_eval_batches_are_deterministic_and_keep_the_tail(tiny_model, demo_shard
     assert [len(x["__key__"]) for x in a] == [100, 100, 100, 100, 80]
     assert _keys(a) == _keys(b) == sorted(_keys(a))
     assert torch.equal(a[0]["image"], b[0]["image"])
+
+
+def test_eval_batches_read_every_sample_of_every_source(tiny_model, demo_shards):
+    """Held-out sources of different sizes are read in full, one after the other (not mixed until one runs out)."""
+    from data import SourceConfig
+
+    args = (tiny_model.transforms(False), tiny_model.collators(), tiny_model.modalities, 64)
+    big, small = SourceConfig(str(demo_shards / "val-000000.tar")), SourceConfig(str(demo_shards / "train-txt-000001.tar"))
+    keys = _keys(eval_batches([small, big], *args))
+    assert len(keys) == len(set(keys)) == 60 + 480
+    assert keys[:60] == _keys(eval_batches([small], *args))

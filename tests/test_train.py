@@ -56,11 +56,11 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     for key, value in result["metrics"].items():
         assert (0.0 <= value <= 1.0) if ("_R@" in key or "mAP" in key) else (1.0 <= value <= 480.0), key
     assert (out / "eval" / "retrieval_recall.png").exists() and (out / "eval" / "retrieval.md").exists()
-    zeroshot = json.loads((out / "eval" / "zeroshot.json").read_text())
+    zeroshot = json.loads((out / "eval" / "zeroshot_image.json").read_text())
     assert zeroshot["n"] == 480 and zeroshot["classes"] == 6 and 0 <= zeroshot["metrics"]["acc1"] <= 1
-    assert (out / "eval" / "zeroshot_confusion.png").exists() and "zero-shot image classification" in proc.stdout
+    assert (out / "eval" / "zeroshot_image_confusion.png").exists() and "zero-shot image classification" in proc.stdout
     report = (out / "eval" / "retrieval.md").read_text()
-    assert "retrieval_recall.png" in report and "zeroshot_confusion.png" in report and "zeroshot.json" in report
+    assert "retrieval_recall.png" in report and "zeroshot_image_confusion.png" in report and "zeroshot_image.json" in report
     evals = [x for x in lines if x["kind"] == "eval"]
     assert evals and "image-text_modality_gap" in evals[-1]["diagnostics"]
     assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)

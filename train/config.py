@@ -90,10 +90,15 @@ class EvalConfig:
                                                 metadata={"help": "modality pairs to evaluate; default: the model's"})
     classes: str | None = field(default=None, metadata={
         "help": "classes.json ({classnames, templates}): also classify data.val zero-shot by its `cls` labels"})
-    classify: str = field(default="image", metadata={"help": "the modality eval.classes classifies"})
+    classify: str | list[str] = field(default="image", metadata={
+        "help": "the modality (or list of modalities) eval.classes classifies, each from the data.val sources "
+                "that carry it and `cls`"})
 
     def __post_init__(self):
         require(self.every >= 0 and self.batch_size > 0, "need eval.every >= 0 and eval.batch_size > 0")
+        if isinstance(self.classify, str):
+            self.classify = [self.classify]
+        require(len(self.classify) > 0, "eval.classify is empty")
 
 
 @dataclass
@@ -116,9 +121,10 @@ class PretrainConfig:
         for a, b in self.eval.pairs or []:
             require(a in self.model.towers and b in self.model.towers, f"eval.pairs: ({a}, {b}) needs both towers")
         if self.eval.classes is not None:
-            require(self.eval.classify in self.model.towers and "text" in self.model.towers,
-                    f"eval.classes: classifying '{self.eval.classify}' by text prompts needs both towers "
-                    f"(the model has {list(self.model.towers)})")
+            for m in self.eval.classify:
+                require(m in self.model.towers and "text" in self.model.towers,
+                        f"eval.classes: classifying '{m}' by text prompts needs both towers "
+                        f"(the model has {list(self.model.towers)})")
         has_bias = self.model.init_logit_bias is not None
         require(has_bias or self.loss.kind != "siglip",
                 "loss.kind=siglip needs a logit bias: set model.init_logit_bias=-10 (and, as SigLIP does, "

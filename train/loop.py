@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import LABEL_PIPELINE, TrainLoader, to_device
+from data import LABEL_PIPELINE, PerSourceLoader, TrainLoader, to_device, train_loader
 from eval.retrieval import evaluate_pairs, summary_table, write_report
 from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 from models import build_model
@@ -42,7 +42,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _data_counts(loader: TrainLoader) -> dict[str, Any]:
+def _data_counts(loader: TrainLoader | PerSourceLoader) -> dict[str, Any]:
     """Bad-sample counts summed over ranks (a collective)."""
     total: dict[str, Any] = {"seen": 0, "skipped": {}, "events": {}}
     for stats in gather_objects(loader.stats.to_dict()):
@@ -60,13 +60,17 @@ def _evaluate(cfg: PretrainConfig, engine, model, dist: DistInfo, step: int, log
     pairs = cfg.eval.pairs or model.pairs
     result = evaluate_pairs(engine.module, cfg.data.val, pairs, cfg.eval.batch_size, dist.device,
                             DTYPES[cfg.train.precision])
+    # pairs evaluated that the loss never aligned: their retrieval is emergent, through the shared space
+    result["emergent"] = [f"{a}-{b}" for a, b in pairs if (a, b) not in model.pairs and (b, a) not in model.pairs]
     record = {"metrics": result["metrics"], "chance": result["chance"], "diagnostics": result["diagnostics"],
               "n": result["n"]}
     if cfg.eval.classes:
         classnames, templates = read_classes(cfg.eval.classes)
-        result["zeroshot"] = evaluate_zeroshot(engine.module, cfg.data.val, cfg.eval.classify, classnames, templates,
-                                               cfg.eval.batch_size, dist.device, DTYPES[cfg.train.precision])
-        record["zeroshot"] = {"metrics": result["zeroshot"]["metrics"], "chance": result["zeroshot"]["chance"]}
+        result["zeroshot"] = {
+            m: evaluate_zeroshot(engine.module, cfg.data.val, m, classnames, templates, cfg.eval.batch_size,
+                                 dist.device, DTYPES[cfg.train.precision])
+            for m in cfg.eval.classify}
+        record["zeroshot"] = {m: {"metrics": z["metrics"], "chance": z["chance"]} for m, z in result["zeroshot"].items()}
     logger.log(step, record, kind="eval")
     return result
 
@@ -94,8 +98,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.loss.positives == "label":   # every sample also carries its `cls` id, for the loss
         transforms["label"], collators["label"] = LABEL_PIPELINE["transform"], LABEL_PIPELINE["collate"]
         modalities = [*modalities, "label"]
-    loader = TrainLoader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
-                         world=dist.world, pin_memory=dist.device.type == "cuda")
+    loader = train_loader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
+                          world=dist.world, pin_memory=dist.device.type == "cuda")
     engine = build_engine(model, cfg)
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
 
@@ -174,23 +178,28 @@ def _report_eval(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str
     eval_dir = out_dir / "eval"
     doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
            "task": "zeroshot_retrieval", "step": step, **result}
-    zeroshot = doc.pop("zeroshot", None)
+    zeroshot = doc.pop("zeroshot", None) or {}
     extra = []
-    if zeroshot is not None:
+    if zeroshot:
         classnames, _ = read_classes(cfg.eval.classes)
         eval_dir.mkdir(parents=True, exist_ok=True)
-        (eval_dir / "zeroshot.json").write_text(json.dumps(
+    for m, z in zeroshot.items():
+        (eval_dir / f"zeroshot_{m}.json").write_text(json.dumps(
             {"dataset": doc["dataset"], "model": doc["model"], "task": "zeroshot_classification",
-             "modality": cfg.eval.classify, "step": step, **zeroshot}, indent=2))
-        plot_confusion(zeroshot["confusion"], classnames, eval_dir / "zeroshot_confusion.png")
-        m, c = zeroshot["metrics"], zeroshot["chance"]
-        extra = [f"## Zero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes)", "",
-                 "| metric | value | chance |", "|---|---|---|", *[f"| {k} | {m[k]:.1%} | {c[k]:.1%} |" for k in m],
-                 "", "Confusion matrix: ![confusion](zeroshot_confusion.png); every number: "
-                 "[zeroshot.json](zeroshot.json)", ""]
+             "modality": m, "step": step, **z}, indent=2))
+        plot_confusion(z["confusion"], classnames, eval_dir / f"zeroshot_{m}_confusion.png")
+        metrics, chance = z["metrics"], z["chance"]
+        extra += [f"## Zero-shot {m} classification ({z['classes']} classes, {z['n']} samples)", "",
+                  "| metric | value | chance |", "|---|---|---|",
+                  *[f"| {k} | {metrics[k]:.1%} | {chance[k]:.1%} |" for k in metrics], "",
+                  f"Confusion matrix: ![confusion](zeroshot_{m}_confusion.png); every number: "
+                  f"[zeroshot_{m}.json](zeroshot_{m}.json)", ""]
     write_report(doc, eval_dir / "retrieval.json", extra)
     print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
-    if zeroshot is not None:
-        print(f"\nzero-shot {cfg.eval.classify} classification ({zeroshot['classes']} classes): "
-              f"acc1 {zeroshot['metrics']['acc1']:.1%} (chance {zeroshot['chance']['acc1']:.1%}), "
-              f"acc5 {zeroshot['metrics']['acc5']:.1%}", flush=True)
+    if result.get("emergent"):
+        print(f"never paired in training (emergent retrieval through the shared space): "
+              f"{', '.join(result['emergent'])}", flush=True)
+    for m, z in zeroshot.items():
+        print(f"zero-shot {m} classification ({z['classes']} classes, {z['n']} samples): "
+              f"acc1 {z['metrics']['acc1']:.1%} (chance {z['chance']['acc1']:.1%}), "
+              f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})", flush=True)

@@ -89,7 +89,8 @@ class Window:
     """Sums of per-micro-step scalars between two log steps, and the training time they took.
 
     Values are summed as detached tensors and turned into numbers only in `means()` (on a GPU `.item()`
-    is a sync point). Time spent in `paused()` blocks (evaluation, checkpoints) is not training time.
+    is a sync point). Each key is averaged over the micro-steps that reported it: with per-source batching a
+    pair's loss exists only in the steps whose source carries that pair. Time spent in `paused()` blocks (evaluation, checkpoints) is not training time.
     """
 
     def __init__(self) -> None:
@@ -97,6 +98,7 @@ class Window:
 
     def reset(self) -> None:
         self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
         self.start = time.perf_counter()
         self.excluded = 0.0
@@ -104,10 +106,11 @@ class Window:
     def add(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: float(v) / self.count for k, v in self.sums.items()}
+        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.excluded

@@ -1,0 +1,230 @@
+"""Joint training of several modalities: pairing modes, per-source batches in lockstep over ranks, and a loss
+that is exactly the sum of the present pairs' losses."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from data import DataConfig, PerSourceLoader, ShardError, TrainLoader, train_loader
+from data.make_shards import write_shards
+from models import ModelConfig, pair_key
+from models.configuration import ConfigError, from_dict
+from train.config import LossConfig
+from train.losses import contrastive_loss_reference
+from train.task import ContrastiveTask
+
+from .conftest import TINY_MODEL, jpeg_bytes
+
+# -- pairing modes ---------------------------------------------------------------------------------------------
+
+
+def _towers(*names):
+    text = TINY_MODEL["towers"]["text"]
+    image = TINY_MODEL["towers"]["image"]
+    table = {"image": image, "text": text, "image2": image}
+    return {n: table[n] for n in names}
+
+
+def test_pairing_modes():
+    cfg = {"embed_dim": 32, "towers": _towers("image", "text")}
+    assert from_dict(ModelConfig, cfg).pair_list() == [("image", "text")]
+    assert from_dict(ModelConfig, {**cfg, "pairing": "all_pairs"}).pair_list() == [("image", "text")]
+    # the hub defaults to text; pairs keep tower order, which names their temperatures
+    three = {"embed_dim": 32, "towers": {"text": TINY_MODEL["towers"]["text"], **_towers("image")}}
+    assert from_dict(ModelConfig, three).hub == "text"
+    with pytest.raises(ConfigError, match="model.anchor: 'audio' has no tower"):
+        from_dict(ModelConfig, {**cfg, "anchor": "audio"})
+    with pytest.raises(ConfigError, match="at least two towers"):
+        from_dict(ModelConfig, {"embed_dim": 32, "towers": _towers("image")})
+
+
+def test_anchor_and_all_pairs_on_four_modalities():
+    cfg = ModelConfig.__new__(ModelConfig)   # pair_list only reads towers / pairing / anchor / pairs
+    cfg.towers, cfg.pairs, cfg.anchor = dict.fromkeys(["image", "text", "audio", "graph"]), None, None
+    cfg.pairing = "anchor"
+    assert cfg.pair_list() == [("image", "text"), ("text", "audio"), ("text", "graph")]
+    cfg.anchor = "image"
+    assert cfg.pair_list() == [("image", "text"), ("image", "audio"), ("image", "graph")]
+    cfg.pairing = "all_pairs"
+    assert len(cfg.pair_list()) == 6
+    cfg.pairs = [("audio", "graph")]
+    assert cfg.pair_list() == [("audio", "graph")]
+
+
+# -- the loss over whatever pairs a batch carries ---------------------------------------------------------------
+
+
+class FeatureModel(torch.nn.Module):
+    """Stands in for MultiTowerModel: the batch holds features already; one learnable scale per pair."""
+
+    def __init__(self, pairs, bias=False):
+        super().__init__()
+        self.scales = {pair_key(a, b): torch.tensor(10.0 + 7 * i, dtype=torch.float64, requires_grad=True)
+                       for i, (a, b) in enumerate(pairs)}
+        self.biases = {k: torch.tensor(-3.0 - i, dtype=torch.float64, requires_grad=True)
+                       for i, k in enumerate(self.scales)} if bias else None
+
+    def forward(self, batch):
+        out = {"features": {m: v for m, v in batch.items() if not m.startswith("__")}, "logit_scale": self.scales}
+        if self.biases is not None:
+            out["logit_bias"] = self.biases
+        return out
+
+
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+@pytest.mark.parametrize("present", [("image", "text"), ("audio", "text"), ("image", "text", "audio"),
+                                     ("image", "text", "audio", "graph")])
+@pytest.mark.parametrize("pairing", ["anchor", "all_pairs"])
+def test_loss_is_the_sum_of_the_present_pairs_reference_losses(kind, present, pairing):
+    towers = ["image", "text", "audio", "graph"]
+    pairs = [p for p in itertools.combinations(towers, 2) if pairing == "all_pairs" or "text" in p]
+    model = FeatureModel(pairs, bias=kind == "siglip")
+    gen = torch.Generator().manual_seed(len(present))
+    batch = {m: torch.nn.functional.normalize(torch.randn(13, 8, generator=gen, dtype=torch.float64), dim=1)
+             for m in present}
+    losses, report = ContrastiveTask(pairs, LossConfig(kind=kind, tile_size=4))(model, batch)
+    covered = [(a, b) for a, b in pairs if a in present and b in present]
+    expected = {}
+    for a, b in covered:
+        key = pair_key(a, b)
+        bias = model.biases[key] if model.biases else None
+        expected[f"loss/{a}-{b}"] = contrastive_loss_reference(batch[a], batch[b], model.scales[key], bias, kind=kind)
+    assert sorted(k for k in losses if k != "loss") == sorted(expected)
+    # the task computes in fp32 whatever the features' dtype (see task.py): exact to fp32 rounding
+    for k, v in expected.items():
+        assert torch.allclose(losses[k].double(), v, atol=1e-5, rtol=0), k
+    total = sum(expected.values())
+    assert torch.allclose(losses["loss"].double(), total, atol=1e-5, rtol=0)
+    # each pair's temperature gets exactly its own pair's gradient; absent pairs' get none
+    grads = torch.autograd.grad(losses["loss"], [model.scales[pair_key(a, b)] for a, b in pairs], allow_unused=True)
+    ref = torch.autograd.grad(total, [model.scales[pair_key(a, b)] for a, b in covered])
+    by_pair = dict(zip(covered, ref))
+    for (a, b), g in zip(pairs, grads):
+        if (a, b) in by_pair:
+            assert torch.allclose(g, by_pair[(a, b)], atol=1e-5)
+        else:
+            assert g is None
+    assert set(report) == {f"temperature/{a}-{b}" for a, b in covered} | (
+        {f"logit_bias/{a}-{b}" for a, b in covered} if kind == "siglip" else set())
+
+
+def test_a_batch_with_no_configured_pair_is_an_error():
+    with pytest.raises(ValueError, match="covers none of the pairs"):
+        ContrastiveTask([("image", "text")], LossConfig())(FeatureModel([("image", "text")]),
+                                                           {"audio": torch.randn(4, 8), "graph": torch.randn(4, 8)})
+
+
+# -- per-source batches -----------------------------------------------------------------------------------------
+
+
+def _wav(freq: float, seconds: float = 0.25, rate: int = 8000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    soundfile.write(buf, (0.3 * np.sin(2 * math.pi * freq * t)).astype(np.float32), rate, format="WAV")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory):
+    """image-text, audio-text and image-text-audio shards (4 shards of 30 each), with a few bad samples."""
+    out = tmp_path_factory.mktemp("joint")
+    image_text = [(f"it{i:05d}", {"jpg": jpeg_bytes((i % 256, 9, 9)), "txt": f"picture {i}".encode()})
+                  for i in range(120)]
+    audio_text = [(f"at{i:05d}", {"wav": _wav(200 + i), "txt": f"tone {i}".encode()}) for i in range(120)]
+    audio_text[7] = ("at00007", {"wav": b"RIFF broken", "txt": b"a broken clip"})
+    triple = [(f"tr{i:05d}", {"jpg": jpeg_bytes((9, i % 256, 9)), "wav": _wav(300 + i), "txt": f"both {i}".encode()})
+              for i in range(120)]
+    write_shards(image_text, out, "it", 30)
+    write_shards(audio_text, out, "at", 30)
+    write_shards(triple, out, "tr", 30)
+    return out
+
+
+def _shape(value):
+    return list(value.shape) if isinstance(value, torch.Tensor) else len(value)
+
+
+class ImageSize:
+    def __call__(self, img):
+        return torch.tensor(img.size, dtype=torch.float32)
+
+
+class Length:
+    def __call__(self, value):
+        return torch.tensor(float(len(value[0]) if isinstance(value, tuple) else len(value)))
+
+
+TRANSFORMS = {"image": ImageSize(), "text": Length(), "audio": Length()}
+COLLATORS = {m: torch.stack for m in TRANSFORMS}
+WEIGHTS = {"it": 3.0, "at": 2.0, "tr": 1.0}
+CARRIES = {"it": ["image", "text"], "at": ["audio", "text"], "tr": ["image", "text", "audio"]}
+
+
+def _data(root, **extra):
+    train = [{"name": n, "shards": str(root / f"{n}-{{000000..000003}}.tar"), "weight": w, "modalities": CARRIES[n]}
+             for n, w in WEIGHTS.items()]
+    return from_dict(DataConfig, {"train": train, "num_workers": 0, "shuffle_buffer": 10, **extra}, "data")
+
+
+def _per_source(root, rank=0, world=1, **extra):
+    return train_loader(_data(root, **extra), TRANSFORMS, COLLATORS, ["image", "text", "audio"], 6, seed=3,
+                        rank=rank, world=world)
+
+
+def test_sources_with_different_modalities_get_whole_batches_from_one_source(three_sources):
+    loader = _per_source(three_sources)
+    assert isinstance(loader, PerSourceLoader)
+    batches = list(itertools.islice(loader, 150))
+    for batch in batches:
+        carried = sorted(m for m in TRANSFORMS if m in batch)
+        assert carried == sorted(CARRIES[batch["__source__"]])   # every modality of the source, and no other
+        assert all(batch[m].shape[0] == 6 for m in carried)      # a full batch for every pair it carries
+        assert all(k.startswith(batch["__source__"]) for k in batch["__key__"])
+    counts = Counter(b["__source__"] for b in batches)
+    for name, w in WEIGHTS.items():   # drawn by weight: 75 / 50 / 25 expected of 150
+        assert abs(counts[name] / 150 - w / 6) < 0.1, counts
+    # the broken clip is skipped (and counted) once in each of the audio-text source's epochs so far
+    assert set(loader.stats.skipped) == {"undecodable_audio"}
+    assert 1 <= loader.stats.skipped["undecodable_audio"] <= loader.loaders["at"].epoch + 1
+
+
+def test_the_source_schedule_is_the_same_on_every_rank_and_ranks_read_different_samples(three_sources):
+    r0, r1 = (list(itertools.islice(_per_source(three_sources, rank=r, world=2), 40)) for r in (0, 1))
+    assert [b["__source__"] for b in r0] == [b["__source__"] for b in r1]
+    # within the first epoch (8 batches: < 60 samples of any source per rank) the ranks read disjoint shards
+    keys0, keys1 = ({k for b in bs[:8] for k in b["__key__"]} for bs in (r0, r1))
+    assert not keys0 & keys1
+
+
+def test_per_source_position_resumes_exactly(three_sources):
+    first = _per_source(three_sources)
+    list(itertools.islice(first, 23))
+    state = first.state_dict()
+    expected = list(itertools.islice(first, 30))
+    resumed = _per_source(three_sources)
+    resumed.load_state_dict(state)
+    got = list(itertools.islice(resumed, 30))
+    assert [b["__key__"] for b in got] == [b["__key__"] for b in expected]
+    assert [b["__source__"] for b in got] == [b["__source__"] for b in expected]
+    other = _per_source(three_sources)
+    with pytest.raises(ShardError, match="same data.train sources"):
+        other.load_state_dict({"drawn": 3, "sources": {"it": {}}})
+
+
+def test_batching_modes(three_sources):
+    with pytest.raises(ShardError, match="use data.batching=per_source"):
+        _per_source(three_sources, batching="mixed")
+    same = from_dict(DataConfig, {"train": [str(three_sources / "it-{000000..000003}.tar"),
+                                            str(three_sources / "tr-{000000..000003}.tar")], "num_workers": 0}, "data")
+    assert isinstance(train_loader(same, TRANSFORMS, COLLATORS, ["image", "text"], 6), TrainLoader)
+    forced = from_dict(DataConfig, {"train": [str(three_sources / "it-{000000..000003}.tar")], "num_workers": 0,
+                                    "batching": "per_source"}, "data")
+    assert isinstance(train_loader(forced, TRANSFORMS, COLLATORS, ["image", "text"], 6), PerSourceLoader)
