@@ -24,7 +24,7 @@ WANT="$HASH extras=[$EXTRAS]"
 if [ -n "$EXTRAS" ]; then PATTERN="^$HASH extras=\[$EXTRAS\]\$"; else PATTERN="^$HASH "; fi
 if [ ! -f "$STAMP" ] || ! grep -q "$PATTERN" "$STAMP"; then
     echo "[setup] installing tessera${EXTRAS:+[$EXTRAS]} into $VENV (first run downloads torch; later runs skip this)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip   # setuptools: torch pins it below 82; builds are isolated
     "$VENV/bin/python" -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
     # DeepSpeed JIT-compiles a shared-memory comm op on first use; build it once here
     # so that concurrent ranks never race to compile it.
