@@ -334,3 +334,33 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     for a, b in zip(after, train[30:]):
         assert {k: v for k, v in a.items() if k.startswith("loss")} == pytest.approx(
             {k: v for k, v in b.items() if k.startswith("loss")}, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path):
+    """audio-text and graph-text retrieval, audio-image (a pair a text-hub run never trains), and zero-shot
+    audio and graph classification, through the eval entry points on the joint held-out shard."""
+    import json
+
+    from eval.retrieval import main as retrieval_main
+    from eval.zeroshot import main as zeroshot_main
+    from models import build_model, save_model
+
+    torch.manual_seed(0)
+    save_model(build_model(from_dict(ModelConfig, JOINT_MODEL, "model")), tmp_path / "model")
+    data = ["--model", str(tmp_path / "model"), "--data", str(joint_shards / "val-joint-000000.tar")]
+    for query, target in (("audio", "text"), ("graph", "text"), ("audio", "image")):
+        out = tmp_path / f"{query}-{target}.json"
+        assert retrieval_main([*data, "--query", query, "--target", target, "--out", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["n"] == {f"{query}-{target}": 96}
+        assert doc["chance"][f"{query}_to_{target}_R@1"] == pytest.approx(1 / 96)
+        assert 0 <= doc["metrics"][f"{query}_to_{target}_R@10"] <= 1
+    for modality in ("audio", "graph"):
+        out = tmp_path / f"zs-{modality}.json"
+        assert zeroshot_main([*data, "--modality", modality, "--classes", str(joint_shards / "classes.json"),
+                              "--out", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["n"] == 96 and doc["classes"] == 6 and sum(map(sum, doc["confusion"])) == 96
+        # the 96 combinations hold each shape 16 times
+        assert [sum(row) for row in doc["confusion"]] == [16] * 6
