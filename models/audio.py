@@ -29,6 +29,7 @@ from torch import nn
 from .audio_features import AudioConfig, AudioTransform
 from .configuration import ConfigError, require, to_dict
 from .encoder import Encoder
+from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
 
 __all__ = ["AST_SIZES", "ASTConfig", "ASTEncoder", "HFAudioConfig", "HFAudioEncoder"]
 
@@ -162,15 +163,7 @@ class HFAudioConfig:
     load_weights: bool = field(default=True, metadata={"help": "load weights from path (false: random init)"})
 
     def __post_init__(self):
-        require((self.path is None) != (not self.config),
-                "hf_audio: give exactly one of 'path' (a local directory) or 'config' (an in-code HF config)")
-        if self.path is not None:
-            require(Path(self.path, "config.json").is_file(),
-                    f"hf_audio: '{self.path}' is not a local Hugging Face model directory (no config.json); "
-                    "models are never downloaded")
-        else:
-            require("model_type" in self.config,
-                    "hf_audio.config needs a 'model_type' (e.g. audio-spectrogram-transformer, wav2vec2, hubert)")
+        require_local_source("hf_audio", self.path, self.config, "audio-spectrogram-transformer, wav2vec2, hubert")
         require(not (self.inputs == "waveform" and self.norm == "fixed"),
                 "hf_audio.norm 'fixed' (dB mean/std) is for mel inputs; use 'clip' or 'none' for waveforms")
         require(self.norm_std > 0, "hf_audio.norm_std must be positive")
@@ -209,27 +202,18 @@ class HFAudioEncoder(Encoder):
 
     def __init__(self, cfg: HFAudioConfig, embed_dim: int):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         self.cfg = cfg
-        if cfg.path is not None:
-            hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
-            _check_hf_config(hf_cfg, cfg, f"'{cfg.path}'")
-            if cfg.load_weights:
-                self.model = AutoModel.from_pretrained(cfg.path, local_files_only=True)
-            else:
-                self.model = AutoModel.from_config(hf_cfg)
-        else:
-            kwargs = dict(cfg.config)
-            model_type = kwargs.pop("model_type")
-            if cfg.inputs == "mel":   # fill the fields the model's config has from the audio config
-                defaults = AutoConfig.for_model(model_type)
-                for key, value in cfg.expected_fields().items():
-                    if hasattr(defaults, key):
-                        kwargs.setdefault(key, value)
-            hf_cfg = AutoConfig.for_model(model_type, **kwargs)
-            _check_hf_config(hf_cfg, cfg, "hf_audio.config")
-            self.model = AutoModel.from_config(hf_cfg)
+        config = dict(cfg.config)
+        if cfg.path is None and cfg.inputs == "mel":   # fill the fields the model's config has from the audio config
+            defaults = AutoConfig.for_model(config["model_type"])
+            for key, value in cfg.expected_fields().items():
+                if hasattr(defaults, key):
+                    config.setdefault(key, value)
+        source = f"'{cfg.path}'" if cfg.path is not None else "hf_audio.config"
+        self.model, hf_cfg = build_hf_model(cfg.path, config, cfg.load_weights,
+                                            check=lambda hf_cfg: _check_hf_config(hf_cfg, cfg, source))
         self.output_dim = int(getattr(hf_cfg, "hidden_size", None) or hf_cfg.d_model)
         self.input_size = (cfg.audio.n_mels, cfg.audio.frames) if cfg.inputs == "mel" else None
 
@@ -258,7 +242,4 @@ class HFAudioEncoder(Encoder):
         return {**to_dict(self.cfg), "path": "./hf_audio", "config": {}, "load_weights": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable()
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_grad_checkpointing(self.model, enable)

@@ -15,6 +15,7 @@ import torch
 
 from .configuration import ConfigError, require, to_dict
 from .encoder import Encoder
+from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
 
 BPE_VOCAB = 49408
 
@@ -32,14 +33,7 @@ class HFTextConfig:
     load_weights: bool = field(default=True, metadata={"help": "load weights from path (false: random init)"})
 
     def __post_init__(self):
-        require((self.path is None) != (not self.config),
-                "hf_text: give exactly one of 'path' (a local directory) or 'config' (an in-code HF config)")
-        if self.path is not None:
-            require(Path(self.path, "config.json").is_file(),
-                    f"hf_text: '{self.path}' is not a local Hugging Face model directory (no config.json); "
-                    "models are never downloaded")
-        else:
-            require("model_type" in self.config, "hf_text.config needs a 'model_type' (e.g. bert, roberta)")
+        require_local_source("hf_text", self.path, self.config, "bert, roberta")
         if self.tokenizer is not None:
             require(Path(self.tokenizer).is_dir(), f"hf_text.tokenizer '{self.tokenizer}' is not a local directory")
         require(self.max_length > 0, "hf_text.max_length must be positive")
@@ -80,23 +74,13 @@ class HFTokenize:
 class HFTextEncoder(Encoder):
     def __init__(self, cfg: HFTextConfig, embed_dim: int):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
 
         self.cfg = cfg
-        if cfg.path is not None:
-            hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
-            if cfg.load_weights:
-                self.model = AutoModel.from_pretrained(cfg.path, local_files_only=True)
-            else:
-                self.model = AutoModel.from_config(hf_cfg)
-        else:
-            kwargs = dict(cfg.config)
-            model_type = kwargs.pop("model_type")
-            if cfg.tokenizer_dir() is None:
-                kwargs.setdefault("vocab_size", BPE_VOCAB)
-                kwargs.setdefault("pad_token_id", 0)
-            hf_cfg = AutoConfig.for_model(model_type, **kwargs)
-            self.model = AutoModel.from_config(hf_cfg)
+        config = dict(cfg.config)
+        if cfg.path is None and cfg.tokenizer_dir() is None:   # open_clip's BPE tokenizer: its vocabulary
+            config.setdefault("vocab_size", BPE_VOCAB)
+            config.setdefault("pad_token_id", 0)
+        self.model, hf_cfg = build_hf_model(cfg.path, config, cfg.load_weights)
         if cfg.tokenizer_dir() is None and getattr(hf_cfg, "vocab_size", BPE_VOCAB) < BPE_VOCAB:
             raise ConfigError(f"hf_text: vocab_size {hf_cfg.vocab_size} is smaller than open_clip's BPE vocabulary "
                               f"({BPE_VOCAB}); give a tokenizer directory or a larger vocab_size")
@@ -124,7 +108,4 @@ class HFTextEncoder(Encoder):
         return {**to_dict(self.cfg), "path": "./hf_text", "config": {}, "tokenizer": None, "load_weights": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable()
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_grad_checkpointing(self.model, enable)
