@@ -8,6 +8,7 @@ Shape legend: C channels, S samples.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import torch
@@ -33,10 +34,12 @@ class AudioDecoder(Decoder):
             raise BadSample("undecodable_audio", str(exc)[:200]) from None
         if wave_SC.shape[0] == 0 or rate <= 0:
             raise BadSample("empty_audio")
-        wave_S = torch.from_numpy(wave_SC).mean(1)   # mix down to mono
-        if not torch.isfinite(wave_S).all():
+        wave_SC = torch.from_numpy(wave_SC)
+        wave_S = wave_SC[:, 0] if wave_SC.shape[1] == 1 else wave_SC.mean(1)   # mix down to mono
+        peak = float(wave_S.abs().max())   # NaN when any sample is NaN: one pass checks both
+        if not math.isfinite(peak):
             raise BadSample("undecodable_audio", "non-finite samples")
-        if wave_S.abs().max() < SILENCE:
+        if peak < SILENCE:
             raise BadSample("silent_audio")
         return wave_S, int(rate)
 

@@ -29,7 +29,9 @@ FEATURE_KINDS = "fiub"  # float, signed, unsigned, bool
 
 
 def _npz_arrays(raw: bytes) -> dict[str, np.ndarray]:
-    """The graph fields of an `.npz`, after checking every header: no object dtype, bounded size."""
+    """The graph fields of an `.npz`. Each member is read once: its header first (an object dtype, which would
+    need pickle, or an oversized array is refused before any data is read), then its data into a fresh array."""
+    out = {}
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             for info in zf.infolist():
@@ -40,16 +42,20 @@ def _npz_arrays(raw: bytes) -> dict[str, np.ndarray]:
                     version = np.lib.format.read_magic(f)
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                if dtype.hasobject:
-                    raise BadSample("undecodable_graph", f"'{name}' is an object array (it would need pickle)")
-                if math.prod(shape) > MAX_GRAPH_ELEMENTS:
-                    raise BadSample("graph_too_large", f"'{name}' has shape {shape}")
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            return {k: npz[k] for k in FIELDS if k in npz.files}
+                    shape, fortran_order, dtype = read_header(f)
+                    if dtype.hasobject:
+                        raise BadSample("undecodable_graph", f"'{name}' is an object array (it would need pickle)")
+                    count = math.prod(shape)
+                    if count > MAX_GRAPH_ELEMENTS:
+                        raise BadSample("graph_too_large", f"'{name}' has shape {shape}")
+                    flat = np.empty(count, dtype=dtype)
+                    if f.readinto(memoryview(flat).cast("B")) != flat.nbytes:
+                        raise BadSample("undecodable_graph", f"'{name}' is truncated")
+                out[name] = flat.reshape(shape, order="F" if fortran_order else "C")
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError,
             RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise BadSample("undecodable_graph", f"not a readable .npz: {str(exc)[:200]}") from None
+    return out
 
 
 def _json_arrays(raw: bytes) -> dict[str, np.ndarray]:

@@ -130,10 +130,11 @@ class AudioTransform:
             return clips_KS[0].clone() if self.is_train else clips_KS   # clone: not a view of the whole file
         spec_KMF = self.to_db(self.mel(clips_KS))
         if self.is_train:
+            floor = float(spec_KMF.min())   # masked bands read as the quietest level (masking keeps the minimum)
             for _ in range(self.cfg.masks):
                 if self.freq_mask is not None:
-                    spec_KMF = self.freq_mask(spec_KMF, mask_value=float(spec_KMF.min()))
+                    spec_KMF = self.freq_mask(spec_KMF, mask_value=floor)
                 if self.time_mask is not None:
-                    spec_KMF = self.time_mask(spec_KMF, mask_value=float(spec_KMF.min()))
+                    spec_KMF = self.time_mask(spec_KMF, mask_value=floor)
             return spec_KMF[0]
         return spec_KMF
