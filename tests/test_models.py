@@ -175,3 +175,27 @@ def test_heads_and_pairs(tiny_model_cfg):
         from_dict(ModelConfig, {**TINY_MODEL, "pairs": [["image", "audio"]]}, "model")
     assert math.isclose(cfg.init_logit_scale, math.log(1 / 0.07))
     json.dumps(model.cfg.pair_list())
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+@pytest.mark.parametrize("mode,size", [("RGB", (64, 48)), ("RGB", (300, 211)), ("L", (40, 40)), ("RGBA", (50, 70))])
+def test_image_transform_matches_open_clips_own(is_train, mode, size):
+    """The image tower's transform is open_clip's, with its ToTensor + Normalize fused: the same numbers."""
+    import numpy as np
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    from models.open_clip_towers import ToTensorNormalize
+
+    model = build_model(from_dict(ModelConfig, TINY_MODEL, "model"))
+    ours = model.towers["image"].transform(is_train)
+    assert isinstance(ours.transforms[-1], ToTensorNormalize)
+    theirs = image_transform_v2(PreprocessCfg(size=32), is_train=is_train, aug_cfg=AugmentationCfg() if is_train else None)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)).convert(mode)
+    torch.manual_seed(3)
+    a = ours(img)
+    torch.manual_seed(3)
+    b = theirs(img)
+    assert a.shape == b.shape == (3, 32, 32) and a.is_contiguous()
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
