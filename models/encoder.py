@@ -31,8 +31,10 @@ class Encoder(nn.Module):
         """A picklable callable: one decoded sample value -> one model input item."""
         raise NotImplementedError
 
-    def collate(self, items: list[Any]) -> Any:
-        """Stack transformed items into the batch `forward` takes."""
+    @staticmethod
+    def collate(items: list[Any]) -> Any:
+        """Stack transformed items into the batch `forward` takes. A static method: loader workers receive it
+        by reference, where a bound method would pickle the whole tower, weights included, into each one."""
         if isinstance(items[0], dict):
             return {k: torch.stack([it[k] for it in items]) for k in items[0]}
         return torch.stack(items)

@@ -231,7 +231,8 @@ class GraphEncoder(Encoder):
     def transform(self, is_train: bool) -> GraphTransform:
         return GraphTransform(self.cfg)
 
-    def collate(self, items: list[Any]) -> Batch:
+    @staticmethod
+    def collate(items: list[Any]) -> Batch:
         return Batch.from_data_list(items)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
