@@ -364,3 +364,14 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
         assert doc["n"] == 96 and doc["classes"] == 6 and sum(map(sum, doc["confusion"])) == 96
         # the 96 combinations hold each shape 16 times
         assert [sum(row) for row in doc["confusion"]] == [16] * 6
+
+
+def test_a_source_that_covers_no_trained_pair_is_a_config_error():
+    from train.config import load_config
+
+    towers = {"towers": {**JOINT_MODEL["towers"]}, "embed_dim": 32}
+    src = "{name: clips, shards: 'x-{0..1}.tar', modalities: [audio, image]}"
+    with pytest.raises(ConfigError, match="source 'clips' carries audio\\+image, which covers none of the pairs"):
+        load_config(None, [f"model={towers}", f"data.train=[{src}]"])
+    cfg = load_config(None, [f"model={ {**towers, 'pairing': 'all_pairs'} }", f"data.train=[{src}]"])
+    assert ("image", "audio") in cfg.model.pair_list()

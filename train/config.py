@@ -118,6 +118,13 @@ class PretrainConfig:
         for m in self.train.lock:
             require(m in self.model.towers, f"train.lock: no tower '{m}' (towers: {list(self.model.towers)})")
         require(len(self.train.lock) < len(self.model.towers), "train.lock freezes every tower; nothing would train")
+        pairs = self.model.pair_list()
+        for src in self.data.train:
+            carried = src.modalities or list(self.model.towers)
+            require(any(a in carried and b in carried for a, b in pairs),
+                    f"data.train source '{src.name}' carries {'+'.join(carried)}, which covers none of the pairs the "
+                    f"loss aligns ({', '.join(f'{a}-{b}' for a, b in pairs)}): give it a modality of one of them, "
+                    "or change model.pairing / model.pairs")
         for a, b in self.eval.pairs or []:
             require(a in self.model.towers and b in self.model.towers, f"eval.pairs: ({a}, {b}) needs both towers")
         if self.eval.classes is not None:
