@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -16,15 +17,26 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="loader workers")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (adapter_config.json + "
+                                                   "adapter_model.safetensors) to apply to the model, merged")
     return p
 
 
 def load(args: argparse.Namespace):
-    """(model, device): the exported model on the GPU when there is one."""
-    from models import load_model
+    """(model, device): the exported model (with --adapter merged into it) on the GPU when there is one."""
+    from models import ConfigError, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(args.model, device=device), device
+    try:
+        model = load_model(args.model, device=device)
+        if getattr(args, "adapter", None):
+            from models.adapters import load_adapter, merge_adapter
+
+            model = merge_adapter(load_adapter(model, args.adapter)).eval()
+    except ConfigError as exc:   # a bad model or adapter directory: say which, exit 2 like argparse
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    return model, device
 
 
 @contextmanager

@@ -1,0 +1,196 @@
+"""LoRA adapters on any tower of a multi-tower model, built on peft.
+
+    from models.adapters import LoraConfig, apply_lora, save_adapter, load_adapter, merge_adapter
+    tuned = apply_lora(model, LoraConfig(towers=["image"], rank=8))   # only the adapter trains
+    ...train...
+    save_adapter(tuned, "runs/x/adapter")            # adapter_config.json + adapter_model.safetensors
+    tuned = load_adapter(load_model("runs/base/model"), "runs/x/adapter")
+    plain = merge_adapter(tuned)                     # a MultiTowerModel again, no peft needed to run it
+
+Which modules get LoRA: per tower, module names (the last component) from a preset chosen by the tower's
+encoder, or from `target_modules`; only `nn.Linear` and `nn.MultiheadAttention` modules qualify (peft adapts
+an attention module's input and output projections together). `all-linear` takes every such module of the
+tower. Presets: open_clip towers `attn`, `c_fc`, `c_proj` (+ `q_proj`/`k_proj`/`v_proj` of ModifiedResNet's
+attention pool, `qkv`/`fc1`/`fc2` of timm-backed configs), `ast` `qkv`, `proj`, `fc1`, `fc2`, Hugging Face
+towers peft's own per-model_type defaults, `gnn` all-linear.
+Optionally the adapted towers' projection heads train too (saved in the adapter, as peft's modules_to_save),
+and the pairs' temperatures and biases (saved beside it, in `tessera_scales.safetensors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration import ConfigError, require
+
+ALL_LINEAR = "all-linear"
+ADAPTABLE = (nn.Linear, nn.MultiheadAttention)
+SCALES_FILE = "tessera_scales.safetensors"
+
+OPEN_CLIP_TARGETS = ["attn", "c_fc", "c_proj", "q_proj", "k_proj", "v_proj", "qkv", "fc1", "fc2"]
+PRESETS: dict[str, list[str]] = {
+    "open_clip_image": OPEN_CLIP_TARGETS,
+    "open_clip_text": OPEN_CLIP_TARGETS,
+    "ast": ["qkv", "proj", "fc1", "fc2"],
+    "gnn": [ALL_LINEAR],
+}
+HF_FALLBACK = ["query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj", "dense"]
+
+
+@dataclass
+class LoraConfig:
+    towers: list[str] | None = field(default=None, metadata={"help": "towers to adapt; default: every tower"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
+    target_modules: dict[str, list[str]] = field(default_factory=dict, metadata={
+        "help": "per tower, module names to adapt (last name component, or all-linear); default: the "
+                "encoder's preset"})
+    train_heads: bool = field(default=False, metadata={"help": "also train the adapted towers' projection heads"})
+    train_temperatures: bool = field(default=False,
+                                     metadata={"help": "also train every pair's temperature (and logit bias)"})
+
+    def __post_init__(self):
+        require(self.rank > 0 and self.alpha > 0, "lora.rank and lora.alpha must be positive")
+        require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def _encoder_name(model, tower: str) -> str:
+    return model.cfg.towers[tower].encoder
+
+
+def _preset(model, tower: str) -> list[str]:
+    name = _encoder_name(model, tower)
+    if name in PRESETS:
+        return PRESETS[name]
+    hf = getattr(model.towers[tower], "model", None)
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    if model_type is not None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as HF_TARGETS
+
+        return list(HF_TARGETS.get(model_type, HF_FALLBACK))
+    return [ALL_LINEAR]
+
+
+def lora_targets(model, cfg: LoraConfig) -> list[str]:
+    """Full names (in `model`) of the modules LoRA adapts. Raises ConfigError for an unknown tower, or for a
+    target list that matches no adaptable module of its tower."""
+    towers = cfg.towers if cfg.towers is not None else list(model.towers)
+    for tower in [*towers, *cfg.target_modules]:
+        if tower not in model.towers:
+            raise ConfigError(f"lora: the model has no '{tower}' tower (it has {list(model.towers)})")
+    targets = []
+    for tower in towers:
+        wanted = cfg.target_modules.get(tower) or _preset(model, tower)
+        explicit = tower in cfg.target_modules
+        found: set[str] = set()
+        inside_attention: list[str] = []
+        for name, module in model.towers[tower].named_modules():
+            if not name or not isinstance(module, ADAPTABLE) or any(name.startswith(p) for p in inside_attention):
+                continue   # an attention module's own out_proj is adapted with it
+            last = name.rsplit(".", 1)[-1]
+            if ALL_LINEAR in wanted or last in wanted:
+                targets.append(f"towers.{tower}.{name}")
+                found.add(ALL_LINEAR if ALL_LINEAR in wanted else last)
+                if isinstance(module, nn.MultiheadAttention):
+                    inside_attention.append(name + ".")
+        missing = [t for t in wanted if t not in found] if explicit else ([] if found else wanted)
+        if missing:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.towers[tower].named_modules()
+                            if n and isinstance(m, ADAPTABLE)})
+            raise ConfigError(f"lora.target_modules.{tower}: {missing} match no Linear or MultiheadAttention module "
+                              f"of the '{_encoder_name(model, tower)}' tower; its adaptable modules are named "
+                              f"{names[:20]} (or use all-linear)")
+    return targets
+
+
+def _head_names(model, cfg: LoraConfig) -> list[str]:
+    towers = cfg.towers if cfg.towers is not None else list(model.towers)
+    return [f"heads.{t}" for t in towers if any(p.numel() for p in model.heads[t].parameters())]
+
+
+def apply_lora(model, cfg: LoraConfig):
+    """`model` wrapped in a peft `PeftModel` with LoRA on the configured towers; only the adapter (and, as
+    configured, the heads and temperatures) is trainable. The wrapper forwards `encode`, `transforms`, ...
+    to the model, so it is used like one."""
+    import peft
+
+    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               target_modules=lora_targets(model, cfg),
+                               modules_to_save=_head_names(model, cfg) if cfg.train_heads else None)
+    tuned = peft.get_peft_model(model, peft_cfg)
+    if cfg.train_temperatures:
+        for p in _scale_parameters(model).values():
+            p.requires_grad_(True)
+    return tuned
+
+
+def _scale_parameters(model) -> dict[str, nn.Parameter]:
+    out = {f"logit_scales.{k}": p for k, p in model.logit_scales.items()}
+    if hasattr(model, "logit_biases"):
+        out.update({f"logit_biases.{k}": p for k, p in model.logit_biases.items()})
+    return out
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """{"trainable": ..., "total": ...} parameter counts."""
+    params = list(model.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def save_adapter(tuned, out_dir: str | Path) -> list[Path]:
+    """The adapter alone, in peft's format (+ the temperatures when they were trained); returns the files."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tuned.save_pretrained(out_dir)
+    base = tuned.get_base_model()
+    scales = {k: p.detach().cpu().contiguous() for k, p in _scale_parameters(base).items() if p.requires_grad}
+    if scales:
+        save_file(scales, str(out_dir / SCALES_FILE))
+    return sorted(p for p in out_dir.iterdir() if p.suffix in (".json", ".safetensors"))
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it. An adapter made for another base (a
+    module it adapts is missing, or has another shape) is a ConfigError that names the difference."""
+    import peft
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json)")
+    import json
+
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
+    existing = {name for name, _ in model.named_modules()}
+    missing = sorted(t for t in targets if isinstance(targets, list) and t not in existing)
+    if missing:   # peft would adapt the modules it finds and silently drop the rest
+        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): it adapts "
+                          f"{len(missing)} module(s) this model lacks, e.g. {missing[:3]}")
+    try:
+        tuned = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
+                          f"{str(exc).splitlines()[0][:400]}") from None
+    scales_path = adapter_dir / SCALES_FILE
+    if scales_path.is_file():
+        params = _scale_parameters(model)
+        for key, value in load_file(str(scales_path)).items():
+            if key not in params or params[key].shape != value.shape:
+                raise ConfigError(f"adapter '{adapter_dir}': temperature '{key}' has no counterpart in this model "
+                                  f"(its pairs: {sorted(params)})")
+            with torch.no_grad():
+                params[key].copy_(value)
+            params[key].requires_grad_(trainable)
+    return tuned
+
+
+def merge_adapter(tuned) -> Any:
+    """The adapted model with LoRA folded into its weights: a plain MultiTowerModel (export it with save_model)."""
+    return tuned.merge_and_unload()

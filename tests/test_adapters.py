@@ -1,0 +1,201 @@
+"""LoRA adapters on any tower (peft): what trains, save -> load round trips, merging, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from models import ConfigError, ModelConfig, build_model, load_model, save_model
+from models.adapters import (
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_targets,
+    merge_adapter,
+    parameter_counts,
+    save_adapter,
+)
+from models.configuration import from_dict
+
+from .conftest import TINY_MODEL
+from .test_joint import JOINT_MODEL
+
+BATCH = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 400, (3, 16))}
+
+
+def _base(cfg=TINY_MODEL, seed=0):
+    torch.manual_seed(seed)
+    return build_model(from_dict(ModelConfig, cfg, "model")).eval()
+
+
+def _randomize_lora(tuned, seed=1):
+    """LoRA's B starts at zero (the adapter is a no-op); give every adapter weight a value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _expected_lora_params(model, names, rank):
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):   # in_proj (E -> 3E) and out_proj (E -> E)
+            e = module.embed_dim
+            total += rank * (e + 3 * e) + rank * (e + e)
+        else:
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+@pytest.mark.parametrize("towers", [None, ["text"], ["image"]])
+def test_only_the_adapter_trains_and_its_size_is_exact(towers):
+    base = _base()
+    frozen_total = parameter_counts(base)["total"]
+    cfg = LoraConfig(towers=towers, rank=4)
+    names = lora_targets(base, cfg)
+    assert names and all(n.split(".")[1] in (towers or ["image", "text"]) for n in names)
+    expected = _expected_lora_params(base, names, 4)
+    tuned = apply_lora(base, cfg)
+    counts = parameter_counts(tuned)
+    assert counts == {"trainable": expected, "total": frozen_total + expected}
+    assert all("lora_" in n for n, p in tuned.named_parameters() if p.requires_grad)
+
+
+def test_heads_and_temperatures_can_train_too():
+    cfg = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"],
+                                    "text": {**TINY_MODEL["towers"]["text"], "head": {"kind": "linear"}}}}
+    base = _base(cfg)
+    tuned = apply_lora(base, LoraConfig(towers=["text"], rank=2, train_heads=True, train_temperatures=True))
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert any("heads.text" in n and "modules_to_save" in n for n in trainable)
+    assert any(n.endswith("logit_scales.image__text") for n in trainable)
+    assert not any("heads.image" in n for n in trainable)
+
+
+def test_base_weights_do_not_change_when_the_adapter_trains():
+    base = _base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = apply_lora(base, LoraConfig(rank=4))
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    tuned.train()
+    for _ in range(3):
+        feats = tuned(BATCH)["features"]
+        loss = -(feats["image"] * feats["text"]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    merged_state = tuned.get_base_model().state_dict()
+    changed = [k for k in before if "lora_" not in k and k in merged_state and not torch.equal(before[k], merged_state[k])]
+    assert changed == []
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_save_load_round_trip_gives_identical_embeddings_and_merging_needs_no_peft(tmp_path):
+    base = _base()
+    save_model(base, tmp_path / "base")
+    tuned = apply_lora(base, LoraConfig(rank=4))
+    _randomize_lora(tuned)
+    tuned.eval()
+    with torch.no_grad():
+        want = tuned(BATCH)["features"]
+    files = save_adapter(tuned, tmp_path / "adapter")
+    assert {p.name for p in files} == {"adapter_config.json", "adapter_model.safetensors"}
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 0.1 * (tmp_path / "base" / "model.safetensors").stat().st_size
+
+    loaded = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = loaded(BATCH)["features"]
+        for m in want:
+            assert torch.equal(got[m], want[m])
+        merged = merge_adapter(loaded).eval()
+        plain = merged(BATCH)["features"]
+    for m in want:
+        assert torch.allclose(plain[m], want[m], atol=1e-5, rtol=0)
+        assert not torch.allclose(plain[m], base_features(tmp_path / "base")[m], atol=1e-3)   # the adapter matters
+    save_model(merged, tmp_path / "merged")
+    from safetensors.torch import load_file
+
+    assert not any("lora" in k for k in load_file(str(tmp_path / "merged" / "model.safetensors")))
+    again = load_model(tmp_path / "merged").eval()
+    with torch.no_grad():
+        for m, v in again(BATCH)["features"].items():
+            assert torch.allclose(v, want[m], atol=1e-5, rtol=0)
+
+
+def base_features(path):
+    with torch.no_grad():
+        return load_model(path).eval()(BATCH)["features"]
+
+
+def test_trained_temperatures_travel_with_the_adapter(tmp_path):
+    base = _base()
+    tuned = apply_lora(base, LoraConfig(rank=2, train_temperatures=True))
+    with torch.no_grad():
+        tuned.get_base_model().logit_scales["image__text"].fill_(3.0)
+    files = save_adapter(tuned, tmp_path / "a")
+    assert "tessera_scales.safetensors" in {p.name for p in files}
+    loaded = load_adapter(_base(), tmp_path / "a")
+    assert float(loaded.get_base_model().logit_scales["image__text"]) == 3.0
+
+
+def test_every_kind_of_tower_takes_a_preset():
+    base = _base(JOINT_MODEL)
+    names = lora_targets(base, LoraConfig())
+    for tower in ("image", "text", "audio", "graph"):
+        assert any(n.startswith(f"towers.{tower}.") for n in names), tower
+    hf = _base({"embed_dim": 32, "towers": {
+        "image": TINY_MODEL["towers"]["image"],
+        "text": {"encoder": "hf_text", "max_length": 16, "config": {
+            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64}}}})
+    hf_names = lora_targets(hf, LoraConfig(towers=["text"]))
+    assert hf_names and all(n.rsplit(".", 1)[-1] in ("query", "value") for n in hf_names)   # peft's bert default
+    expected = _expected_lora_params(base, names, 2)
+    tuned = apply_lora(base, LoraConfig(rank=2))   # (peft injects into `base` itself)
+    assert parameter_counts(tuned)["trainable"] == expected
+
+
+def test_bad_adapters_and_targets_are_clear_errors(tmp_path):
+    base = _base()
+    with pytest.raises(ConfigError, match=r"lora.target_modules.text: \['nope'\] match no Linear"):
+        lora_targets(base, LoraConfig(target_modules={"text": ["c_fc", "nope"]}))
+    with pytest.raises(ConfigError, match="no 'audio' tower"):
+        lora_targets(base, LoraConfig(towers=["audio"]))
+    save_adapter(apply_lora(_base(), LoraConfig(rank=4)), tmp_path / "a")
+    wider = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "text": {
+        **TINY_MODEL["towers"]["text"], "overrides": {**TINY_MODEL["towers"]["text"]["overrides"], "width": 128}}}}
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        load_adapter(_base(wider), tmp_path / "a")
+    deeper = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "image": {
+        **TINY_MODEL["towers"]["image"], "overrides": {**TINY_MODEL["towers"]["image"]["overrides"], "layers": 2}}}}
+    save_adapter(apply_lora(_base(deeper), LoraConfig(rank=4)), tmp_path / "deep")
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        load_adapter(_base(), tmp_path / "deep")
+    with pytest.raises(ConfigError, match="not an adapter directory"):
+        load_adapter(_base(), tmp_path)
+
+
+def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
+    from eval.retrieval import main as retrieval_main
+
+    base = _base()
+    save_model(base, tmp_path / "base")
+    tuned = apply_lora(base, LoraConfig(rank=4))
+    _randomize_lora(tuned)
+    save_adapter(tuned, tmp_path / "adapter")
+    save_model(merge_adapter(tuned), tmp_path / "merged")
+    data = ["--data", str(demo_shards / "val-000000.tar"), "--query", "text", "--target", "image"]
+    assert retrieval_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *data,
+                           "--out", str(tmp_path / "a.json")]) == 0
+    assert retrieval_main(["--model", str(tmp_path / "merged"), *data, "--out", str(tmp_path / "m.json")]) == 0
+    a, m = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "m.json"))
+    assert a == pytest.approx(m, abs=1e-6)
+    with pytest.raises(SystemExit) as exc:
+        retrieval_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path), *data])
+    assert exc.value.code == 2
