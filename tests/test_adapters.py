@@ -199,3 +199,107 @@ def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
     with pytest.raises(SystemExit) as exc:
         retrieval_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path), *data])
     assert exc.value.code == 2
+
+
+# -- fine-tuning through the training loop ------------------------------------------------------------------------
+
+def _finetune_args(base, out, demo_shards, *extra):
+    return [f"base={base}", f"output_dir={out}",
+            f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar", f"data.val={demo_shards}/val-000000.tar",
+            "data.num_workers=1", "train.batch_size=16", "train.lr=0.003", "train.warmup_steps=1",
+            "train.log_every=1", "train.weight_decay=0.0", "eval.batch_size=160", "adapter.lora.rank=4", *extra]
+
+
+def test_finetune_config_errors(tmp_path):
+    from train.config import FinetuneConfig, load_config
+
+    with pytest.raises(ConfigError, match="needs base=RUN_DIR/model"):
+        load_config(None, [], FinetuneConfig)
+    with pytest.raises(ConfigError, match="not an exported Tessera model"):
+        load_config(None, [f"base={tmp_path}"], FinetuneConfig)
+    save_model(_base(), tmp_path / "base")
+    with pytest.raises(ConfigError, match="remove the 'model' section"):
+        load_config(None, [f"base={tmp_path / 'base'}", "model.embed_dim=64"], FinetuneConfig)
+    with pytest.raises(ConfigError, match="zero_stage 0-2"):
+        load_config(None, [f"base={tmp_path / 'base'}", "deepspeed.zero_stage=3"], FinetuneConfig)
+    cfg = load_config(None, [f"base={tmp_path / 'base'}", "adapter.lora.towers=[text]"], FinetuneConfig)
+    assert cfg.model.pair_list() == [("image", "text")] and cfg.adapter.lora.towers == ["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
+    """torchrun + DeepSpeed ZeRO-2: only the adapter trains, the loss falls, and the run leaves an adapter that
+    loads onto the base to give exactly its exported merged model; the base itself is untouched."""
+    from safetensors.torch import load_file
+
+    from .conftest import PY, run_cli
+
+    base = _base()
+    save_model(base, tmp_path / "base")
+    before = load_file(str(tmp_path / "base" / "model.safetensors"))
+    out = tmp_path / "ft"
+    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.finetune",
+                    *_finetune_args(tmp_path / "base", out, demo_shards, "train.steps=10", "deepspeed.zero_stage=2",
+                                    "train.precision=fp32")], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = parameter_counts(apply_lora(_base(), LoraConfig(rank=4)))
+    assert f"{counts['trainable']:,} of {counts['total']:,} parameters trainable" in proc.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["kind"] == "train"]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000
+    after = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    tuned = load_adapter(load_model(tmp_path / "base"), out / "adapter").eval()
+    exported = load_model(out / "model").eval()
+    with torch.no_grad():
+        a, b = tuned(BATCH)["features"], exported(BATCH)["features"]
+        c = load_model(tmp_path / "base").eval()(BATCH)["features"]
+    for m in a:
+        assert torch.allclose(a[m], b[m], atol=1e-5, rtol=0)
+        assert not torch.allclose(a[m], c[m], atol=1e-4)   # the adapter learned something
+    merged = load_file(str(out / "model" / "model.safetensors"))
+    unadapted = [k for k in before if "conv1" in k or "ln_" in k or "token_embedding" in k]
+    assert unadapted and all(torch.equal(before[k], merged[k]) for k in unadapted)
+
+
+@pytest.mark.slow
+def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
+    from .conftest import PY, run_cli
+
+    save_model(_base(), tmp_path / "base")
+    proc = run_cli([PY, "-m", "train.cli", "finetune", *_finetune_args(
+        tmp_path / "base", tmp_path / "full", demo_shards, "train.steps=3", "adapter.kind=full",
+        "train.precision=fp32", "data.val=[]")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "full" / "model" / "model.safetensors").exists() and not (tmp_path / "full" / "adapter").exists()
+    assert "fine-tuning" in proc.stderr and "(full)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_shards, tmp_path):
+    import shutil
+
+    from train.finetune import main as finetune_main
+
+    save_model(_base(), tmp_path / "base")
+    common = ["train.steps=6", "train.ckpt_every=3", "train.precision=fp32", "data.val=[]", "data.num_workers=0"]
+    assert finetune_main(_finetune_args(tmp_path / "base", tmp_path / "full", demo_shards, *common)) == 0
+    ckpt = tmp_path / "full" / "checkpoints" / "step00000003"
+    assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < 0.5 * (
+        tmp_path / "base" / "model.safetensors").stat().st_size   # the adapter and its optimizer state only
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step00000003")
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step00000003")
+    assert finetune_main(_finetune_args(tmp_path / "base", tmp_path / "resumed", demo_shards, *common,
+                                        "resume=latest")) == 0
+
+    def losses(run):
+        return [(x["step"], x["loss"]) for x in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if x["kind"] == "train"]
+
+    resumed, full = losses("resumed"), losses("full")[3:]
+    assert [s for s, _ in resumed] == [4, 5, 6] == [s for s, _ in full]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in full], abs=1e-6)

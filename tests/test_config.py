@@ -91,7 +91,10 @@ def test_base_recipe_inheritance(tmp_path):
         read_recipe(tmp_path / "c.yaml")
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+PRETRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("finetune-")]
+
+
+@pytest.mark.parametrize("recipe", PRETRAIN_RECIPES, ids=[p.name for p in PRETRAIN_RECIPES])
 def test_every_recipe_loads_and_round_trips(recipe: Path):
     cfg = load_config(recipe)
     assert isinstance(cfg, PretrainConfig)
@@ -120,3 +123,14 @@ def test_cli_reports_config_errors_without_traceback():
     proc = run_cli([PY, "-m", "train.pretrain", "train.stepz=3"])
     assert proc.returncode == 2
     assert "error: unknown key 'train.stepz'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("finetune-")],
+                         ids=[p.name for p in RECIPES if p.name.startswith("finetune-")])
+def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cfg, tmp_path):
+    from models import build_model, save_model
+    from train.config import FinetuneConfig
+
+    save_model(build_model(tiny_model_cfg), tmp_path / "base")
+    cfg = load_config(recipe, [f"base={tmp_path / 'base'}"], FinetuneConfig)
+    assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "full")

@@ -1,6 +1,7 @@
 """`tessera`: one command over the `python -m` entry points.
 
     tessera pretrain --config configs/demo.yaml train.steps=100
+    tessera finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model
     tessera make-shards --manifest samples.jsonl --out shards/
     tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
     tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
@@ -15,6 +16,12 @@ import sys
 
 def _pretrain(argv):
     from train.pretrain import main
+
+    return main(argv)
+
+
+def _finetune(argv):
+    from train.finetune import main
 
     return main(argv)
 
@@ -41,7 +48,7 @@ def _eval(argv):
     return importlib.import_module(tasks[argv[0]]).main(argv[1:])
 
 
-COMMANDS = {"pretrain": _pretrain, "make-shards": _make_shards, "eval": _eval, "demo-data": _demo_data}
+COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "make-shards": _make_shards, "eval": _eval, "demo-data": _demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

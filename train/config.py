@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 
 from data.config import DataConfig
+from models.adapters import LoraConfig
 from models.config import ModelConfig
-from models.configuration import ConfigError, describe, from_dict, require, set_dotted, to_dict
+from models.configuration import ConfigError, describe, from_dict, from_fields, require, set_dotted, to_dict
 
 
 @dataclass
@@ -141,6 +142,43 @@ class PretrainConfig:
                 "it would never train")
 
 
+@dataclass
+class AdapterConfig:
+    kind: Literal["lora", "full"] = field(default="lora", metadata={
+        "help": "lora: train LoRA adapters on the base (peft); full: train every weight of the base"})
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    export_merged: bool = field(default=True, metadata={
+        "help": "also write OUTPUT_DIR/model: the base with the adapter merged in (no peft needed to run it)"})
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    """A pretraining config whose model is an exported one (`base`), with an adapter on it."""
+
+    base: str | None = field(default=None, metadata={"help": "the exported model to fine-tune (RUN_DIR/model)"})
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> FinetuneConfig:
+        """`model` comes from `base` (its config.yaml); a recipe may not set it."""
+        from models.export import read_model_config
+
+        data = dict(data or {})
+        require(data.get("base"), "fine-tuning needs base=RUN_DIR/model, the exported model to start from")
+        require("model" not in data, "fine-tuning takes its model from base=...: remove the 'model' section")
+        try:
+            data["model"] = read_model_config(data["base"])
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"base: '{data['base']}' is not an exported model directory ({exc})") from None
+        return from_fields(cls, data, where)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.adapter.kind != "lora" or self.deepspeed.zero_stage < 3,
+                "LoRA fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 would only "
+                "partition the frozen base)")
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -183,14 +221,14 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def load_config(config_path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+def load_config(config_path: str | Path | None, overrides: list[str] = (), cls: type = PretrainConfig):
     tree = read_recipe(config_path) if config_path else {}
-    return from_dict(PretrainConfig, apply_overrides(tree, list(overrides)))
+    return from_dict(cls, apply_overrides(tree, list(overrides)))
 
 
 def dump_config(cfg: PretrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def help_text() -> str:
-    return "Config keys (set in the YAML recipe or as key=value overrides):\n" + "\n".join(describe(PretrainConfig))
+def help_text(cls: type = PretrainConfig) -> str:
+    return "Config keys (set in the YAML recipe or as key=value overrides):\n" + "\n".join(describe(cls))

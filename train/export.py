@@ -56,3 +56,26 @@ def export_engine(engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo,
         save_model(model, out_dir, metadata=metadata, state_dict=state)
     barrier()
     return out_dir if dist.is_main else None
+
+
+
+def export_adapter(engine, base: str, lora_cfg, out_dir: Path, dist: DistInfo, merged: bool,
+                   metadata: dict[str, Any] | None = None) -> dict[str, str]:
+    """OUTPUT_DIR/adapter (peft's format: the trained weights, from DeepSpeed's fp32 masters) and, with `merged`,
+    OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a fresh fp32 copy of the base,
+    never onto the engine's module, whose frozen weights DeepSpeed may hold in bf16. A collective."""
+    from models import load_model
+    from models.adapters import apply_lora, load_adapter, merge_adapter, save_adapter
+
+    state = full_fp32_state_dict(engine)
+    out = {"adapter": str(out_dir / "adapter"), **({"model": str(out_dir / "model")} if merged else {})}
+    if dist.is_main:
+        fresh = apply_lora(load_model(base), lora_cfg)
+        trained = {n for n, p in fresh.named_parameters() if p.requires_grad}
+        fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
+        save_adapter(fresh, out_dir / "adapter")
+        if merged:
+            save_model(merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model",
+                       metadata=metadata)
+    barrier()
+    return out

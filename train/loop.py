@@ -14,14 +14,15 @@ import torch
 from data import LABEL_PIPELINE, PerSourceLoader, TrainLoader, to_device, train_loader
 from eval.retrieval import evaluate_pairs, summary_table, write_report
 from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
-from models import build_model
+from models import build_model, load_model
+from models.adapters import apply_lora, parameter_counts
 from models.configuration import ConfigError
 
 from . import checkpoint
-from .config import PretrainConfig, dump_config
+from .config import FinetuneConfig, PretrainConfig, dump_config
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
-from .export import export_engine
+from .export import export_adapter, export_engine
 from .metrics import MetricsLogger, Window
 from .task import ContrastiveTask
 
@@ -89,7 +90,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.eval.classes:   # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
     _seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    model = _build_model(cfg)
     for modality in t.lock:
         model.towers[modality].requires_grad_(False)
     if t.grad_checkpointing:
@@ -101,11 +102,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     loader = train_loader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
                           world=dist.world, pin_memory=dist.device.type == "cuda")
     engine = build_engine(model, cfg)
+    # adapter fine-tuning checkpoints hold the adapter and its optimizer state, not the frozen base (which a
+    # resumed run reloads from `base`)
+    frozen = not (isinstance(cfg, FinetuneConfig) and cfg.adapter.kind == "lora")
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
 
     step = 0
     if tag_dir is not None:
-        extras = checkpoint.load(engine, tag_dir, dist)
+        extras = checkpoint.load(engine, tag_dir, dist, frozen)
         step = int(extras["step"])
         loader.load_state_dict(extras["loader"])
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
@@ -148,13 +152,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 _evaluate(cfg, engine, model, dist, step, logger)
         if t.ckpt_every > 0 and step % t.ckpt_every == 0:
             with window.paused():
-                checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
+                checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, frozen)
             last_ckpt = step
 
     if last_ckpt != step and t.ckpt_every >= 0:
-        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts)
+        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, frozen)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": _data_counts(loader)}
-    if t.export:
+    if isinstance(cfg, FinetuneConfig) and cfg.adapter.kind == "lora":
+        summary.update(export_adapter(engine, cfg.base, cfg.adapter.lora, out_dir, dist,
+                                      cfg.adapter.export_merged and t.export,
+                                      metadata={"step": step, "seed": cfg.seed, "base": cfg.base}))
+    elif t.export:
         export_engine(engine, model, out_dir / "model", dist, metadata={"step": step, "seed": cfg.seed})
         summary["model"] = str(out_dir / "model")
     result = _evaluate(cfg, engine, model, dist, step, logger)
@@ -164,6 +172,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         _report_eval(cfg, out_dir, step, result)
     barrier()
     return summary
+
+
+def _build_model(cfg: PretrainConfig):
+    """A fresh model from cfg.model; for fine-tuning, the exported base, with LoRA on it when configured."""
+    if not isinstance(cfg, FinetuneConfig):
+        return build_model(cfg.model)
+    model = load_model(cfg.base)
+    if cfg.adapter.kind == "lora":
+        model = apply_lora(model, cfg.adapter.lora)
+    counts = parameter_counts(model)
+    log.info("fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)", cfg.base, cfg.adapter.kind,
+             f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
+    return model
 
 
 def _grad_norm(engine) -> dict[str, float]:

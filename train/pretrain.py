@@ -16,11 +16,12 @@ from data import DataQualityError, ShardError
 from eval.zeroshot import ClassesError
 from models.configuration import ConfigError
 
-from .config import help_text, load_config
+from .config import PretrainConfig, help_text, load_config
 
 
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__, epilog=help_text(),
+def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "python -m train.pretrain",
+               doc: str | None = __doc__):
+    parser = argparse.ArgumentParser(prog=prog, description=doc, epilog=help_text(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -29,10 +30,11 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
+    """Parse the command line into a `cls` config and run the training loop; exit status 2 on bad input."""
+    args = parse_args(argv, cls, prog, doc)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, cls)
         if args.print_config:
             from .config import dump_config
 
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv, PretrainConfig, "python -m train.pretrain", __doc__)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""Fine-tune an exported model with adapters, through the pretraining loop and DeepSpeed engine.
+
+    python -m train.finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model [key=value ...]
+    torchrun --nproc_per_node 8 -m train.finetune --config ... base=RUN_DIR/model
+
+The model comes from `base` (an exported RUN_DIR/model); `adapter.kind=lora` trains LoRA adapters on the
+towers in `adapter.lora` (peft), `full` trains every weight. The run leaves OUTPUT_DIR/adapter (peft's
+adapter_config.json + adapter_model.safetensors) and OUTPUT_DIR/model (the base with the adapter merged in),
+beside the usual metrics, checkpoints and evaluation. `--help` lists every key.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import FinetuneConfig
+from .pretrain import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv, FinetuneConfig, "python -m train.finetune", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
