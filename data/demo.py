@@ -97,11 +97,16 @@ def _encode(img: Image.Image, fmt: str, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
+def _label(combo) -> bytes:
+    """The `cls` member: the shape's index (the classes of classes.json), for few-shot and label experiments."""
+    return str(SHAPES.index(combo[0])).encode()
+
+
 def _txt_samples(n: int, rng: random.Random, start: int):
     for i in range(n):
         combo = rng.choice(COMBOS)
         yield f"t{start + i:07d}", {"jpg": _encode(render(*combo, rng), "jpg", rng),
-                                    "txt": caption(*combo, rng).encode()}
+                                    "txt": caption(*combo, rng).encode(), "cls": _label(combo)}
 
 
 def _json_samples(n: int, rng: random.Random, start: int):
@@ -109,7 +114,8 @@ def _json_samples(n: int, rng: random.Random, start: int):
         combo = rng.choice(COMBOS)
         caps = sorted({caption(*combo, rng) for _ in range(3)})
         meta = {"captions": caps, "shape": combo[0], "color": combo[1], "size": combo[2], "position": combo[3]}
-        yield f"j{start + i:07d}", {"webp": _encode(render(*combo, rng), "webp", rng), "json": json.dumps(meta).encode()}
+        yield f"j{start + i:07d}", {"webp": _encode(render(*combo, rng), "webp", rng), "json": json.dumps(meta).encode(),
+                                    "cls": _label(combo)}
 
 
 def _broken_samples(rng: random.Random):
@@ -135,7 +141,7 @@ def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int 
     sizes.update(write_shards(_json_samples(train_per_source, rng, 0), out, "train-json", samples_per_shard))
     val_rng = random.Random(seed + 1)
     val = [(f"v{i:05d}", {"jpg": _encode(render(*c, val_rng), "jpg", val_rng), "txt": caption(*c, val_rng).encode(),
-                          "cls": str(SHAPES.index(c[0])).encode()})
+                          "cls": _label(c)})
            for i, c in enumerate(COMBOS)]
     sizes.update(write_shards(val, out, "val", len(val)))
     # zero-shot shape classification of the held-out pictures (their `cls` is the shape's index)

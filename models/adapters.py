@@ -160,24 +160,25 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it. An adapter made for another base (a
     module it adapts is missing, or has another shape) is a ConfigError that names the difference."""
     import peft
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json)")
-    import json
-
-    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
-    existing = {name for name, _ in model.named_modules()}
-    missing = sorted(t for t in targets if isinstance(targets, list) and t not in existing)
-    if missing:   # peft would adapt the modules it finds and silently drop the rest
-        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): it adapts "
-                          f"{len(missing)} module(s) this model lacks, e.g. {missing[:3]}")
     try:
         tuned = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
                           f"{str(exc).splitlines()[0][:400]}") from None
+    # peft adapts the modules it finds and drops saved weights it has no place for; a weight left over means
+    # the adapter was made for another base (e.g. a deeper one)
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    unused = sorted(saved - set(peft.get_peft_model_state_dict(tuned)))
+    if unused:
+        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
+                          f"{len(unused)} of its weights have no place in it, e.g. {unused[:3]}")
     scales_path = adapter_dir / SCALES_FILE
     if scales_path.is_file():
         params = _scale_parameters(model)

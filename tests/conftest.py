@@ -57,3 +57,14 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
 
 
 PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def unlabelled_shard(tmp_path_factory) -> Path:
+    """Image-text pairs with no `cls` member: what classification tools must refuse with a clear error."""
+    from data.make_shards import write_shards
+
+    out = tmp_path_factory.mktemp("unlabelled")
+    write_shards([(f"u{i:04d}", {"jpg": jpeg_bytes((30 * i, 60, 90)), "txt": f"picture {i}".encode()})
+                  for i in range(8)], out, "pairs", 8)
+    return out / "pairs-000000.tar"

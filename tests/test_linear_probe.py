@@ -46,7 +46,7 @@ def test_probe_separates_clusters_and_scores_the_test_split():
 
 
 @pytest.mark.slow
-def test_linear_probe_cli(tiny_model_cfg, demo_shards, tmp_path):
+def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     from models import build_model, save_model
 
     torch.manual_seed(0)
@@ -60,5 +60,5 @@ def test_linear_probe_cli(tiny_model_cfg, demo_shards, tmp_path):
     assert doc["task"] == "linear_probe" and doc["n"] == {"train": 480, "test": 480} and doc["classes"] == 6
     assert all(0 <= v <= 1 for v in doc["metrics"].values())
     proc = run_cli([PY, "-m", "eval.linear_probe", "--model", str(tmp_path / "model"), "--train",
-                    str(demo_shards / "train-txt-000000.tar"), "--test", val])
+                    str(unlabelled_shard), "--test", val])
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

@@ -68,7 +68,7 @@ def test_classifier_is_the_mean_of_normalised_template_embeddings(tiny_model_cfg
 
 
 @pytest.mark.slow
-def test_zeroshot_cli(tiny_model_cfg, demo_shards, tmp_path):
+def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     from models import build_model, save_model
 
     torch.manual_seed(0)
@@ -93,5 +93,5 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, tmp_path):
     proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--modality", "audio"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
     proc = run_cli([PY, "-m", "eval.zeroshot", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "train-txt-000000.tar"), "--classes", str(demo_shards / "classes.json")])
+                    str(unlabelled_shard), "--classes", str(demo_shards / "classes.json")])
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

@@ -152,11 +152,27 @@ class AdapterConfig:
 
 
 @dataclass
+class FewShotConfig:
+    k: int = field(default=4, metadata={"help": "labelled samples per class, chosen deterministically by seed"})
+    modality: str = field(default="image", metadata={"help": "the modality to classify"})
+    classes: str | None = field(default=None, metadata={
+        "help": "classes.json ({classnames, templates}) for the prompts; default: eval.classes"})
+    seed: int = field(default=0, metadata={"help": "seeds the choice of shots"})
+
+    def __post_init__(self):
+        require(self.k >= 1, f"fewshot.k must be >= 1, got {self.k}")
+
+
+@dataclass
 class FinetuneConfig(PretrainConfig):
     """A pretraining config whose model is an exported one (`base`), with an adapter on it."""
 
     base: str | None = field(default=None, metadata={"help": "the exported model to fine-tune (RUN_DIR/model)"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    task: Literal["contrastive", "fewshot"] = field(default="contrastive", metadata={
+        "help": "contrastive: the pretraining loss on paired shards; fewshot: classification of fewshot.modality "
+                "from k `cls`-labelled shots per class of data.train, against the text tower's class prompts"})
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> FinetuneConfig:
@@ -174,6 +190,12 @@ class FinetuneConfig(PretrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.task == "fewshot":
+            require(self.fewshot.classes is not None or self.eval.classes is not None,
+                    "task=fewshot needs class prompts: set fewshot.classes (or eval.classes) to a classes.json")
+            require(self.fewshot.modality in self.model.towers and "text" in self.model.towers,
+                    f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has "
+                    f"{list(self.model.towers)}")
         require(self.adapter.kind != "lora" or self.deepspeed.zero_stage < 3,
                 "LoRA fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 would only "
                 "partition the frozen base)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -11,7 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import LABEL_PIPELINE, PerSourceLoader, TrainLoader, to_device, train_loader
+from data import (
+    LABEL_PIPELINE,
+    PerSourceLoader,
+    SourceConfig,
+    TrainLoader,
+    expand_shards,
+    to_device,
+    train_loader,
+)
+from data.shards import shard_sizes
 from eval.retrieval import evaluate_pairs, summary_table, write_report
 from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 from models import build_model, load_model
@@ -23,6 +33,7 @@ from .config import FinetuneConfig, PretrainConfig, dump_config
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
 from .export import export_adapter, export_engine
+from .fewshot import FewShotTask, select_shots
 from .metrics import MetricsLogger, Window
 from .task import ContrastiveTask
 
@@ -96,10 +107,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     transforms, collators, modalities = model.transforms(is_train=True), model.collators(), model.modalities
-    if cfg.loss.positives == "label":   # every sample also carries its `cls` id, for the loss
+    data_cfg, fewshot = cfg.data, isinstance(cfg, FinetuneConfig) and cfg.task == "fewshot"
+    if cfg.loss.positives == "label" or fewshot:   # every sample also carries its `cls` id
         transforms["label"], collators["label"] = LABEL_PIPELINE["transform"], LABEL_PIPELINE["collate"]
         modalities = [*modalities, "label"]
-    loader = train_loader(cfg.data, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
+    if fewshot:
+        data_cfg, t = _fewshot_data(cfg, out_dir, dist)
+    loader = train_loader(data_cfg, transforms, collators, modalities, t.batch_size, seed=cfg.seed, rank=dist.rank,
                           world=dist.world, pin_memory=dist.device.type == "cuda")
     engine = build_engine(model, cfg)
     # adapter fine-tuning checkpoints hold the adapter and its optimizer state, not the frozen base (which a
@@ -123,7 +137,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                  n_train / 1e6, dist.world, t.batch_size, t.grad_accum, loader.num_workers)
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
-    task = ContrastiveTask(model.pairs, cfg.loss)
+    if fewshot:
+        task = FewShotTask(model, cfg.fewshot.modality, *read_classes(cfg.fewshot.classes or cfg.eval.classes))
+    else:
+        task = ContrastiveTask(model.pairs, cfg.loss)
     dtype = DTYPES[t.precision]
     window = Window()
     last_ckpt = step
@@ -172,6 +189,28 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         _report_eval(cfg, out_dir, step, result)
     barrier()
     return summary
+
+
+def _fewshot_data(cfg: FinetuneConfig, out_dir: Path, dist: DistInfo):
+    """(data config, train config) for few-shot fine-tuning: the k shots per class, copied by rank 0 into
+    OUTPUT_DIR/fewshot, as the one training source; the batch no larger than the shots a rank holds."""
+    fs = cfg.fewshot
+    classnames, _ = read_classes(fs.classes or cfg.eval.classes)
+    spec = str(out_dir / "fewshot" / "shots-000000.tar")
+    if dist.is_main:
+        spec = select_shots([s.shards for s in cfg.data.train], fs.k, len(classnames), fs.seed, out_dir / "fewshot")
+    barrier()
+    shots = sum(shard_sizes(expand_shards(spec)).values())
+    source = SourceConfig(spec, name="shots", modalities=[fs.modality, "label"])
+    data_cfg = dataclasses.replace(cfg.data, train=[source], batching="mixed")
+    t = cfg.train
+    per_rank = max(1, shots // dist.world)
+    if t.batch_size > per_rank:
+        log.warning("fewshot: %d shots over %d rank(s): batch size %d -> %d", shots, dist.world, t.batch_size, per_rank)
+        t = dataclasses.replace(t, batch_size=per_rank)
+        cfg.train = t   # the engine's micro-batch size too
+    log.info("fewshot: %d shots (k=%d, %d classes) of %s", shots, fs.k, len(classnames), fs.modality)
+    return data_cfg, t
 
 
 def _build_model(cfg: PretrainConfig):
