@@ -68,3 +68,18 @@ def unlabelled_shard(tmp_path_factory) -> Path:
     write_shards([(f"u{i:04d}", {"jpg": jpeg_bytes((30 * i, 60, 90)), "txt": f"picture {i}".encode()})
                   for i in range(8)], out, "pairs", 8)
     return out / "pairs-000000.tar"
+
+
+@pytest.fixture
+def in_process_training():
+    """For tests that run training in the pytest process: afterwards, tear down the process group it joined and
+    restore the environment (RANK, MASTER_PORT, ...), which later subprocesses would otherwise inherit, and
+    collide with the still-listening store."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

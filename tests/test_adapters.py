@@ -279,7 +279,7 @@ def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_shards, tmp_path):
+def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_shards, tmp_path, in_process_training):
     import shutil
 
     from train.finetune import main as finetune_main
@@ -330,7 +330,7 @@ def colour_shards(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards, tmp_path):
+def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards, tmp_path, in_process_training):
     from data import SourceConfig
     from eval.zeroshot import evaluate_zeroshot, read_classes
     from train.finetune import main as finetune_main
