@@ -17,8 +17,8 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="loader workers")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (adapter_config.json + "
-                                                   "adapter_model.safetensors) to apply to the model, merged")
+    p.add_argument("--adapter", default=None, help="an adapter directory to apply to the model: LoRA (peft's "
+                   "adapter_config.json + adapter_model.safetensors; merged in) or prompts (prompt_config.json)")
     return p
 
 

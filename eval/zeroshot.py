@@ -66,11 +66,15 @@ class _TextTowerAsCLIP:
 @torch.no_grad()
 def build_classifier(model: MultiTowerModel, classnames: list[str], templates: list[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """(D, C) zero-shot weights from class prompts."""
+    """(D, C) zero-shot weights from class prompts (with a prompt adapter's learned context, when it has one)."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     if "text" not in model.modalities:
         raise ValueError(f"zero-shot classification prompts the text tower; the model has {model.modalities}")
+    learner = getattr(model, "prompt_learner", None)
+    if learner is not None and learner.has_text_context:   # CoOp: learned context + class name, no templates
+        with common.eval_mode(model):
+            return learner.class_features(model, classnames).float().cpu().T
     transform, collate = model.transforms(False)["text"], model.collators()["text"]
 
     def tokenizer(texts: list[str]):

@@ -157,15 +157,20 @@ def save_adapter(tuned, out_dir: str | Path) -> list[Path]:
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
-    """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it. An adapter made for another base (a
+    """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it: LoRA (a PeftModel), or prompts
+    (`models.prompts.load_prompts`). An adapter made for another base (a
     module it adapts is missing, or has another shape) is a ConfigError that names the difference."""
     import peft
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from .prompts import is_prompt_adapter, load_prompts
+
     adapter_dir = Path(adapter_dir)
+    if is_prompt_adapter(adapter_dir):
+        return load_prompts(model, adapter_dir, trainable)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json)")
+        raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json or prompt_config.json)")
     try:
         tuned = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -193,5 +198,8 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
 
 
 def merge_adapter(tuned) -> Any:
-    """The adapted model with LoRA folded into its weights: a plain MultiTowerModel (export it with save_model)."""
+    """The adapted model with LoRA folded into its weights: a plain MultiTowerModel (export it with save_model).
+    Prompts cannot be folded into weights: a model carrying them is returned as it is."""
+    if getattr(tuned, "prompt_learner", None) is not None:
+        return tuned
     return tuned.merge_and_unload()

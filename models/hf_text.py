@@ -89,6 +89,7 @@ class HFTextEncoder(Encoder):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = inputs["attention_mask"]
         hidden = self.model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]   # without virtual tokens that prompt tuning prepends
         if self.cfg.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)

@@ -18,6 +18,7 @@ from data.config import DataConfig
 from models.adapters import LoraConfig
 from models.config import ModelConfig
 from models.configuration import ConfigError, describe, from_dict, from_fields, require, set_dotted, to_dict
+from models.prompts import PromptConfig
 
 
 @dataclass
@@ -144,11 +145,15 @@ class PretrainConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["lora", "full"] = field(default="lora", metadata={
-        "help": "lora: train LoRA adapters on the base (peft); full: train every weight of the base"})
+    kind: Literal["lora", "prompt", "full"] = field(default="lora", metadata={
+        "help": "lora: train LoRA adapters on the base (peft); prompt: train prompt vectors (CoOp context in the "
+                "class prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower); full: train "
+                "every weight of the base"})
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     export_merged: bool = field(default=True, metadata={
-        "help": "also write OUTPUT_DIR/model: the base with the adapter merged in (no peft needed to run it)"})
+        "help": "also write OUTPUT_DIR/model: the base with the LoRA adapter merged in (no peft needed to run it); "
+                "prompts cannot be merged into weights"})
 
 
 @dataclass
@@ -196,9 +201,13 @@ class FinetuneConfig(PretrainConfig):
             require(self.fewshot.modality in self.model.towers and "text" in self.model.towers,
                     f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has "
                     f"{list(self.model.towers)}")
-        require(self.adapter.kind != "lora" or self.deepspeed.zero_stage < 3,
-                "LoRA fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 would only "
-                "partition the frozen base)")
+        if self.adapter.kind == "prompt" and self.adapter.prompt.context and self.task != "fewshot":
+            require(self.model.towers.get("text") is None or self.model.towers["text"].encoder != "open_clip_text",
+                    "adapter.prompt.context learns the context of class-name prompts (CoOp), which only task=fewshot "
+                    "trains; for contrastive fine-tuning use prompt.visual_tokens (VPT) or LoRA")
+        require(self.adapter.kind == "full" or self.deepspeed.zero_stage < 3,
+                f"{self.adapter.kind} fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 "
+                "would only partition the frozen base)")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +60,30 @@ def export_engine(engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo,
 
 
 
-def export_adapter(engine, base: str, lora_cfg, out_dir: Path, dist: DistInfo, merged: bool,
+def export_adapter(engine, base: str, attach: Callable, out_dir: Path, dist: DistInfo, merged: bool,
                    metadata: dict[str, Any] | None = None) -> dict[str, str]:
-    """OUTPUT_DIR/adapter (peft's format: the trained weights, from DeepSpeed's fp32 masters) and, with `merged`,
-    OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a fresh fp32 copy of the base,
-    never onto the engine's module, whose frozen weights DeepSpeed may hold in bf16. A collective."""
+    """OUTPUT_DIR/adapter (the trained weights, from DeepSpeed's fp32 masters: LoRA in peft's format, or prompts)
+    and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a
+    fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never onto the engine's module,
+    whose frozen weights DeepSpeed may hold in bf16. A collective."""
     from models import load_model
-    from models.adapters import apply_lora, load_adapter, merge_adapter, save_adapter
+    from models.adapters import load_adapter, merge_adapter, save_adapter
+    from models.prompts import save_prompts
 
     state = full_fp32_state_dict(engine)
-    out = {"adapter": str(out_dir / "adapter"), **({"model": str(out_dir / "model")} if merged else {})}
+    out = {"adapter": str(out_dir / "adapter")}
     if dist.is_main:
-        fresh = apply_lora(load_model(base), lora_cfg)
+        fresh = attach(load_model(base))
         trained = {n for n, p in fresh.named_parameters() if p.requires_grad}
         fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
-        save_adapter(fresh, out_dir / "adapter")
+        if getattr(fresh, "prompt_learner", None) is not None:
+            save_prompts(fresh, out_dir / "adapter")
+            merged = False   # prompts live in the inputs, not in weights: nothing to merge
+        else:
+            save_adapter(fresh, out_dir / "adapter")
         if merged:
             save_model(merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model",
                        metadata=metadata)
+            out["model"] = str(out_dir / "model")
     barrier()
     return out

@@ -1,5 +1,7 @@
 """Few-shot classification fine-tuning: k labelled samples per class, a classifier made of the text tower's
-class-prompt embeddings, cross-entropy through whatever trains (LoRA on either tower, or every weight).
+class-prompt embeddings, cross-entropy through whatever trains (LoRA on either tower, prompts, or every weight).
+With learned text context (CoOp) the class prompts are that context followed by the class name; otherwise they are
+classes.json's templates.
 
 The k shots per class are chosen deterministically (by `fewshot.seed`) from the `cls`-labelled training shards
 and copied into one shard under OUTPUT_DIR/fewshot, which the ordinary loader then reads; the choice reads only
@@ -66,14 +68,22 @@ class FewShotTask:
         tokenize, collate = model.transforms(False)["text"], model.collators()["text"]
         self.prompts = collate([tokenize(t.format(c)) for c in classnames for t in templates])
         self.shape = (len(classnames), len(templates))
+        learner = getattr(model, "prompt_learner", None)
+        self.learned_context = learner is not None and learner.has_text_context   # CoOp: prompts are context + name
+        self.classnames = classnames
 
     def __call__(self, model, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         device = batch["label"].device
-        prompts = self.prompts.to(device) if isinstance(self.prompts, torch.Tensor) else {
-            k: v.to(device) for k, v in self.prompts.items()}
-        out = model({self.modality: batch[self.modality], "text": prompts})
-        text_CTD = out["features"]["text"].float().view(*self.shape, -1)
-        classes_CD = F.normalize(text_CTD.mean(1), dim=-1)
+        if self.learned_context:
+            out = model({self.modality: batch[self.modality]})
+            module = getattr(model, "module", model)   # the DeepSpeed engine's model
+            classes_CD = module.prompt_learner.class_features(module, self.classnames).float()
+        else:
+            prompts = self.prompts.to(device) if isinstance(self.prompts, torch.Tensor) else {
+                k: v.to(device) for k, v in self.prompts.items()}
+            out = model({self.modality: batch[self.modality], "text": prompts})
+            text_CTD = out["features"]["text"].float().view(*self.shape, -1)
+            classes_CD = F.normalize(text_CTD.mean(1), dim=-1)
         scale = out["logit_scale"][self.scale_key].float()
         logits_BC = scale * out["features"][self.modality].float() @ classes_CD.T
         loss = F.cross_entropy(logits_BC, batch["label"])

@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 8 -m train.finetune --config ... base=RUN_DIR/model
 
 The model comes from `base` (an exported RUN_DIR/model); `adapter.kind=lora` trains LoRA adapters on the
-towers in `adapter.lora` (peft), `full` trains every weight. The run leaves OUTPUT_DIR/adapter (peft's
-adapter_config.json + adapter_model.safetensors) and OUTPUT_DIR/model (the base with the adapter merged in),
-beside the usual metrics, checkpoints and evaluation. `--help` lists every key.
+towers in `adapter.lora` (peft), `prompt` trains the prompts in `adapter.prompt` (CoOp context in the class
+prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower), `full` trains every weight.
+A LoRA run leaves OUTPUT_DIR/adapter (peft's adapter_config.json + adapter_model.safetensors) and
+OUTPUT_DIR/model (the base with the adapter merged in); a prompt run leaves OUTPUT_DIR/adapter
+(prompt_config.json + prompt_model.safetensors); both beside the usual metrics, checkpoints and evaluation.
+`--help` lists every key.
 """
 
 from __future__ import annotations

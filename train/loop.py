@@ -27,6 +27,7 @@ from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 from models import build_model, load_model
 from models.adapters import apply_lora, parameter_counts
 from models.configuration import ConfigError
+from models.prompts import apply_prompts
 
 from . import checkpoint
 from .config import FinetuneConfig, PretrainConfig, dump_config
@@ -118,7 +119,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     engine = build_engine(model, cfg)
     # adapter fine-tuning checkpoints hold the adapter and its optimizer state, not the frozen base (which a
     # resumed run reloads from `base`)
-    frozen = not (isinstance(cfg, FinetuneConfig) and cfg.adapter.kind == "lora")
+    frozen = not (isinstance(cfg, FinetuneConfig) and cfg.adapter.kind != "full")
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
 
     step = 0
@@ -175,8 +176,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, frozen)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": _data_counts(loader)}
-    if isinstance(cfg, FinetuneConfig) and cfg.adapter.kind == "lora":
-        summary.update(export_adapter(engine, cfg.base, cfg.adapter.lora, out_dir, dist,
+    if isinstance(cfg, FinetuneConfig) and cfg.adapter.kind != "full":
+        summary.update(export_adapter(engine, cfg.base, lambda m: _attach_adapter(cfg, m), out_dir, dist,
                                       cfg.adapter.export_merged and t.export,
                                       metadata={"step": step, "seed": cfg.seed, "base": cfg.base}))
     elif t.export:
@@ -217,12 +218,20 @@ def _build_model(cfg: PretrainConfig):
     """A fresh model from cfg.model; for fine-tuning, the exported base, with LoRA on it when configured."""
     if not isinstance(cfg, FinetuneConfig):
         return build_model(cfg.model)
-    model = load_model(cfg.base)
-    if cfg.adapter.kind == "lora":
-        model = apply_lora(model, cfg.adapter.lora)
+    model = _attach_adapter(cfg, load_model(cfg.base))
     counts = parameter_counts(model)
     log.info("fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)", cfg.base, cfg.adapter.kind,
              f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
+    return model
+
+
+def _attach_adapter(cfg: FinetuneConfig, model):
+    """The base `model` with the configured adapter on it (LoRA or prompts); unchanged for full fine-tuning."""
+    if cfg.adapter.kind == "lora":
+        return apply_lora(model, cfg.adapter.lora)
+    if cfg.adapter.kind == "prompt":
+        classes = cfg.fewshot.classes or cfg.eval.classes
+        return apply_prompts(model, cfg.adapter.prompt, read_classes(classes)[0] if classes else None)
     return model
 
 
