@@ -8,11 +8,13 @@
     plain = merge_adapter(tuned)                     # a MultiTowerModel again, no peft needed to run it
 
 Which modules get LoRA: per tower, module names (the last component) from a preset chosen by the tower's
-encoder, or from `target_modules`; only `nn.Linear` and `nn.MultiheadAttention` modules qualify (peft adapts
-an attention module's input and output projections together). `all-linear` takes every such module of the
-tower. Presets: open_clip towers `attn`, `c_fc`, `c_proj` (+ `q_proj`/`k_proj`/`v_proj` of ModifiedResNet's
-attention pool, `qkv`/`fc1`/`fc2` of timm-backed configs), `ast` `qkv`, `proj`, `fc1`, `fc2`, Hugging Face
-towers peft's own per-model_type defaults, `gnn` all-linear.
+encoder, or from `target_modules`. `nn.Linear`, `nn.MultiheadAttention` (peft adapts its input and output
+projections together) and, named explicitly, `nn.Conv2d` modules qualify; `all-linear` takes every Linear and
+MultiheadAttention module of the tower. Presets: open_clip ViT towers `attn`, `c_fc`, `c_proj` (`qkv`, `fc1`,
+`fc2` of timm-backed configs); ModifiedResNet towers their convolutions `conv1`, `conv2`, `conv3` (the attention
+pool passes its projections' weights to a functional call, so LoRA there would never run, and asking for it is
+an error); `ast` `qkv`, `proj`, `fc1`, `fc2`; Hugging Face towers peft's own per-model_type defaults; `gnn`
+all-linear.
 Optionally the adapted towers' projection heads train too (saved in the adapter, as peft's modules_to_save),
 and the pairs' temperatures and biases (saved beside it, in `tessera_scales.safetensors`).
 """
@@ -29,10 +31,13 @@ from torch import nn
 from .configuration import ConfigError, require
 
 ALL_LINEAR = "all-linear"
-ADAPTABLE = (nn.Linear, nn.MultiheadAttention)
+ADAPTABLE = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)   # Conv2d by name only, never by all-linear
 SCALES_FILE = "tessera_scales.safetensors"
 
-OPEN_CLIP_TARGETS = ["attn", "c_fc", "c_proj", "q_proj", "k_proj", "v_proj", "qkv", "fc1", "fc2"]
+OPEN_CLIP_TARGETS = ["attn", "c_fc", "c_proj", "qkv", "fc1", "fc2"]
+# ModifiedResNet: the bottlenecks' (and stem's) convolutions. Its attention pool cannot take LoRA: open_clip passes
+# q/k/v/c_proj's weights straight to F.multi_head_attention_forward, so wrapped modules would never run.
+RESNET_TARGETS = ["conv1", "conv2", "conv3"]
 PRESETS: dict[str, list[str]] = {
     "open_clip_image": OPEN_CLIP_TARGETS,
     "open_clip_text": OPEN_CLIP_TARGETS,
@@ -60,12 +65,64 @@ class LoraConfig:
         require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+class _FrozenStatistics:
+    """Mixin: a batch-norm layer that stays in eval mode, i.e. normalises with its running statistics and never
+    updates them, whatever `.train()` asks. An adapter must leave its base as it was, buffers included."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class FrozenStatsBatchNorm1d(_FrozenStatistics, nn.BatchNorm1d):
+    pass
+
+
+class FrozenStatsBatchNorm2d(_FrozenStatistics, nn.BatchNorm2d):
+    pass
+
+
+class FrozenStatsBatchNorm3d(_FrozenStatistics, nn.BatchNorm3d):
+    pass
+
+
+_FROZEN_STATS = {nn.BatchNorm1d: FrozenStatsBatchNorm1d, nn.BatchNorm2d: FrozenStatsBatchNorm2d,
+                 nn.BatchNorm3d: FrozenStatsBatchNorm3d}
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Keep every batch-norm layer of `model` in eval mode from now on (same parameters, buffers and state-dict
+    keys; only `.train()` changes). Without this, training an adapter on a ModifiedResNet or GNN tower would
+    move the frozen base's running statistics toward the few fine-tuning batches. Returns the layers frozen."""
+    count = 0
+    for module in model.modules():
+        frozen = _FROZEN_STATS.get(type(module))
+        if frozen is not None:
+            module.__class__ = frozen
+            module.train(False)
+            count += 1
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _FrozenStatistics):
+            raise ConfigError(f"cannot freeze the statistics of {type(module).__name__}: adapters support BatchNorm1d/2d/3d")
+    return count
+
+
 def _encoder_name(model, tower: str) -> str:
     return model.cfg.towers[tower].encoder
 
 
+def _is_resnet(model, tower: str) -> bool:
+    return type(getattr(model.towers[tower], "tower", None)).__name__ == "ModifiedResNet"
+
+
+def _bypassed(model, tower: str) -> tuple[str, ...]:
+    """Prefixes (in the tower) of modules whose weights the tower reads directly instead of calling them, so a
+    LoRA wrapper around them would never run."""
+    return ("tower.attnpool.",) if _is_resnet(model, tower) else ()
+
+
 def _preset(model, tower: str) -> list[str]:
     name = _encoder_name(model, tower)
+    if _is_resnet(model, tower):
+        return RESNET_TARGETS
     if name in PRESETS:
         return PRESETS[name]
     hf = getattr(model.towers[tower], "model", None)
@@ -90,11 +147,19 @@ def lora_targets(model, cfg: LoraConfig) -> list[str]:
         explicit = tower in cfg.target_modules
         found: set[str] = set()
         inside_attention: list[str] = []
+        bypassed = _bypassed(model, tower)
         for name, module in model.towers[tower].named_modules():
             if not name or not isinstance(module, ADAPTABLE) or any(name.startswith(p) for p in inside_attention):
                 continue   # an attention module's own out_proj is adapted with it
             last = name.rsplit(".", 1)[-1]
-            if ALL_LINEAR in wanted or last in wanted:
+            by_name = last in wanted
+            if by_name and name.startswith(bypassed) and explicit:
+                raise ConfigError(f"lora.target_modules.{tower}: '{name}' cannot take LoRA: the tower passes its weight "
+                                  "to a functional call instead of running the module (open_clip's ModifiedResNet "
+                                  "attention pool); adapt the convolutions (conv1, conv2, conv3) instead")
+            if name.startswith(bypassed) or (isinstance(module, nn.Conv2d) and not by_name):
+                continue
+            if ALL_LINEAR in wanted or by_name:
                 targets.append(f"towers.{tower}.{name}")
                 found.add(ALL_LINEAR if ALL_LINEAR in wanted else last)
                 if isinstance(module, nn.MultiheadAttention):
@@ -116,10 +181,11 @@ def _head_names(model, cfg: LoraConfig) -> list[str]:
 
 def apply_lora(model, cfg: LoraConfig):
     """`model` wrapped in a peft `PeftModel` with LoRA on the configured towers; only the adapter (and, as
-    configured, the heads and temperatures) is trainable. The wrapper forwards `encode`, `transforms`, ...
+    configured, the heads and temperatures) is trainable, and batch-norm statistics stay fixed. The wrapper forwards `encode`, `transforms`, ...
     to the model, so it is used like one."""
     import peft
 
+    freeze_norm_statistics(model)
     peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=lora_targets(model, cfg),
                                modules_to_save=_head_names(model, cfg) if cfg.train_heads else None)

@@ -215,10 +215,14 @@ def _apply_hf_prompt_tuning(model, cfg: PromptConfig) -> None:
 
 def apply_prompts(model, cfg: PromptConfig, classnames: list[str] | None = None):
     """`model` (a MultiTowerModel, changed in place) with learnable prompts attached as `model.prompt_learner`
-    (and, for a Hugging Face text tower, peft's prompt tuning in the tower); only the prompts are trainable."""
+    (and, for a Hugging Face text tower, peft's prompt tuning in the tower); only the prompts are trainable, and
+    batch-norm statistics stay fixed."""
+    from .adapters import freeze_norm_statistics
+
     if getattr(model, "prompt_learner", None) is not None:
         raise ConfigError("the model already carries prompts")
     model.requires_grad_(False)
+    freeze_norm_statistics(model)
     model.prompt_learner = PromptLearner(model, cfg, classnames)
     return model
 

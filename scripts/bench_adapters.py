@@ -93,7 +93,7 @@ def main() -> int:
     from models import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
     names, templates = read_classes(args.data / "classes.json")
     val = [SourceConfig(str(args.data / "val-000000.tar"))]
     base = load_model(args.base).eval()

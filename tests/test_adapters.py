@@ -24,6 +24,10 @@ from .conftest import TINY_MODEL
 from .test_joint import JOINT_MODEL
 
 BATCH = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 400, (3, 16))}
+RESNET_MODEL = {"embed_dim": 32, "towers": {
+    "image": {"encoder": "open_clip_image", "model": "RN50",
+              "overrides": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16}},
+    "text": TINY_MODEL["towers"]["text"]}}
 
 
 def _base(cfg=TINY_MODEL, seed=0):
@@ -47,6 +51,8 @@ def _expected_lora_params(model, names, rank):
         if isinstance(module, nn.MultiheadAttention):   # in_proj (E -> 3E) and out_proj (E -> E)
             e = module.embed_dim
             total += rank * (e + 3 * e) + rank * (e + e)
+        elif isinstance(module, nn.Conv2d):   # A: in -> r with the conv's kernel; B: 1x1, r -> out
+            total += rank * module.in_channels * module.kernel_size[0] * module.kernel_size[1] + rank * module.out_channels
         else:
             total += rank * (module.in_features + module.out_features)
     return total
@@ -159,6 +165,28 @@ def test_every_kind_of_tower_takes_a_preset():
     expected = _expected_lora_params(base, names, 2)
     tuned = apply_lora(base, LoraConfig(rank=2))   # (peft injects into `base` itself)
     assert parameter_counts(tuned)["trainable"] == expected
+
+
+@pytest.mark.parametrize("cfg", [TINY_MODEL, RESNET_MODEL], ids=["vit", "modified-resnet"])
+def test_every_module_lora_adapts_takes_part_in_the_forward(cfg):
+    """A wrapped module whose weight the tower reads directly (ModifiedResNet's attention pool) would train
+    nothing: every adapter weight must get a gradient."""
+    base = _base(cfg)
+    with torch.no_grad():   # open_clip starts each bottleneck's last BatchNorm at zero, which stops its gradient
+        for name, p in base.named_parameters():
+            if name.endswith("bn3.weight"):
+                p.fill_(1.0)
+    tuned = apply_lora(base, LoraConfig(rank=2))
+    _randomize_lora(tuned)
+    out = tuned(BATCH)["features"]
+    (out["image"].sum() + out["text"].sum()).backward()
+    lora = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), \
+        [n for n, p in lora.items() if p.grad is None]
+    if cfg is RESNET_MODEL:
+        assert any(".conv2.lora_A" in n for n in lora) and not any("attnpool" in n for n in lora)
+        with pytest.raises(ConfigError, match="'tower.attnpool.q_proj' cannot take LoRA"):
+            lora_targets(_base(cfg), LoraConfig(target_modules={"image": ["q_proj"]}))
 
 
 def test_bad_adapters_and_targets_are_clear_errors(tmp_path):

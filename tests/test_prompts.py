@@ -13,7 +13,7 @@ from models.adapters import load_adapter, parameter_counts
 from models.prompts import PromptConfig, apply_prompts, load_prompts, prompt_parameters, save_prompts
 
 from .conftest import TINY_MODEL
-from .test_adapters import _base, colour_shards, load_file_keys  # noqa: F401  (a fixture)
+from .test_adapters import RESNET_MODEL, _base, colour_shards  # noqa: F401  (a fixture)
 
 CLASSES = ["red circle", "blue square", "green star"]
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -22,10 +22,6 @@ HF_MODEL = {"embed_dim": 32, "towers": {
     "text": {"encoder": "hf_text", "max_length": 16, "config": {
         "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
         "intermediate_size": 64}}}}
-RESNET_MODEL = {"embed_dim": 32, "towers": {
-    "image": {"encoder": "open_clip_image", "model": "RN50",
-              "overrides": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16}},
-    "text": TINY_MODEL["towers"]["text"]}}
 
 
 def _randomize(model, seed=1):
@@ -136,6 +132,27 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, which):
         assert (tmp_path / "adapter" / "text" / "adapter_config.json").is_file()
         assert json.loads((tmp_path / "adapter" / "text" / "adapter_config.json").read_text())["peft_type"] == \
             "PROMPT_TUNING"
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt"])
+def test_adapters_leave_batch_norm_statistics_of_the_base_alone(adapter):
+    """A ModifiedResNet's running statistics are part of the base: training an adapter must not move them toward
+    the few fine-tuning batches (they would differ from the base the adapter is later loaded onto)."""
+    from models.adapters import LoraConfig, apply_lora
+
+    base = _base(RESNET_MODEL)
+    before = {k: v.clone() for k, v in base.state_dict().items() if "running_" in k}
+    assert before
+    model = apply_lora(base, LoraConfig(rank=2)) if adapter == "lora" else apply_prompts(base, PromptConfig(context=2))
+    model.train()
+    images = torch.randn(4, 3, 32, 32) * 3 + 1
+    model.encode("image", images)   # a training-mode forward (the image tower takes no prompt here)
+    after = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items() if "running_" in k}
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    # ... and the layers normalise with those statistics, as in the base's eval mode
+    with torch.no_grad():
+        assert torch.allclose(model.encode("image", images), _base(RESNET_MODEL).eval().encode("image", images),
+                              atol=1e-5)
 
 
 def test_shared_context_classifies_new_class_names_and_class_specific_does_not():
