@@ -133,4 +133,12 @@ def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cf
 
     save_model(build_model(tiny_model_cfg), tmp_path / "base")
     cfg = load_config(recipe, [f"base={tmp_path / 'base'}"], FinetuneConfig)
-    assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "full")
+    assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "prompt", "full")
+    # the recipe's adapter fits the base (class names stand in for the demo's classes.json)
+    from models import load_model
+    from train.loop import _attach_adapter
+
+    cfg.fewshot.classes = cfg.eval.classes = None
+    model = _attach_adapter(cfg, load_model(tmp_path / "base"))
+    assert 0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.2 * sum(
+        p.numel() for p in model.parameters())
