@@ -134,8 +134,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("model: %.2fM trainable parameters; %d rank(s) x batch %d x accum %d; %d loader worker(s)",
-                 n_train / 1e6, dist.world, t.batch_size, t.grad_accum, loader.num_workers)
+        log.info("model: %s trainable parameters; %d rank(s) x batch %d x accum %d; %d loader worker(s)",
+                 f"{n_train:,}", dist.world, t.batch_size, t.grad_accum, loader.num_workers)
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
     if fewshot:
