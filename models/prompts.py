@@ -52,6 +52,9 @@ class PromptConfig:
     visual_tokens: int = field(default=0, metadata={
         "help": "VPT-shallow: prompt tokens inserted into an open_clip ViT image tower's input; 0: none"})
     init_std: float = field(default=0.02, metadata={"help": "std of randomly initialised prompt vectors"})
+    visual_lr_scale: float = field(default=1.0, metadata={
+        "help": "the VPT tokens' learning rate as a multiple of train.lr (they tolerate a smaller one than the "
+                "text context)"})
 
     def __post_init__(self):
         require(self.context >= 0 and self.visual_tokens >= 0, "prompt.context and prompt.visual_tokens must be >= 0")
@@ -59,6 +62,7 @@ class PromptConfig:
                 "prompt tuning needs prompt.context > 0 (text) or prompt.visual_tokens > 0 (image)")
         require(self.init is None or self.context > 0, "prompt.init initialises the text context: set prompt.context")
         require(self.init_std > 0, "prompt.init_std must be positive")
+        require(self.visual_lr_scale > 0, "prompt.visual_lr_scale must be positive")
 
 
 def _open_clip_text(model) -> nn.Module | None:

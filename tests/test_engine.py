@@ -27,6 +27,19 @@ def test_no_weight_decay_on_norms_biases_and_temperatures(tiny_model_cfg):
             assert id(p) in decay, name
 
 
+def test_parameters_can_take_their_own_learning_rate():
+    from models.prompts import PromptConfig, apply_prompts
+
+    from .test_adapters import _base
+
+    model = apply_prompts(_base(), PromptConfig(context=4, visual_tokens=2))
+    groups = param_groups(model, 0.0, lr=0.05, lr_scales={"visual_prompts": 0.1})
+    by_param = {id(p): g.get("lr", "default") for g in groups for p in g["params"]}
+    assert by_param[id(model.prompt_learner.visual_prompts)] == pytest.approx(0.005)
+    assert by_param[id(model.prompt_learner.text_context)] == "default"
+    assert sum(len(g["params"]) for g in groups) == 2
+
+
 def test_cosine_schedule_with_warmup():
     f = cosine_schedule(warmup=10, total=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

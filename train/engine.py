@@ -13,15 +13,24 @@ from models.configuration import ConfigError
 from .config import PretrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on 0/1-d tensors (norms, biases, temperatures, class tokens)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 0/1-d tensors (norms, biases, temperatures, class tokens). With
+    `lr_scales` ({parameter-name substring: factor}), the matching parameters get their own group at lr * factor
+    (the schedule scales every group alike)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        scale = next((f for key, f in (lr_scales or {}).items() if key in name), 1.0)
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    out = []
+    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0])):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float):
@@ -71,7 +80,9 @@ def build_engine(model: nn.Module, cfg: PretrainConfig):
         raise ConfigError(f"train.precision=fp16 is not supported by DeepSpeed on {accel.device_name()}; use bf16")
     if t.precision == "bf16" and not accel.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
-    groups = param_groups(model, t.weight_decay)
+    adapter = getattr(cfg, "adapter", None)   # fine-tuning: VPT tokens may take their own lr
+    scales = {"visual_prompts": adapter.prompt.visual_lr_scale} if adapter and adapter.kind == "prompt" else {}
+    groups = param_groups(model, t.weight_decay, t.lr, scales)
     # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
