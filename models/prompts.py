@@ -204,15 +204,17 @@ def _apply_hf_prompt_tuning(model, cfg: PromptConfig) -> None:
     tower.model = peft.get_peft_model(hf, peft_cfg)
     weight = tower.model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
-        if cfg.init is not None:
-            enc = tower.transform(False)(cfg.init)
-            ids = enc["input_ids"][enc["attention_mask"].bool()]
-            words = hf.get_input_embeddings()(ids).float()
-            special = 2 if len(ids) == cfg.context + 2 else 0   # [CLS] ... [SEP] / <BOS> ... <EOT>
-            if len(ids) - special != cfg.context:
-                raise ConfigError(f"prompt.init '{cfg.init}' is {len(ids) - special} tokens for the text tower's "
-                                  f"tokenizer, but prompt.context is {cfg.context}: make them agree")
-            weight.copy_(words[special // 2: special // 2 + cfg.context])
+        if cfg.init is not None:   # the init words' embeddings, without the tokenizer's special tokens
+            tokenize = tower.transform(False)
+            if tokenize.hf is not None:
+                ids = torch.tensor(tokenize.hf(cfg.init, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            else:   # open_clip's BPE: <BOS> words <EOT> 0 ...
+                ids = tokenize.bpe([cfg.init])[0]
+                ids = ids[1:int((ids != 0).sum()) - 1]
+            if len(ids) != cfg.context:
+                raise ConfigError(f"prompt.init '{cfg.init}' is {len(ids)} tokens for the text tower's tokenizer, but "
+                                  f"prompt.context is {cfg.context}: make them agree")
+            weight.copy_(hf.get_input_embeddings()(ids).float())
         else:
             weight.normal_(0.0, cfg.init_std)
 

@@ -62,6 +62,13 @@ def test_hf_text_tower_takes_peft_prompt_tuning():
     assert (after - before).abs().max() > 1e-3   # the virtual tokens are attended to ...
     after.sum().backward()                       # ... and learn
     assert next(iter(prompt_parameters(model).values())).grad.abs().sum() > 0
+    # prompt.init starts the virtual tokens at the init words' embeddings (no special tokens)
+    started = apply_prompts(_base(HF_MODEL), PromptConfig(context=3, init="a photo of"))
+    hf = started.towers["text"].model
+    ids = _tokens(started, ["a photo of"])["input_ids"][0, 1:4]   # <BOS> a photo of <EOT>
+    assert torch.equal(hf.prompt_encoder["default"].embedding.weight, hf.get_input_embeddings().weight[ids])
+    with pytest.raises(ConfigError, match="is 3 tokens .* prompt.context is 2"):
+        apply_prompts(_base(HF_MODEL), PromptConfig(context=2, init="a photo of"))
 
 
 def test_coop_context_is_spliced_where_the_placeholder_words_were():
