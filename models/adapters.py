@@ -101,7 +101,8 @@ def freeze_norm_statistics(model: nn.Module) -> int:
             module.train(False)
             count += 1
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _FrozenStatistics):
-            raise ConfigError(f"cannot freeze the statistics of {type(module).__name__}: adapters support BatchNorm1d/2d/3d")
+            raise ConfigError(f"cannot freeze the statistics of {type(module).__name__}: adapters support "
+                              "BatchNorm1d/2d/3d")
     return count
 
 
@@ -154,8 +155,8 @@ def lora_targets(model, cfg: LoraConfig) -> list[str]:
             last = name.rsplit(".", 1)[-1]
             by_name = last in wanted
             if by_name and name.startswith(bypassed) and explicit:
-                raise ConfigError(f"lora.target_modules.{tower}: '{name}' cannot take LoRA: the tower passes its weight "
-                                  "to a functional call instead of running the module (open_clip's ModifiedResNet "
+                raise ConfigError(f"lora.target_modules.{tower}: '{name}' cannot take LoRA: the tower passes its "
+                                  "weight to a functional call instead of running the module (open_clip's ModifiedResNet "
                                   "attention pool); adapt the convolutions (conv1, conv2, conv3) instead")
             if name.startswith(bypassed) or (isinstance(module, nn.Conv2d) and not by_name):
                 continue
@@ -181,8 +182,8 @@ def _head_names(model, cfg: LoraConfig) -> list[str]:
 
 def apply_lora(model, cfg: LoraConfig):
     """`model` wrapped in a peft `PeftModel` with LoRA on the configured towers; only the adapter (and, as
-    configured, the heads and temperatures) is trainable, and batch-norm statistics stay fixed. The wrapper forwards `encode`, `transforms`, ...
-    to the model, so it is used like one."""
+    configured, the heads and temperatures) is trainable, and batch-norm statistics stay fixed. The wrapper
+    forwards `encode`, `transforms`, ... to the model, so it is used like one."""
     import peft
 
     freeze_norm_statistics(model)
@@ -224,8 +225,8 @@ def save_adapter(tuned, out_dir: str | Path) -> list[Path]:
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it: LoRA (a PeftModel), or prompts
-    (`models.prompts.load_prompts`). An adapter made for another base (a
-    module it adapts is missing, or has another shape) is a ConfigError that names the difference."""
+    (`models.prompts.load_prompts`). An adapter made for another base (a module it adapts is missing, or has
+    another shape) is a ConfigError that names the difference."""
     import peft
     from safetensors import safe_open
     from safetensors.torch import load_file

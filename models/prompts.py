@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -105,7 +104,6 @@ class PromptLearner(nn.Module):
     def __init__(self, model, cfg: PromptConfig, classnames: list[str] | None = None):
         super().__init__()
         self.cfg, self.classnames = cfg, list(classnames) if classnames else None
-        self._hooks: list[Any] = []
         self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.context_words = None
         if cfg.context:
@@ -126,8 +124,9 @@ class PromptLearner(nn.Module):
                                   f"tower is {image or 'absent'}" + (" (not a ViT)" if image else ""))
             width = vit.class_embedding.shape[-1]
             self.visual_prompts = nn.Parameter(torch.randn(cfg.visual_tokens, width) * cfg.init_std)
-            self._hooks += [vit.patch_dropout.register_forward_hook(self._insert_visual),
-                            vit.transformer.register_forward_hook(self._drop_visual)]
+            # the hooks live as long as the tower: the prompts are part of the model from now on
+            vit.patch_dropout.register_forward_hook(self._insert_visual)
+            vit.transformer.register_forward_hook(self._drop_visual)
 
     # --- text: CoOp ---
     def _init_text_context(self, model, cfg: PromptConfig) -> None:
@@ -185,11 +184,6 @@ class PromptLearner(nn.Module):
     def _drop_visual(self, module, inputs, x):
         n = self.visual_prompts.shape[0]
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
-
-    def remove(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
 
 
 def _apply_hf_prompt_tuning(model, cfg: PromptConfig) -> None:
@@ -253,8 +247,7 @@ def save_prompts(model, out_dir: str | Path) -> list[Path]:
     if _hf_text(model) is not None and learner.cfg.context:
         model.towers["text"].model.save_pretrained(out_dir / HF_SUBDIR)
     doc = {"tessera_adapter": "prompt", "prompt": to_dict(learner.cfg), "classnames": learner.classnames,
-           "towers": {m: t.encoder for m, t in model.cfg.towers.items()},
-           "shapes": {n: list(t.shape) for n, t in own.items()}}
+           "towers": {m: t.encoder for m, t in model.cfg.towers.items()}}
     tmp = out_dir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out_dir / CONFIG_FILE)
@@ -289,7 +282,8 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
         saved = load_file(str(adapter_dir / WEIGHTS_FILE))
         own = dict(learner.named_parameters())
         if set(saved) != set(own):
-            raise ConfigError(f"prompt adapter '{adapter_dir}' holds {sorted(saved)}, but its config builds {sorted(own)}")
+            raise ConfigError(f"prompt adapter '{adapter_dir}' holds {sorted(saved)}, but its config builds "
+                              f"{sorted(own)}")
         for name, value in saved.items():
             if own[name].shape != value.shape:
                 raise ConfigError(f"prompt adapter '{adapter_dir}': '{name}' has shape {list(value.shape)}, this model "

@@ -111,7 +111,8 @@ def main() -> int:
                 run = args.out / "runs" / f"{method}-k{k}-s{seed}"
                 row = finetune(method, args.base, k, seed, run, args.out / "runs" / f"{method}-k{k}-s{seed}.log")
                 rows.append({"method": method, "k": k, "seed": seed, **row})
-                print(f"k={k:<2} seed={seed} {method:<5} acc1 {row['acc1']:.1%}  t->i R@1 {row['text_to_image_R@1']:.1%}"
+                print(f"k={k:<2} seed={seed} {method:<5} acc1 {row['acc1']:.1%}  "
+                      f"t->i R@1 {row['text_to_image_R@1']:.1%}"
                       f"  ({row['seconds']:.0f} s)", flush=True)
             # the linear probe fits the very shots the fine-tuning runs drew
             start = time.perf_counter()
