@@ -61,10 +61,34 @@ def test_deepspeed_config_follows_the_typed_config():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 works on GPUs")
-def test_fp16_on_cpu_is_a_clear_error(tiny_model_cfg):
+@pytest.mark.parametrize("supported", [False, True], ids=["cpu-without-fp16", "cpu-with-fp16"])
+def test_fp16_on_cpu_trains_where_deepspeed_supports_it_and_is_a_clear_error_elsewhere(
+        supported, tiny_model_cfg, monkeypatch, in_process_training):
+    """Whether DeepSpeed's CPU accelerator reports fp16 depends on the CPU (avx512_fp16): both cases hold on any CPU."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
     from models.configuration import ConfigError
     from train.engine import build_engine
+    from train.export import full_fp32_state_dict
+    from train.task import ContrastiveTask
 
-    cfg = load_config(None, ["train.precision=fp16"])
-    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu; use bf16"):
-        build_engine(build_model(tiny_model_cfg), cfg)
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
+    cfg = load_config(None, ["train.precision=fp16", "train.batch_size=4", "train.warmup_steps=0"])
+    model = build_model(tiny_model_cfg)
+    if not supported:
+        with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu; use bf16"):
+            build_engine(model, cfg)
+        return
+    engine = build_engine(model, cfg)
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    task = ContrastiveTask(model.pairs, cfg.loss)
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 32, 32).half(), "text": torch.randint(1, 400, (4, 16))}
+    losses, _ = task(engine, batch)
+    engine.backward(losses["loss"])
+    engine.step()
+    assert torch.isfinite(losses["loss"])
+    # every parameter took the step: its fp32 master moved (an fp16 copy of a weight near 1 may round back)
+    after = full_fp32_state_dict(engine)
+    assert all(not torch.equal(after[n], before[n]) for n in before)

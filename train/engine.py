@@ -70,10 +70,14 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def build_engine(model: nn.Module, cfg: PretrainConfig):
-    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine."""
+    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. Joins (or makes)
+    the process group first: DeepSpeed asserts on a missing LOCAL_RANK rather than saying so."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from .distributed import init_distributed
+
+    init_distributed()
     t = cfg.train
     accel = get_accelerator()
     if t.precision == "fp16" and not accel.is_fp16_supported():
