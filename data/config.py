@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from models.configuration import ConfigError, from_fields, require
+from tessera.config import ConfigError, from_fields, require
 
 
 @dataclass

@@ -9,7 +9,7 @@ Two training sources use the two common shard layouts: `shapes-txt` is img2datas
 samples (a truncated JPEG, an empty caption, a duplicate key, a missing image, a pickle member) show
 bad-sample accounting at work. The validation shard holds one fresh image of every combination.
 
-    python -m data.demo --out runs/demo/data
+    python -m tessera.data.demo --out runs/demo/data
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tessera.data.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo/data")
     parser.add_argument("--train-per-source", type=int, default=4000)

@@ -1,4 +1,4 @@
-"""The embedded demo's sounds and graphs: the shapes of `data.demo`, heard and drawn as graphs.
+"""The embedded demo's sounds and graphs: the shapes of `tessera.data.demo`, heard and drawn as graphs.
 
 Every modality describes the same things, a {size} {colour} {shape}, so one text tower can bind them all:
 
@@ -10,7 +10,7 @@ Every modality describes the same things, a {size} {colour} {shape}, so one text
   a triangle a triangular lattice, a diamond K(2,n), a cross a four-armed tree), the size the node count, the
   colour a one-hot node feature. Node features: [colour one-hot (8), 1, degree / 8], with noise.
 
-Shards written (beside `data.demo`'s image-text ones):
+Shards written (beside `tessera.data.demo`'s image-text ones):
 - `sounds-*.tar`: audio + txt; `graphs-*.tar`: graph (npz or json) + txt;
 - `pictures-sounds-*.tar`: image + audio + txt, a source carrying three modalities at once;
 - `val-joint-000000.tar`: one sample of each of the 96 (shape, colour, size) with image, audio, graph, a
@@ -19,7 +19,7 @@ Shards written (beside `data.demo`'s image-text ones):
 A few broken samples (silent, truncated and empty audio; an edge pointing outside its graph; an `.npz` with a
 pickled object array) show bad-sample accounting.
 
-    python -m data.demo_joint --out runs/demo/data
+    python -m tessera.data.demo_joint --out runs/demo/data
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _sound_member(combo, rng: random.Random) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.demo_joint", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tessera.data.demo_joint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo/data")
     parser.add_argument("--per-source", type=int, default=4000, help="sound-text and graph-text samples each")

@@ -1,6 +1,6 @@
 """Write webdataset tar shards and `sizes.json` from a JSONL manifest.
 
-    python -m data.make_shards --manifest samples.jsonl --out shards/ [--samples-per-shard 1000]
+    python -m tessera.data.make_shards --manifest samples.jsonl --out shards/ [--samples-per-shard 1000]
     tessera make-shards --manifest samples.jsonl --out shards/
 
 One manifest line per sample. Paths are relative to the manifest's directory.
@@ -179,7 +179,7 @@ def read_manifest(path: Path, verify: bool, skip_bad: bool, counts: dict[str, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.make_shards", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tessera.data.make_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, type=Path, help="JSONL file, one sample per line")
     parser.add_argument("--out", required=True, type=Path, help="output directory for shards and sizes.json")

@@ -24,13 +24,13 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace):
     """(model, device): the exported model (with --adapter merged into it) on the GPU when there is one."""
-    from models import ConfigError, load_model
+    from tessera.models import ConfigError, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = load_model(args.model, device=device)
         if getattr(args, "adapter", None):
-            from models.adapters import load_adapter, merge_adapter
+            from tessera.models.adapters import load_adapter, merge_adapter
 
             model = merge_adapter(load_adapter(model, args.adapter)).eval()
     except ConfigError as exc:   # a bad model or adapter directory: say which, exit 2 like argparse

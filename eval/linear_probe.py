@@ -1,7 +1,7 @@
 """Linear probe: multinomial logistic regression on frozen embeddings of a labelled train split, scored on a
 test split. The standard downstream check beside zero-shot.
 
-    python -m eval.linear_probe --model RUN_DIR/model --train "train-{000..009}.tar" --test "test-000.tar" \\
+    python -m tessera.eval.linear_probe --model RUN_DIR/model --train "train-{000..009}.tar" --test "test-000.tar" \\
         --modality image --out probe.json
 
 Labels are each sample's `cls` member. The L2 penalty is picked from --weight-decays on a held-out fifth of the
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.config import parse_sources
-from data.stats import SampleStats
+from tessera.data.config import parse_sources
+from tessera.data.stats import SampleStats
 
 from . import common
 from .zeroshot import classification_metrics, embed_labelled
@@ -71,7 +71,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m eval.linear_probe", __doc__)
+    parser = common.parser("python -m tessera.eval.linear_probe", __doc__)
     parser.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
     parser.add_argument("--test", required=True, nargs="+", help="labelled test shard spec(s)")
     parser.add_argument("--modality", default="image")

@@ -1,6 +1,6 @@
 """Zero-shot retrieval between two modalities of a model, on held-out shards.
 
-    python -m eval.retrieval --model RUN_DIR/model --data "val-{000000..000003}.tar" \\
+    python -m tessera.eval.retrieval --model RUN_DIR/model --data "val-{000000..000003}.tar" \\
         --query text --target image --out results.json
 
 Every view of a sample is scored: a sample whose json carries several `captions` contributes each caption as
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from data import SampleStats, SourceConfig, eval_batches, to_device
-from data.config import parse_sources
-from models import MultiTowerModel
+from tessera.data import SampleStats, SourceConfig, eval_batches, to_device
+from tessera.data.config import parse_sources
+from tessera.models import MultiTowerModel
 
 from . import common
 
@@ -278,7 +278,7 @@ def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m eval.retrieval", __doc__)
+    parser = common.parser("python -m tessera.eval.retrieval", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
     parser.add_argument("--query", default="text")
     parser.add_argument("--target", default="image")

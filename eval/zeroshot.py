@@ -1,6 +1,6 @@
 """Zero-shot classification of any modality the model encodes, with class-name prompts through its text tower.
 
-    python -m eval.zeroshot --model RUN_DIR/model --data "val-{000000..000003}.tar" --modality image \\
+    python -m tessera.eval.zeroshot --model RUN_DIR/model --data "val-{000000..000003}.tar" --modality image \\
         --classes classes.json --out results.json
 
 `classes.json` is `{"classnames": [...], "templates": ["a photo of a {}.", ...]}`; `"templates": "imagenet"`
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from data import LABEL_PIPELINE, SampleStats, SourceConfig, eval_batches, to_device
-from data.config import parse_sources
-from models import MultiTowerModel
+from tessera.data import LABEL_PIPELINE, SampleStats, SourceConfig, eval_batches, to_device
+from tessera.data.config import parse_sources
+from tessera.models import MultiTowerModel
 
 from . import common
 
@@ -159,7 +159,7 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m eval.zeroshot", __doc__)
+    parser = common.parser("python -m tessera.eval.zeroshot", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
     parser.add_argument("--modality", default="image", help="the modality to classify")
     parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")

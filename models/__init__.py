@@ -4,7 +4,7 @@ Usable on its own (no DeepSpeed, no webdataset): build from a `ModelConfig`, or 
 """
 
 from .config import ModelConfig, TowerConfig, pair_key
-from .configuration import ConfigError
+from tessera.config import ConfigError
 from .encoder import Encoder
 from .export import load_model, read_model_config, save_model
 from .heads import HeadConfig

@@ -1,6 +1,6 @@
 """LoRA adapters on any tower of a multi-tower model, built on peft.
 
-    from models.adapters import LoraConfig, apply_lora, save_adapter, load_adapter, merge_adapter
+    from tessera.models.adapters import LoraConfig, apply_lora, save_adapter, load_adapter, merge_adapter
     tuned = apply_lora(model, LoraConfig(towers=["image"], rank=8))   # only the adapter trains
     ...train...
     save_adapter(tuned, "runs/x/adapter")            # adapter_config.json + adapter_model.safetensors
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration import ConfigError, require
+from tessera.config import ConfigError, require
 
 ALL_LINEAR = "all-linear"
 ADAPTABLE = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)   # Conv2d by name only, never by all-linear
@@ -225,7 +225,7 @@ def save_adapter(tuned, out_dir: str | Path) -> list[Path]:
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it: LoRA (a PeftModel), or prompts
-    (`models.prompts.load_prompts`). An adapter made for another base (a module it adapts is missing, or has
+    (`tessera.models.prompts.load_prompts`). An adapter made for another base (a module it adapts is missing, or has
     another shape) is a ConfigError that names the difference."""
     import peft
     from safetensors import safe_open

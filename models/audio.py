@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .audio_features import AudioConfig, AudioTransform
-from .configuration import ConfigError, require, to_dict
+from tessera.config import ConfigError, require, to_dict
 from .encoder import Encoder
 from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
 

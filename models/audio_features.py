@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from .configuration import from_fields, require
+from tessera.config import from_fields, require
 
 MAX_RESAMPLERS = 8   # input sample rates whose resampling kernels a transform keeps
 

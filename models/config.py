@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .configuration import ConfigError, closest, from_dict, require, to_dict
+from tessera.config import ConfigError, closest, from_dict, require, to_dict
 from .heads import HeadConfig
 from .registry import ENCODERS, EncoderSpec
 

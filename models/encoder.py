@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration import to_dict
+from tessera.config import to_dict
 
 
 class Encoder(nn.Module):

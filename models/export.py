@@ -1,6 +1,6 @@
 """Exported models: `model.safetensors` + `config.yaml`, loadable with one call and without DeepSpeed.
 
-    from models import load_model
+    from tessera.models import load_model
     model = load_model("runs/demo/model")
     emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circle")[None])
 """
@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from .config import ModelConfig
-from .configuration import ConfigError, from_dict
+from tessera.config import ConfigError, from_dict
 from .multitower import MultiTowerModel
 
 FORMAT = "tessera-model"

@@ -24,7 +24,7 @@ from torch_geometric.nn.aggr import AttentionalAggregation, MeanAggregation, Sum
 from torch_geometric.transforms import AddRandomWalkPE
 from torch_geometric.utils.smiles import e_map, x_map
 
-from .configuration import require
+from tessera.config import require
 from .encoder import Encoder
 
 __all__ = ["GraphEncoderConfig", "GraphEncoder", "GraphTransform"]

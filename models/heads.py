@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from .configuration import require
+from tessera.config import require
 
 
 @dataclass

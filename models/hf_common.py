@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .configuration import require
+from tessera.config import require
 
 
 def require_local_source(name: str, path: str | None, config: dict[str, Any], examples: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from .configuration import ConfigError, require, to_dict
+from tessera.config import ConfigError, require, to_dict
 from .encoder import Encoder
 from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
 

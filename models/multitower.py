@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, pair_key
-from .configuration import to_dict
+from tessera.config import to_dict
 from .encoder import Encoder
 from .heads import build_head
 

@@ -18,7 +18,7 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 
-from .configuration import ConfigError, closest, require
+from tessera.config import ConfigError, closest, require
 from .encoder import Encoder
 from .weights import load_state_dict_file
 

@@ -1,7 +1,7 @@
 """Prompt tuning: learnable context for class-name prompts (CoOp), visual prompt tokens (VPT-shallow), and peft's
 prompt tuning for Hugging Face text towers. Only the prompts train; the base stays as it was.
 
-    from models.prompts import PromptConfig, apply_prompts, save_prompts, load_prompts
+    from tessera.models.prompts import PromptConfig, apply_prompts, save_prompts, load_prompts
     model = apply_prompts(load_model("runs/base/model"), PromptConfig(context=4, visual_tokens=8), classnames)
     ...train (model.prompt_learner.class_features(model, classnames) is the zero-shot classifier)...
     save_prompts(model, "runs/x/adapter")     # prompt_config.json + prompt_model.safetensors (+ text/ for peft)
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .configuration import ConfigError, from_dict, require, to_dict
+from tessera.config import ConfigError, from_dict, require, to_dict
 
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_model.safetensors"

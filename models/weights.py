@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .configuration import ConfigError
+from tessera.config import ConfigError
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -3,11 +3,11 @@
 Every method sees the same k pictures per shape (drawn by `fewshot.seed` from the demo's `cls`-labelled training
 shards) and is scored on the same held-out split (runs/demo/data/val-000000.tar, 480 pictures, 6 shapes):
 - zero-shot: open_clip's classifier (mean of the templates' text embeddings) over the base model, no training;
-- linear probe: logistic regression on the base's frozen image embeddings of the shots (`eval.linear_probe`, the
+- linear probe: logistic regression on the base's frozen image embeddings of the shots (`tessera.eval.linear_probe`, the
   CLIP paper's baseline; its L2 penalty picked on a fifth of the shots where there are five or more);
 - LoRA: `configs/finetune-fewshot-demo.yaml` (rank 16 on both towers, cross-entropy against the class prompts);
 - CoOp: `configs/finetune-coop-demo.yaml` (4 shared context vectors in the class prompts; nothing else trains).
-The fine-tuning runs are `python -m train.finetune` subprocesses with the recipes as shipped (fewshot.k and
+The fine-tuning runs are `python -m tessera.train.finetune` subprocesses with the recipes as shipped (fewshot.k and
 fewshot.seed overridden). Besides accuracy: trainable parameters, adapter file size, and held-out text->image R@1
 after fine-tuning (what the adapter costs the model's retrieval).
 
@@ -53,7 +53,7 @@ def _prod(shape) -> int:
 
 
 def finetune(method: str, base: Path, k: int, seed: int, out: Path, log: Path) -> dict:
-    args = [sys.executable, "-m", "train.finetune", "--config", METHODS[method], f"base={base}", f"output_dir={out}",
+    args = [sys.executable, "-m", "tessera.train.finetune", "--config", METHODS[method], f"base={base}", f"output_dir={out}",
             f"fewshot.k={k}", f"fewshot.seed={seed}", "adapter.export_merged=false", "train.ckpt_every=-1"]
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -86,11 +86,11 @@ def main() -> int:
 
     import torch
 
-    from data import SourceConfig
-    from eval.linear_probe import linear_probe
-    from eval.retrieval import evaluate_pairs
-    from eval.zeroshot import embed_labelled, evaluate_zeroshot, read_classes
-    from models import load_model
+    from tessera.data import SourceConfig
+    from tessera.eval.linear_probe import linear_probe
+    from tessera.eval.retrieval import evaluate_pairs
+    from tessera.eval.zeroshot import embed_labelled, evaluate_zeroshot, read_classes
+    from tessera.models import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)

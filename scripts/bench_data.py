@@ -2,7 +2,7 @@
 and against open_clip's own image pipeline, on the same webdataset shards, in the same run.
 
 One process, one thread (`torch.set_num_threads(1)`), no loader worker processes: the rate is what one
-worker delivers. Every row reads the same tar shards with the same reader (`data.shards.iter_raw_samples`,
+worker delivers. Every row reads the same tar shards with the same reader (`tessera.data.shards.iter_raw_samples`,
 webdataset's tar iterator), so reading costs every row the same; only what follows differs:
 
 - read only: the tar members grouped into samples, nothing decoded (the floor under every row);
@@ -30,8 +30,8 @@ both sides; audio, the AST encoder's `AudioTransform` (resample, random crop, lo
 the GIN encoder's `GraphTransform` of the demo-joint config (no positional encoding), and again with
 --rw-steps random-walk PE (the `graph_pe` set, same shards).
 
-Data (made once under --out/shards, reused): `data.demo`'s 64 px jpg+txt pictures, larger photo-like JPEGs
-(256-512 px, noisy, quality 85-95), and `data.demo_joint`'s sounds (1 s flac/wav/ogg at 16/22.05 kHz) and
+Data (made once under --out/shards, reused): `tessera.data.demo`'s 64 px jpg+txt pictures, larger photo-like JPEGs
+(256-512 px, noisy, quality 85-95), and `tessera.data.demo_joint`'s sounds (1 s flac/wav/ogg at 16/22.05 kHz) and
 graphs (npz, a quarter json). The demo shards keep their few deliberately broken samples.
 
     python scripts/bench_data.py                  # --samples 512 per set, 5 repeats, 224 px
@@ -90,7 +90,7 @@ def _photos(n: int, seed: int):
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
 
-    from data.demo import COMBOS, caption
+    from tessera.data.demo import COMBOS, caption
 
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
@@ -112,8 +112,8 @@ def _photos(n: int, seed: int):
 
 def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     """The shards of every set, written once (reused while they hold n samples each)."""
-    from data import demo, demo_joint
-    from data.make_shards import write_shards
+    from tessera.data import demo, demo_joint
+    from tessera.data.make_shards import write_shards
 
     def fresh(d: Path) -> Path:   # a set of another size is replaced whole, so no stale shard is left in it
         shutil.rmtree(d, ignore_errors=True)
@@ -185,10 +185,10 @@ def to_input(modality: str, value):
 def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     """{name: (transform, collate)} of small encoders of the benchmarked configs (only the transforms matter:
     the image one depends on the image size alone, the audio one on the audio config)."""
-    from models import open_clip_towers as oc
-    from models.audio import ASTConfig, ASTEncoder
-    from models.audio_features import AudioConfig
-    from models.graph import GraphEncoder, GraphEncoderConfig
+    from tessera.models import open_clip_towers as oc
+    from tessera.models.audio import ASTConfig, ASTEncoder
+    from tessera.models.audio_features import AudioConfig
+    from tessera.models.graph import GraphEncoder, GraphEncoderConfig
 
     image = oc.OpenClipImageEncoder(oc.OpenClipImageConfig(
         model="ViT-B-32", overrides={"image_size": image_size, "width": 64, "layers": 1, "head_width": 32}),
@@ -210,16 +210,16 @@ def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
 def _raw_samples(urls: list[str], limit: int | None):
     import itertools
 
-    from data.shards import iter_raw_samples
-    from data.stats import SampleStats
+    from tessera.data.shards import iter_raw_samples
+    from tessera.data.stats import SampleStats
 
     return itertools.islice(iter_raw_samples(urls, SampleStats()), limit)
 
 
 def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, batch_size: int) -> dict:
-    from data.decode import DECODERS, BadSample
-    from data.pipeline import ShardStream, Source, StreamSpec, seeded_rng
-    from data.shards import shard_sizes
+    from tessera.data.decode import DECODERS, BadSample
+    from tessera.data.pipeline import ShardStream, Source, StreamSpec, seeded_rng
+    from tessera.data.shards import shard_sizes
 
     decoder, raw = DECODERS[modality], RAW[modality]
     transforms = {modality: tf, "text": towers["text"][0]}
@@ -435,7 +435,7 @@ def profile(fn, path: Path, top: int = 25) -> str:
 
 def overheads_us(n: int = 2000) -> dict[str, float]:
     """Per-sample costs of the stream's bookkeeping: its seeded RNG, the fork/restore of the global RNGs."""
-    from data.pipeline import sample_randomness, seeded_rng
+    from tessera.data.pipeline import sample_randomness, seeded_rng
 
     t0 = time.perf_counter()
     for i in range(n):

@@ -1,7 +1,7 @@
 """Retrieval metrics over N x N items: Tessera's chunked computation vs the naive full matrix, side by side.
 
 The naive one is what open_clip_train's `get_clip_metrics` does: the whole N x N similarity matrix, argsort
-of every row, the positive's position read off. Tessera's `eval.retrieval` computes a chunk of query rows at
+of every row, the positive's position read off. Tessera's `tessera.eval.retrieval` computes a chunk of query rows at
 a time (at most 2^26 similarities) and counts, per positive, the targets that beat it: no sort, no N x N.
 Both compute R@1/5/10, mean and median rank in both directions on the same embeddings (D = 512, each text
 a noisy copy of its image), and their metrics are checked equal. Every configuration runs in a fresh
@@ -36,7 +36,7 @@ def one(impl: str, n: int, dim: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from eval.retrieval import metrics_from_positions, positive_positions
+    from tessera.eval.retrieval import metrics_from_positions, positive_positions
 
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(n, dim, generator=g), dim=-1)

@@ -45,7 +45,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from train.losses import contrastive_loss, count_flops
+    from tessera.train.losses import contrastive_loss, count_flops
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0

@@ -58,8 +58,8 @@ def make_shards(out: Path, n: int, image_size: int) -> str:
     """jpg+txt shards of the demo's shapes, rendered at the model's resolution."""
     import random
 
-    from data.demo import COMBOS, _encode, caption, render
-    from data.make_shards import write_shards
+    from tessera.data.demo import COMBOS, _encode, caption, render
+    from tessera.data.make_shards import write_shards
 
     if (out / "sizes.json").is_file() and sum(json.loads((out / "sizes.json").read_text()).values()) == n:
         return str(out / f"bench-{{000000..{(n - 1) // 256:06d}}}.tar")
@@ -92,7 +92,7 @@ def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list
 
 
 def run_ours(shards: str, args, precision: str, out_dir: Path, log: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "train.pretrain", f"output_dir={out_dir}",
+    cmd = [sys.executable, "-m", "tessera.train.pretrain", f"output_dir={out_dir}",
            f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
            f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
            f"data.train={shards}", "data.val=[]", f"data.num_workers={args.workers}",

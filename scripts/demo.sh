@@ -15,17 +15,17 @@ DATA=runs/demo/data
 
 if [ "$JOINT" = 1 ]; then
     if [ ! -f "$DATA/sizes.json" ] || [ ! -f "$DATA/classes.json" ]; then
-        python -m data.demo --out "$DATA"
+        python -m tessera.data.demo --out "$DATA"
     fi
     if [ ! -f "$DATA/val-joint-000000.tar" ]; then
-        python -m data.demo_joint --out "$DATA"
+        python -m tessera.data.demo_joint --out "$DATA"
     fi
     RUN=runs/demo-joint
     rm -rf "$RUN/checkpoints" "$RUN/model" "$RUN/eval" "$RUN/tensorboard" "$RUN/metrics.jsonl"
-    python -m train.pretrain --config configs/demo-joint.yaml "$@"
+    python -m tessera.train.pretrain --config configs/demo-joint.yaml "$@"
     echo
-    echo "== standalone emergent retrieval: sounds -> pictures, a pair the loss never saw (python -m eval.retrieval) =="
-    python -m eval.retrieval --model "$RUN/model" --data "$DATA/val-joint-000000.tar" \
+    echo "== standalone emergent retrieval: sounds -> pictures, a pair the loss never saw (python -m tessera.eval.retrieval) =="
+    python -m tessera.eval.retrieval --model "$RUN/model" --data "$DATA/val-joint-000000.tar" \
         --query audio --target image --out "$RUN/eval/audio-image-cli.json"
     python - <<'PY'
 import json
@@ -57,18 +57,18 @@ PY
 fi
 
 if [ ! -f "$DATA/sizes.json" ] || [ ! -f "$DATA/classes.json" ]; then
-    python -m data.demo --out "$DATA"
+    python -m tessera.data.demo --out "$DATA"
 fi
 # a rerun replaces the previous demo run (the data is kept)
 rm -rf runs/demo/checkpoints runs/demo/model runs/demo/eval runs/demo/tensorboard runs/demo/metrics.jsonl
-python -m train.pretrain --config configs/demo.yaml "$@"
+python -m tessera.train.pretrain --config configs/demo.yaml "$@"
 echo
-echo "== standalone evaluation of the exported model (python -m eval.retrieval) =="
-python -m eval.retrieval --model runs/demo/model --data "$DATA/val-000000.tar" \
+echo "== standalone evaluation of the exported model (python -m tessera.eval.retrieval) =="
+python -m tessera.eval.retrieval --model runs/demo/model --data "$DATA/val-000000.tar" \
     --query text --target image --out runs/demo/eval/retrieval-cli.json
 echo
-echo "== zero-shot shape classification of the held-out pictures (python -m eval.zeroshot) =="
-python -m eval.zeroshot --model runs/demo/model --data "$DATA/val-000000.tar" --modality image \
+echo "== zero-shot shape classification of the held-out pictures (python -m tessera.eval.zeroshot) =="
+python -m tessera.eval.zeroshot --model runs/demo/model --data "$DATA/val-000000.tar" --modality image \
     --classes "$DATA/classes.json" --out runs/demo/eval/zeroshot-cli.json
 python - <<'PY'
 import json

@@ -26,8 +26,8 @@ TINY_MODEL = {
 
 @pytest.fixture
 def tiny_model_cfg():
-    from models import ModelConfig
-    from models.configuration import from_dict
+    from tessera.models import ModelConfig
+    from tessera.config import from_dict
 
     return from_dict(ModelConfig, TINY_MODEL, "model")
 
@@ -35,7 +35,7 @@ def tiny_model_cfg():
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """Demo data (with its broken samples): 2 x 240 train samples in shards of 60, and 480 val samples."""
-    from data.demo import build
+    from tessera.data.demo import build
 
     out = tmp_path_factory.mktemp("demo")
     build(out, train_per_source=240, samples_per_shard=60, seed=0)
@@ -62,7 +62,7 @@ PY = sys.executable
 @pytest.fixture(scope="session")
 def unlabelled_shard(tmp_path_factory) -> Path:
     """Image-text pairs with no `cls` member: what classification tools must refuse with a clear error."""
-    from data.make_shards import write_shards
+    from tessera.data.make_shards import write_shards
 
     out = tmp_path_factory.mktemp("unlabelled")
     write_shards([(f"u{i:04d}", {"jpg": jpeg_bytes((30 * i, 60, 90)), "txt": f"picture {i}".encode()})

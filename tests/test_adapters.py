@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import ConfigError, ModelConfig, build_model, load_model, save_model
-from models.adapters import (
+from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
+from tessera.models.adapters import (
     LoraConfig,
     apply_lora,
     load_adapter,
@@ -18,7 +18,7 @@ from models.adapters import (
     parameter_counts,
     save_adapter,
 )
-from models.configuration import from_dict
+from tessera.config import from_dict
 
 from .conftest import TINY_MODEL
 from .test_joint import JOINT_MODEL
@@ -210,7 +210,7 @@ def test_bad_adapters_and_targets_are_clear_errors(tmp_path):
 
 
 def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
-    from eval.retrieval import main as retrieval_main
+    from tessera.eval.retrieval import main as retrieval_main
 
     base = _base()
     save_model(base, tmp_path / "base")
@@ -239,7 +239,7 @@ def _finetune_args(base, out, demo_shards, *extra):
 
 
 def test_finetune_config_errors(tmp_path):
-    from train.config import FinetuneConfig, load_config
+    from tessera.train.config import FinetuneConfig, load_config
 
     with pytest.raises(ConfigError, match="needs base=RUN_DIR/model"):
         load_config(None, [], FinetuneConfig)
@@ -267,7 +267,7 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
     save_model(base, tmp_path / "base")
     before = load_file(str(tmp_path / "base" / "model.safetensors"))
     out = tmp_path / "ft"
-    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.finetune",
+    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tessera.train.finetune",
                     *_finetune_args(tmp_path / "base", out, demo_shards, "train.steps=10", "deepspeed.zero_stage=2",
                                     "train.precision=fp32")], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -298,7 +298,7 @@ def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
     from .conftest import PY, run_cli
 
     save_model(_base(), tmp_path / "base")
-    proc = run_cli([PY, "-m", "train.cli", "finetune", *_finetune_args(
+    proc = run_cli([PY, "-m", "tessera.train.cli", "finetune", *_finetune_args(
         tmp_path / "base", tmp_path / "full", demo_shards, "train.steps=3", "adapter.kind=full",
         "train.precision=fp32", "data.val=[]")])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -310,7 +310,7 @@ def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
 def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_shards, tmp_path, in_process_training):
     import shutil
 
-    from train.finetune import main as finetune_main
+    from tessera.train.finetune import main as finetune_main
 
     save_model(_base(), tmp_path / "base")
     common = ["train.steps=6", "train.ckpt_every=3", "train.precision=fp32", "data.val=[]", "data.num_workers=0"]
@@ -338,8 +338,8 @@ def colour_shards(tmp_path_factory):
     """Demo pictures labelled by colour (8 classes): 400 for training, 240 held out, and their classes.json."""
     import random
 
-    from data.demo import COLORS, COMBOS, _encode, caption, render
-    from data.make_shards import write_shards
+    from tessera.data.demo import COLORS, COMBOS, _encode, caption, render
+    from tessera.data.make_shards import write_shards
 
     out = tmp_path_factory.mktemp("colours")
     colours, rng = list(COLORS), random.Random(0)
@@ -359,9 +359,9 @@ def colour_shards(tmp_path_factory):
 
 @pytest.mark.slow
 def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards, tmp_path, in_process_training):
-    from data import SourceConfig
-    from eval.zeroshot import evaluate_zeroshot, read_classes
-    from train.finetune import main as finetune_main
+    from tessera.data import SourceConfig
+    from tessera.eval.zeroshot import evaluate_zeroshot, read_classes
+    from tessera.train.finetune import main as finetune_main
 
     save_model(_base(), tmp_path / "base")
     names, templates = read_classes(colour_shards / "classes.json")
@@ -381,14 +381,14 @@ def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards,
     # measured: 13.8% zero-shot (chance 12.5%) -> 35.4% after 80 steps on 64 shots
     assert few_shot["metrics"]["acc1"] > zero_shot + 0.1, (zero_shot, few_shot["metrics"])
     # the shots are a function of the seed alone
-    from train.fewshot import select_shots
+    from tessera.train.fewshot import select_shots
 
     again = select_shots([f"{colour_shards}/train-{{000000..000003}}.tar"], 8, 8, 0, tmp_path / "again")
     assert load_file_keys(again) == shots
 
 
 def load_file_keys(shard) -> list[str]:
-    from data import SampleStats, expand_shards
-    from data.shards import iter_raw_samples
+    from tessera.data import SampleStats, expand_shards
+    from tessera.data.shards import iter_raw_samples
 
     return [s["__key__"] for s in iter_raw_samples(expand_shards(str(shard)), SampleStats())]

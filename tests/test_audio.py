@@ -10,8 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from data import DECODERS, BadSample
-from models.audio_features import AudioConfig, AudioTransform
+from tessera.data import DECODERS, BadSample
+from tessera.models.audio_features import AudioConfig, AudioTransform
 
 
 def _tone(seconds, rate, channels=1, freq=440.0, amplitude=0.5):
@@ -65,7 +65,7 @@ def test_short_clips_are_repeat_padded_and_eval_is_deterministic():
 
 
 def test_presets_fill_in_what_the_config_does_not_set():
-    from models.configuration import ConfigError, from_dict, to_dict
+    from tessera.config import ConfigError, from_dict, to_dict
 
     clap = from_dict(AudioConfig, {"preset": "clap"})
     ib = from_dict(AudioConfig, {"preset": "imagebind", "n_mels": 64})

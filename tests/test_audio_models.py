@@ -10,11 +10,11 @@ import pytest
 import soundfile
 import torch
 
-from data import DECODERS
-from models import ENCODERS, ModelConfig, build_model, load_model, save_model
-from models.audio import ASTConfig, ASTEncoder, HFAudioConfig
-from models.audio_features import AudioConfig, AudioTransform
-from models.configuration import ConfigError, from_dict, to_dict
+from tessera.data import DECODERS
+from tessera.models import ENCODERS, ModelConfig, build_model, load_model, save_model
+from tessera.models.audio import ASTConfig, ASTEncoder, HFAudioConfig
+from tessera.models.audio_features import AudioConfig, AudioTransform
+from tessera.config import ConfigError, from_dict, to_dict
 
 AUDIO = {"preset": "imagebind", "clip_seconds": 1.0, "eval_crops": 2}   # (128 mel bins, 101 frames)
 AST_TINY = {"encoder": "ast", "audio": AUDIO, "width": 64, "depth": 2, "heads": 2}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.configuration import ConfigError
-from train.config import PretrainConfig, apply_overrides, load_config, read_recipe
+from tessera.config import ConfigError
+from tessera.train.config import PretrainConfig, apply_overrides, load_config, read_recipe
 
 from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
@@ -98,7 +98,7 @@ PRETRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("finetune-")]
 def test_every_recipe_loads_and_round_trips(recipe: Path):
     cfg = load_config(recipe)
     assert isinstance(cfg, PretrainConfig)
-    from train.config import dump_config
+    from tessera.train.config import dump_config
 
     again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                for k, v in yaml.safe_load(dump_config(cfg)).items()])
@@ -111,7 +111,7 @@ def test_recipes_exist_with_tiny_variants():
 
 
 def test_help_lists_every_documented_key():
-    proc = run_cli([PY, "-m", "train.pretrain", "--help"])
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", "--help"])
     assert proc.returncode == 0, proc.stderr
     for key in ("output_dir", "seed", "data.train", "train.steps", "train.batch_size", "train.lr",
                 "deepspeed.zero_stage", "resume", "data.max_bad_fraction", "train.precision", "loss.kind",
@@ -120,7 +120,7 @@ def test_help_lists_every_documented_key():
 
 
 def test_cli_reports_config_errors_without_traceback():
-    proc = run_cli([PY, "-m", "train.pretrain", "train.stepz=3"])
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", "train.stepz=3"])
     assert proc.returncode == 2
     assert "error: unknown key 'train.stepz'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -128,15 +128,15 @@ def test_cli_reports_config_errors_without_traceback():
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("finetune-")],
                          ids=[p.name for p in RECIPES if p.name.startswith("finetune-")])
 def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cfg, tmp_path):
-    from models import build_model, save_model
-    from train.config import FinetuneConfig
+    from tessera.models import build_model, save_model
+    from tessera.train.config import FinetuneConfig
 
     save_model(build_model(tiny_model_cfg), tmp_path / "base")
     cfg = load_config(recipe, [f"base={tmp_path / 'base'}"], FinetuneConfig)
     assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "prompt", "full")
     # the recipe's adapter fits the base (class names stand in for the demo's classes.json)
-    from models import load_model
-    from train.loop import _attach_adapter
+    from tessera.models import load_model
+    from tessera.train.loop import _attach_adapter
 
     cfg.fewshot.classes = cfg.eval.classes = None
     model = _attach_adapter(cfg, load_model(tmp_path / "base"))

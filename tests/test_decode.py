@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from data.decode import DECODERS, BadSample
+from tessera.data.decode import DECODERS, BadSample
 
 from .conftest import jpeg_bytes
 

@@ -15,7 +15,7 @@ from .test_train import tiny_run_args
 
 def torchrun(*args: str):
     return run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "train.pretrain", *args], env={"OMP_NUM_THREADS": "1"})
+                    "-m", "tessera.train.pretrain", *args], env={"OMP_NUM_THREADS": "1"})
 
 
 def _train_losses(out):

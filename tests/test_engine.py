@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from models import build_model
-from train.config import load_config
-from train.engine import cosine_schedule, deepspeed_config, param_groups
+from tessera.models import build_model
+from tessera.train.config import load_config
+from tessera.train.engine import cosine_schedule, deepspeed_config, param_groups
 
 
 def test_no_weight_decay_on_norms_biases_and_temperatures(tiny_model_cfg):
@@ -28,7 +28,7 @@ def test_no_weight_decay_on_norms_biases_and_temperatures(tiny_model_cfg):
 
 
 def test_parameters_can_take_their_own_learning_rate():
-    from models.prompts import PromptConfig, apply_prompts
+    from tessera.models.prompts import PromptConfig, apply_prompts
 
     from .test_adapters import _base
 
@@ -68,10 +68,10 @@ def test_fp16_on_cpu_trains_where_deepspeed_supports_it_and_is_a_clear_error_els
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from models.configuration import ConfigError
-    from train.engine import build_engine
-    from train.export import full_fp32_state_dict
-    from train.task import ContrastiveTask
+    from tessera.config import ConfigError
+    from tessera.train.engine import build_engine
+    from tessera.train.export import full_fp32_state_dict
+    from tessera.train.task import ContrastiveTask
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
     cfg = load_config(None, ["train.precision=fp16", "train.batch_size=4", "train.warmup_steps=0"])

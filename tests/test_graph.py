@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from data import DECODERS, BadSample, SampleStats, SourceConfig, eval_batches, to_device
-from data.graph import MAX_GRAPH_ELEMENTS
-from data.make_shards import write_shards
-from models import ConfigError, ModelConfig, build_model, load_model, save_model
-from models.configuration import from_dict
-from models.graph import GraphEncoder, GraphEncoderConfig
+from tessera.data import DECODERS, BadSample, SampleStats, SourceConfig, eval_batches, to_device
+from tessera.data.graph import MAX_GRAPH_ELEMENTS
+from tessera.data.make_shards import write_shards
+from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
+from tessera.config import from_dict
+from tessera.models.graph import GraphEncoder, GraphEncoderConfig
 
 DECODER = DECODERS["graph"]
 TEXT_TOWER = {"encoder": "open_clip_text", "model": "ViT-B-32",

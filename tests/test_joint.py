@@ -13,13 +13,13 @@ import pytest
 import soundfile
 import torch
 
-from data import DataConfig, PerSourceLoader, ShardError, TrainLoader, train_loader
-from data.make_shards import write_shards
-from models import ModelConfig, pair_key
-from models.configuration import ConfigError, from_dict
-from train.config import LossConfig
-from train.losses import contrastive_loss_reference
-from train.task import ContrastiveTask
+from tessera.data import DataConfig, PerSourceLoader, ShardError, TrainLoader, train_loader
+from tessera.data.make_shards import write_shards
+from tessera.models import ModelConfig, pair_key
+from tessera.config import ConfigError, from_dict
+from tessera.train.config import LossConfig
+from tessera.train.losses import contrastive_loss_reference
+from tessera.train.task import ContrastiveTask
 
 from .conftest import TINY_MODEL, jpeg_bytes
 
@@ -252,7 +252,7 @@ JOINT_MODEL = {
 def joint_shards(tmp_path_factory):
     """Demo pictures (image-text), sounds (audio-text), graphs (graph-text) and pictures with sounds
     (image-audio-text), 120 / 120 / 120 / 60 samples in shards of 30, and the 96-sample joint validation set."""
-    from data import demo, demo_joint
+    from tessera.data import demo, demo_joint
 
     out = tmp_path_factory.mktemp("joint-demo")
     demo.build(out, train_per_source=120, samples_per_shard=30, seed=0)
@@ -296,7 +296,7 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
         path = tmp_path / f"{len(list(tmp_path.glob('*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                        "train.pretrain", "--config", str(path), *extra], env={"OMP_NUM_THREADS": "1"})
+                        "tessera.train.pretrain", "--config", str(path), *extra], env={"OMP_NUM_THREADS": "1"})
 
     def lines(out):
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -342,9 +342,9 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
     audio and graph classification, through the eval entry points on the joint held-out shard."""
     import json
 
-    from eval.retrieval import main as retrieval_main
-    from eval.zeroshot import main as zeroshot_main
-    from models import build_model, save_model
+    from tessera.eval.retrieval import main as retrieval_main
+    from tessera.eval.zeroshot import main as zeroshot_main
+    from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
     save_model(build_model(from_dict(ModelConfig, JOINT_MODEL, "model")), tmp_path / "model")
@@ -367,7 +367,7 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
 
 
 def test_a_source_that_covers_no_trained_pair_is_a_config_error():
-    from train.config import load_config
+    from tessera.train.config import load_config
 
     towers = {"towers": {**JOINT_MODEL["towers"]}, "embed_dim": 32}
     src = "{name: clips, shards: 'x-{0..1}.tar', modalities: [audio, image]}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.linear_probe import fit_logistic, linear_probe
+from tessera.eval.linear_probe import fit_logistic, linear_probe
 
 from .conftest import PY, run_cli
 
@@ -47,18 +47,18 @@ def test_probe_separates_clusters_and_scores_the_test_split():
 
 @pytest.mark.slow
 def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
-    from models import build_model, save_model
+    from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "probe.json"
     val = str(demo_shards / "val-000000.tar")
-    proc = run_cli([PY, "-m", "eval.linear_probe", "--model", str(tmp_path / "model"), "--train", val, "--test", val,
+    proc = run_cli([PY, "-m", "tessera.eval.linear_probe", "--model", str(tmp_path / "model"), "--train", val, "--test", val,
                     "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["task"] == "linear_probe" and doc["n"] == {"train": 480, "test": 480} and doc["classes"] == 6
     assert all(0 <= v <= 1 for v in doc["metrics"].values())
-    proc = run_cli([PY, "-m", "eval.linear_probe", "--model", str(tmp_path / "model"), "--train",
+    proc = run_cli([PY, "-m", "tessera.eval.linear_probe", "--model", str(tmp_path / "model"), "--train",
                     str(unlabelled_shard), "--test", val])
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

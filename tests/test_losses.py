@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from train.losses import contrastive_loss, contrastive_loss_reference
+from tessera.train.losses import contrastive_loss, contrastive_loss_reference
 
 # (kind, use labels, dcl, label smoothing): every option, alone and combined where the combination is allowed
 OPTIONS = [("infonce", False, False, 0.0), ("infonce", True, False, 0.0), ("infonce", False, True, 0.0),

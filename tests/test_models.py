@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import ENCODERS, ModelConfig, build_model, load_model, save_model
-from models.configuration import ConfigError, from_dict
+from tessera.models import ENCODERS, ModelConfig, build_model, load_model, save_model
+from tessera.config import ConfigError, from_dict
 
 from .conftest import TINY_MODEL
 
@@ -185,7 +185,7 @@ def test_image_transform_matches_open_clips_own(is_train, mode, size):
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    from models.open_clip_towers import ToTensorNormalize
+    from tessera.models.open_clip_towers import ToTensorNormalize
 
     model = build_model(from_dict(ModelConfig, TINY_MODEL, "model"))
     ours = model.towers["image"].transform(is_train)

@@ -8,17 +8,17 @@ from collections import Counter
 import pytest
 import torch
 
-from data import DataConfig, DataQualityError, TrainLoader, eval_batches
-from data.make_shards import write_shards
-from models import build_model
-from models.configuration import from_dict
+from tessera.data import DataConfig, DataQualityError, TrainLoader, eval_batches
+from tessera.data.make_shards import write_shards
+from tessera.models import build_model
+from tessera.config import from_dict
 
 from .conftest import jpeg_bytes
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from models import ModelConfig
+    from tessera.models import ModelConfig
 
     from .conftest import TINY_MODEL
 
@@ -160,7 +160,7 @@ def test_resume_from_state_dict_continues_exactly(tiny_model, demo_shards, worke
 def test_eval_batches_are_deterministic_and_keep_the_tail(tiny_model, demo_shards):
     model = tiny_model
     args = (model.transforms(False), model.collators(), model.modalities, 100)
-    from data import SourceConfig
+    from tessera.data import SourceConfig
 
     src = [SourceConfig(str(demo_shards / "val-000000.tar"))]
     a = list(eval_batches(src, *args))
@@ -172,7 +172,7 @@ def test_eval_batches_are_deterministic_and_keep_the_tail(tiny_model, demo_shard
 
 def test_eval_batches_read_every_sample_of_every_source(tiny_model, demo_shards):
     """Held-out sources of different sizes are read in full, one after the other (not mixed until one runs out)."""
-    from data import SourceConfig
+    from tessera.data import SourceConfig
 
     args = (tiny_model.transforms(False), tiny_model.collators(), tiny_model.modalities, 64)
     big, small = SourceConfig(str(demo_shards / "val-000000.tar")), SourceConfig(str(demo_shards / "train-txt-000001.tar"))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from models import ConfigError, load_model, save_model
-from models.adapters import load_adapter, parameter_counts
-from models.prompts import PromptConfig, apply_prompts, load_prompts, prompt_parameters, save_prompts
+from tessera.models import ConfigError, load_model, save_model
+from tessera.models.adapters import load_adapter, parameter_counts
+from tessera.models.prompts import PromptConfig, apply_prompts, load_prompts, prompt_parameters, save_prompts
 
 from .conftest import TINY_MODEL
 from .test_adapters import RESNET_MODEL, _base, colour_shards  # noqa: F401  (a fixture)
@@ -145,7 +145,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, which):
 def test_adapters_leave_batch_norm_statistics_of_the_base_alone(adapter):
     """A ModifiedResNet's running statistics are part of the base: training an adapter must not move them toward
     the few fine-tuning batches (they would differ from the base the adapter is later loaded onto)."""
-    from models.adapters import LoraConfig, apply_lora
+    from tessera.models.adapters import LoraConfig, apply_lora
 
     base = _base(RESNET_MODEL)
     before = {k: v.clone() for k, v in base.state_dict().items() if "running_" in k}
@@ -194,7 +194,7 @@ def test_bad_prompt_configs_and_adapters_are_clear_errors(tmp_path):
 
 
 def test_eval_zeroshot_takes_a_prompt_adapter(colour_shards, tmp_path):  # noqa: F811
-    from eval.zeroshot import main as zeroshot_main
+    from tessera.eval.zeroshot import main as zeroshot_main
 
     save_model(_base(), tmp_path / "base")
     model = apply_prompts(load_model(tmp_path / "base"), PromptConfig(context=4, visual_tokens=2), CLASSES)
@@ -209,7 +209,7 @@ def test_eval_zeroshot_takes_a_prompt_adapter(colour_shards, tmp_path):  # noqa:
 
 
 def test_finetune_prompt_config_errors(tmp_path):
-    from train.config import FinetuneConfig, load_config
+    from tessera.train.config import FinetuneConfig, load_config
 
     save_model(_base(), tmp_path / "base")
     common = [f"base={tmp_path / 'base'}", "adapter.kind=prompt"]
@@ -232,7 +232,7 @@ def aligned_base(colour_shards, tmp_path_factory):  # noqa: F811
 
     out = tmp_path_factory.mktemp("aligned")
     (out / "model.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL}))
-    proc = run_cli([PY, "-m", "train.pretrain", "--config", str(out / "model.yaml"), f"output_dir={out / 'run'}",
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", "--config", str(out / "model.yaml"), f"output_dir={out / 'run'}",
                     f"data.train={colour_shards}/train-{{000000..000003}}.tar", "data.num_workers=0",
                     "train.steps=600", "train.batch_size=32", "train.lr=0.005", "train.warmup_steps=10",
                     "train.precision=fp32", "train.log_every=100", "train.ckpt_every=-1", "deepspeed.zero_stage=0"])
@@ -247,10 +247,10 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(colour_shard
     """The classes are called "class 0" ... "class 7", names the base never saw, so its zero-shot classifier is at
     chance. One learned context per class (CoOp's CSC), from 8 shots each, finds where each colour sits in the
     text tower's input space. Measured: 14.6% zero-shot -> 41.7% (CSC), 45.8% (CSC + VPT) held-out acc1."""
-    from data import SourceConfig
-    from eval.zeroshot import evaluate_zeroshot, read_classes
-    from eval.zeroshot import main as zeroshot_main
-    from train.finetune import main as finetune_main
+    from tessera.data import SourceConfig
+    from tessera.eval.zeroshot import evaluate_zeroshot, read_classes
+    from tessera.eval.zeroshot import main as zeroshot_main
+    from tessera.train.finetune import main as finetune_main
 
     classes = tmp_path / "coded.json"
     classes.write_text(json.dumps({"classnames": [f"class {i}" for i in range(8)], "templates": ["a {} shape"]}))
@@ -289,7 +289,7 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
     classes = tmp_path / "coded.json"
     classes.write_text(json.dumps({"classnames": [f"class {i}" for i in range(8)], "templates": ["a {} shape"]}))
     out = tmp_path / "ft"
-    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.finetune",
+    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tessera.train.finetune",
                     f"base={aligned_base}", f"output_dir={out}", "task=fewshot", "fewshot.k=8", "adapter.kind=prompt",
                     "adapter.prompt.context=4", "adapter.prompt.class_specific=true", "adapter.prompt.visual_tokens=4",
                     f"data.train={colour_shards}/train-{{000000..000003}}.tar",
@@ -299,8 +299,8 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
                     "deepspeed.zero_stage=2"], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2,304 of " in proc.stderr   # 8 classes x 4 x 64 context + 4 x 64 visual tokens
-    from data import SourceConfig
-    from eval.zeroshot import evaluate_zeroshot
+    from tessera.data import SourceConfig
+    from tessera.eval.zeroshot import evaluate_zeroshot
 
     val, names = [SourceConfig(str(colour_shards / "val-000000.tar"))], [f"class {i}" for i in range(8)]
     zero_shot = evaluate_zeroshot(load_model(aligned_base), val, "image", names, ["a {} shape"], 240)["metrics"]["acc1"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.retrieval import (
+from tessera.eval.retrieval import (
     Embedded,
     chance_metrics,
     diagnostics,
@@ -125,13 +125,13 @@ def test_diagnostics_match_their_definitions():
 
 @pytest.mark.slow
 def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_path):
-    from models import build_model, save_model
+    from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "res.json"
     # the json shards carry several captions per picture: every one is a query
-    proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data",
+    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
                     str(demo_shards / "train-json-000000.tar"), "--out", str(out), "--batch-size", "100"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -147,11 +147,11 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     assert (tmp_path / "res_recall.png").stat().st_size > 0
     assert "res_recall.png" in (tmp_path / "res.md").read_text() and "text_to_image" in proc.stdout
 
-    proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data",
+    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
                     str(demo_shards / "val-000000.tar"), "--query", "audio"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
     empty = tmp_path / "empty-000000.tar"
     import tarfile
     tarfile.open(empty, "w").close()
-    proc = run_cli([PY, "-m", "eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
+    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
     assert proc.returncode == 2 and "no sample in" in proc.stderr

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.make_shards import ManifestError, write_shards
-from data.make_shards import main as make_shards_main
-from data.shards import ShardError, expand_shards, iter_raw_samples, shard_sizes, split_shards
-from data.stats import SampleStats
+from tessera.data.make_shards import ManifestError, write_shards
+from tessera.data.make_shards import main as make_shards_main
+from tessera.data.shards import ShardError, expand_shards, iter_raw_samples, shard_sizes, split_shards
+from tessera.data.stats import SampleStats
 
 from .conftest import PY, jpeg_bytes, run_cli
 
@@ -55,7 +55,7 @@ def test_make_shards_round_trip(tmp_path):
 
 def test_make_shards_rejects_bad_manifests_clearly(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "missing.jpg", "text": "x"}) + "\n")
-    proc = run_cli([PY, "-m", "data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")])
+    proc = run_cli([PY, "-m", "tessera.data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")])
     assert proc.returncode == 2 and "m.jsonl:1: cannot read image file 'missing.jpg'" in proc.stderr
     (tmp_path / "img.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "m.jsonl").write_text("\n".join([
@@ -68,14 +68,14 @@ def test_make_shards_rejects_bad_manifests_clearly(tmp_path):
     ]) + "\n")
     with pytest.raises(ManifestError, match="m.jsonl:2: duplicate key 'a'"):
         list(write_shards(_read(tmp_path / "m.jsonl", skip_bad=False), tmp_path / "o"))
-    proc = run_cli([PY, "-m", "data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out",
+    proc = run_cli([PY, "-m", "tessera.data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out",
                     str(tmp_path / "o2"), "--skip-bad"])
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 samples into 1 shard(s); skipped 4" in proc.stdout
 
 
 def _read(path, skip_bad):
-    from data.make_shards import read_manifest
+    from tessera.data.make_shards import read_manifest
 
     return read_manifest(path, verify=False, skip_bad=skip_bad, counts={})
 
@@ -156,7 +156,7 @@ def test_make_shards_writes_audio_and_graph_entries(tmp_path):
     import soundfile
     import torch
 
-    from data import DECODERS
+    from tessera.data import DECODERS
 
     (tmp_path / "clips").mkdir()
     t = np.arange(8000) / 8000
@@ -189,7 +189,7 @@ def test_make_shards_writes_audio_and_graph_entries(tmp_path):
     # a graph file that does not decode is refused with --verify, naming the modality
     (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"graph": "bad.npz", "text": "broken"}))
-    from data.make_shards import read_manifest
+    from tessera.data.make_shards import read_manifest
 
     with pytest.raises(ManifestError, match="graph does not decode"):
         list(read_manifest(tmp_path / "bad.jsonl", verify=True, skip_bad=False, counts={}))

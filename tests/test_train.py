@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from models import load_model
-from train.checkpoint import resolve
+from tessera.models import load_model
+from tessera.train.checkpoint import resolve
 
 from .conftest import PY, TINY_MODEL, run_cli
 
@@ -29,7 +29,7 @@ def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=6",
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=6",
                                                                 "train.ckpt_every=3", "train.precision=bf16",
                                                                 f"eval.classes={demo_shards}/classes.json")])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
 def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
     """The exported model equals the checkpoint's fp32 master weights (bf16 training, ZeRO-1)."""
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=3",
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=3",
                                                                 "deepspeed.zero_stage=1", "data.val=[]")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -87,7 +87,7 @@ def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
 @pytest.mark.slow
 def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(
         demo_shards, out, "train.steps=8", "train.log_every=1", "train.lr=0.003", "data.val=[]",
         "loss.kind=siglip", "loss.tile_size=6", "model.init_logit_bias=-10", "model.init_temperature=0.1",
         "train.precision=fp32")])
@@ -107,7 +107,7 @@ def test_label_positives_from_cls_members(tmp_path):
 
     from PIL import Image
 
-    from data.make_shards import write_shards
+    from tessera.data.make_shards import write_shards
 
     colours = ["red", "green", "blue", "yellow"]
 
@@ -124,7 +124,7 @@ def test_label_positives_from_cls_members(tmp_path):
     args = tiny_run_args(tmp_path, out, "train.steps=4", "train.log_every=1", "data.val=[]",
                          "loss.positives=label", "loss.tile_size=4")
     args = [a for a in args if not a.startswith("data.train=")] + [f"data.train={tmp_path}/shards/shard-{{000000..000001}}.tar"]
-    proc = run_cli([PY, "-m", "train.pretrain", *args])
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert len(lines) == 4 and all(x["data"]["skipped"] == {} for x in lines)   # every sample's cls decoded
@@ -133,11 +133,11 @@ def test_label_positives_from_cls_members(tmp_path):
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
 def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     """ContrastiveTask passes scale, bias, labels and options through: its loss is the reference's."""
-    from models import ModelConfig, build_model
-    from models.configuration import from_dict
-    from train.config import LossConfig
-    from train.losses import contrastive_loss_reference
-    from train.task import ContrastiveTask
+    from tessera.models import ModelConfig, build_model
+    from tessera.config import from_dict
+    from tessera.train.config import LossConfig
+    from tessera.train.losses import contrastive_loss_reference
+    from tessera.train.task import ContrastiveTask
 
     bias = -10.0 if kind == "siglip" else None
     model = build_model(from_dict(ModelConfig, {**TINY_MODEL, "init_logit_bias": bias}, "model"))
@@ -158,7 +158,7 @@ def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):
-    from models.configuration import ConfigError
+    from tessera.config import ConfigError
 
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step00000004").mkdir(parents=True)
@@ -194,10 +194,10 @@ def test_tessera_console_script(demo_shards, tmp_path):
 
 @pytest.mark.slow
 def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
-    from data.make_shards import write_shards
+    from tessera.data.make_shards import write_shards
 
     write_shards(((f"k{i}", {"jpg": b"broken", "txt": b"x"}) for i in range(50)), tmp_path / "bad", "bad")
-    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
                     f"data.train={tmp_path}/bad/bad-000000.tar", "data.bad_check_after=20"])
     assert proc.returncode != 0
     assert "max_bad_fraction" in proc.stderr and "undecodable_image=" in proc.stderr
@@ -207,14 +207,14 @@ def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
 def test_lit_locking_zero3_accumulation_and_checkpointing(demo_shards, tmp_path):
     """ZeRO-3 + a locked image tower (LiT) + gradient accumulation + gradient checkpointing, exported."""
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "train.pretrain", *tiny_run_args(
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(
         demo_shards, out, "train.steps=3", "deepspeed.zero_stage=3", "train.lock=[image]", "train.grad_accum=2",
         "train.grad_checkpointing=true", "train.precision=fp32", "seed=5")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "eval" / "retrieval.json").read_text())["n"] == {"image-text": 480}  # eval under ZeRO-3
-    from models import ModelConfig, build_model
-    from models.configuration import from_dict
-    from train.loop import _seed
+    from tessera.models import ModelConfig, build_model
+    from tessera.config import from_dict
+    from tessera.train.loop import _seed
 
     _seed(5)  # the run's initial weights
     initial = build_model(from_dict(ModelConfig, TINY_MODEL, "model")).state_dict()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.zeroshot import (
+from tessera.eval.zeroshot import (
     ClassesError,
     build_classifier,
     classification_metrics,
@@ -54,7 +54,7 @@ def test_metrics_against_brute_force():
 
 
 def test_classifier_is_the_mean_of_normalised_template_embeddings(tiny_model_cfg):
-    from models import build_model
+    from tessera.models import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg)
@@ -69,12 +69,12 @@ def test_classifier_is_the_mean_of_normalised_template_embeddings(tiny_model_cfg
 
 @pytest.mark.slow
 def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
-    from models import build_model, save_model
+    from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "zs.json"
-    base = [PY, "-m", "eval.zeroshot", "--model", str(tmp_path / "model"), "--data", str(demo_shards / "val-000000.tar")]
+    base = [PY, "-m", "tessera.eval.zeroshot", "--model", str(tmp_path / "model"), "--data", str(demo_shards / "val-000000.tar")]
     proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -92,6 +92,6 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     assert proc.returncode == 2 and "must contain '{}'" in proc.stderr
     proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--modality", "audio"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
-    proc = run_cli([PY, "-m", "eval.zeroshot", "--model", str(tmp_path / "model"), "--data",
+    proc = run_cli([PY, "-m", "tessera.eval.zeroshot", "--model", str(tmp_path / "model"), "--data",
                     str(unlabelled_shard), "--classes", str(demo_shards / "classes.json")])
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.configuration import ConfigError
+from tessera.config import ConfigError
 
 from .distributed import DistInfo, barrier
 

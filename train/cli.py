@@ -15,31 +15,31 @@ import sys
 
 
 def _pretrain(argv):
-    from train.pretrain import main
+    from tessera.train.pretrain import main
 
     return main(argv)
 
 
 def _finetune(argv):
-    from train.finetune import main
+    from tessera.train.finetune import main
 
     return main(argv)
 
 
 def _make_shards(argv):
-    from data.make_shards import main
+    from tessera.data.make_shards import main
 
     return main(argv)
 
 
 def _demo_data(argv):
-    from data.demo import main
+    from tessera.data.demo import main
 
     return main(argv) or 0
 
 
 def _eval(argv):
-    tasks = {"retrieval": "eval.retrieval", "zeroshot": "eval.zeroshot", "linear-probe": "eval.linear_probe"}
+    tasks = {"retrieval": "tessera.eval.retrieval", "zeroshot": "tessera.eval.zeroshot", "linear-probe": "tessera.eval.linear_probe"}
     if not argv or argv[0] not in tasks:
         print(f"usage: tessera eval {{{','.join(tasks)}}} [options]", file=sys.stderr)
         return 2

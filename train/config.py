@@ -1,7 +1,7 @@
 """The pretraining configuration: one typed dataclass per component, loaded from a YAML recipe plus
 dotted `key=value` overrides.
 
-    python -m train.pretrain --config configs/demo.yaml train.steps=200 data.num_workers=1
+    python -m tessera.train.pretrain --config configs/demo.yaml train.steps=200 data.num_workers=1
 
 A recipe may start with `base: other.yaml` (relative to itself) to inherit and override another.
 """
@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
-from data.config import DataConfig
-from models.adapters import LoraConfig
-from models.config import ModelConfig
-from models.configuration import ConfigError, describe, from_dict, from_fields, require, set_dotted, to_dict
-from models.prompts import PromptConfig
+from tessera.data.config import DataConfig
+from tessera.models.adapters import LoraConfig
+from tessera.models.config import ModelConfig
+from tessera.config import ConfigError, describe, from_dict, from_fields, require, set_dotted, to_dict
+from tessera.models.prompts import PromptConfig
 
 
 @dataclass
@@ -182,7 +182,7 @@ class FinetuneConfig(PretrainConfig):
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> FinetuneConfig:
         """`model` comes from `base` (its config.yaml); a recipe may not set it."""
-        from models.export import read_model_config
+        from tessera.models.export import read_model_config
 
         data = dict(data or {})
         require(data.get("base"), "fine-tuning needs base=RUN_DIR/model, the exported model to start from")

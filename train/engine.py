@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.configuration import ConfigError
+from tessera.config import ConfigError
 
 from .config import PretrainConfig
 

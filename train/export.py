@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from models import MultiTowerModel, save_model
+from tessera.models import MultiTowerModel, save_model
 
 from .distributed import DistInfo, barrier
 
@@ -66,9 +66,9 @@ def export_adapter(engine, base: str, attach: Callable, out_dir: Path, dist: Dis
     and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a
     fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never onto the engine's module,
     whose frozen weights DeepSpeed may hold in bf16. A collective."""
-    from models import load_model
-    from models.adapters import load_adapter, merge_adapter, save_adapter
-    from models.prompts import save_prompts
+    from tessera.models import load_model
+    from tessera.models.adapters import load_adapter, merge_adapter, save_adapter
+    from tessera.models.prompts import save_prompts
 
     state = full_fp32_state_dict(engine)
     out = {"adapter": str(out_dir / "adapter")}

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data import SampleStats, expand_shards
-from data.make_shards import write_shards
-from data.pipeline import seeded_rng
-from data.shards import iter_raw_samples
-from models import pair_key
-from models.configuration import ConfigError
+from tessera.data import SampleStats, expand_shards
+from tessera.data.make_shards import write_shards
+from tessera.data.pipeline import seeded_rng
+from tessera.data.shards import iter_raw_samples
+from tessera.models import pair_key
+from tessera.config import ConfigError
 
 log = logging.getLogger(__name__)
 SHOTS_PREFIX = "shots"

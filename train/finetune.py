@@ -1,7 +1,7 @@
 """Fine-tune an exported model with adapters, through the pretraining loop and DeepSpeed engine.
 
-    python -m train.finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model [key=value ...]
-    torchrun --nproc_per_node 8 -m train.finetune --config ... base=RUN_DIR/model
+    python -m tessera.train.finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model [key=value ...]
+    torchrun --nproc_per_node 8 -m tessera.train.finetune --config ... base=RUN_DIR/model
 
 The model comes from `base` (an exported RUN_DIR/model); `adapter.kind=lora` trains LoRA adapters on the
 towers in `adapter.lora` (peft), `prompt` trains the prompts in `adapter.prompt` (CoOp context in the class
@@ -21,7 +21,7 @@ from .pretrain import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, FinetuneConfig, "python -m train.finetune", __doc__)
+    return run(argv, FinetuneConfig, "python -m tessera.train.finetune", __doc__)
 
 
 if __name__ == "__main__":

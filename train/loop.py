@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import (
+from tessera.data import (
     LABEL_PIPELINE,
     PerSourceLoader,
     SourceConfig,
@@ -21,13 +21,13 @@ from data import (
     to_device,
     train_loader,
 )
-from data.shards import shard_sizes
-from eval.retrieval import evaluate_pairs, summary_table, write_report
-from eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
-from models import build_model, load_model
-from models.adapters import apply_lora, parameter_counts
-from models.configuration import ConfigError
-from models.prompts import apply_prompts
+from tessera.data.shards import shard_sizes
+from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
+from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
+from tessera.models import build_model, load_model
+from tessera.models.adapters import apply_lora, parameter_counts
+from tessera.config import ConfigError
+from tessera.models.prompts import apply_prompts
 
 from . import checkpoint
 from .config import FinetuneConfig, PretrainConfig, dump_config

@@ -1,10 +1,10 @@
 """Pretrain a multi-tower contrastive model on tar shards.
 
-    python -m train.pretrain --config configs/demo.yaml [key=value ...]
-    torchrun --nproc_per_node 8 -m train.pretrain --config configs/vit-b-32.yaml data.train=... resume=latest
+    python -m tessera.train.pretrain --config configs/demo.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m tessera.train.pretrain --config configs/vit-b-32.yaml data.train=... resume=latest
 
 Overrides are dotted keys; values use YAML syntax (numbers, true/false, [lists], {mappings}).
-`python -m train.pretrain --help` lists every key with its default.
+`python -m tessera.train.pretrain --help` lists every key with its default.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data import DataQualityError, ShardError
-from eval.zeroshot import ClassesError
-from models.configuration import ConfigError
+from tessera.data import DataQualityError, ShardError
+from tessera.eval.zeroshot import ClassesError
+from tessera.config import ConfigError
 
 from .config import PretrainConfig, help_text, load_config
 
 
-def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "python -m train.pretrain",
+def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "python -m tessera.train.pretrain",
                doc: str | None = __doc__):
     parser = argparse.ArgumentParser(prog=prog, description=doc, epilog=help_text(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +50,7 @@ def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, PretrainConfig, "python -m train.pretrain", __doc__)
+    return run(argv, PretrainConfig, "python -m tessera.train.pretrain", __doc__)
 
 
 if __name__ == "__main__":

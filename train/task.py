@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from models import pair_key
+from tessera.models import pair_key
 
 from .config import LossConfig
 from .losses import contrastive_loss

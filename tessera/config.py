@@ -2,8 +2,8 @@
 
 Every component of Tessera describes its settings as a dataclass. This module turns nested dicts into
 those dataclasses, checking types and rejecting unknown keys with the closest valid key, and turns
-them back into plain dicts for writing `config.yaml`. It lives in `models/` because that is the bottom
-of the dependency graph: `data`, `train` and `eval` all use it.
+them back into plain dicts for writing `config.yaml`. It sits at the bottom of the import graph, in the package
+root, and imports nothing of Tessera's: `models`, `data`, `train` and `eval` all build on it.
 
 A field's help text is `field(metadata={"help": "..."})`; `describe()` renders it for `--help`.
 A dataclass can take over its own parsing with a `from_dict(cls, data, where)` classmethod and its own

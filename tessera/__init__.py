@@ -1,0 +1,9 @@
+"""Tessera: CLIP-style contrastive training of image, text, audio and graph towers in one embedding space.
+
+The package's parts install as subpackages of `tessera`, from the repository's top-level folders:
+`tessera.models` (models/), `tessera.data` (data/), `tessera.train` (train/) and `tessera.eval` (eval/).
+This root holds what all of them build on and nothing heavy: the typed-config machinery (`tessera.config`)
+and the table of modalities (`tessera.modalities`).
+"""
+
+__version__ = "0.1.0"
