@@ -1,15 +1,18 @@
-"""Tessera data: safe shard decoding, the webdataset pipeline, shard writing and the demo dataset."""
+"""Tessera data: safe shard decoding, the webdataset pipeline, shard writing and the demo dataset.
 
-from .audio import AudioDecoder
-from .config import DataConfig, SourceConfig
-from .decode import DECODERS, BadSample, Decoder
-from .graph import GraphDecoder
-from .loader import LABEL_PIPELINE, TrainLoader, eval_batches, to_device
+Imports nothing of `tessera.models`: a modality's decoder (`tessera.modalities`) is imported when a source needs it.
+"""
+
+from .config import DataConfig, SourceConfig, parse_sources
+from .decode import BadSample, Decoder, ManifestError, decoders
+from .label import LABEL
+from .loader import TrainLoader, eval_batches, to_device
 from .per_source import PerSourceLoader, train_loader
-from .shards import ShardError, expand_shards
+from .shards import ShardError, expand_shards, shard_sizes
 from .stats import DataQualityError, SampleStats
 
 __all__ = [
-    "AudioDecoder", "DECODERS", "LABEL_PIPELINE", "BadSample", "DataConfig", "DataQualityError", "Decoder", "GraphDecoder", "SampleStats", "ShardError",
-    "PerSourceLoader", "SourceConfig", "TrainLoader", "eval_batches", "expand_shards", "to_device", "train_loader",
+    "LABEL", "BadSample", "DataConfig", "DataQualityError", "Decoder", "ManifestError", "PerSourceLoader",
+    "SampleStats", "ShardError", "SourceConfig", "TrainLoader", "decoders", "eval_batches", "expand_shards",
+    "parse_sources", "shard_sizes", "to_device", "train_loader",
 ]

@@ -1,6 +1,6 @@
 """Audio members of shards, decoded with soundfile (no FFmpeg needed) to a mono float32 waveform and its rate.
 
-The waveform -> log-mel transform belongs to the audio encoders (`models/audio_features.py`), since its
+The waveform -> log-mel transform belongs to the audio encoders (`tessera.models.audio_features`), since its
 parameters (rate, clip length, mel bins) are part of the model's architecture.
 Shape legend: C channels, S samples.
 """
@@ -11,9 +11,10 @@ import io
 import math
 from typing import Any
 
+import soundfile
 import torch
 
-from .decode import DECODERS, BadSample, Decoder
+from .decode import BadSample, Decoder
 
 SILENCE = 1e-5   # peak amplitude below which a clip is silent
 
@@ -25,8 +26,6 @@ class AudioDecoder(Decoder):
     suffixes = ("flac", "wav", "ogg", "mp3")
 
     def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        import soundfile
-
         suffix = next(s for s in self.suffixes if s in sample)
         try:
             wave_SC, rate = soundfile.read(io.BytesIO(sample[suffix]), dtype="float32", always_2d=True)
@@ -42,6 +41,3 @@ class AudioDecoder(Decoder):
         if peak < SILENCE:
             raise BadSample("silent_audio")
         return wave_S, int(rate)
-
-
-DECODERS[AudioDecoder.modality] = AudioDecoder()

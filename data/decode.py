@@ -1,20 +1,20 @@
-"""Safe per-modality decoding of raw shard samples.
+"""Safe per-modality decoding of raw shard samples: the interface every modality's decoder implements.
 
 A raw sample is `{"__key__": str, "__url__": str, suffix: bytes, ...}` as webdataset groups it. Each
-modality has one decoder: it says which member suffixes it reads and turns their bytes into a Python
-value (a PIL image, a list of captions, ...), raising `BadSample(reason)` for what it cannot use.
+modality has one decoder (registered in `tessera.modalities`): it says which member suffixes it reads and
+turns their bytes into a Python value (a PIL image, a list of captions, ...), raising `BadSample(reason)` for
+what it cannot use. It also says how `make_shards` writes a manifest field of its modality.
 Nothing is ever unpickled: pickle-bearing members are never read (see `REJECTED_SUFFIXES`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import warnings
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from tessera import modalities
 
 # Members that would need pickle to read. They are dropped unread, and counted.
 REJECTED_SUFFIXES = frozenset({"pyd", "pth", "pt", "pkl", "pickle"})
@@ -28,18 +28,37 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def _decode_json(raw: bytes) -> Any:
+class ManifestError(ValueError):
+    """A `make_shards` manifest line that cannot be written; the message says what is wrong with it."""
+
+
+def decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadSample("bad_json", str(exc)) from None
 
 
+def file_suffix(path: Path) -> str:
+    """Everything after the first dot of the file name, as a shard member suffix."""
+    return path.name.split(".", 1)[1].lower() if "." in path.name else ""
+
+
+def read_member(field: str, value: Any, base: Path) -> bytes:
+    """The bytes of the file a manifest field names (relative to the manifest's folder)."""
+    try:
+        return (base / str(value)).read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read {field} file '{value}': {exc.strerror}") from None
+
+
 class Decoder:
-    """Base class. `suffixes` are in order of preference."""
+    """Base class. `suffixes` are in order of preference; `manifest_fields` are the manifest fields (besides the
+    modality's own name) whose values this modality writes."""
 
     modality: str = ""
     suffixes: tuple[str, ...] = ()
+    manifest_fields: tuple[str, ...] = ()
 
     def present(self, sample: dict[str, Any]) -> bool:
         return any(s in sample for s in self.suffixes)
@@ -59,72 +78,16 @@ class Decoder:
         """Every view of one sample, for evaluations that score them all (e.g. each caption as a query)."""
         return [value]
 
-
-class ImageDecoder(Decoder):
-    modality = "image"
-    suffixes = ("jpg", "jpeg", "png", "webp")
-
-    def decode(self, sample: dict[str, Any]) -> Image.Image:
-        raw = next(sample[s] for s in self.suffixes if s in sample)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(raw))
-                img.load()
-            return img.convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadSample("image_too_large", str(exc)) from None
-        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for unidentified or truncated data
-            raise BadSample("undecodable_image", str(exc)) from None
+    def members(self, field: str, value: Any, base: Path) -> dict[str, Any]:
+        """`make_shards`: one manifest field of this modality -> tar members `{suffix: bytes}`; a `json` member given
+        as a dict is merged into the sample's metadata. Default: `value` names a file whose suffix this modality
+        reads."""
+        suffix = file_suffix(Path(str(value)))
+        if suffix not in self.suffixes:
+            raise ManifestError(f"{field} file '{value}' has suffix '{suffix}'; {field} takes {self.suffixes}")
+        return {suffix: read_member(field, value, base)}
 
 
-class TextDecoder(Decoder):
-    """`txt` is one caption; `json` carries `caption` (str), `captions` (list) or `text` (str or list)."""
-
-    modality = "text"
-    suffixes = ("txt", "json")
-
-    def decode(self, sample: dict[str, Any]) -> list[str]:
-        captions: list[Any] = []
-        if "txt" in sample:
-            try:
-                captions = [sample["txt"].decode("utf-8")]
-            except UnicodeDecodeError:
-                raise BadSample("bad_text_encoding") from None
-        elif "json" in sample:
-            meta = _decode_json(sample["json"])
-            if not isinstance(meta, dict):
-                raise BadSample("bad_json", "json member is not an object")
-            for key in ("captions", "caption", "text"):
-                if key in meta:
-                    value = meta[key]
-                    captions = value if isinstance(value, list) else [value]
-                    break
-        cleaned = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-        if not cleaned:
-            raise BadSample("empty_text")
-        return cleaned
-
-    def pick(self, value: list[str], rng: random.Random) -> str:
-        return value[0] if len(value) == 1 else rng.choice(value)
-
-    def first(self, value: list[str]) -> str:
-        return value[0]
-
-    def views(self, value: list[str]) -> list[str]:
-        return list(value)
-
-
-class LabelDecoder(Decoder):
-    modality = "label"
-    suffixes = ("cls",)
-
-    def decode(self, sample: dict[str, Any]) -> int:
-        try:
-            return int(sample["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise BadSample("bad_label") from None
-
-
-# The modality -> decoder table. A new modality adds one decoder class and one entry here.
-DECODERS: dict[str, Decoder] = {d.modality: d for d in (ImageDecoder(), TextDecoder(), LabelDecoder())}
+def decoders(names: list[str] | tuple[str, ...]) -> dict[str, Decoder]:
+    """One decoder per modality name; a name no modality has is a `ConfigError` naming the known ones."""
+    return {name: modalities.decoder(name) for name in names}

@@ -32,9 +32,11 @@ import math
 import random
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
+import soundfile
 
-from .demo import COLORS, SHAPES, SIZES, _encode, render
+from .demo import COLORS, POSITIONS, SHAPES, SIZES, _encode, caption, render
 from .make_shards import write_shards
 
 RATES = (16000, 22050)
@@ -94,8 +96,6 @@ def synth(shape: str, color: str, size: str, rng: random.Random, rate: int, seco
 
 
 def encode_audio(wave: np.ndarray, rate: int, fmt: str) -> bytes:
-    import soundfile
-
     buf = io.BytesIO()
     soundfile.write(buf, wave, rate, format=fmt.upper(), **({"subtype": "VORBIS"} if fmt == "ogg" else {}))
     return buf.getvalue()
@@ -110,8 +110,6 @@ def _sound(combo, rng: random.Random) -> bytes:
 
 def graph_of(shape: str, color: str, size: str, rng: random.Random) -> dict[str, np.ndarray]:
     """{x, edge_index} of a graph of the shape's family; large graphs have about twice the nodes."""
-    import networkx as nx
-
     big = size == "large"
     if shape == "circle":
         g = nx.cycle_graph(rng.randint(12, 16) if big else rng.randint(5, 8))
@@ -201,7 +199,6 @@ def build(out: str | Path, per_source: int = 4000, triple: int = 1000, samples_p
     graphs[mid: mid + len(broken)] = broken
     sizes.update(write_shards(graphs, out, "graphs", samples_per_shard))
 
-    from .demo import POSITIONS, caption
 
     both = []
     for i in range(triple):

@@ -1,9 +1,10 @@
-"""Graph members of shards: `graph.npz`, `graph.json` and `smi` (SMILES), decoded to a PyG `Data`.
+"""Graph members of shards: `graph.npz`, `graph.json` and `smi` (SMILES), decoded to checked tensors.
 
-The decoded value is `Data(x, edge_index[, edge_attr])`: float features as float32, integer (categorical)
-features and `edge_index` as int64. What the encoder does with them (embedding, positional encodings)
-belongs to `models/graph.py`. Nothing is unpickled: `.npz` array headers are read first, so an object
-array (which would need pickle) or an oversized one is rejected before any of its data is read.
+The decoded value is a `Graph` of checked tensors `x, edge_index[, edge_attr]`: float features as float32, integer
+(categorical) features and `edge_index` as int64. The graph encoder's transform makes a PyG `Data` of it (and adds
+positional encodings), so reading graph shards needs no torch_geometric. Nothing is unpickled: `.npz` array
+headers are read first, so an object array (which would need pickle) or an oversized one is rejected before any
+of its data is read.
 Shape legend: N nodes, E edges, F node features, Fe edge features.
 """
 
@@ -14,18 +15,39 @@ import json
 import math
 import zipfile
 import zlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .decode import DECODERS, BadSample, Decoder
+from .decode import BadSample, Decoder, ManifestError, file_suffix, read_member
 
 MAX_GRAPH_ELEMENTS = 1 << 24   # per array (x, edge_index or edge_attr): 64 MiB of float32
 MAX_GRAPH_JSON_BYTES = 64 << 20  # a graph.json member is parsed into Python lists, ~10x its size
 MAX_SMILES_CHARS = 10_000
 FIELDS = ("x", "edge_index", "edge_attr")
 FEATURE_KINDS = "fiub"  # float, signed, unsigned, bool
+# manifest files are written under the decoder's suffixes by their last extension, whatever their own names
+FILE_SUFFIXES = {"npz": "graph.npz", "json": "graph.json", "smi": "smi"}
+
+
+@dataclass
+class Graph:
+    """A decoded graph: x [N, F], edge_index [2, E] (int64, pointing into x), edge_attr [E, Fe] or None."""
+
+    x: torch.Tensor
+    edge_index: torch.Tensor
+    edge_attr: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_edges(self) -> int:
+        return self.edge_index.shape[1]
 
 
 def _npz_arrays(raw: bytes) -> dict[str, np.ndarray]:
@@ -83,10 +105,8 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else np.int64))
 
 
-def graph_from_arrays(arrays: dict[str, np.ndarray]):
-    """Validate `x`, `edge_index`, optional `edge_attr` and build the `Data`; BadSample on anything wrong."""
-    from torch_geometric.data import Data
-
+def graph_from_arrays(arrays: dict[str, np.ndarray]) -> Graph:
+    """Validate `x`, `edge_index`, optional `edge_attr` and return them as a Graph; BadSample on anything wrong."""
     for key in ("x", "edge_index"):
         if key not in arrays:
             raise BadSample("undecodable_graph", f"no '{key}' array")
@@ -119,12 +139,13 @@ def graph_from_arrays(arrays: dict[str, np.ndarray]):
         t = out.get(key)
         if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
             raise BadSample("invalid_graph", f"'{key}' has non-finite values (as float32)")
-    return Data(**out)
+    return Graph(**out)
 
 
-def graph_from_smiles(raw: bytes):
+def graph_from_smiles(raw: bytes) -> Graph:
     """A `.smi` member (the SMILES, optionally followed by whitespace and a name) -> a molecular graph with
-    PyG's OGB-style categorical features: x long [N, 9] over heavy atoms, edge_attr long [E, 3]."""
+    PyG's OGB-style categorical features: x long [N, 9] over heavy atoms, edge_attr long [E, 3]. Needs RDKit, the
+    optional `chem` extra (imported here, for SMILES members only, with PyG's converter)."""
     try:
         tokens = raw.decode("utf-8").split()
     except UnicodeDecodeError:
@@ -138,7 +159,6 @@ def graph_from_smiles(raw: bytes):
         from rdkit import Chem, RDLogger
     except ImportError:
         raise BadSample("no_rdkit", "install rdkit to read .smi members") from None
-    from torch_geometric.data import Data
     from torch_geometric.utils import from_rdmol
 
     # `from_smiles` would turn an unparsable SMILES into an empty molecule; parse here to tell them apart.
@@ -152,7 +172,7 @@ def graph_from_smiles(raw: bytes):
         mol_data = from_rdmol(mol)
     except ValueError as exc:  # an atom or bond property outside PyG's feature vocabulary (x_map / e_map)
         raise BadSample("bad_smiles", f"{smiles[:100]}: {str(exc)[:100]}") from None
-    return Data(x=mol_data.x, edge_index=mol_data.edge_index, edge_attr=mol_data.edge_attr)
+    return Graph(mol_data.x, mol_data.edge_index, mol_data.edge_attr)
 
 
 class GraphDecoder(Decoder):
@@ -160,13 +180,27 @@ class GraphDecoder(Decoder):
 
     modality = "graph"
     suffixes = ("graph.npz", "graph.json", "smi")
+    manifest_fields = ("smiles",)
 
-    def decode(self, sample: dict[str, Any]):
+    def decode(self, sample: dict[str, Any]) -> Graph:
         suffix = next(s for s in self.suffixes if s in sample)
         raw = sample[suffix]
         if suffix == "smi":
             return graph_from_smiles(raw)
         return graph_from_arrays(_npz_arrays(raw) if suffix == "graph.npz" else _json_arrays(raw))
 
-
-DECODERS[GraphDecoder.modality] = GraphDecoder()
+    def members(self, field: str, value: Any, base: Path) -> dict[str, Any]:
+        """`graph`: a numpy archive (`*.npz`), a JSON file (`*.json`), a SMILES file (`*.smi`) or an inline object
+        `{x, edge_index, edge_attr}`; `smiles`: a SMILES string."""
+        if field == "smiles":
+            if not isinstance(value, str) or not value.strip():
+                raise ManifestError("'smiles' must be a non-empty string")
+            return {"smi": value.strip().encode("utf-8")}
+        if isinstance(value, dict):
+            return {"graph.json": json.dumps(value).encode("utf-8")}
+        path = Path(str(value))
+        suffix = FILE_SUFFIXES.get(path.suffix.lstrip(".").lower(), file_suffix(path))
+        if suffix not in self.suffixes:
+            raise ManifestError(f"{field} file '{value}' has suffix '{suffix}'; {field} takes .npz, .json or .smi "
+                                "files, or an inline {x, edge_index} object")
+        return {suffix: read_member(field, value, base)}

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from tessera.modalities import MODALITIES
+
 from .config import DataConfig, SourceConfig
-from .decode import DECODERS
+from .decode import decoders
 from .pipeline import ShardStream, Source, StreamSpec
 from .shards import ShardError, expand_shards, shard_sizes
 from .stats import DataQualityError, SampleStats
@@ -30,8 +32,8 @@ def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) 
     for src in sources:
         modalities = src.modalities or list(default_modalities)
         for m in modalities:
-            if m not in DECODERS:
-                raise ShardError(f"source '{src.name}': no decoder for modality '{m}' (known: {sorted(DECODERS)})")
+            if m not in MODALITIES:
+                raise ShardError(f"source '{src.name}': no decoder for modality '{m}' (known: {sorted(MODALITIES)})")
             if m not in default_modalities:
                 raise ShardError(f"source '{src.name}' requires '{m}', which the model has no tower for")
         try:
@@ -44,6 +46,11 @@ def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) 
                  src.weight, "+".join(modalities))
         out.append(Source(src.name or "source", urls, src.weight, modalities, sizes))
     return out
+
+
+def _decoders(sources: list[Source]) -> dict:
+    """The decoders of the modalities the sources carry, and no others (each imports what it needs)."""
+    return decoders(sorted({m for s in sources for m in s.modalities}))
 
 
 def plan_workers(sources: list[Source], requested: int, world: int, resampled: bool) -> int:
@@ -83,7 +90,7 @@ class TrainLoader:
         if cfg.resampled:
             per_worker = math.ceil(cfg.train_num_samples / (world * max(1, self.num_workers) * batch_size))
         self.spec = StreamSpec(
-            sources=sources, decoders=DECODERS, transforms=transforms, collators=collators, batch_size=batch_size,
+            sources=sources, decoders=_decoders(sources), transforms=transforms, collators=collators, batch_size=batch_size,
             seed=seed, rank=rank, world=world, train=True, resampled=cfg.resampled, batches_per_worker=per_worker,
             shuffle_buffer=cfg.shuffle_buffer, shuffle_initial=cfg.shuffle_initial, shard_shuffle=cfg.shard_shuffle,
             drop_last=True,
@@ -196,8 +203,8 @@ def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], c
                  stats: SampleStats | None = None, all_views: bool = False) -> Iterator[dict[str, Any]]:
     """One deterministic pass over held-out shards: no shuffling, nothing dropped, bad samples counted.
     With `all_views`, every caption of a sample is kept (batch["__views__"] counts them per sample)."""
-    spec = StreamSpec(sources=resolve_sources(sources, modalities), decoders=DECODERS, transforms=transforms,
-                      collators=collators, batch_size=batch_size, train=False, drop_last=False, all_views=all_views)
+    resolved = resolve_sources(sources, modalities)
+    spec = StreamSpec(sources=resolved, decoders=_decoders(resolved), transforms=transforms, collators=collators, batch_size=batch_size, train=False, drop_last=False, all_views=all_views)
     stats = stats if stats is not None else SampleStats()
     workers = min(num_workers, min(len(s.urls) for s in spec.sources))
     loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers)
@@ -211,8 +218,6 @@ def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], c
 def to_device(batch: Any, device, float_dtype=None) -> Any:
     """Move a collated batch (tensors, dicts of them, PyG graph batches) to `device`, casting floating
     tensors to `float_dtype` when given; integer tensors (token ids, edge indices) keep their dtype."""
-    import torch
-
     if isinstance(batch, torch.Tensor):
         if float_dtype is not None and batch.is_floating_point():
             return batch.to(device=device, dtype=float_dtype, non_blocking=True)
@@ -226,14 +231,3 @@ def to_device(batch: Any, device, float_dtype=None) -> Any:
         return copy.copy(batch).apply(lambda t: to_device(t, device, float_dtype))
     return batch
 
-
-def keep(value):
-    """The transform of a modality that needs none (class ids)."""
-    return value
-
-
-def collate_labels(labels: list[int]) -> torch.Tensor:
-    return torch.tensor(labels, dtype=torch.int64)
-
-
-LABEL_PIPELINE = {"transform": keep, "collate": collate_labels}

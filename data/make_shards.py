@@ -9,14 +9,10 @@ One manifest line per sample. Paths are relative to the manifest's directory.
     {"image": "img/0002.png", "captions": ["a cat", "a small cat"], "json": {"source": "x"}, "cls": 3}
 
 - `key` (optional): the sample key; default: the zero-padded line number. Keys may not contain '.'.
-- a modality name (`image`, ...): a file whose suffix that modality's decoder reads (jpg, png, ...).
-- `text`: one caption (written as `.txt`); `captions`: several (written into `.json`).
-- `json`: an object of metadata, written as `.json` (captions are merged into it).
-- `cls`: an integer class id.
-- `audio`: a flac, wav, ogg or mp3 file.
-- `graph`: a numpy archive (`*.npz`, written as `.graph.npz`), a JSON file (`*.json`, written as `.graph.json`)
-  or an inline object `{"x": [[...]], "edge_index": [[...], [...]], "edge_attr": [[...]]}`; `smiles`: a SMILES
-  string (written as `.smi`, a molecular graph when RDKit is installed).
+- `json`: an object of metadata, written as `.json` (captions given as `captions` are merged into it).
+- every other field belongs to a modality: the modality's name, whose value is a file that modality's decoder
+  reads (an image for `image`, a flac/wav/ogg/mp3 file for `audio`, ...), or one of the modality's own fields
+  (`text`, `captions`, `cls`, `smiles`, inline graphs). `--help` lists them, as each modality declares them.
 
     {"audio": "clips/0003.flac", "text": "a dog barks twice"}
     {"graph": "mols/0004.npz", "text": "a six-membered ring"}
@@ -36,15 +32,11 @@ from typing import Any
 
 from webdataset.writer import TarWriter
 
-from .decode import DECODERS, REJECTED_SUFFIXES, BadSample
+from tessera.modalities import MODALITIES
 
-TEXT_FIELDS = ("text", "captions", "json", "cls", "key", "smiles")
-# graph files are written under the graph decoder's two-part suffixes, whatever their own names
-GRAPH_SUFFIXES = {"npz": "graph.npz", "json": "graph.json", "smi": "smi"}
+from .decode import REJECTED_SUFFIXES, BadSample, Decoder, ManifestError, decoders
 
-
-class ManifestError(ValueError):
-    pass
+GENERIC_FIELDS = ("key", "json")   # the sample key, and metadata; every other field belongs to a modality
 
 
 def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], out_dir: str | Path, prefix: str = "shard",
@@ -87,72 +79,64 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], out_dir: str |
     return sizes
 
 
-def _file_suffix(path: Path) -> str:
-    return path.name.split(".", 1)[1].lower() if "." in path.name else ""
+def field_decoders() -> dict[str, Decoder]:
+    """Manifest field -> the decoder of the modality that writes it: each modality's name and its own fields."""
+    out = {}
+    for name, decoder in decoders(list(MODALITIES)).items():
+        for field in (name, *decoder.manifest_fields):
+            out[field] = decoder
+    return out
 
 
-def record_members(record: dict[str, Any], base: Path, verify: bool = False) -> dict[str, bytes]:
+def record_members(record: dict[str, Any], base: Path, verify: bool = False,
+                   fields: dict[str, Decoder] | None = None) -> dict[str, bytes]:
     """One manifest record -> its tar members `{suffix: bytes}`."""
+    fields = field_decoders() if fields is None else fields
     members: dict[str, bytes] = {}
     meta: dict[str, Any] = {}
-    for field, value in record.items():
-        if field in TEXT_FIELDS:
-            continue
-        if field not in DECODERS:
-            raise ManifestError(f"unknown field '{field}' (modalities: {sorted(DECODERS)}; text fields: {TEXT_FIELDS})")
-        if field == "graph" and isinstance(value, dict):
-            members["graph.json"] = json.dumps(value).encode("utf-8")
-            continue
-        path = base / str(value)
-        suffix = _file_suffix(path)
-        if field == "graph":
-            suffix = GRAPH_SUFFIXES.get(path.suffix.lstrip(".").lower(), suffix)
-        decoder = DECODERS[field]
-        if suffix not in decoder.suffixes:
-            raise ManifestError(f"{field} file '{value}' has suffix '{suffix}'; {field} takes {decoder.suffixes}")
-        if suffix in REJECTED_SUFFIXES:
-            raise ManifestError(f"'{value}': {suffix} files need pickle and are never written")
-        try:
-            members[suffix] = path.read_bytes()
-        except OSError as exc:
-            raise ManifestError(f"cannot read {field} file '{value}': {exc.strerror}") from None
-    if "text" in record:
-        if not isinstance(record["text"], str) or not record["text"].strip():
-            raise ManifestError("'text' must be a non-empty string")
-        members["txt"] = record["text"].encode("utf-8")
     if "json" in record:
         if not isinstance(record["json"], dict):
             raise ManifestError("'json' must be an object")
         meta.update(record["json"])
-    if "captions" in record:
-        caps = record["captions"]
-        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise ManifestError("'captions' must be a non-empty list of non-empty strings")
-        meta["captions"] = caps
+    for field, value in record.items():
+        if field in GENERIC_FIELDS:
+            continue
+        if field not in fields:
+            raise ManifestError(f"unknown field '{field}' (fields: {sorted([*fields, *GENERIC_FIELDS])})")
+        for suffix, content in fields[field].members(field, value, base).items():
+            if suffix == "json":
+                meta.update(content)
+                continue
+            if suffix in REJECTED_SUFFIXES:
+                raise ManifestError(f"'{value}': {suffix} files need pickle and are never written")
+            members[suffix] = content
     if meta:
         members["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    if "smiles" in record:
-        if not isinstance(record["smiles"], str) or not record["smiles"].strip():
-            raise ManifestError("'smiles' must be a non-empty string")
-        members["smi"] = record["smiles"].strip().encode("utf-8")
-    if "cls" in record:
-        if isinstance(record["cls"], bool) or not isinstance(record["cls"], int):
-            raise ManifestError("'cls' must be an integer")
-        members["cls"] = str(record["cls"]).encode()
     if not members:
         raise ManifestError("record has no content")
     if verify:
-        for modality, decoder in DECODERS.items():
+        for decoder in {id(d): d for d in fields.values()}.values():
             if decoder.present(members):
                 try:
                     decoder.decode(members)
                 except BadSample as exc:
-                    raise ManifestError(f"{modality} does not decode: {exc}") from None
+                    raise ManifestError(f"{decoder.modality} does not decode: {exc}") from None
     return members
+
+
+def fields_help() -> str:
+    """The manifest fields of every modality, as their decoders describe them."""
+    lines = ["manifest fields by modality:"]
+    for name, decoder in decoders(list(MODALITIES)).items():
+        fields = ", ".join(f"`{f}`" for f in dict.fromkeys((name, *decoder.manifest_fields)))
+        doc = " ".join((type(decoder).members.__doc__ or Decoder.members.__doc__).split())
+        lines.append(f"  {name} ({fields}; members {', '.join(decoder.suffixes)}): {doc}")
+    return "\n".join(lines)
 
 
 def read_manifest(path: Path, verify: bool, skip_bad: bool, counts: dict[str, int]) -> Iterator[tuple[str, dict]]:
     keys: set[str] = set()
+    fields = field_decoders()
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -166,7 +150,7 @@ def read_manifest(path: Path, verify: bool, skip_bad: bool, counts: dict[str, in
                     raise ManifestError(f"key '{key}' may not be empty or contain '.' or '/'")
                 if key in keys:
                     raise ManifestError(f"duplicate key '{key}'")
-                members = record_members(record, path.parent, verify)
+                members = record_members(record, path.parent, verify, fields)
             except (json.JSONDecodeError, ManifestError) as exc:
                 if not skip_bad:
                     raise ManifestError(f"{path}:{lineno}: {exc}") from None
@@ -179,7 +163,7 @@ def read_manifest(path: Path, verify: bool, skip_bad: bool, counts: dict[str, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tessera.data.make_shards", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tessera.data.make_shards", description=__doc__, epilog=fields_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, type=Path, help="JSONL file, one sample per line")
     parser.add_argument("--out", required=True, type=Path, help="output directory for shards and sizes.json")

@@ -10,6 +10,10 @@ from contextlib import contextmanager
 
 import torch
 
+from tessera import modalities
+from tessera.models import ConfigError, load_model
+from tessera.models.adapters import load_adapter, merge_adapter
+
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with --model, --batch-size and --workers; the caller adds its own."""
@@ -24,14 +28,10 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace):
     """(model, device): the exported model (with --adapter merged into it) on the GPU when there is one."""
-    from tessera.models import ConfigError, load_model
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = load_model(args.model, device=device)
         if getattr(args, "adapter", None):
-            from tessera.models.adapters import load_adapter, merge_adapter
-
             model = merge_adapter(load_adapter(model, args.adapter)).eval()
     except ConfigError as exc:   # a bad model or adapter directory: say which, exit 2 like argparse
         sys.stderr.write(f"error: {exc}\n")
@@ -60,3 +60,10 @@ def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[s
         raise ValueError(f"no evaluation source carries {'+'.join(modalities)} (sources: "
                          + ", ".join(f"{s.name}: {'+'.join(s.modalities or ['?'])}" for s in sources) + ")")
     return picked
+
+
+def default_classified(model) -> str:
+    """The modality a classification tool takes when none is named: the model's first tower that does not encode
+    the class prompts."""
+    language = modalities.language(model.modalities)
+    return next((m for m in model.modalities if m != language), model.modalities[0])

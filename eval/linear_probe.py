@@ -19,8 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tessera.data.config import parse_sources
-from tessera.data.stats import SampleStats
+from tessera.data import SampleStats, parse_sources
 
 from . import common
 from .zeroshot import classification_metrics, embed_labelled
@@ -74,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.linear_probe", __doc__)
     parser.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
     parser.add_argument("--test", required=True, nargs="+", help="labelled test shard spec(s)")
-    parser.add_argument("--modality", default="image")
+    parser.add_argument("--modality", help="the modality to probe; default: the model's first tower that does not "
+                        "encode class prompts")
     parser.add_argument("--weight-decays", default=",".join(str(w) for w in WEIGHT_DECAYS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
     model, device = common.load(args)
+    args.modality = args.modality or common.default_classified(model)
     stats = SampleStats()
     try:
         splits = [embed_labelled(model, parse_sources(spec, name), args.modality, args.batch_size, device, None,

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-from tessera.data import SampleStats, SourceConfig, eval_batches, to_device
-from tessera.data.config import parse_sources
+from tessera.data import SampleStats, SourceConfig, eval_batches, parse_sources, to_device
 from tessera.models import MultiTowerModel
 
 from . import common
@@ -61,8 +62,6 @@ def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Seque
           device: torch.device | str = "cpu", dtype: torch.dtype | None = None, num_workers: int = 0,
           stats: SampleStats | None = None, all_views: bool = True, progress: bool = False) -> Embedded:
     """Embeddings of every sample that carries all of `modalities` (and, with `all_views`, of every caption)."""
-    from tqdm import tqdm
-
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     owners: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     n = 0
@@ -261,10 +260,8 @@ def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[
 
 
 def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))   # no pyplot: no global backend
+    ax = fig.subplots()
     for name, ys in sorted(curves.items()):
         ax.plot(range(1, len(ys) + 1), ys, label=name)
     ax.set_xlabel("K")
@@ -274,26 +271,29 @@ def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.retrieval", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
-    parser.add_argument("--query", default="text")
-    parser.add_argument("--target", default="image")
+    parser.add_argument("--query", help="query modality; default (with --target unset): every pair the model "
+                        "was trained on, both directions")
+    parser.add_argument("--target", help="target modality")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and its plot and markdown beside it)")
     args = parser.parse_args(argv)
 
+    if (args.query is None) != (args.target is None):
+        parser.error("give both --query and --target, or neither (every pair the model was trained on)")
     model, device = common.load(args)
-    for m in (args.query, args.target):
+    pairs = [(args.query, args.target)] if args.query else model.pairs
+    for m in (m for pair in pairs for m in pair):
         if m not in model.modalities:
             parser.error(f"the model has no '{m}' tower (it has {model.modalities})")
-    if args.query == args.target:
+    if args.query is not None and args.query == args.target:
         parser.error("--query and --target must be two different modalities")
     try:
-        result = evaluate_pairs(model, parse_sources(args.data, "--data"), [(args.query, args.target)],
-                                args.batch_size, device, None, args.workers, progress=True)
+        result = evaluate_pairs(model, parse_sources(args.data, "--data"), pairs, args.batch_size, device, None,
+                                args.workers, progress=True)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_retrieval", **result}

@@ -1,10 +1,12 @@
-"""Zero-shot classification of any modality the model encodes, with class-name prompts through its text tower.
+"""Zero-shot classification of any modality the model encodes, with class-name prompts through the tower that
+encodes prompts (the language modality of `tessera.modalities`: text).
 
     python -m tessera.eval.zeroshot --model RUN_DIR/model --data "val-{000000..000003}.tar" --modality image \\
         --classes classes.json --out results.json
 
 `classes.json` is `{"classnames": [...], "templates": ["a photo of a {}.", ...]}`; `"templates": "imagenet"`
-uses open_clip's 80 OpenAI ImageNet templates. Labels are each sample's `cls` member: an index into classnames.
+uses open_clip's 80 OpenAI ImageNet templates; without templates, the classified modality's own default template
+(`tessera.modalities`: "a photo of a {}." for images, "the sound of a {}." for audio, the bare name otherwise). Labels are each sample's `cls` member: an index into classnames.
 The classifier is open_clip's: per class, the mean of its L2-normalised template embeddings, renormalised
 (`open_clip.zero_shot_classifier.build_zero_shot_classifier`). Metrics as CLIP_benchmark names them: `acc1`,
 `acc5`, `mean_per_class_recall`; beside them their chance levels, and a confusion matrix PNG (`<out>_confusion.png`).
@@ -18,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from tessera.data import LABEL_PIPELINE, SampleStats, SourceConfig, eval_batches, to_device
-from tessera.data.config import parse_sources
+from tessera import modalities
+from tessera.data import LABEL, SampleStats, SourceConfig, eval_batches, parse_sources, to_device
+from tessera.data.label import collate_labels, keep
 from tessera.models import MultiTowerModel
 
 from . import common
@@ -30,8 +36,9 @@ class ClassesError(ValueError):
     pass
 
 
-def read_classes(path: str | Path) -> tuple[list[str], list[str]]:
-    """classnames and templates from classes.json, checked."""
+def read_classes(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """classnames and templates from classes.json, checked; templates are None where the file gives none (the
+    classified modality's default template applies, see `templates_for`)."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -41,9 +48,10 @@ def read_classes(path: str | Path) -> tuple[list[str], list[str]]:
     names = doc["classnames"]
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ClassesError(f"{path}: every classname must be a non-empty string")
-    templates = doc.get("templates", ["{}"])
+    templates = doc.get("templates")
+    if templates is None:
+        return names, None
     if templates == "imagenet":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
         return names, [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if not isinstance(templates, list) or not templates:
         raise ClassesError(f"{path}: 'templates' must be a non-empty list of strings (or \"imagenet\")")
@@ -53,35 +61,45 @@ def read_classes(path: str | Path) -> tuple[list[str], list[str]]:
     return names, templates
 
 
-class _TextTowerAsCLIP:
+def templates_for(modality: str, templates: list[str] | None) -> list[str]:
+    """The templates of classes.json, or the classified modality's default one."""
+    return templates if templates is not None else [modalities.modality(modality).template]
+
+
+def prompt_modality(model: MultiTowerModel) -> str:
+    """The model's tower that encodes class prompts; a ValueError when it has none."""
+    language = modalities.language(model.modalities)
+    if language is None:
+        raise ValueError(f"zero-shot classification writes class prompts in text; the model has {model.modalities}")
+    return language
+
+
+class _PromptTowerAsCLIP:
     """What open_clip's classifier builder calls: encode_text(tokens, normalize=True)."""
 
     def __init__(self, model: MultiTowerModel):
-        self.model = model
+        self.model, self.modality = model, prompt_modality(model)
 
     def encode_text(self, tokens, normalize: bool = True):
-        return self.model.encode("text", tokens, normalize=normalize)
+        return self.model.encode(self.modality, tokens, normalize=normalize)
 
 
 @torch.no_grad()
 def build_classifier(model: MultiTowerModel, classnames: list[str], templates: list[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """(D, C) zero-shot weights from class prompts (with a prompt adapter's learned context, when it has one)."""
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
-    if "text" not in model.modalities:
-        raise ValueError(f"zero-shot classification prompts the text tower; the model has {model.modalities}")
+    language = prompt_modality(model)
     learner = getattr(model, "prompt_learner", None)
-    if learner is not None and learner.has_text_context:   # CoOp: learned context + class name, no templates
+    if learner is not None and learner.has_context:   # CoOp: learned context + class name, no templates
         with common.eval_mode(model):
             return learner.class_features(model, classnames).float().cpu().T
-    transform, collate = model.transforms(False)["text"], model.collators()["text"]
+    transform, collate = model.transforms(False)[language], model.collators()[language]
 
     def tokenizer(texts: list[str]):
         return collate([transform(t) for t in texts])
 
     with common.eval_mode(model):
-        weights = build_zero_shot_classifier(_TextTowerAsCLIP(model), tokenizer, classnames, templates,
+        weights = build_zero_shot_classifier(_PromptTowerAsCLIP(model), tokenizer, classnames, templates,
                                              num_classes_per_batch=10, device=device)
     return weights.float().cpu()
 
@@ -93,13 +111,13 @@ def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality
     """(N, D) normalised embeddings and (N,) `cls` labels of every sample carrying both."""
     if modality not in model.modalities:
         raise ValueError(f"the model has no '{modality}' tower (it has {model.modalities})")
-    transforms = {modality: model.transforms(False)[modality], "label": LABEL_PIPELINE["transform"]}
-    collators = {modality: model.collators()[modality], "label": LABEL_PIPELINE["collate"]}
+    transforms = {modality: model.transforms(False)[modality], LABEL: keep}
+    collators = {modality: model.collators()[modality], LABEL: collate_labels}
     feats, labels = [], []
     with common.eval_mode(model):
-        for batch in eval_batches(common.sources_with(sources, [modality], ["label"]), transforms, collators,
-                                  [modality, "label"], batch_size, num_workers, stats):
-            labels.append(batch["label"])
+        for batch in eval_batches(common.sources_with(sources, [modality], [LABEL]), transforms, collators,
+                                  [modality, LABEL], batch_size, num_workers, stats):
+            labels.append(batch[LABEL])
             feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
     if not feats:
         raise ValueError(f"no sample in {[s.shards for s in sources]} carries both '{modality}' and a `cls` label")
@@ -125,10 +143,12 @@ def confusion_matrix(pred_N: torch.Tensor, labels_N: torch.Tensor, n_classes: in
 
 
 def evaluate_zeroshot(model: MultiTowerModel, sources: list[SourceConfig], modality: str, classnames: list[str],
-                      templates: list[str], batch_size: int, device: torch.device | str = "cpu",
+                      templates: list[str] | None, batch_size: int, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None, num_workers: int = 0) -> dict[str, Any]:
+    """Metrics, chance levels and the confusion matrix of classifying `modality` by class prompts (`templates`, or
+    the modality's default template when None)."""
     stats = SampleStats()
-    weights_DC = build_classifier(model, classnames, templates, device)
+    weights_DC = build_classifier(model, classnames, templates_for(modality, templates), device)
     feats_ND, labels_N = embed_labelled(model, sources, modality, batch_size, device, dtype, num_workers, stats)
     logits = feats_ND @ weights_DC
     metrics = classification_metrics(logits, labels_N)
@@ -139,13 +159,11 @@ def evaluate_zeroshot(model: MultiTowerModel, sources: list[SourceConfig], modal
 
 
 def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     cm = torch.tensor(confusion, dtype=torch.float64)
     cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     C = len(classnames)
-    fig, ax = plt.subplots(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))
+    fig = Figure(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))   # no pyplot: no global backend
+    ax = fig.subplots()
     im = ax.imshow(cm.numpy(), vmin=0, vmax=1, cmap="Blues")
     if C <= 40:
         ax.set_xticks(range(C), classnames, rotation=90, fontsize=7)
@@ -155,13 +173,13 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.zeroshot", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
-    parser.add_argument("--modality", default="image", help="the modality to classify")
+    parser.add_argument("--modality", help="the modality to classify; default: the model's first tower that does not "
+                        "encode the prompts")
     parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and the confusion matrix beside it)")
     args = parser.parse_args(argv)
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClassesError as exc:
         parser.error(str(exc))
     model, device = common.load(args)
+    args.modality = args.modality or common.default_classified(model)
     try:
         result = evaluate_zeroshot(model, parse_sources(args.data, "--data"), args.modality, classnames, templates,
                                    args.batch_size, device, None, args.workers)

@@ -24,12 +24,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from transformers import AutoConfig
+
+from tessera.config import ConfigError, require, to_dict
 
 from .audio_features import AudioConfig, AudioTransform
-from tessera.config import ConfigError, require, to_dict
 from .encoder import Encoder
-from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
+from .hf_common import build_hf_model, hf_lora_targets, require_local_source, set_hf_grad_checkpointing
 
 __all__ = ["AST_SIZES", "ASTConfig", "ASTEncoder", "HFAudioConfig", "HFAudioEncoder"]
 
@@ -111,10 +114,10 @@ class ASTEncoder(Encoder):
     any clip length and mel count work; the position embeddings cover the padded grid.
     """
 
+    config_cls = ASTConfig
+
     def __init__(self, cfg: ASTConfig, embed_dim: int):
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
         self.cfg = cfg
         width, depth, heads = cfg.arch
         (ph, pw), m, f = cfg.patch, cfg.audio.n_mels, cfg.audio.frames
@@ -143,6 +146,9 @@ class ASTEncoder(Encoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
+
+    def lora_targets(self) -> list[str]:
+        return ["qkv", "proj", "fc1", "fc2"]   # timm's attention and MLP projections
 
 
 @dataclass
@@ -200,10 +206,10 @@ def _check_hf_config(hf_cfg: Any, cfg: HFAudioConfig, source: str) -> None:
 class HFAudioEncoder(Encoder):
     """A `transformers` audio model's last hidden states, pooled -> (B, hidden_size)."""
 
+    config_cls = HFAudioConfig
+
     def __init__(self, cfg: HFAudioConfig, embed_dim: int):
         super().__init__()
-        from transformers import AutoConfig
-
         self.cfg = cfg
         config = dict(cfg.config)
         if cfg.path is None and cfg.inputs == "mel":   # fill the fields the model's config has from the audio config
@@ -243,3 +249,6 @@ class HFAudioEncoder(Encoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_hf_grad_checkpointing(self.model, enable)
+
+    def lora_targets(self) -> list[str]:
+        return hf_lora_targets(self.model)

@@ -10,10 +10,12 @@ Shape legend: S samples, M mel bins, F frames, K crops.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torchaudio
 
 from tessera.config import from_fields, require
 
@@ -77,8 +79,6 @@ class AudioTransform:
     """
 
     def __init__(self, cfg: AudioConfig, is_train: bool, features: Literal["mel", "waveform"] = "mel"):
-        import torchaudio
-
         require(features in ("mel", "waveform"), f"audio features '{features}' is not one of ['mel', 'waveform']")
         self.cfg, self.is_train, self.features = cfg, is_train, features
         self.mel = torchaudio.transforms.MelSpectrogram(
@@ -102,10 +102,6 @@ class AudioTransform:
         """torchaudio's `Resample` for one input rate, kept: it builds its windowed-sinc kernel once, where the
         functional form rebuilds it on every call, at more than the cost of resampling (3.8 vs 0.3 ms measured,
         1 s at 22.05 kHz -> 16 kHz). The few rates a dataset uses are kept; odd ones fall back to the functional."""
-        import functools
-
-        import torchaudio
-
         if rate in self._resamplers:
             return self._resamplers[rate]
         if len(self._resamplers) >= MAX_RESAMPLERS:

@@ -7,36 +7,43 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tessera import modalities
 from tessera.config import ConfigError, closest, from_dict, require, to_dict
+
 from .heads import HeadConfig
-from .registry import ENCODERS, EncoderSpec
 
 
 @dataclass
 class TowerConfig:
-    """`{encoder: NAME, head: {...}, **the encoder's own config}` in YAML."""
+    """`{encoder: NAME, head: {...}, **the encoder's own config}` in YAML; NAME is registered in
+    `tessera.modalities`, under the modality it encodes."""
 
     encoder: str
     params: Any = None
     head: HeadConfig = field(default_factory=HeadConfig)
 
     @property
-    def spec(self) -> EncoderSpec:
-        return ENCODERS[self.encoder]
+    def modality(self) -> str:
+        return modalities.encoder_names()[self.encoder]
+
+    @property
+    def encoder_cls(self) -> type:
+        return modalities.encoder_class(self.encoder)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> TowerConfig:
         if isinstance(data, TowerConfig):
             return data
+        names = modalities.encoder_names()
         if not isinstance(data, dict) or "encoder" not in data:
-            raise ConfigError(f"{where}: a tower needs 'encoder', one of {sorted(ENCODERS)}")
+            raise ConfigError(f"{where}: a tower needs 'encoder', one of {sorted(names)}")
         data = dict(data)
         name = data.pop("encoder")
-        if name not in ENCODERS:
-            raise ConfigError(f"{where}.encoder: unknown encoder '{name}'.{closest(str(name), ENCODERS)}"
-                              f" Registered: {sorted(ENCODERS)}")
+        if name not in names:
+            raise ConfigError(f"{where}.encoder: unknown encoder '{name}'.{closest(str(name), names)}"
+                              f" Registered: {sorted(names)}")
         head = from_dict(HeadConfig, data.pop("head", {}), f"{where}.head")
-        params = from_dict(ENCODERS[name].config_cls, data, where)
+        params = from_dict(modalities.encoder_class(name).config_cls, data, where)
         return cls(encoder=name, params=params, head=head)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +65,8 @@ class ModelConfig:
         "help": "which modality pairs the loss aligns when model.pairs is not given: anchor = every modality "
                 "with the anchor (ImageBind/LanguageBind: one hub), all_pairs = every two towers"})
     anchor: str | None = field(default=None, metadata={
-        "help": "the hub modality of pairing=anchor; default: text when there is a text tower, else the first"})
+        "help": "the hub modality of pairing=anchor; default: the language tower (text) when there is one, else "
+                "the first"})
     pairs: list[tuple[str, str]] | None = field(
         default=None, metadata={"help": "explicit modality pairs the loss aligns, each with its own temperature; "
                                         "overrides pairing"})
@@ -72,9 +80,9 @@ class ModelConfig:
         require(self.embed_dim > 0, f"model.embed_dim must be positive, got {self.embed_dim}")
         require(len(self.towers) >= 1, "model.towers is empty: add e.g. image: {encoder: open_clip_image}")
         for name, tower in self.towers.items():
-            require(tower.spec.modality == name,
-                    f"model.towers.{name}: encoder '{tower.encoder}' encodes '{tower.spec.modality}'; "
-                    f"put it under towers.{tower.spec.modality}")
+            require(tower.modality == name,
+                    f"model.towers.{name}: encoder '{tower.encoder}' encodes '{tower.modality}'; "
+                    f"put it under towers.{tower.modality}")
         for a, b in self.pairs or []:
             for m in (a, b):
                 require(m in self.towers, f"model.pairs: '{m}' has no tower.{closest(m, self.towers)}")
@@ -101,7 +109,7 @@ class ModelConfig:
         """The anchor modality of pairing=anchor."""
         if self.anchor is not None:
             return self.anchor
-        return "text" if "text" in self.towers else next(iter(self.towers))
+        return modalities.language(list(self.towers)) or next(iter(self.towers))
 
     @property
     def init_logit_scale(self) -> float:

@@ -3,24 +3,67 @@
 An encoder maps one modality's collated batch to `(B, output_dim)` features. It also owns what turns a
 decoded sample of its modality into a model input (`transform`: an image transform, a tokenizer, ...)
 and how those inputs stack into a batch (`collate`), because both depend on the encoder's
-architecture (image size, vocabulary, context length). `data/` calls them without importing models.
+architecture (image size, vocabulary, context length). `tessera.data` calls them without importing models.
+
+An encoder declares what adapters need to know of its insides, so that no adapter inspects a tower from outside:
+- `lora_targets()`: the module names LoRA adapts by default; `lora_unreachable()`: modules whose weights the
+  tower reads without calling them (LoRA there would never run);
+- `context_site()`: where learned context goes in its prompts (CoOp, peft prompt tuning), if it encodes prompts,
+  and `context_kind`, which of the two it is, known without building the tower;
+- `token_site()`: where learned input tokens go (VPT), if it takes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from tessera.config import to_dict
 
+ALL_LINEAR = "all-linear"   # LoRA target: every Linear and MultiheadAttention module of a tower
+
+
+@dataclass
+class SplicedContext:
+    """CoOp: a prompt is tokenized with placeholder words at `offset` (after <BOS>), and while class prompts are
+    encoded the output of `embedding` (B, T, W) at those positions is replaced by the learned context."""
+
+    embedding: nn.Module                             # the token embedding, whose output takes the context
+    tokenize: Callable[[str], torch.Tensor]          # one prompt -> the tower's input ids
+    word_ids: Callable[[str], torch.Tensor]          # words -> their token ids, no special tokens
+    offset: int = 1
+
+
+@dataclass
+class PrefixContext:
+    """peft prompt tuning: learned virtual tokens in front of every input of a transformers model, the owner's
+    `attribute`, which `peft.get_peft_model` wraps in place."""
+
+    owner: nn.Module
+    attribute: str
+    word_ids: Callable[[str], torch.Tensor]          # words -> their token ids, no special tokens
+
+
+@dataclass
+class TokenSite:
+    """VPT-shallow: learned tokens of width `width` enter after the first token of `insert_after`'s output
+    (B, 1 + P, W), and leave again from `remove_after`'s output, before the tower pools."""
+
+    width: int
+    insert_after: nn.Module
+    remove_after: nn.Module
+
 
 class Encoder(nn.Module):
-    """Base class: subclasses set `cfg` and `output_dim`, and implement `forward` and `transform`."""
+    """Base class: subclasses set `config_cls`, `cfg` and `output_dim`, and implement `forward` and `transform`."""
 
+    config_cls: ClassVar[type]   # its typed config: a tower's YAML keys besides `encoder` and `head`
+    context_kind: ClassVar[str | None] = None   # "spliced" (SplicedContext) or "prefix" (PrefixContext)
     cfg: Any
     output_dim: int
 
@@ -49,3 +92,17 @@ class Encoder(nn.Module):
         if "pretrained" in params:
             params["pretrained"] = None
         return params
+
+    def lora_targets(self) -> list[str]:
+        """Module names (the last name component) LoRA adapts by default, or [ALL_LINEAR]."""
+        return [ALL_LINEAR]
+
+    def lora_unreachable(self) -> tuple[str, ...]:
+        """Name prefixes of modules whose weights the tower passes to functional calls instead of running them."""
+        return ()
+
+    def context_site(self) -> SplicedContext | PrefixContext | None:
+        return None
+
+    def token_site(self) -> TokenSite | None:
+        return None

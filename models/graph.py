@@ -121,7 +121,9 @@ def _check_columns(t: torch.Tensor, name: str, cfg_key: str, cfg: GraphEncoderCo
 
 
 class GraphTransform:
-    """Decoded `Data` -> the model input `Data` (x, edge_index, edge features if used, random-walk PE).
+    """A decoded graph (anything with tensors `x`, `edge_index` and `edge_attr` or None: the `Graph` that
+    `tessera.data` decodes, or a PyG `Data`) -> the model input `Data` (x, edge_index, edge features if used,
+    random-walk PE).
 
     Checks the feature widths and dtypes against the config (a mismatch is a ValueError naming the key
     to set), makes float features float32, and drops what the encoder does not read. Picklable.
@@ -131,15 +133,15 @@ class GraphTransform:
         self.cfg = cfg
         self.add_pe = AddRandomWalkPE(cfg.rw_steps, attr_name=PE_ATTR) if cfg.rw_steps else None
 
-    def __call__(self, data: Data) -> Data:
+    def __call__(self, graph: Any) -> Data:
         cfg = self.cfg
-        if getattr(data, "x", None) is None or data.x.dim() != 2:
+        if getattr(graph, "x", None) is None or graph.x.dim() != 2:
             raise ValueError("a graph sample needs x [N, F]")
-        x = _check_columns(data.x, "x", "in_dim", cfg, cfg.in_dim, OGB_ATOM_VOCAB)
-        edge_index_2E = data.edge_index.long()
+        x = _check_columns(graph.x, "x", "in_dim", cfg, cfg.in_dim, OGB_ATOM_VOCAB)
+        edge_index_2E = graph.edge_index.long()
         out = Data(x=x, edge_index=edge_index_2E)
         if cfg.uses_edges:
-            edge_attr = getattr(data, "edge_attr", None)
+            edge_attr = getattr(graph, "edge_attr", None)
             if edge_attr is None:
                 if edge_index_2E.shape[1]:
                     raise ValueError(f"graph has edges but no edge_attr, and arch: {cfg.arch} reads edge "
@@ -184,7 +186,9 @@ class GraphBlock(nn.Module):
 
 
 class GraphEncoder(Encoder):
-    """A PyG `Batch` of G graphs -> (G, output_dim) pooled node embeddings."""
+    """A PyG `Batch` of G graphs -> (G, output_dim) pooled node embeddings. LoRA adapts every Linear (the default)."""
+
+    config_cls = GraphEncoderConfig
 
     def __init__(self, cfg: GraphEncoderConfig, embed_dim: int):
         super().__init__()

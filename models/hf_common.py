@@ -7,7 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA_TARGETS
+from transformers import AutoConfig, AutoModel
+
 from tessera.config import require
+
+# LoRA targets of a model type peft has no preset for: the usual attention projection names
+HF_FALLBACK_TARGETS = ["query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj", "dense"]
 
 
 def require_local_source(name: str, path: str | None, config: dict[str, Any], examples: str) -> None:
@@ -26,8 +32,6 @@ def build_hf_model(path: str | None, config: dict[str, Any], load_weights: bool,
                    check: Callable[[Any], None] = lambda hf_cfg: None) -> tuple[Any, Any]:
     """(model, its HF config) from a local directory (its weights unless `load_weights` is false) or from an
     in-code config; `check(hf_cfg)` runs before any weight is loaded."""
-    from transformers import AutoConfig, AutoModel
-
     if path is not None:
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         check(hf_cfg)
@@ -45,3 +49,8 @@ def set_hf_grad_checkpointing(model: Any, enable: bool) -> None:
         model.gradient_checkpointing_enable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def hf_lora_targets(model: Any) -> list[str]:
+    """peft's own LoRA targets for the model's type (its attention projections)."""
+    return list(PEFT_LORA_TARGETS.get(model.config.model_type, HF_FALLBACK_TARGETS))

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer
+from transformers import AutoTokenizer
 
 from tessera.config import ConfigError, require, to_dict
-from .encoder import Encoder
-from .hf_common import build_hf_model, require_local_source, set_hf_grad_checkpointing
+
+from .encoder import Encoder, PrefixContext
+from .hf_common import build_hf_model, hf_lora_targets, require_local_source, set_hf_grad_checkpointing
 
 BPE_VOCAB = 49408
 
@@ -53,13 +56,9 @@ class HFTokenize:
         self.max_length = cfg.max_length
         tok_dir = cfg.tokenizer_dir()
         if tok_dir:
-            from transformers import AutoTokenizer
-
             self.hf = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
             self.bpe = None
         else:
-            from open_clip.tokenizer import SimpleTokenizer
-
             self.hf = None
             self.bpe = SimpleTokenizer(context_length=cfg.max_length)
 
@@ -70,11 +69,22 @@ class HFTokenize:
         ids = self.bpe([text])[0]
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
+    def word_ids(self, words: str) -> torch.Tensor:
+        """The words' token ids, without the tokenizer's special tokens and padding."""
+        if self.hf is not None:
+            return torch.tensor(self.hf(words, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = self.bpe([words])[0]   # open_clip's BPE: <BOS> words <EOT> 0 ...
+        return ids[1:int((ids != 0).sum()) - 1]
+
 
 class HFTextEncoder(Encoder):
+    """A `transformers` text model's last hidden states, pooled over the real tokens -> (B, hidden_size)."""
+
+    context_kind = "prefix"
+    config_cls = HFTextConfig
+
     def __init__(self, cfg: HFTextConfig, embed_dim: int):
         super().__init__()
-
         self.cfg = cfg
         config = dict(cfg.config)
         if cfg.path is None and cfg.tokenizer_dir() is None:   # open_clip's BPE tokenizer: its vocabulary
@@ -103,10 +113,16 @@ class HFTextEncoder(Encoder):
         self.model.config.save_pretrained(sub)
         tok_dir = self.cfg.tokenizer_dir()
         if tok_dir:
-            from transformers import AutoTokenizer
-
             AutoTokenizer.from_pretrained(tok_dir, local_files_only=True).save_pretrained(sub)
         return {**to_dict(self.cfg), "path": "./hf_text", "config": {}, "tokenizer": None, "load_weights": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_hf_grad_checkpointing(self.model, enable)
+
+    def lora_targets(self) -> list[str]:
+        return hf_lora_targets(self.model)
+
+    def context_site(self) -> PrefixContext:
+        """peft prompt tuning: virtual tokens in front of every input (class prompts and captions alike); the
+        pooling skips them."""
+        return PrefixContext(self, "model", self.transform(False).word_ids)

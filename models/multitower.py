@@ -26,7 +26,7 @@ class MultiTowerModel(nn.Module):
         self.towers = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for modality, tower_cfg in cfg.towers.items():
-            encoder: Encoder = tower_cfg.spec.encoder_cls(tower_cfg.params, cfg.embed_dim)
+            encoder: Encoder = tower_cfg.encoder_cls(tower_cfg.params, cfg.embed_dim)
             self.towers[modality] = encoder
             self.heads[modality] = build_head(tower_cfg.head, encoder.output_dim, cfg.embed_dim)
         # Stored as log(1/T), as in CLIP; clamped in forward rather than after each optimiser step so that

@@ -4,56 +4,66 @@ prompt tuning for Hugging Face text towers. Only the prompts train; the base sta
     from tessera.models.prompts import PromptConfig, apply_prompts, save_prompts, load_prompts
     model = apply_prompts(load_model("runs/base/model"), PromptConfig(context=4, visual_tokens=8), classnames)
     ...train (model.prompt_learner.class_features(model, classnames) is the zero-shot classifier)...
-    save_prompts(model, "runs/x/adapter")     # prompt_config.json + prompt_model.safetensors (+ text/ for peft)
+    save_prompts(model, "runs/x/adapter")     # prompt_config.json + prompt_model.safetensors (+ peft_prompt/)
     model = load_prompts(load_model("runs/base/model"), "runs/x/adapter")
 
-What each part does, by tower:
-- `context: M` on an open_clip text tower (CoOp): class c's prompt is "<BOS> v_1 ... v_M <classname>. <EOT>", the
-  M vectors v learned in the token-embedding space; shared by every class, or one set per class
-  (`class_specific`). They replace the embeddings of M placeholder words while the tower runs, so open_clip's own
+Where prompts go is declared by each tower's encoder (`Encoder.context_site`, `Encoder.token_site`); this module
+never looks inside a tower. The context goes to the tower that encodes class prompts (the language modality of
+`tessera.modalities`), VPT tokens to every other tower that takes them:
+- `context: M`, spliced (open_clip's text tower, CoOp): class c's prompt is "<BOS> v_1 ... v_M <classname>. <EOT>",
+  the M vectors v learned in the token-embedding space; shared by every class, or one set per class
+  (`class_specific`). They replace the embeddings of M placeholder words while the tower runs, so the tower's own
   forward (positions, causal mask, EOT pooling) is used unchanged. They only enter the class prompts, i.e. the
   zero-shot classifier: captions encoded for retrieval are untouched. Shared context also classifies class names
   it never saw.
-- `context: M` on a Hugging Face text tower: peft's prompt tuning, M virtual tokens prepended to every input of
-  the tower (class prompts and captions alike); pooling skips them. Saved in peft's own format under `text/`.
-- `visual_tokens: N` on an open_clip ViT image tower (VPT-shallow): N learned tokens inserted after the class
-  token, after the positional embedding, seen by every layer; they are dropped again after the transformer, so the
-  tower pools (class token, average, or attention pool) over the same tokens as before.
+- `context: M`, as a prefix (a Hugging Face text tower): peft's prompt tuning, M virtual tokens prepended to every
+  input of the tower (class prompts and captions alike); pooling skips them. Saved in peft's own format.
+- `visual_tokens: N` (open_clip's ViT, VPT-shallow): N learned tokens inserted after the class token, after the
+  positional embedding, seen by every layer; they are dropped again after the transformer, so the tower pools
+  (class token, average, or attention pool) over the same tokens as before.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import peft
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tessera import modalities
 from tessera.config import ConfigError, from_dict, require, to_dict
+
+from .encoder import PrefixContext, SplicedContext
+from .freeze import freeze_norm_statistics
 
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_model.safetensors"
-HF_SUBDIR = "text"
+PEFT_SUBDIR = "peft_prompt"
 PLACEHOLDER = "X"
 
 
 @dataclass
 class PromptConfig:
     context: int = field(default=4, metadata={
-        "help": "learned context tokens in the text tower's class prompts (CoOp; peft prompt tuning on a Hugging "
-                "Face text tower); 0: none"})
+        "help": "learned context tokens in the class prompts of the tower that encodes them (CoOp in open_clip's "
+                "text tower; peft prompt tuning in a Hugging Face text tower); 0: none"})
     class_specific: bool = field(default=False, metadata={
-        "help": "one context per class (CoOp's CSC) instead of one shared by all classes; open_clip text towers"})
+        "help": "one context per class (CoOp's CSC) instead of one shared by all classes; spliced context only"})
     init: str | None = field(default=None, metadata={
         "help": "words whose token embeddings initialise the context, e.g. 'a photo of a' (their token count "
                 "must equal context); default: random, std init_std"})
     visual_tokens: int = field(default=0, metadata={
-        "help": "VPT-shallow: prompt tokens inserted into an open_clip ViT image tower's input; 0: none"})
+        "help": "VPT-shallow: prompt tokens inserted into the input of every tower that takes them (open_clip "
+                "ViTs); 0: none"})
     init_std: float = field(default=0.02, metadata={"help": "std of randomly initialised prompt vectors"})
     visual_lr_scale: float = field(default=1.0, metadata={
         "help": "the VPT tokens' learning rate as a multiple of train.lr (they tolerate a smaller one than the "
-                "text context)"})
+                "context)"})
 
     def __post_init__(self):
         require(self.context >= 0 and self.visual_tokens >= 0, "prompt.context and prompt.visual_tokens must be >= 0")
@@ -64,38 +74,14 @@ class PromptConfig:
         require(self.visual_lr_scale > 0, "prompt.visual_lr_scale must be positive")
 
 
-def _open_clip_text(model) -> nn.Module | None:
-    tower = model.towers["text"] if "text" in model.towers else None
-    inner = getattr(tower, "tower", None)
-    return inner if inner is not None and hasattr(inner, "token_embedding") else None
+def _encoders(model) -> dict[str, str]:
+    return {m: t.encoder for m, t in model.cfg.towers.items()}
 
 
-def _hf_text(model) -> nn.Module | None:
-    tower = model.towers["text"] if "text" in model.towers else None
-    return tower if tower is not None and model.cfg.towers["text"].encoder == "hf_text" else None
-
-
-def _vit(model) -> nn.Module | None:
-    tower = model.towers["image"] if "image" in model.towers else None
-    inner = getattr(tower, "tower", None)
-    needed = ("patch_dropout", "class_embedding", "transformer", "conv1")
-    return inner if inner is not None and all(hasattr(inner, a) for a in needed) else None
-
-
-def _tokenize(model, texts: list[str]) -> torch.Tensor:
-    tokenize = model.towers["text"].transform(False)
-    return torch.stack([tokenize(t) for t in texts])
-
-
-def _context_tokens(model, cfg: PromptConfig) -> tuple[str, int]:
-    """The words standing in for the context in every prompt, and how many tokens they are."""
-    words = cfg.init if cfg.init is not None else " ".join([PLACEHOLDER] * cfg.context)
-    ids = _tokenize(model, [words])[0]
-    n = int((ids != 0).sum()) - 2   # minus <BOS> and <EOT>
-    if n != cfg.context:
-        raise ConfigError(f"prompt.init '{cfg.init}' is {n} tokens for the text tower's tokenizer, but prompt.context "
-                          f"is {cfg.context}: make them agree")
-    return words, n
+def _check_init_length(cfg: PromptConfig, ids: torch.Tensor) -> None:
+    if len(ids) != cfg.context:
+        raise ConfigError(f"prompt.init '{cfg.init}' is {len(ids)} tokens for the text tower's tokenizer, but "
+                          f"prompt.context is {cfg.context}: make them agree")
 
 
 class PromptLearner(nn.Module):
@@ -105,109 +91,117 @@ class PromptLearner(nn.Module):
         super().__init__()
         self.cfg, self.classnames = cfg, list(classnames) if classnames else None
         self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.language = modalities.language(model.modalities)
         self.context_words = None
+        self._spliced: SplicedContext | None = None
+        self.prefix: PrefixContext | None = None
         if cfg.context:
-            if _open_clip_text(model) is not None:
-                self._init_text_context(model, cfg)
-            elif _hf_text(model) is not None:
-                require(not cfg.class_specific, "prompt.class_specific applies to open_clip text towers; a Hugging "
-                                                "Face text tower takes peft's prompt tuning, whose context is shared")
-                _apply_hf_prompt_tuning(model, cfg)
+            site = model.towers[self.language].context_site() if self.language else None
+            if isinstance(site, SplicedContext):
+                self._init_spliced_context(site, cfg)
+            elif isinstance(site, PrefixContext):
+                require(not cfg.class_specific, "prompt.class_specific needs spliced context (open_clip's text tower); "
+                                                "a Hugging Face text tower takes peft's prompt tuning, whose context "
+                                                "is shared")
+                _apply_prefix_context(site, cfg)
+                self.prefix = site
             else:
-                raise ConfigError("prompt.context needs a text tower (open_clip_text or hf_text); the model's towers "
-                                  f"are {({m: t.encoder for m, t in model.cfg.towers.items()})}")
+                raise ConfigError("prompt.context needs a tower that encodes class prompts and says where context "
+                                  f"goes (open_clip_text, hf_text); the model's towers are {_encoders(model)}")
         if cfg.visual_tokens:
-            vit = _vit(model)
-            if vit is None:
-                image = model.cfg.towers["image"].encoder if "image" in model.towers else None
-                raise ConfigError("prompt.visual_tokens (VPT) needs an open_clip ViT image tower; this model's image "
-                                  f"tower is {image or 'absent'}" + (" (not a ViT)" if image else ""))
-            width = vit.class_embedding.shape[-1]
-            self.visual_prompts = nn.Parameter(torch.randn(cfg.visual_tokens, width) * cfg.init_std)
-            # the hooks live as long as the tower: the prompts are part of the model from now on
-            vit.patch_dropout.register_forward_hook(self._insert_visual)
-            vit.transformer.register_forward_hook(self._drop_visual)
-
-    # --- text: CoOp ---
-    def _init_text_context(self, model, cfg: PromptConfig) -> None:
-        require(not cfg.class_specific or self.classnames,
-                "prompt.class_specific needs the class names (fewshot.classes or eval.classes)")
-        self.context_words, n = _context_tokens(model, cfg)
-        embedding = _open_clip_text(model).token_embedding
-        if cfg.init is not None:
-            with torch.no_grad():
-                ids = _tokenize(model, [cfg.init])[0, 1:1 + n]
-                start = embedding(ids.to(embedding.weight.device)).float().cpu()
-        else:
-            start = torch.randn(n, embedding.weight.shape[1]) * cfg.init_std
-        if cfg.class_specific:
-            start = start.unsqueeze(0).repeat(len(self.classnames), 1, 1)
-        self.text_context = nn.Parameter(start)
+            sites = {m: t.token_site() for m, t in model.towers.items() if m != self.language}
+            sites = {m: s for m, s in sites.items() if s is not None}
+            if not sites:
+                raise ConfigError("prompt.visual_tokens (VPT) needs a tower that takes input tokens (an open_clip "
+                                  f"ViT image tower); this model's towers are {_encoders(model)}")
+            self.visual_prompts = nn.ParameterDict({
+                m: nn.Parameter(torch.randn(cfg.visual_tokens, s.width) * cfg.init_std) for m, s in sites.items()})
+            # the hooks live as long as the towers: the prompts are part of the model from now on
+            for m, site in sites.items():
+                site.insert_after.register_forward_hook(functools.partial(self._insert_visual, m))
+                site.remove_after.register_forward_hook(functools.partial(self._drop_visual, m))
 
     @property
-    def has_text_context(self) -> bool:
-        return hasattr(self, "text_context")
+    def towers(self) -> list[str]:
+        """The towers these prompts enter."""
+        spliced_or_prefix = [self.language] if self.cfg.context else []
+        return [*spliced_or_prefix, *getattr(self, "visual_prompts", {})]
 
-    def _prompts(self, model, classnames: list[str]) -> torch.Tensor:
+    # --- context spliced into the class prompts: CoOp ---
+    def _init_spliced_context(self, site: SplicedContext, cfg: PromptConfig) -> None:
+        require(not cfg.class_specific or self.classnames,
+                "prompt.class_specific needs the class names (fewshot.classes or eval.classes)")
+        self._spliced = site
+        self.context_words = cfg.init if cfg.init is not None else " ".join([PLACEHOLDER] * cfg.context)
+        ids = site.word_ids(self.context_words)
+        _check_init_length(cfg, ids)
+        embedding = site.embedding
+        if cfg.init is not None:
+            with torch.no_grad():
+                start = embedding(ids.to(embedding.weight.device)).float().cpu()
+        else:
+            start = torch.randn(len(ids), embedding.weight.shape[1]) * cfg.init_std
+        if cfg.class_specific:
+            start = start.unsqueeze(0).repeat(len(self.classnames), 1, 1)
+        self.context = nn.Parameter(start)
+
+    @property
+    def has_context(self) -> bool:
+        """Whether the class prompts carry learned context (and so replace the templates of classes.json)."""
+        return self._spliced is not None
+
+    def _prompts(self, classnames: list[str]) -> torch.Tensor:
         key = tuple(classnames)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = _tokenize(model, [f"{self.context_words} {c}." for c in classnames])
+            self._prompt_cache[key] = torch.stack([self._spliced.tokenize(f"{self.context_words} {c}.")
+                                                   for c in classnames])
         return self._prompt_cache[key]
 
     def class_features(self, model, classnames: list[str], normalize: bool = True) -> torch.Tensor:
-        """(C, D) text embeddings of the class prompts with the learned context in them: the zero-shot classifier."""
-        if not self.has_text_context:
-            raise ValueError("this prompt adapter learned no text context")
+        """(C, D) embeddings of the class prompts with the learned context in them: the zero-shot classifier."""
+        if not self.has_context:
+            raise ValueError("this prompt adapter learned no context for class prompts")
         if self.cfg.class_specific and list(classnames) != self.classnames:
             raise ValueError(f"this adapter learned one context per class for {len(self.classnames)} classes "
                              f"({self.classnames[:5]}...); it cannot classify other class names")
-        ctx = self.text_context
-        tokens = self._prompts(model, classnames).to(ctx.device)
-        n = ctx.shape[-2]
+        ctx = self.context
+        tokens = self._prompts(classnames).to(ctx.device)
+        n, start = ctx.shape[-2], self._spliced.offset
 
         def splice(module, inputs, out):
             context = ctx.to(out.dtype)
             context = context.expand(out.shape[0], -1, -1) if context.dim() == 2 else context
-            return torch.cat([out[:, :1], context, out[:, 1 + n:]], dim=1)
+            return torch.cat([out[:, :start], context, out[:, start + n:]], dim=1)
 
-        handle = _open_clip_text(model).token_embedding.register_forward_hook(splice)
+        handle = self._spliced.embedding.register_forward_hook(splice)
         try:
-            return model.encode("text", tokens, normalize=normalize)
+            return model.encode(self.language, tokens, normalize=normalize)
         finally:
             handle.remove()
 
-    # --- image: VPT-shallow ---
-    def _insert_visual(self, module, inputs, x):
-        prompts = self.visual_prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+    # --- input tokens: VPT-shallow ---
+    def _insert_visual(self, modality: str, module, inputs, x):
+        prompts = self.visual_prompts[modality].to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
 
-    def _drop_visual(self, module, inputs, x):
-        n = self.visual_prompts.shape[0]
+    def _drop_visual(self, modality: str, module, inputs, x):
+        n = self.visual_prompts[modality].shape[0]
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
 
 
-def _apply_hf_prompt_tuning(model, cfg: PromptConfig) -> None:
-    """peft's prompt tuning on the tower's transformers model, initialised from word embeddings (init) or small
+def _apply_prefix_context(site: PrefixContext, cfg: PromptConfig) -> None:
+    """peft's prompt tuning on the site's transformers model, initialised from word embeddings (init) or small
     random vectors."""
-    import peft
-
-    tower = model.towers["text"]
-    hf = tower.model
+    hf = getattr(site.owner, site.attribute)
     peft_cfg = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=cfg.context,
                                        token_dim=hf.get_input_embeddings().weight.shape[1])
-    tower.model = peft.get_peft_model(hf, peft_cfg)
-    weight = tower.model.prompt_encoder["default"].embedding.weight
+    wrapped = peft.get_peft_model(hf, peft_cfg)
+    setattr(site.owner, site.attribute, wrapped)
+    weight = wrapped.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         if cfg.init is not None:   # the init words' embeddings, without the tokenizer's special tokens
-            tokenize = tower.transform(False)
-            if tokenize.hf is not None:
-                ids = torch.tensor(tokenize.hf(cfg.init, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            else:   # open_clip's BPE: <BOS> words <EOT> 0 ...
-                ids = tokenize.bpe([cfg.init])[0]
-                ids = ids[1:int((ids != 0).sum()) - 1]
-            if len(ids) != cfg.context:
-                raise ConfigError(f"prompt.init '{cfg.init}' is {len(ids)} tokens for the text tower's tokenizer, but "
-                                  f"prompt.context is {cfg.context}: make them agree")
+            ids = site.word_ids(cfg.init)
+            _check_init_length(cfg, ids)
             weight.copy_(hf.get_input_embeddings()(ids).float())
         else:
             weight.normal_(0.0, cfg.init_std)
@@ -217,8 +211,6 @@ def apply_prompts(model, cfg: PromptConfig, classnames: list[str] | None = None)
     """`model` (a MultiTowerModel, changed in place) with learnable prompts attached as `model.prompt_learner`
     (and, for a Hugging Face text tower, peft's prompt tuning in the tower); only the prompts are trainable, and
     batch-norm statistics stay fixed."""
-    from .adapters import freeze_norm_statistics
-
     if getattr(model, "prompt_learner", None) is not None:
         raise ConfigError("the model already carries prompts")
     model.requires_grad_(False)
@@ -234,20 +226,19 @@ def prompt_parameters(model) -> dict[str, torch.Tensor]:
 
 
 def save_prompts(model, out_dir: str | Path) -> list[Path]:
-    """prompt_config.json + prompt_model.safetensors (+ text/: peft's prompt-tuning adapter of a Hugging Face text
-    tower); returns the files."""
-    from safetensors.torch import save_file
-
+    """prompt_config.json + prompt_model.safetensors (+ peft_prompt/: peft's prompt-tuning adapter of a Hugging Face
+    text tower); returns the files."""
     learner: PromptLearner = model.prompt_learner
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     own = {n: p.detach().float().cpu().contiguous() for n, p in learner.named_parameters()}
     if own:
         save_file(own, str(out_dir / WEIGHTS_FILE))
-    if _hf_text(model) is not None and learner.cfg.context:
-        model.towers["text"].model.save_pretrained(out_dir / HF_SUBDIR)
+    if learner.prefix is not None:
+        getattr(learner.prefix.owner, learner.prefix.attribute).save_pretrained(out_dir / PEFT_SUBDIR)
+    encoders = _encoders(model)
     doc = {"tessera_adapter": "prompt", "prompt": to_dict(learner.cfg), "classnames": learner.classnames,
-           "towers": {m: t.encoder for m, t in model.cfg.towers.items()}}
+           "towers": {m: encoders[m] for m in learner.towers}}
     tmp = out_dir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out_dir / CONFIG_FILE)
@@ -261,8 +252,6 @@ def is_prompt_adapter(adapter_dir: str | Path) -> bool:
 def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` with the prompts saved at `adapter_dir` attached. Prompts made for another base (another tower
     kind, or another width) are a ConfigError that names the difference."""
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     try:
         doc = json.loads((adapter_dir / CONFIG_FILE).read_text())
@@ -271,11 +260,11 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
         cfg = from_dict(PromptConfig, {**doc["prompt"], "init": None}, "prompt")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"'{adapter_dir}' is not a prompt adapter directory ({exc})") from None
-    towers = {m: t.encoder for m, t in model.cfg.towers.items()}
+    encoders = _encoders(model)
     for m, encoder in doc.get("towers", {}).items():
-        if m in ("text", "image") and towers.get(m) != encoder:
+        if encoders.get(m) != encoder:
             raise ConfigError(f"prompt adapter '{adapter_dir}' was made for a '{encoder}' {m} tower; this model's is "
-                              f"{towers.get(m) or 'absent'}")
+                              f"{encoders.get(m) or 'absent'}")
     model = apply_prompts(model, cfg, doc.get("classnames"))
     learner: PromptLearner = model.prompt_learner
     if (adapter_dir / WEIGHTS_FILE).is_file():
@@ -290,13 +279,10 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
                                   f"needs {list(own[name].shape)} (made for another base?)")
             with torch.no_grad():
                 own[name].copy_(value)
-    if _hf_text(model) is not None and cfg.context:
-        import peft
-
-        hf_dir = adapter_dir / HF_SUBDIR
-        state = load_file(str(hf_dir / "adapter_model.safetensors"))
+    if learner.prefix is not None:
+        state = load_file(str(adapter_dir / PEFT_SUBDIR / "adapter_model.safetensors"))
         try:
-            peft.set_peft_model_state_dict(model.towers["text"].model, state)
+            peft.set_peft_model_state_dict(getattr(learner.prefix.owner, learner.prefix.attribute), state)
         except RuntimeError as exc:
             raise ConfigError(f"prompt adapter '{adapter_dir}' does not fit this text tower: "
                               f"{str(exc).splitlines()[0][:300]}") from None

@@ -10,7 +10,7 @@ webdataset's tar iterator), so reading costs every row the same; only what follo
   `np.load(allow_pickle=False)` (or `json.loads` for the demo's graph.json members);
 - raw decode + transform: the bare library's value through the same transform object Tessera uses, without
   Tessera's decoder or its per-sample RNG (what the transform itself costs);
-- Tessera decode: `DECODERS[m].decode(sample)`, with its validation;
+- Tessera decode: the modality's decoder's `decode(sample)` (`tessera.modalities.decoder(m)`), with its validation;
 - Tessera decode+transform: what a loader worker does per sample (`ShardStream._decode`): the decoder and
   the encoder's train transform, under the per-sample seeded RNG (`sample_randomness`);
 - Tessera ShardStream: the whole worker path, `ShardStream(StreamSpec(train=True))` iterated in-process:
@@ -173,10 +173,10 @@ def to_input(modality: str, value):
         return torch.from_numpy(wave if wave.ndim == 1 else wave.mean(1)), rate
     if modality == "graph":
         import numpy as np
-        from torch_geometric.data import Data
 
-        return Data(x=torch.from_numpy(value["x"].astype(np.float32)),
-                    edge_index=torch.from_numpy(value["edge_index"].astype(np.int64)))
+        from tessera.data.graph import Graph
+
+        return Graph(torch.from_numpy(value["x"].astype(np.float32)), torch.from_numpy(value["edge_index"].astype(np.int64)))
     return value
 
 
@@ -185,15 +185,16 @@ def to_input(modality: str, value):
 def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     """{name: (transform, collate)} of small encoders of the benchmarked configs (only the transforms matter:
     the image one depends on the image size alone, the audio one on the audio config)."""
-    from tessera.models import open_clip_towers as oc
     from tessera.models.audio import ASTConfig, ASTEncoder
     from tessera.models.audio_features import AudioConfig
     from tessera.models.graph import GraphEncoder, GraphEncoderConfig
+    from tessera.models.open_clip_image import OpenClipImageConfig, OpenClipImageEncoder
+    from tessera.models.open_clip_text import OpenClipTextConfig, OpenClipTextEncoder
 
-    image = oc.OpenClipImageEncoder(oc.OpenClipImageConfig(
+    image = OpenClipImageEncoder(OpenClipImageConfig(
         model="ViT-B-32", overrides={"image_size": image_size, "width": 64, "layers": 1, "head_width": 32}),
         64)
-    text = oc.OpenClipTextEncoder(oc.OpenClipTextConfig(
+    text = OpenClipTextEncoder(OpenClipTextConfig(
         model="ViT-B-32", overrides={"width": 64, "layers": 1, "heads": 2}), 64)
     audio_cfg = AudioConfig.from_dict(dict(AUDIO_CONFIGS[audio_config]))
     audio = ASTEncoder(ASTConfig(audio=audio_cfg, width=64, depth=1, heads=2), 64)
@@ -217,17 +218,18 @@ def _raw_samples(urls: list[str], limit: int | None):
 
 
 def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, batch_size: int) -> dict:
-    from tessera.data.decode import DECODERS, BadSample
+    from tessera.data.decode import BadSample, decoders
     from tessera.data.pipeline import ShardStream, Source, StreamSpec, seeded_rng
     from tessera.data.shards import shard_sizes
 
-    decoder, raw = DECODERS[modality], RAW[modality]
+    table = decoders([modality, "text"])
+    decoder, raw = table[modality], RAW[modality]
     transforms = {modality: tf, "text": towers["text"][0]}
     collators = {modality: towers[tower_name][1], "text": towers["text"][1]}
 
     def spec(modalities: list[str]) -> StreamSpec:
         return StreamSpec(sources=[Source("bench", urls, 1.0, modalities, shard_sizes(urls))],
-                          decoders=DECODERS, transforms=transforms, collators=collators,
+                          decoders=table, transforms=transforms, collators=collators,
                           batch_size=batch_size, train=True, shuffle_buffer=SHUFFLE_BUFFER,
                           shuffle_initial=SHUFFLE_INITIAL, drop_last=False)
 

@@ -9,15 +9,8 @@ import torch
 from torch import nn
 
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
-from tessera.models.adapters import (
-    LoraConfig,
-    apply_lora,
-    load_adapter,
-    lora_targets,
-    merge_adapter,
-    parameter_counts,
-    save_adapter,
-)
+from tessera.models.adapters import load_adapter, merge_adapter, parameter_counts, save_adapter
+from tessera.models.lora import LoraConfig, apply_lora, lora_targets
 from tessera.config import from_dict
 
 from .conftest import TINY_MODEL
@@ -239,7 +232,8 @@ def _finetune_args(base, out, demo_shards, *extra):
 
 
 def test_finetune_config_errors(tmp_path):
-    from tessera.train.config import FinetuneConfig, load_config
+    from tessera.train.config import FinetuneConfig
+    from tessera.train.recipes import load_config
 
     with pytest.raises(ConfigError, match="needs base=RUN_DIR/model"):
         load_config(None, [], FinetuneConfig)
@@ -381,9 +375,9 @@ def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards,
     # measured: 13.8% zero-shot (chance 12.5%) -> 35.4% after 80 steps on 64 shots
     assert few_shot["metrics"]["acc1"] > zero_shot + 0.1, (zero_shot, few_shot["metrics"])
     # the shots are a function of the seed alone
-    from tessera.train.fewshot import select_shots
+    from tessera.data.shots import write_shots
 
-    again = select_shots([f"{colour_shards}/train-{{000000..000003}}.tar"], 8, 8, 0, tmp_path / "again")
+    again = write_shots([f"{colour_shards}/train-{{000000..000003}}.tar"], 8, 8, 0, tmp_path / "again")
     assert load_file_keys(again) == shots
 
 

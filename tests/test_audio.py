@@ -10,7 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from tessera.data import DECODERS, BadSample
+from tessera.data import BadSample
+from tessera.modalities import decoder
 from tessera.models.audio_features import AudioConfig, AudioTransform
 
 
@@ -30,7 +31,7 @@ def _encode(wave, rate, fmt):
 @pytest.mark.parametrize("rate,channels", [(8000, 1), (16000, 2), (44100, 2)])
 def test_decode_mixes_down_to_mono_at_the_file_rate(fmt, rate, channels):
     wave = _tone(0.5, rate, channels)
-    decoded, got_rate = DECODERS["audio"].decode({fmt: _encode(wave, rate, fmt)})
+    decoded, got_rate = decoder("audio").decode({fmt: _encode(wave, rate, fmt)})
     assert got_rate == rate and decoded.dtype == torch.float32
     assert decoded.shape == (wave.shape[0],) or (fmt == "mp3" and abs(decoded.shape[0] - wave.shape[0]) < 2 * 1152)
     if fmt in ("wav", "flac"):   # lossless
@@ -77,7 +78,7 @@ def test_presets_fill_in_what_the_config_does_not_set():
 
 
 def test_bad_audio_is_a_counted_bad_sample():
-    dec = DECODERS["audio"]
+    dec = decoder("audio")
     with pytest.raises(BadSample) as e:
         dec.decode({"wav": b"RIFF not really a wave file"})
     assert e.value.reason == "undecodable_audio"

@@ -10,8 +10,9 @@ import pytest
 import soundfile
 import torch
 
-from tessera.data import DECODERS
-from tessera.models import ENCODERS, ModelConfig, build_model, load_model, save_model
+from tessera.modalities import decoder
+from tessera import modalities
+from tessera.models import ModelConfig, build_model, load_model, save_model
 from tessera.models.audio import ASTConfig, ASTEncoder, HFAudioConfig
 from tessera.models.audio_features import AudioConfig, AudioTransform
 from tessera.config import ConfigError, from_dict, to_dict
@@ -39,7 +40,7 @@ def _decoded_clip(seconds=1.7, rate=22050):
     wave = 0.4 * np.sin(2 * math.pi * (200 + 400 * t) * t) + 0.05 * rng.standard_normal(t.shape)
     buf = io.BytesIO()
     soundfile.write(buf, wave.astype(np.float32), rate, format="WAV")
-    return DECODERS["audio"].decode({"wav": buf.getvalue()})
+    return decoder("audio").decode({"wav": buf.getvalue()})
 
 
 def _model(audio_tower: dict):
@@ -122,7 +123,7 @@ def test_clip_norm_ignores_recording_level():
 
 
 def test_yaml_config_through_the_model_and_the_export_round_trip(tmp_path):
-    assert (ENCODERS["ast"].modality, ENCODERS["hf_audio"].modality) == ("audio", "audio")
+    assert (modalities.encoder_names()["ast"], modalities.encoder_names()["hf_audio"]) == ("audio", "audio")
     model = _model(AST_TINY)
     audio_cfg = model.cfg.towers["audio"].params.audio
     assert (audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.clip_seconds, audio_cfg.eval_crops) == (16000, 128, 1.0, 2)

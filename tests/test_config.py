@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from tessera.config import ConfigError
-from tessera.train.config import PretrainConfig, apply_overrides, load_config, read_recipe
+from tessera.train.config import PretrainConfig
+from tessera.train.recipes import apply_overrides, load_config, read_recipe
 
 from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
@@ -81,14 +82,18 @@ def test_override_syntax_errors():
         apply_overrides({"seed": 3}, ["seed.x=1"])
 
 
-def test_base_recipe_inheritance(tmp_path):
+def test_recipe_inheritance(tmp_path):
     (tmp_path / "a.yaml").write_text("seed: 1\ntrain: {steps: 5, lr: 0.1}\n")
-    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 9}\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\ntrain: {steps: 9}\n")
     tree = read_recipe(tmp_path / "b.yaml")
     assert tree == {"seed": 1, "train": {"steps": 9, "lr": 0.1}}
-    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("inherit: c.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         read_recipe(tmp_path / "c.yaml")
+    # `base` is the model a fine-tuning recipe starts from; a recipe named there is a clear error
+    (tmp_path / "d.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherits another with 'inherit: a.yaml'"):
+        read_recipe(tmp_path / "d.yaml")
 
 
 PRETRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("finetune-")]
@@ -98,7 +103,7 @@ PRETRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("finetune-")]
 def test_every_recipe_loads_and_round_trips(recipe: Path):
     cfg = load_config(recipe)
     assert isinstance(cfg, PretrainConfig)
-    from tessera.train.config import dump_config
+    from tessera.train.recipes import dump_config
 
     again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                for k, v in yaml.safe_load(dump_config(cfg)).items()])
@@ -128,17 +133,17 @@ def test_cli_reports_config_errors_without_traceback():
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("finetune-")],
                          ids=[p.name for p in RECIPES if p.name.startswith("finetune-")])
 def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cfg, tmp_path):
-    from tessera.models import build_model, save_model
+    from tessera.models import build_model, load_model, save_model
     from tessera.train.config import FinetuneConfig
+    from tessera.train.tasks import make_task
 
     save_model(build_model(tiny_model_cfg), tmp_path / "base")
-    cfg = load_config(recipe, [f"base={tmp_path / 'base'}"], FinetuneConfig)
+    classes = tmp_path / "classes.json"   # stands in for the demo's
+    classes.write_text('{"classnames": ["circle", "square", "star"], "templates": ["a {}"]}')
+    cfg = load_config(recipe, [f"base={tmp_path / 'base'}", f"eval.classes={classes}", f"fewshot.classes={classes}"],
+                      FinetuneConfig)
     assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "prompt", "full")
-    # the recipe's adapter fits the base (class names stand in for the demo's classes.json)
-    from tessera.models import load_model
-    from tessera.train.loop import _attach_adapter
-
-    cfg.fewshot.classes = cfg.eval.classes = None
-    model = _attach_adapter(cfg, load_model(tmp_path / "base"))
+    # the recipe's adapter fits the base
+    model = make_task(cfg).attach(load_model(tmp_path / "base"))
     assert 0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.2 * sum(
         p.numel() for p in model.parameters())

@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from tessera.data.decode import DECODERS, BadSample
+from tessera.data.decode import BadSample
+from tessera.modalities import decoder
 
 from .conftest import jpeg_bytes
 
@@ -21,7 +22,7 @@ def _encoded(fmt: str) -> bytes:
 
 @pytest.mark.parametrize("suffix,fmt", [("jpg", "JPEG"), ("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])
 def test_images_of_every_format_decode_to_rgb(suffix, fmt):
-    img = DECODERS["image"].decode({suffix: _encoded(fmt)})
+    img = decoder("image").decode({suffix: _encoded(fmt)})
     assert img.mode == "RGB" and img.size == (20, 10)
     r, g, b = img.getpixel((5, 5))
     assert g > 150 and r < 60
@@ -30,17 +31,17 @@ def test_images_of_every_format_decode_to_rgb(suffix, fmt):
 def test_broken_images_are_bad_samples():
     good = jpeg_bytes()
     with pytest.raises(BadSample) as exc:
-        DECODERS["image"].decode({"jpg": good[: len(good) // 2]})
+        decoder("image").decode({"jpg": good[: len(good) // 2]})
     assert exc.value.reason == "undecodable_image"
     with pytest.raises(BadSample) as exc:
-        DECODERS["image"].decode({"png": b"not an image at all"})
+        decoder("image").decode({"png": b"not an image at all"})
     assert exc.value.reason == "undecodable_image"
 
 
 def test_decompression_bombs_are_refused(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadSample) as exc:
-        DECODERS["image"].decode({"jpg": jpeg_bytes(size=(40, 30))})
+        decoder("image").decode({"jpg": jpeg_bytes(size=(40, 30))})
     assert exc.value.reason == "image_too_large"
 
 
@@ -53,7 +54,7 @@ def test_decompression_bombs_are_refused(monkeypatch):
     ({"txt": b"from txt", "json": json.dumps({"caption": "from json"}).encode()}, ["from txt"]),
 ])
 def test_text_layouts(members, expected):
-    assert DECODERS["text"].decode(members) == expected
+    assert decoder("text").decode(members) == expected
 
 
 @pytest.mark.parametrize("members,reason", [
@@ -66,14 +67,14 @@ def test_text_layouts(members, expected):
 ])
 def test_bad_text_reasons(members, reason):
     with pytest.raises(BadSample) as exc:
-        DECODERS["text"].decode(members)
+        decoder("text").decode(members)
     assert exc.value.reason == reason
 
 
 def test_caption_choice_is_random_in_training_and_first_in_eval():
     import random
 
-    text = DECODERS["text"]
+    text = decoder("text")
     caps = ["a", "b", "c"]
     picks = {text.pick(caps, random.Random(i)) for i in range(50)}
     assert picks == set(caps)
@@ -81,6 +82,6 @@ def test_caption_choice_is_random_in_training_and_first_in_eval():
 
 
 def test_labels():
-    assert DECODERS["label"].decode({"cls": b" 7\n"}) == 7
+    assert decoder("label").decode({"cls": b" 7\n"}) == 7
     with pytest.raises(BadSample, match="bad_label"):
-        DECODERS["label"].decode({"cls": b"seven"})
+        decoder("label").decode({"cls": b"seven"})

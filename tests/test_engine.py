@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tessera.models import build_model
-from tessera.train.config import load_config
+from tessera.train.recipes import load_config
 from tessera.train.engine import cosine_schedule, deepspeed_config, param_groups
 
 
@@ -35,8 +35,8 @@ def test_parameters_can_take_their_own_learning_rate():
     model = apply_prompts(_base(), PromptConfig(context=4, visual_tokens=2))
     groups = param_groups(model, 0.0, lr=0.05, lr_scales={"visual_prompts": 0.1})
     by_param = {id(p): g.get("lr", "default") for g in groups for p in g["params"]}
-    assert by_param[id(model.prompt_learner.visual_prompts)] == pytest.approx(0.005)
-    assert by_param[id(model.prompt_learner.text_context)] == "default"
+    assert by_param[id(model.prompt_learner.visual_prompts["image"])] == pytest.approx(0.005)
+    assert by_param[id(model.prompt_learner.context)] == "default"
     assert sum(len(g["params"]) for g in groups) == 2
 
 
@@ -53,7 +53,7 @@ def test_deepspeed_config_follows_the_typed_config():
     cfg = load_config(None, ["train.batch_size=12", "train.grad_accum=3", "train.grad_clip=0.5",
                              "train.precision=fp32", "deepspeed.zero_stage=3",
                              "deepspeed.config={zero_optimization: {overlap_comm: true}, flops_profiler: {enabled: false}}"])
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.train.batch_size)
     assert ds["train_micro_batch_size_per_gpu"] == 12 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
@@ -71,18 +71,18 @@ def test_fp16_on_cpu_trains_where_deepspeed_supports_it_and_is_a_clear_error_els
     from tessera.config import ConfigError
     from tessera.train.engine import build_engine
     from tessera.train.export import full_fp32_state_dict
-    from tessera.train.task import ContrastiveTask
+    from tessera.train.objectives import ContrastiveObjective
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
     cfg = load_config(None, ["train.precision=fp16", "train.batch_size=4", "train.warmup_steps=0"])
     model = build_model(tiny_model_cfg)
     if not supported:
         with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu; use bf16"):
-            build_engine(model, cfg)
+            build_engine(model, cfg.train, cfg.deepspeed)
         return
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg.train, cfg.deepspeed)
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    task = ContrastiveTask(model.pairs, cfg.loss)
+    task = ContrastiveObjective(model.pairs, cfg.loss)
     torch.manual_seed(0)
     batch = {"image": torch.randn(4, 3, 32, 32).half(), "text": torch.randint(1, 400, (4, 16))}
     losses, _ = task(engine, batch)

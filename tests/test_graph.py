@@ -14,14 +14,15 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from tessera.data import DECODERS, BadSample, SampleStats, SourceConfig, eval_batches, to_device
-from tessera.data.graph import MAX_GRAPH_ELEMENTS
+from tessera.modalities import decoder
+from tessera.data import BadSample, SampleStats, SourceConfig, eval_batches, to_device
+from tessera.data.graph import MAX_GRAPH_ELEMENTS, Graph
 from tessera.data.make_shards import write_shards
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
 from tessera.config import from_dict
 from tessera.models.graph import GraphEncoder, GraphEncoderConfig
 
-DECODER = DECODERS["graph"]
+DECODER = decoder("graph")
 TEXT_TOWER = {"encoder": "open_clip_text", "model": "ViT-B-32",
               "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}}
 
@@ -58,7 +59,7 @@ def test_npz_and_json_decode_to_the_same_data():
     a = decode("graph.npz", npz_bytes(x=x, edge_index=RING.astype(np.int32), edge_attr=attr))
     b = decode("graph.json", json_bytes(x=x.tolist(), edge_index=RING.tolist(), edge_attr=attr.tolist()))
     for g in (a, b):
-        assert isinstance(g, Data) and g.num_nodes == 3 and g.num_edges == 6
+        assert isinstance(g, Graph) and g.num_nodes == 3 and g.num_edges == 6
         assert g.x.dtype == torch.float32 and g.edge_attr.dtype == torch.float32
         assert g.edge_index.dtype == torch.int64
         assert torch.equal(g.x, torch.tensor(x, dtype=torch.float32))

@@ -19,7 +19,7 @@ from tessera.models import ModelConfig, pair_key
 from tessera.config import ConfigError, from_dict
 from tessera.train.config import LossConfig
 from tessera.train.losses import contrastive_loss_reference
-from tessera.train.task import ContrastiveTask
+from tessera.train.objectives import ContrastiveObjective
 
 from .conftest import TINY_MODEL, jpeg_bytes
 
@@ -90,7 +90,7 @@ def test_loss_is_the_sum_of_the_present_pairs_reference_losses(kind, present, pa
     gen = torch.Generator().manual_seed(len(present))
     batch = {m: torch.nn.functional.normalize(torch.randn(13, 8, generator=gen, dtype=torch.float64), dim=1)
              for m in present}
-    losses, report = ContrastiveTask(pairs, LossConfig(kind=kind, tile_size=4))(model, batch)
+    losses, report = ContrastiveObjective(pairs, LossConfig(kind=kind, tile_size=4))(model, batch)
     covered = [(a, b) for a, b in pairs if a in present and b in present]
     expected = {}
     for a, b in covered:
@@ -118,7 +118,7 @@ def test_loss_is_the_sum_of_the_present_pairs_reference_losses(kind, present, pa
 
 def test_a_batch_with_no_configured_pair_is_an_error():
     with pytest.raises(ValueError, match="covers none of the pairs"):
-        ContrastiveTask([("image", "text")], LossConfig())(FeatureModel([("image", "text")]),
+        ContrastiveObjective([("image", "text")], LossConfig())(FeatureModel([("image", "text")]),
                                                            {"audio": torch.randn(4, 8), "graph": torch.randn(4, 8)})
 
 
@@ -367,7 +367,7 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
 
 
 def test_a_source_that_covers_no_trained_pair_is_a_config_error():
-    from tessera.train.config import load_config
+    from tessera.train.recipes import load_config
 
     towers = {"towers": {**JOINT_MODEL["towers"]}, "embed_dim": 32}
     src = "{name: clips, shards: 'x-{0..1}.tar', modalities: [audio, image]}"

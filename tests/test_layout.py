@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+from pathlib import Path
 
-from .conftest import PY, jpeg_bytes, run_cli
+from tessera import modalities
+from tessera.data import Decoder
+from tessera.models import Encoder
+
+from .conftest import PY, ROOT, jpeg_bytes, run_cli
 
 
 def test_commands_work_from_a_folder_holding_data_models_train_and_eval_folders(tmp_path):
@@ -39,3 +46,123 @@ print(expand_shards("shards"))
     proc = run_cli([PY, "-c", script], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok tessera.") == 8 and "shard-000000.tar" in proc.stdout, proc.stdout
+
+
+PACKAGES = {"tessera": ROOT / "tessera", "tessera.models": ROOT / "models", "tessera.data": ROOT / "data",
+            "tessera.train": ROOT / "train", "tessera.eval": ROOT / "eval"}
+# function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
+OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def _imports(name: str, path: Path, nested: bool) -> list[tuple[str, int]]:
+    """(module, line) of the Tessera modules `name` imports at module level (nested=False), or of every import
+    inside a function (nested=True)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function == nested:
+                if isinstance(child, ast.Import):
+                    found.extend((a.name, child.lineno) for a in child.names)
+                else:
+                    base = child.module or ""
+                    if child.level:
+                        parts = package.split(".")
+                        base = ".".join(parts[:len(parts) - child.level + 1] + ([base] if base else []))
+                    found.extend([(f"{base}.{a.name}", child.lineno) for a in child.names] + [(base, child.lineno)])
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def test_every_modality_is_one_registry_entry_with_self_contained_parts():
+    for name, entry in modalities.MODALITIES.items():
+        dec = modalities.decoder(name)
+        assert isinstance(dec, Decoder) and dec.modality == name and dec.suffixes, name
+        assert entry.template.count("{}") == 1
+        for enc_name in entry.encoders:
+            cls = modalities.encoder_class(enc_name)
+            assert issubclass(cls, Encoder) and dataclasses.is_dataclass(cls.config_cls), enc_name
+    assert modalities.language() == "text"
+    # generic code names no modality and no encoder: they come from the registry
+    generic = ["data/loader.py", "data/pipeline.py", "data/per_source.py", "data/make_shards.py", "data/shards.py",
+               "models/lora.py", "models/prompts.py", "models/adapters.py", "models/multitower.py",
+               "eval/common.py", "eval/retrieval.py", "eval/zeroshot.py", "eval/linear_probe.py", "train/loop.py",
+               "train/tasks.py", "train/objectives.py", "train/engine.py", "train/export.py", "train/evaluate.py"]
+    names = [*(m for m, entry in modalities.MODALITIES.items() if entry.encoders), *modalities.encoder_names()]
+    for rel in generic:
+        code = "\n".join(line for line in (ROOT / rel).read_text().splitlines()
+                         if not line.lstrip().startswith("#"))
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                raise AssertionError(f"{rel}:{node.lineno} names '{node.value}': ask tessera.modalities instead")
+
+
+def test_the_import_graph_is_layered_and_acyclic():
+    modules = _modules()
+    graph = {name: {m for m, _ in _imports(name, path, nested=False) if m in modules and m != name}
+             for name, path in modules.items()}
+    layers = {"tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
+              "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
+              "tessera.eval": ("tessera.train",)}
+    for name, deps in graph.items():
+        for layer, forbidden in layers.items():
+            if name == layer or name.startswith(layer + "."):
+                bad = sorted(d for d in deps if d.startswith(forbidden))
+                assert not bad, f"{name} imports {bad}"
+    if name.startswith("tessera.") and name.count(".") == 1 and name not in PACKAGES:   # the root's own modules
+        assert not [d for d in graph[name] if d.startswith(tuple(PACKAGES)[1:])]
+    # no cycle: repeatedly remove modules that import nothing left
+    left = dict(graph)
+    while left:
+        leaves = [m for m, deps in left.items() if not deps & left.keys()]
+        assert leaves, f"import cycle among {sorted(left)}"
+        for m in leaves:
+            del left[m]
+
+
+def test_no_function_local_imports_but_optional_extras():
+    local = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+             for name, path in _modules().items() for module, line in _imports(name, path, nested=True)
+             if not module.startswith(OPTIONAL_EXTRAS)]
+    assert not local, "\n".join(local)
+
+
+def test_reading_shards_imports_no_model_library(tmp_path):
+    """A loader worker decodes and batches without open_clip, transformers, peft, deepspeed or torch_geometric."""
+    script = f"""
+import io, sys
+import numpy as np
+from tessera.data import SampleStats, expand_shards
+from tessera.data.make_shards import write_shards
+from tessera.data.shards import iter_raw_samples
+from tessera.data.loader import eval_batches
+from tessera.data import SourceConfig
+buf = io.BytesIO(); np.savez(buf, x=np.ones((3, 2), np.float32), edge_index=np.array([[0, 1], [1, 2]]))
+from PIL import Image
+img = io.BytesIO(); Image.new("RGB", (8, 8), (200, 0, 0)).save(img, format="PNG")
+write_shards([("a", {{"png": img.getvalue(), "txt": b"a red square", "graph.npz": buf.getvalue(), "cls": b"1"}})],
+             "{tmp_path}", "s", 1)
+keep = lambda v: v
+batch = next(eval_batches([SourceConfig("{tmp_path}/s-000000.tar")], {{m: keep for m in ("image", "text", "graph",
+             "label")}}, {{m: list for m in ("image", "text", "graph", "label")}}, ["image", "text", "graph", "label"], 1))
+assert batch["graph"][0].num_nodes == 3 and batch["label"] == [1], batch
+heavy = [m for m in ("open_clip", "transformers", "peft", "deepspeed", "torch_geometric", "timm", "tessera.models")
+         if m in sys.modules]
+print("heavy:", heavy)
+"""
+    proc = run_cli([PY, "-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy: []" in proc.stdout, proc.stdout

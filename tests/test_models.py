@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.models import ENCODERS, ModelConfig, build_model, load_model, save_model
+from tessera import modalities
+from tessera.models import ModelConfig, build_model, load_model, save_model
 from tessera.config import ConfigError, from_dict
 
 from .conftest import TINY_MODEL
@@ -42,7 +43,8 @@ def test_forward_gives_normalised_embeddings_and_a_clamped_scale(tiny_model_cfg)
 
 
 def test_registry_is_explicit_and_checks_modalities():
-    assert {"open_clip_image", "open_clip_text", "hf_text"} <= set(ENCODERS)
+    names = modalities.encoder_names()
+    assert {"open_clip_image": "image", "open_clip_text": "text", "hf_text": "text"}.items() <= names.items()
     bad = {"embed_dim": 8, "towers": {"image": {"encoder": "open_clip_text"}}}
     with pytest.raises(ConfigError, match="encodes 'text'; put it under towers.text"):
         from_dict(ModelConfig, bad, "model")
@@ -185,7 +187,7 @@ def test_image_transform_matches_open_clips_own(is_train, mode, size):
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    from tessera.models.open_clip_towers import ToTensorNormalize
+    from tessera.models.open_clip_image import ToTensorNormalize
 
     model = build_model(from_dict(ModelConfig, TINY_MODEL, "model"))
     ours = model.towers["image"].transform(is_train)

@@ -87,7 +87,7 @@ def test_coop_context_is_spliced_where_the_placeholder_words_were():
     _randomize(csc)
     with torch.no_grad():
         feats = csc.prompt_learner.class_features(csc, CLASSES)
-        csc.prompt_learner.text_context[1] += 1.0
+        csc.prompt_learner.context[1] += 1.0
         moved = csc.prompt_learner.class_features(csc, CLASSES)
     assert torch.equal(feats[[0, 2]], moved[[0, 2]]) and not torch.allclose(feats[1], moved[1])
 
@@ -107,14 +107,14 @@ def test_vpt_tokens_enter_every_layer_and_leave_before_pooling():
     with torch.no_grad():
         x = vit.conv1(IMAGES).flatten(2).transpose(1, 2)
         x = torch.cat([vit.class_embedding.expand(4, 1, -1), x], 1) + vit.positional_embedding
-        x = torch.cat([x[:, :1], model.prompt_learner.visual_prompts.expand(4, -1, -1), x[:, 1:]], 1)
+        x = torch.cat([x[:, :1], model.prompt_learner.visual_prompts["image"].expand(4, -1, -1), x[:, 1:]], 1)
         x = vit.transformer(vit.ln_pre(x))
         pooled, _ = vit._global_pool(vit.ln_post(torch.cat([x[:, :1], x[:, 6:]], 1)))
         reference = torch.nn.functional.normalize(model.heads["image"](pooled @ vit.proj), dim=-1)
     assert torch.allclose(prompted, reference, atol=1e-5)
     assert (prompted - _base().encode("image", IMAGES)).abs().max() > 1e-3
     model.encode("image", IMAGES).sum().backward()
-    assert model.prompt_learner.visual_prompts.grad.abs().sum() > 0
+    assert model.prompt_learner.visual_prompts["image"].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("which", ["coop", "csc+vpt", "hf"])
@@ -136,8 +136,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, which):
             assert torch.equal(model.prompt_learner.class_features(model, CLASSES),
                                loaded.prompt_learner.class_features(loaded, CLASSES))
     if which == "hf":   # the text tower's prompts are peft's own format
-        assert (tmp_path / "adapter" / "text" / "adapter_config.json").is_file()
-        assert json.loads((tmp_path / "adapter" / "text" / "adapter_config.json").read_text())["peft_type"] == \
+        assert (tmp_path / "adapter" / "peft_prompt" / "adapter_config.json").is_file()
+        assert json.loads((tmp_path / "adapter" / "peft_prompt" / "adapter_config.json").read_text())["peft_type"] == \
             "PROMPT_TUNING"
 
 
@@ -145,7 +145,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, which):
 def test_adapters_leave_batch_norm_statistics_of_the_base_alone(adapter):
     """A ModifiedResNet's running statistics are part of the base: training an adapter must not move them toward
     the few fine-tuning batches (they would differ from the base the adapter is later loaded onto)."""
-    from tessera.models.adapters import LoraConfig, apply_lora
+    from tessera.models.lora import LoraConfig, apply_lora
 
     base = _base(RESNET_MODEL)
     before = {k: v.clone() for k, v in base.state_dict().items() if "running_" in k}
@@ -175,9 +175,9 @@ def test_bad_prompt_configs_and_adapters_are_clear_errors(tmp_path):
         PromptConfig(context=0)
     with pytest.raises(ConfigError, match="is 4 tokens .* prompt.context is 3"):
         apply_prompts(_base(), PromptConfig(context=3, init="a photo of a"))
-    with pytest.raises(ConfigError, match="needs an open_clip ViT image tower.*RN50|not a ViT"):
+    with pytest.raises(ConfigError, match="needs a tower that takes input tokens.*'image': 'open_clip_image'"):
         apply_prompts(_base(RESNET_MODEL), PromptConfig(context=0, visual_tokens=4))
-    with pytest.raises(ConfigError, match="class_specific applies to open_clip"):
+    with pytest.raises(ConfigError, match="class_specific needs spliced context"):
         apply_prompts(_base(HF_MODEL), PromptConfig(context=2, class_specific=True))
     with pytest.raises(ConfigError, match="needs the class names"):
         apply_prompts(_base(), PromptConfig(context=2, class_specific=True))
@@ -185,7 +185,7 @@ def test_bad_prompt_configs_and_adapters_are_clear_errors(tmp_path):
     save_prompts(model, tmp_path / "a")
     wider = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "text": {
         **TINY_MODEL["towers"]["text"], "overrides": {**TINY_MODEL["towers"]["text"]["overrides"], "width": 96}}}}
-    with pytest.raises(ConfigError, match="'text_context' has shape \\[4, 64\\], this model needs \\[4, 96\\]"):
+    with pytest.raises(ConfigError, match="'context' has shape \\[4, 64\\], this model needs \\[4, 96\\]"):
         load_prompts(_base(wider), tmp_path / "a")
     with pytest.raises(ConfigError, match="made for a 'open_clip_text' text tower; this model's is hf_text"):
         load_prompts(_base(HF_MODEL), tmp_path / "a")
@@ -209,7 +209,8 @@ def test_eval_zeroshot_takes_a_prompt_adapter(colour_shards, tmp_path):  # noqa:
 
 
 def test_finetune_prompt_config_errors(tmp_path):
-    from tessera.train.config import FinetuneConfig, load_config
+    from tessera.train.config import FinetuneConfig
+    from tessera.train.recipes import load_config
 
     save_model(_base(), tmp_path / "base")
     common = [f"base={tmp_path / 'base'}", "adapter.kind=prompt"]

@@ -130,26 +130,30 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "res.json"
-    # the json shards carry several captions per picture: every one is a query
+    # the json shards carry several captions per picture: every one is a query; by default the model's pairs
+    # (here image-text) are scored in both directions
     proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
                     str(demo_shards / "train-json-000000.tar"), "--out", str(out), "--batch-size", "100"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["task"] == "zeroshot_retrieval" and {"dataset", "model", "metrics", "chance"} <= set(doc)
-    n = doc["n"]["text-image"]
-    assert doc["rows"]["text-image"]["image"] == n < doc["rows"]["text-image"]["text"]
+    n = doc["n"]["image-text"]
+    assert doc["rows"]["image-text"]["image"] == n < doc["rows"]["image-text"]["text"]
     assert set(doc["metrics"]) == set(doc["chance"])
     for key, value in doc["metrics"].items():
-        assert (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["text-image"]
+        assert (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["image-text"]
                                                                          ["text"]), key
-    assert {"text-image_alignment", "text-image_modality_gap", "text-image_uniformity_image",
-            "text-image_positive_cosine", "text-image_negative_cosine"} <= set(doc["diagnostics"])
+    assert {"image-text_alignment", "image-text_modality_gap", "image-text_uniformity_image",
+            "image-text_positive_cosine", "image-text_negative_cosine"} <= set(doc["diagnostics"])
     assert (tmp_path / "res_recall.png").stat().st_size > 0
     assert "res_recall.png" in (tmp_path / "res.md").read_text() and "text_to_image" in proc.stdout
 
     proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "val-000000.tar"), "--query", "audio"])
+                    str(demo_shards / "val-000000.tar"), "--query", "audio", "--target", "image"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
+    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
+                    str(demo_shards / "val-000000.tar"), "--query", "text"])
+    assert proc.returncode == 2 and "give both --query and --target" in proc.stderr
     empty = tmp_path / "empty-000000.tar"
     import tarfile
     tarfile.open(empty, "w").close()

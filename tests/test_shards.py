@@ -156,7 +156,7 @@ def test_make_shards_writes_audio_and_graph_entries(tmp_path):
     import soundfile
     import torch
 
-    from tessera.data import DECODERS
+    from tessera.modalities import decoder
 
     (tmp_path / "clips").mkdir()
     t = np.arange(8000) / 8000
@@ -180,12 +180,12 @@ def test_make_shards_writes_audio_and_graph_entries(tmp_path):
     assert {k: sorted(m for m in s if not m.startswith("__")) for k, s in samples.items()} == {
         "a": ["flac", "txt"], "b": ["cls", "json", "ogg"], "c": ["graph.npz", "txt"], "d": ["graph.json", "txt"],
         "e": ["graph.json", "txt"], "f": ["smi", "txt"]}
-    wave, rate = DECODERS["audio"].decode(samples["a"])
+    wave, rate = decoder("audio").decode(samples["a"])
     assert rate == 8000 and wave.shape == (8000,)
-    ring = DECODERS["graph"].decode(samples["c"])
+    ring = decoder("graph").decode(samples["c"])
     assert torch.equal(ring.x, torch.eye(3)) and ring.edge_index.tolist() == [[0, 1, 2], [1, 2, 0]]
-    assert DECODERS["graph"].decode(samples["e"]).num_nodes == 2
-    assert DECODERS["graph"].decode(samples["f"]).num_nodes == 7   # phenol: 7 heavy atoms
+    assert decoder("graph").decode(samples["e"]).num_nodes == 2
+    assert decoder("graph").decode(samples["f"]).num_nodes == 7   # phenol: 7 heavy atoms
     # a graph file that does not decode is refused with --verify, naming the modality
     (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"graph": "bad.npz", "text": "broken"}))

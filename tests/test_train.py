@@ -132,12 +132,12 @@ def test_label_positives_from_cls_members(tmp_path):
 
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
 def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
-    """ContrastiveTask passes scale, bias, labels and options through: its loss is the reference's."""
+    """ContrastiveObjective passes scale, bias, labels and options through: its loss is the reference's."""
     from tessera.models import ModelConfig, build_model
     from tessera.config import from_dict
     from tessera.train.config import LossConfig
     from tessera.train.losses import contrastive_loss_reference
-    from tessera.train.task import ContrastiveTask
+    from tessera.train.objectives import ContrastiveObjective
 
     bias = -10.0 if kind == "siglip" else None
     model = build_model(from_dict(ModelConfig, {**TINY_MODEL, "init_logit_bias": bias}, "model"))
@@ -145,7 +145,7 @@ def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     batch = {"image": torch.randn(10, 3, 32, 32), "text": torch.randint(1, 400, (10, 16)),
              "label": torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0])}
     options = {"dcl": True} if kind == "infonce" else {}
-    task = ContrastiveTask(model.pairs, LossConfig(kind=kind, tile_size=3, positives="label", **options))
+    task = ContrastiveObjective(model.pairs, LossConfig(kind=kind, tile_size=3, positives="label", **options))
     losses, report = task(model, batch)
     out = model(batch)
     want = contrastive_loss_reference(out["features"]["image"], out["features"]["text"],

@@ -74,9 +74,9 @@ def tag_for(step: int) -> str:
 
 
 def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], dist: DistInfo, keep: int,
-         frozen: bool = True) -> str:
+         trainable_only: bool = False) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
-    `frozen=False` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base)."""
+    `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if dist.is_main:
@@ -85,7 +85,7 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], dist: 
             shutil.rmtree(tag_dir)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=not frozen)
+                           exclude_frozen_parameters=trainable_only)
     atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state},
                       tag_dir / f"tessera_rank{dist.rank}.pt")
     barrier()
@@ -123,13 +123,13 @@ def resolve(ckpt_dir: Path, which: str) -> Path | None:
     return tag_dir
 
 
-def load(engine, tag_dir: Path, dist: DistInfo, frozen: bool = True) -> dict[str, Any]:
+def load(engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return its saved extras."""
     saved_world = int((tag_dir / "COMPLETE").read_text().strip() or 0)
     extras_path = tag_dir / f"tessera_rank{dist.rank}.pt"
     if not extras_path.is_file():
         raise ConfigError(f"'{tag_dir}' was saved by {saved_world} rank(s) and has no state for rank {dist.rank}")
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=frozen,
+    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=not trainable_only,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint in '{tag_dir}'")

@@ -11,52 +11,29 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-
-def _pretrain(argv):
-    from tessera.train.pretrain import main
-
-    return main(argv)
-
-
-def _finetune(argv):
-    from tessera.train.finetune import main
-
-    return main(argv)
-
-
-def _make_shards(argv):
-    from tessera.data.make_shards import main
-
-    return main(argv)
-
-
-def _demo_data(argv):
-    from tessera.data.demo import main
-
-    return main(argv) or 0
-
-
-def _eval(argv):
-    tasks = {"retrieval": "tessera.eval.retrieval", "zeroshot": "tessera.eval.zeroshot", "linear-probe": "tessera.eval.linear_probe"}
-    if not argv or argv[0] not in tasks:
-        print(f"usage: tessera eval {{{','.join(tasks)}}} [options]", file=sys.stderr)
-        return 2
-    import importlib
-
-    return importlib.import_module(tasks[argv[0]]).main(argv[1:])
-
-
-COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "make-shards": _make_shards, "eval": _eval, "demo-data": _demo_data}
+# command -> the module whose main(argv) runs it, imported when the command runs: `tessera make-shards` never
+# imports DeepSpeed, and `tessera pretrain` never imports the evaluation tools it does not use
+COMMANDS = {"pretrain": "tessera.train.pretrain", "finetune": "tessera.train.finetune",
+            "make-shards": "tessera.data.make_shards", "demo-data": "tessera.data.demo"}
+EVAL = {"retrieval": "tessera.eval.retrieval", "zeroshot": "tessera.eval.zeroshot",
+        "linear-probe": "tessera.eval.linear_probe"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval":
+        if len(argv) < 2 or argv[1] not in EVAL:
+            print(f"usage: tessera eval {{{','.join(EVAL)}}} [options]", file=sys.stderr)
+            return 2
+        return importlib.import_module(EVAL[argv[1]]).main(argv[2:]) or 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

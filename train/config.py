@@ -1,24 +1,23 @@
-"""The pretraining configuration: one typed dataclass per component, loaded from a YAML recipe plus
-dotted `key=value` overrides.
+"""The run configuration: one typed dataclass per component. A run config is a tree of them, built from a YAML
+recipe plus dotted `key=value` overrides (`tessera.train.recipes`):
 
     python -m tessera.train.pretrain --config configs/demo.yaml train.steps=200 data.num_workers=1
 
-A recipe may start with `base: other.yaml` (relative to itself) to inherit and override another.
+`PretrainConfig` is pretraining's; `FinetuneConfig` adds the exported model it starts from (`base`), the adapter and
+the fine-tuning task. Each names its task (`task`, see `tessera.train.tasks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
-
-from tessera.data.config import DataConfig
-from tessera.models.adapters import LoraConfig
-from tessera.models.config import ModelConfig
-from tessera.config import ConfigError, describe, from_dict, from_fields, require, set_dotted, to_dict
-from tessera.models.prompts import PromptConfig
+from tessera import modalities
+from tessera.config import ConfigError, from_fields, require
+from tessera.data import DataConfig
+from tessera.models import ModelConfig, read_model_config
+from tessera.models.adapters import AdapterConfig
 
 
 @dataclass
@@ -92,19 +91,27 @@ class EvalConfig:
                                                 metadata={"help": "modality pairs to evaluate; default: the model's"})
     classes: str | None = field(default=None, metadata={
         "help": "classes.json ({classnames, templates}): also classify data.val zero-shot by its `cls` labels"})
-    classify: str | list[str] = field(default="image", metadata={
+    classify: str | list[str] | None = field(default=None, metadata={
         "help": "the modality (or list of modalities) eval.classes classifies, each from the data.val sources "
-                "that carry it and `cls`"})
+                "that carry it and `cls`; default: every tower but the one that encodes the class prompts"})
 
     def __post_init__(self):
         require(self.every >= 0 and self.batch_size > 0, "need eval.every >= 0 and eval.batch_size > 0")
         if isinstance(self.classify, str):
             self.classify = [self.classify]
-        require(len(self.classify) > 0, "eval.classify is empty")
+        require(self.classify is None or len(self.classify) > 0, "eval.classify is empty")
+
+
+def classified(model: ModelConfig) -> list[str]:
+    """The towers classification takes by default: every one but the tower that encodes the class prompts."""
+    language = modalities.language(list(model.towers))
+    return [m for m in model.towers if m != language]
 
 
 @dataclass
 class PretrainConfig:
+    task: ClassVar[str] = "pretrain"
+
     output_dir: str = field(default="runs/default", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and augmentation"})
     resume: str | None = field(default=None,
@@ -117,23 +124,26 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        towers = list(self.model.towers)
         for m in self.train.lock:
-            require(m in self.model.towers, f"train.lock: no tower '{m}' (towers: {list(self.model.towers)})")
-        require(len(self.train.lock) < len(self.model.towers), "train.lock freezes every tower; nothing would train")
+            require(m in towers, f"train.lock: no tower '{m}' (towers: {towers})")
+        require(len(self.train.lock) < len(towers), "train.lock freezes every tower; nothing would train")
         pairs = self.model.pair_list()
         for src in self.data.train:
-            carried = src.modalities or list(self.model.towers)
+            carried = src.modalities or towers
             require(any(a in carried and b in carried for a, b in pairs),
                     f"data.train source '{src.name}' carries {'+'.join(carried)}, which covers none of the pairs the "
                     f"loss aligns ({', '.join(f'{a}-{b}' for a, b in pairs)}): give it a modality of one of them, "
                     "or change model.pairing / model.pairs")
         for a, b in self.eval.pairs or []:
-            require(a in self.model.towers and b in self.model.towers, f"eval.pairs: ({a}, {b}) needs both towers")
+            require(a in towers and b in towers, f"eval.pairs: ({a}, {b}) needs both towers")
+        if self.eval.classify is None:
+            self.eval = dataclasses.replace(self.eval, classify=classified(self.model))
         if self.eval.classes is not None:
+            language = modalities.language(towers)
             for m in self.eval.classify:
-                require(m in self.model.towers and "text" in self.model.towers,
-                        f"eval.classes: classifying '{m}' by text prompts needs both towers "
-                        f"(the model has {list(self.model.towers)})")
+                require(m in towers and language is not None,
+                        f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})")
         has_bias = self.model.init_logit_bias is not None
         require(has_bias or self.loss.kind != "siglip",
                 "loss.kind=siglip needs a logit bias: set model.init_logit_bias=-10 (and, as SigLIP does, "
@@ -144,22 +154,10 @@ class PretrainConfig:
 
 
 @dataclass
-class AdapterConfig:
-    kind: Literal["lora", "prompt", "full"] = field(default="lora", metadata={
-        "help": "lora: train LoRA adapters on the base (peft); prompt: train prompt vectors (CoOp context in the "
-                "class prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower); full: train "
-                "every weight of the base"})
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    export_merged: bool = field(default=True, metadata={
-        "help": "also write OUTPUT_DIR/model: the base with the LoRA adapter merged in (no peft needed to run it); "
-                "prompts cannot be merged into weights"})
-
-
-@dataclass
 class FewShotConfig:
     k: int = field(default=4, metadata={"help": "labelled samples per class, chosen deterministically by seed"})
-    modality: str = field(default="image", metadata={"help": "the modality to classify"})
+    modality: str | None = field(default=None, metadata={
+        "help": "the modality to classify; default: the base's first tower that does not encode the class prompts"})
     classes: str | None = field(default=None, metadata={
         "help": "classes.json ({classnames, templates}) for the prompts; default: eval.classes"})
     seed: int = field(default=0, metadata={"help": "seeds the choice of shots"})
@@ -170,7 +168,7 @@ class FewShotConfig:
 
 @dataclass
 class FinetuneConfig(PretrainConfig):
-    """A pretraining config whose model is an exported one (`base`), with an adapter on it."""
+    """A run whose model is an exported one (`base`), with an adapter on it, training one of the fine-tuning tasks."""
 
     base: str | None = field(default=None, metadata={"help": "the exported model to fine-tune (RUN_DIR/model)"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -182,10 +180,9 @@ class FinetuneConfig(PretrainConfig):
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> FinetuneConfig:
         """`model` comes from `base` (its config.yaml); a recipe may not set it."""
-        from tessera.models.export import read_model_config
-
         data = dict(data or {})
-        require(data.get("base"), "fine-tuning needs base=RUN_DIR/model, the exported model to start from")
+        require(data.get("base"), "fine-tuning needs base=RUN_DIR/model (on the command line or in the recipe), "
+                                  "the exported model to start from")
         require("model" not in data, "fine-tuning takes its model from base=...: remove the 'model' section")
         try:
             data["model"] = read_model_config(data["base"])
@@ -195,71 +192,24 @@ class FinetuneConfig(PretrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        towers = list(self.model.towers)
+        language = modalities.language(towers)
         if self.task == "fewshot":
+            if self.fewshot.modality is None:
+                self.fewshot = dataclasses.replace(self.fewshot, modality=next(iter(classified(self.model)), None))
             require(self.fewshot.classes is not None or self.eval.classes is not None,
                     "task=fewshot needs class prompts: set fewshot.classes (or eval.classes) to a classes.json")
-            require(self.fewshot.modality in self.model.towers and "text" in self.model.towers,
-                    f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has "
-                    f"{list(self.model.towers)}")
-        if self.adapter.kind == "prompt" and self.adapter.prompt.context and self.task != "fewshot":
-            require(self.model.towers.get("text") is None or self.model.towers["text"].encoder != "open_clip_text",
+            require(self.fewshot.modality in towers and language is not None,
+                    f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has {towers}")
+        if self.adapter.kind == "prompt" and self.adapter.prompt.context and self.task != "fewshot" and language:
+            require(self.model.towers[language].encoder_cls.context_kind != "spliced",
                     "adapter.prompt.context learns the context of class-name prompts (CoOp), which only task=fewshot "
                     "trains; for contrastive fine-tuning use prompt.visual_tokens (VPT) or LoRA")
         require(self.adapter.kind == "full" or self.deepspeed.zero_stage < 3,
                 f"{self.adapter.kind} fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 "
                 "would only partition the frozen base)")
 
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_recipe(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    if path.resolve() in _seen:
-        raise ConfigError(f"'{path}' includes itself through 'base'")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
-    base = doc.pop("base", None)
-    if base is not None:
-        doc = _deep_merge(read_recipe(path.parent / base, _seen + (path.resolve(),)), doc)
-    return doc
-
-
-def parse_value(text: str) -> Any:
-    """YAML scalar/list/mapping syntax (`true`, `3`, `[a, b]`, `{k: v}`); anything else stays a string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
-        key, _, text = item.partition("=")
-        set_dotted(tree, key.strip(), parse_value(text))
-    return tree
-
-
-def load_config(config_path: str | Path | None, overrides: list[str] = (), cls: type = PretrainConfig):
-    tree = read_recipe(config_path) if config_path else {}
-    return from_dict(cls, apply_overrides(tree, list(overrides)))
-
-
-def dump_config(cfg: PretrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def help_text(cls: type = PretrainConfig) -> str:
-    return "Config keys (set in the YAML recipe or as key=value overrides):\n" + "\n".join(describe(cls))
+    @property
+    def classes(self) -> str | None:
+        """The classes.json of the class prompts fine-tuning learns."""
+        return self.fewshot.classes or self.eval.classes

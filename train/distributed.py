@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -44,8 +45,6 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        import deepspeed
-
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from tessera.config import ConfigError
 
-from .config import PretrainConfig
+from .config import DeepSpeedConfig, TrainConfig
+from .distributed import init_distributed
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
@@ -45,13 +48,13 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
-    t = cfg.train
+def deepspeed_config(t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int) -> dict[str, Any]:
+    """DeepSpeed's config from the typed ones; `micro_batch` is the samples per rank and micro-step the task feeds."""
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": ds_cfg.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: it runs on CPU as well as GPU
@@ -61,7 +64,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    for key, value in cfg.deepspeed.config.items():
+    for key, value in ds_cfg.config.items():
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
             ds[key] = {**ds[key], **value}
         else:
@@ -69,30 +72,25 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
     return ds
 
 
-def build_engine(model: nn.Module, cfg: PretrainConfig):
-    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. Joins (or makes)
-    the process group first: DeepSpeed asserts on a missing LOCAL_RANK rather than saying so."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    from .distributed import init_distributed
-
+def build_engine(model: nn.Module, t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int | None = None,
+                 lr_scales: dict[str, float] | None = None):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. `micro_batch`
+    (default train.batch_size) is what the task feeds per rank and micro-step; `lr_scales` give parameters whose
+    names contain a key their own learning rate. Joins (or makes) the process group first: DeepSpeed asserts on a
+    missing LOCAL_RANK rather than saying so."""
     init_distributed()
-    t = cfg.train
     accel = get_accelerator()
     if t.precision == "fp16" and not accel.is_fp16_supported():
         raise ConfigError(f"train.precision=fp16 is not supported by DeepSpeed on {accel.device_name()}; use bf16")
     if t.precision == "bf16" and not accel.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
-    adapter = getattr(cfg, "adapter", None)   # fine-tuning: VPT tokens may take their own lr
-    scales = {"visual_prompts": adapter.prompt.visual_lr_scale} if adapter and adapter.kind == "prompt" else {}
-    groups = param_groups(model, t.weight_decay, t.lr, scales)
+    groups = param_groups(model, t.weight_decay, t.lr, lr_scales)
     # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size))
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it and copy it back: about 10% of a ViT-B/32 step on CPU.

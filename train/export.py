@@ -6,9 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
-from tessera.models import MultiTowerModel, save_model
+from tessera.models import MultiTowerModel, load_model, save_model
+from tessera.models.adapters import carries_prompts, load_adapter, merge_adapter, save_adapter
 
 from .distributed import DistInfo, barrier
 
@@ -18,8 +21,6 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
 
     A collective under ZeRO-3 (parameters are gathered): every rank must call it.
     """
-    from deepspeed.utils import safe_get_full_fp32_param
-
     module = engine.module
     master = {}
     # Stage 0 with bf16/fp16 keeps fp32 masters in the optimizer's groups, which safe_get_* does not see.
@@ -35,8 +36,6 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
             full = master.get(id(p))
         if full is None:
             if hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter: gather it
-                import deepspeed
-
                 with deepspeed.zero.GatheredParameters([p]):
                     full = p.detach().clone()
             else:
@@ -66,21 +65,15 @@ def export_adapter(engine, base: str, attach: Callable, out_dir: Path, dist: Dis
     and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a
     fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never onto the engine's module,
     whose frozen weights DeepSpeed may hold in bf16. A collective."""
-    from tessera.models import load_model
-    from tessera.models.adapters import load_adapter, merge_adapter, save_adapter
-    from tessera.models.prompts import save_prompts
-
     state = full_fp32_state_dict(engine)
     out = {"adapter": str(out_dir / "adapter")}
     if dist.is_main:
         fresh = attach(load_model(base))
         trained = {n for n, p in fresh.named_parameters() if p.requires_grad}
         fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
-        if getattr(fresh, "prompt_learner", None) is not None:
-            save_prompts(fresh, out_dir / "adapter")
+        save_adapter(fresh, out_dir / "adapter")
+        if carries_prompts(fresh):
             merged = False   # prompts live in the inputs, not in weights: nothing to merge
-        else:
-            save_adapter(fresh, out_dir / "adapter")
         if merged:
             save_model(merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model",
                        metadata=metadata)

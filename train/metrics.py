@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from .distributed import gather_objects
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -51,8 +54,6 @@ class MetricsLogger:
         kept = _lines_up_to(path, start_step) if start_step else []
         self._fh = open(path, "w", encoding="utf-8")
         self._fh.writelines(kept)
-        from torch.utils.tensorboard import SummaryWriter
-
         self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         # In a log file rather than a terminal, a bar redrawn every step would bury everything else.
         interactive = sys.stderr.isatty()
@@ -122,3 +123,14 @@ class Window:
             yield
         finally:
             self.excluded += time.perf_counter() - t0
+
+
+def data_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """Bad-sample counts (a `SampleStats.to_dict()`) summed over ranks (a collective)."""
+    total: dict[str, Any] = {"seen": 0, "skipped": {}, "events": {}}
+    for rank_stats in gather_objects(stats):
+        total["seen"] += rank_stats["seen"]
+        for group in ("skipped", "events"):
+            for k, v in rank_stats[group].items():
+                total[group][k] = total[group].get(k, 0) + v
+    return total

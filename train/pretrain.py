@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tessera.config import ConfigError
 from tessera.data import DataQualityError, ShardError
 from tessera.eval.zeroshot import ClassesError
-from tessera.config import ConfigError
 
-from .config import PretrainConfig, help_text, load_config
+from .config import PretrainConfig
+from .loop import train
+from .recipes import dump_config, help_text, load_config
+from .tasks import make_task
 
 
 def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "python -m tessera.train.pretrain",
@@ -31,18 +34,14 @@ def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "
 
 
 def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
-    """Parse the command line into a `cls` config and run the training loop; exit status 2 on bad input."""
+    """Parse the command line into a `cls` config and train the task it names; exit status 2 on bad input."""
     args = parse_args(argv, cls, prog, doc)
     try:
         cfg = load_config(args.config, args.overrides, cls)
         if args.print_config:
-            from .config import dump_config
-
             print(dump_config(cfg), end="")
             return 0
-        from .loop import pretrain
-
-        pretrain(cfg)
+        train(make_task(cfg))
     except (ConfigError, ShardError, DataQualityError, ClassesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

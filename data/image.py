@@ -1,0 +1,29 @@
+"""Image members of shards (`jpg`, `jpeg`, `png`, `webp`), decoded with PIL to RGB; oversized images are refused."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+from PIL import Image
+
+from .decode import BadSample, Decoder
+
+
+class ImageDecoder(Decoder):
+    modality = "image"
+    suffixes = ("jpg", "jpeg", "png", "webp")
+
+    def decode(self, sample: dict[str, Any]) -> Image.Image:
+        raw = next(sample[s] for s in self.suffixes if s in sample)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(raw))
+                img.load()
+            return img.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadSample("image_too_large", str(exc)) from None
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for unidentified or truncated data
+            raise BadSample("undecodable_image", str(exc)) from None

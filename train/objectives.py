@@ -1,0 +1,103 @@
+"""What a training step optimises: one forward of a batch through the engine, returning a dict of losses (`loss` is
+the one to backpropagate) and a report of detached tensors, which the loop turns into numbers only at log steps
+(`.item()` would synchronise a GPU every step)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tessera import modalities
+from tessera.config import ConfigError
+from tessera.data import LABEL
+from tessera.models import pair_key
+
+from .config import LossConfig
+from .losses import contrastive_loss
+
+Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class ContrastiveObjective:
+    """Sum of the contrastive losses of every configured pair present in the batch."""
+
+    def __init__(self, pairs: list[tuple[str, str]], loss_cfg: LossConfig, process_group=None):
+        self.pairs = pairs
+        self.loss_cfg = loss_cfg
+        self.group = process_group
+
+    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+        out = engine(batch)
+        features = out["features"]
+        labels = None
+        if self.loss_cfg.positives == "label":
+            if LABEL not in batch:
+                raise ValueError("loss.positives=label, but this batch has no `cls` labels")
+            labels = batch[LABEL]
+        losses: dict[str, torch.Tensor] = {}
+        report: dict[str, torch.Tensor] = {}
+        cfg = self.loss_cfg
+        for a, b in self.pairs:
+            if a not in features or b not in features:
+                continue
+            key = pair_key(a, b)
+            scale = out["logit_scale"][key]
+            bias = out.get("logit_bias", {}).get(key)
+            # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
+            # GEMM outputs would round logits of up to 100 to 1 part in 256.
+            losses[f"loss/{a}-{b}"] = contrastive_loss(
+                features[a].float(), features[b].float(), scale.float(),
+                None if bias is None else bias.float(), kind=cfg.kind, tile_size=cfg.tile_size,
+                process_group=self.group, labels=labels, dcl=cfg.dcl, label_smoothing=cfg.label_smoothing,
+                impl=cfg.impl)
+            report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
+            if bias is not None:
+                report[f"logit_bias/{a}-{b}"] = bias.detach()
+        if not losses:
+            raise ValueError(f"batch with {sorted(features)} covers none of the pairs {self.pairs}")
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses, report
+
+
+class ClassificationObjective:
+    """Cross-entropy of `modality` features against the class-prompt embeddings (the zero-shot classifier,
+    recomputed each step so that an adapted prompt tower trains too), scaled by the pair's temperature. With learned
+    context (CoOp) the class prompts are that context followed by the class name; otherwise they are `templates`.
+
+    `model` is the module the engine wraps: learned context enters the prompts through it, with hooks that the
+    engine's forward would not place."""
+
+    def __init__(self, model, modality: str, classnames: list[str], templates: list[str]):
+        language = modalities.language(model.modalities)
+        if language is None or modality not in model.modalities:
+            raise ConfigError(f"fewshot classifies '{modality}' by text prompts: the model has {model.modalities}")
+        pair = next((p for p in model.pairs if set(p) == {modality, language}), None)
+        if pair is None:
+            raise ConfigError(f"fewshot: the model has no learned temperature for {modality}-{language}")
+        self.model, self.modality, self.language, self.scale_key = model, modality, language, pair_key(*pair)
+        tokenize, collate = model.transforms(False)[language], model.collators()[language]
+        self.prompts = collate([tokenize(t.format(c)) for c in classnames for t in templates])
+        self.shape = (len(classnames), len(templates))
+        learner = getattr(model, "prompt_learner", None)
+        self.learned_context = learner is not None and learner.has_context
+        self.classnames = classnames
+
+    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+        labels = batch[LABEL]
+        if self.learned_context:
+            out = engine({self.modality: batch[self.modality]})
+            classes_CD = self.model.prompt_learner.class_features(self.model, self.classnames).float()
+        else:
+            prompts = self.prompts.to(labels.device) if isinstance(self.prompts, torch.Tensor) else {
+                k: v.to(labels.device) for k, v in self.prompts.items()}
+            out = engine({self.modality: batch[self.modality], self.language: prompts})
+            prompts_CTD = out["features"][self.language].float().view(*self.shape, -1)
+            classes_CD = F.normalize(prompts_CTD.mean(1), dim=-1)
+        scale = out["logit_scale"][self.scale_key].float()
+        logits_BC = scale * out["features"][self.modality].float() @ classes_CD.T
+        loss = F.cross_entropy(logits_BC, labels)
+        accuracy = (logits_BC.argmax(1) == labels).float().mean()
+        return {"loss": loss}, {"train_acc1": accuracy.detach(),
+                                f"temperature/{self.modality}-{self.language}": 1.0 / scale.detach()}

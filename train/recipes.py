@@ -1,0 +1,76 @@
+"""Recipes: YAML files of config keys (`configs/*.yaml`), plus dotted `key=value` overrides, into a typed config.
+
+A recipe may start with `inherit: other.yaml` (relative to itself) to take another recipe's keys and override them.
+(`base:` is the exported model a fine-tuning recipe starts from, never another recipe.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tessera.config import ConfigError, describe, from_dict, set_dotted, to_dict
+
+from .config import PretrainConfig
+
+INHERIT = "inherit"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"'{path}' includes itself through '{INHERIT}'")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    if str(doc.get("base", "")).endswith((".yaml", ".yml")):
+        raise ConfigError(f"{path}: 'base: {doc['base']}' names a recipe; a recipe inherits another with "
+                          f"'{INHERIT}: {doc['base']}' ('base' is the exported model a fine-tuning recipe starts from)")
+    parent = doc.pop(INHERIT, None)
+    if parent is not None:
+        doc = _deep_merge(read_recipe(path.parent / parent, _seen + (path.resolve(),)), doc)
+    return doc
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalar/list/mapping syntax (`true`, `3`, `[a, b]`, `{k: v}`); anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+        key, _, text = item.partition("=")
+        set_dotted(tree, key.strip(), parse_value(text))
+    return tree
+
+
+def load_config(config_path: str | Path | None, overrides: list[str] = (), cls: type = PretrainConfig):
+    tree = read_recipe(config_path) if config_path else {}
+    return from_dict(cls, apply_overrides(tree, list(overrides)))
+
+
+def dump_config(cfg: PretrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text(cls: type = PretrainConfig) -> str:
+    return "Config keys (set in the YAML recipe or as key=value overrides):\n" + "\n".join(describe(cls))

@@ -1,0 +1,183 @@
+"""Tasks: what one kind of training run is. The loop (`tessera.train.loop`) runs any of them the same way.
+
+A task declares
+- its model: built from scratch, or an exported base with its model transform (an adapter) on it (`build_model`);
+- its data: the training loader and the micro-batch it feeds per rank (`data`);
+- its objective: one forward of a batch, returning losses and a report (`__call__`);
+- what a checkpoint holds (`trainable_only`) and what it exports at the end (`export`).
+
+Tasks are registered by name in `TASKS`; a run config names its task (`task`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from tessera.data import LABEL, SourceConfig, expand_shards, shard_sizes, train_loader
+from tessera.data.label import collate_labels, keep
+from tessera.data.shots import write_shots
+from tessera.eval.zeroshot import read_classes, templates_for
+from tessera.models import build_model, load_model
+from tessera.models.adapters import apply_adapter, parameter_counts
+
+from .config import FinetuneConfig, PretrainConfig
+from .distributed import DistInfo, barrier
+from .export import export_adapter, export_engine
+from .objectives import ClassificationObjective, ContrastiveObjective, Losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainData:
+    loader: Any        # an endless iterator of batches, with stats, epoch, num_workers and a resumable state
+    batch_size: int    # samples per rank and micro-step
+
+
+def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
+    """What training wraps around a model written for one device: locked towers, gradient checkpointing."""
+    for modality in cfg.train.lock:
+        model.towers[modality].requires_grad_(False)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class Pretrain:
+    """A model from scratch, the contrastive loss of its pairs on paired shards; checkpoints hold everything and
+    the run exports OUTPUT_DIR/model."""
+
+    name: ClassVar[str] = "pretrain"
+    trainable_only: ClassVar[bool] = False   # what a checkpoint holds: every parameter
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.model: nn.Module | None = None
+        self.objective = None
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        return {}
+
+    def build_model(self) -> nn.Module:
+        self.model = prepare(build_model(self.cfg.model), self.cfg)
+        self.objective = self.make_objective(self.model)
+        return self.model
+
+    def make_objective(self, model: nn.Module):
+        return ContrastiveObjective(model.pairs, self.cfg.loss)
+
+    def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
+        """Transforms and collators by batch key, and the keys every training sample must carry."""
+        transforms, collators, keys = model.transforms(is_train=True), model.collators(), list(model.modalities)
+        if self.cfg.loss.positives == "label":   # every sample also carries its `cls` id
+            transforms[LABEL], collators[LABEL] = keep, collate_labels
+            keys.append(LABEL)
+        return transforms, collators, keys
+
+    def data(self, model: nn.Module, dist: DistInfo) -> TrainData:
+        cfg = self.cfg
+        transforms, collators, keys = self.pipelines(model)
+        loader = train_loader(cfg.data, transforms, collators, keys, cfg.train.batch_size, seed=cfg.seed,
+                              rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
+        return TrainData(loader, cfg.train.batch_size)
+
+    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+        return self.objective(engine, batch)
+
+    def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
+        if not self.cfg.train.export:
+            return {}
+        export_engine(engine, self.model, out_dir / "model", dist, metadata={"step": step, "seed": self.cfg.seed})
+        return {"model": str(out_dir / "model")}
+
+
+class ContrastiveFinetune(Pretrain):
+    """An exported base with an adapter on it (LoRA, prompts, or none: every weight trains), the pretraining loss on
+    paired shards. Checkpoints hold what trains (the adapter) and reload the base; the run exports the adapter
+    (OUTPUT_DIR/adapter) and, for LoRA, the base with it merged in (OUTPUT_DIR/model)."""
+
+    name: ClassVar[str] = "contrastive"
+
+    def __init__(self, cfg: FinetuneConfig):
+        super().__init__(cfg)
+        self.cfg: FinetuneConfig = cfg
+        self.classnames = read_classes(cfg.classes)[0] if cfg.classes else None
+
+    @property
+    def trainable_only(self) -> bool:
+        return self.cfg.adapter.kind != "full"
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        return self.cfg.adapter.lr_scales
+
+    def attach(self, base: nn.Module) -> nn.Module:
+        """The base with this run's untrained adapter on it."""
+        return apply_adapter(base, self.cfg.adapter, self.classnames)
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        self.model = prepare(self.attach(load_model(cfg.base)), cfg)
+        counts = parameter_counts(self.model)
+        log.info("fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)", cfg.base, cfg.adapter.kind,
+                 f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
+        self.objective = self.make_objective(self.model)
+        return self.model
+
+    def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
+        if not self.trainable_only:
+            return super().export(engine, out_dir, dist, step)
+        cfg = self.cfg
+        return export_adapter(engine, cfg.base, self.attach, out_dir, dist, cfg.adapter.export_merged and cfg.train.export,
+                              metadata={"step": step, "seed": cfg.seed, "base": cfg.base})
+
+
+class FewShotFinetune(ContrastiveFinetune):
+    """Classification of `fewshot.modality` from k `cls`-labelled shots per class of data.train, against the class
+    prompts of the prompt tower; the shots are copied by rank 0 into OUTPUT_DIR/fewshot and read as the one source,
+    in batches no larger than the shots a rank holds."""
+
+    name: ClassVar[str] = "fewshot"
+
+    def __init__(self, cfg: FinetuneConfig):
+        super().__init__(cfg)
+        self.classnames, self.templates = read_classes(cfg.classes)
+
+    def make_objective(self, model: nn.Module):
+        modality = self.cfg.fewshot.modality
+        return ClassificationObjective(model, modality, self.classnames, templates_for(modality, self.templates))
+
+    def data(self, model: nn.Module, dist: DistInfo) -> TrainData:
+        cfg, fs = self.cfg, self.cfg.fewshot
+        out_dir = Path(cfg.output_dir) / "fewshot"
+        spec = str(out_dir / "shots-000000.tar")
+        if dist.is_main:
+            spec = write_shots([s.shards for s in cfg.data.train], fs.k, len(self.classnames), fs.seed, out_dir)
+        barrier()
+        shots = sum(shard_sizes(expand_shards(spec)).values())
+        batch_size = min(cfg.train.batch_size, max(1, shots // dist.world))
+        if batch_size < cfg.train.batch_size:
+            log.warning("fewshot: %d shots over %d rank(s): batch size %d -> %d", shots, dist.world,
+                        cfg.train.batch_size, batch_size)
+        log.info("fewshot: %d shots (k=%d, %d classes) of %s", shots, fs.k, len(self.classnames), fs.modality)
+        transforms = {fs.modality: model.transforms(is_train=True)[fs.modality], LABEL: keep}
+        collators = {fs.modality: model.collators()[fs.modality], LABEL: collate_labels}
+        source = SourceConfig(spec, name="shots", modalities=[fs.modality, LABEL])
+        data_cfg = dataclasses.replace(cfg.data, train=[source], batching="mixed")
+        loader = train_loader(data_cfg, transforms, collators, [fs.modality, LABEL], batch_size, seed=cfg.seed,
+                              rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
+        return TrainData(loader, batch_size)
+
+
+TASKS: dict[str, type[Pretrain]] = {task.name: task for task in (Pretrain, ContrastiveFinetune, FewShotFinetune)}
+
+
+def make_task(cfg: PretrainConfig) -> Pretrain:
+    """The task a run config names."""
+    return TASKS[cfg.task](cfg)
