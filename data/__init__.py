@@ -12,7 +12,22 @@ from .shards import ShardError, expand_shards, shard_sizes
 from .stats import DataQualityError, SampleStats
 
 __all__ = [
-    "LABEL", "BadSample", "DataConfig", "DataQualityError", "Decoder", "ManifestError", "PerSourceLoader",
-    "SampleStats", "ShardError", "SourceConfig", "TrainLoader", "decoders", "eval_batches", "expand_shards",
-    "parse_sources", "shard_sizes", "to_device", "train_loader",
+    "LABEL",
+    "BadSample",
+    "DataConfig",
+    "DataQualityError",
+    "Decoder",
+    "ManifestError",
+    "PerSourceLoader",
+    "SampleStats",
+    "ShardError",
+    "SourceConfig",
+    "TrainLoader",
+    "decoders",
+    "eval_batches",
+    "expand_shards",
+    "parse_sources",
+    "shard_sizes",
+    "to_device",
+    "train_loader",
 ]

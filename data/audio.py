@@ -16,7 +16,7 @@ import torch
 
 from .decode import BadSample, Decoder
 
-SILENCE = 1e-5   # peak amplitude below which a clip is silent
+SILENCE = 1e-5  # peak amplitude below which a clip is silent
 
 
 class AudioDecoder(Decoder):
@@ -34,8 +34,8 @@ class AudioDecoder(Decoder):
         if wave_SC.shape[0] == 0 or rate <= 0:
             raise BadSample("empty_audio")
         wave_SC = torch.from_numpy(wave_SC)
-        wave_S = wave_SC[:, 0] if wave_SC.shape[1] == 1 else wave_SC.mean(1)   # mix down to mono
-        peak = float(wave_S.abs().max())   # NaN when any sample is NaN: one pass checks both
+        wave_S = wave_SC[:, 0] if wave_SC.shape[1] == 1 else wave_SC.mean(1)  # mix down to mono
+        peak = float(wave_S.abs().max())  # NaN when any sample is NaN: one pass checks both
         if not math.isfinite(peak):
             raise BadSample("undecodable_audio", "non-finite samples")
         if peak < SILENCE:

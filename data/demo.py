@@ -29,12 +29,23 @@ from .make_shards import write_shards
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-    "purple": (140, 40, 180), "orange": (245, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (245, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 SIZES = ("small", "large")
-POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
-             "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+    "center": (0.5, 0.5),
+}
 BACKGROUNDS = ((128, 128, 128), (90, 110, 130), (170, 160, 140), (60, 80, 70), (120, 90, 100), (200, 200, 215))
 TEMPLATES = (
     "a {size} {color} {shape} in the {position}",
@@ -50,19 +61,41 @@ CLASS_TEMPLATES = ["a {}", "a photo of a {}", "there is a {} in the picture", "a
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
-        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
-               for k in range(4)]
+        pts = [
+            (math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
+            for k in range(4)
+        ]
     elif shape == "diamond":
         pts = [(0.75 * math.cos(k * math.pi / 2), math.sin(k * math.pi / 2)) for k in range(4)]
     elif shape == "triangle":
-        pts = [(math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3))
-               for k in range(3)]
+        pts = [
+            (math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
     elif shape == "star":
-        pts = [((1.0 if k % 2 == 0 else 0.42) * math.cos(angle - math.pi / 2 + k * math.pi / 5),
-                (1.0 if k % 2 == 0 else 0.42) * math.sin(angle - math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                (1.0 if k % 2 == 0 else 0.42) * math.cos(angle - math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.42) * math.sin(angle - math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
     else:  # cross
         w = 0.33
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
@@ -80,7 +113,8 @@ def render(shape: str, color: str, size: str, position: str, rng: random.Random,
     else:
         draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.25, 0.25)), fill=fill)
     pixels = np.asarray(img, dtype=np.int16) + np.asarray(
-        np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (canvas, canvas, 3)), dtype=np.int16)
+        np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (canvas, canvas, 3)), dtype=np.int16
+    )
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -105,8 +139,14 @@ def _label(combo) -> bytes:
 def _txt_samples(n: int, rng: random.Random, start: int):
     for i in range(n):
         combo = rng.choice(COMBOS)
-        yield f"t{start + i:07d}", {"jpg": _encode(render(*combo, rng), "jpg", rng),
-                                    "txt": caption(*combo, rng).encode(), "cls": _label(combo)}
+        yield (
+            f"t{start + i:07d}",
+            {
+                "jpg": _encode(render(*combo, rng), "jpg", rng),
+                "txt": caption(*combo, rng).encode(),
+                "cls": _label(combo),
+            },
+        )
 
 
 def _json_samples(n: int, rng: random.Random, start: int):
@@ -114,8 +154,14 @@ def _json_samples(n: int, rng: random.Random, start: int):
         combo = rng.choice(COMBOS)
         caps = sorted({caption(*combo, rng) for _ in range(3)})
         meta = {"captions": caps, "shape": combo[0], "color": combo[1], "size": combo[2], "position": combo[3]}
-        yield f"j{start + i:07d}", {"webp": _encode(render(*combo, rng), "webp", rng), "json": json.dumps(meta).encode(),
-                                    "cls": _label(combo)}
+        yield (
+            f"j{start + i:07d}",
+            {
+                "webp": _encode(render(*combo, rng), "webp", rng),
+                "json": json.dumps(meta).encode(),
+                "cls": _label(combo),
+            },
+        )
 
 
 def _broken_samples(rng: random.Random):
@@ -136,13 +182,21 @@ def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int 
     txt = list(_txt_samples(train_per_source, rng, 0))
     broken = list(_broken_samples(rng))  # they replace samples in the middle of the first shard
     mid = min(samples_per_shard, len(txt)) // 2
-    txt[mid: mid + len(broken)] = broken
+    txt[mid : mid + len(broken)] = broken
     sizes = write_shards(txt, out, "train-txt", samples_per_shard)
     sizes.update(write_shards(_json_samples(train_per_source, rng, 0), out, "train-json", samples_per_shard))
     val_rng = random.Random(seed + 1)
-    val = [(f"v{i:05d}", {"jpg": _encode(render(*c, val_rng), "jpg", val_rng), "txt": caption(*c, val_rng).encode(),
-                          "cls": _label(c)})
-           for i, c in enumerate(COMBOS)]
+    val = [
+        (
+            f"v{i:05d}",
+            {
+                "jpg": _encode(render(*c, val_rng), "jpg", val_rng),
+                "txt": caption(*c, val_rng).encode(),
+                "cls": _label(c),
+            },
+        )
+        for i, c in enumerate(COMBOS)
+    ]
     sizes.update(write_shards(val, out, "val", len(val)))
     # zero-shot shape classification of the held-out pictures (their `cls` is the shape's index)
     (out / "classes.json").write_text(json.dumps({"classnames": list(SHAPES), "templates": CLASS_TEMPLATES}, indent=1))
@@ -150,8 +204,9 @@ def build(out: str | Path, train_per_source: int = 4000, samples_per_shard: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tessera.data.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tessera.data.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo/data")
     parser.add_argument("--train-per-source", type=int, default=4000)
     parser.add_argument("--samples-per-shard", type=int, default=1000)

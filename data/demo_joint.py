@@ -41,22 +41,40 @@ from .make_shards import write_shards
 
 RATES = (16000, 22050)
 FORMATS = ("flac", "wav", "ogg")
-NOTES = dict(zip(COLORS, (262.0, 294.0, 330.0, 349.0, 392.0, 440.0, 494.0, 523.0)))   # C4 .. C5
-SOUND_TEMPLATES = ("the sound of a {size} {color} {shape}", "a {size} {color} {shape}, heard",
-                   "listen: a {color} {shape}, {size}", "a {color} {shape} that sounds {size}")
-GRAPH_TEMPLATES = ("a {size} {color} {shape} graph", "a graph shaped like a {size} {color} {shape}",
-                   "{color} nodes in a {size} {shape}", "a {shape} graph, {size}, coloured {color}")
-JOINT_COMBOS = list(itertools.product(SHAPES, COLORS, SIZES))   # 96
+NOTES = dict(zip(COLORS, (262.0, 294.0, 330.0, 349.0, 392.0, 440.0, 494.0, 523.0)))  # C4 .. C5
+SOUND_TEMPLATES = (
+    "the sound of a {size} {color} {shape}",
+    "a {size} {color} {shape}, heard",
+    "listen: a {color} {shape}, {size}",
+    "a {color} {shape} that sounds {size}",
+)
+GRAPH_TEMPLATES = (
+    "a {size} {color} {shape} graph",
+    "a graph shaped like a {size} {color} {shape}",
+    "{color} nodes in a {size} {shape}",
+    "a {shape} graph, {size}, coloured {color}",
+)
+JOINT_COMBOS = list(itertools.product(SHAPES, COLORS, SIZES))  # 96
 
 
 # -- sounds -----------------------------------------------------------------------------------------------------
+
 
 def _tone(f: float, t: np.ndarray, harmonics: tuple[float, ...]) -> np.ndarray:
     return sum(a * np.sin(2 * math.pi * f * (k + 1) * t) for k, a in enumerate(harmonics))
 
 
-def _beeps(n: int, length: float, rate: int, f: float, harmonics: tuple[float, ...], rng: random.Random,
-           duty: float = 0.5, chirp: float = 0.0, tremolo: float = 0.0) -> np.ndarray:
+def _beeps(
+    n: int,
+    length: float,
+    rate: int,
+    f: float,
+    harmonics: tuple[float, ...],
+    rng: random.Random,
+    duty: float = 0.5,
+    chirp: float = 0.0,
+    tremolo: float = 0.0,
+) -> np.ndarray:
     out = np.zeros(int(length * rate), dtype=np.float64)
     span = rng.uniform(0.75, 0.9) * length
     start = rng.uniform(0.02, length - span - 0.02)
@@ -71,7 +89,7 @@ def _beeps(n: int, length: float, rate: int, f: float, harmonics: tuple[float, .
         if tremolo:
             env = env * (1 - 0.5 * tremolo * (1 + np.sin(2 * math.pi * 18 * t)))
         i0 = int(a * rate)
-        out[i0:i0 + len(wave)] += wave * env
+        out[i0 : i0 + len(wave)] += wave * env
     return out
 
 
@@ -88,7 +106,7 @@ def synth(shape: str, color: str, size: str, rng: random.Random, rate: int, seco
         wave = _beeps(2, seconds, rate, f, (1.0, 0.3), rng, duty=0.7, chirp=0.5)
     elif shape == "cross":
         wave = _beeps(2, seconds, rate, f, (1.0,), rng, duty=0.8, tremolo=1.0)
-    else:   # star
+    else:  # star
         wave = _beeps(5, seconds, rate, f, (1.0, 0.6, 0.4, 0.3, 0.2), rng, duty=0.3)
     wave = wave / max(1e-6, np.abs(wave).max()) * rng.uniform(0.2, 0.6)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0.005, 0.03), wave.shape)
@@ -108,6 +126,7 @@ def _sound(combo, rng: random.Random) -> bytes:
 
 # -- graphs -----------------------------------------------------------------------------------------------------
 
+
 def graph_of(shape: str, color: str, size: str, rng: random.Random) -> dict[str, np.ndarray]:
     """{x, edge_index} of a graph of the shape's family; large graphs have about twice the nodes."""
     big = size == "large"
@@ -121,7 +140,7 @@ def graph_of(shape: str, color: str, size: str, rng: random.Random) -> dict[str,
         g = nx.triangular_lattice_graph(*((2, rng.randint(4, 5)) if big else (1, rng.randint(2, 3))))
     elif shape == "diamond":
         g = nx.complete_bipartite_graph(2, rng.randint(8, 12) if big else rng.randint(2, 4))
-    else:   # cross: a centre with four arms
+    else:  # cross: a centre with four arms
         arm = rng.randint(3, 4) if big else 1
         g = nx.Graph()
         for a in range(4):
@@ -130,7 +149,7 @@ def graph_of(shape: str, color: str, size: str, rng: random.Random) -> dict[str,
     g = nx.convert_node_labels_to_integers(g, ordering="sorted" if shape != "triangle" else "default")
     n = g.number_of_nodes()
     order = list(range(n))
-    rng.shuffle(order)   # node order carries no information
+    rng.shuffle(order)  # node order carries no information
     relabel = dict(zip(range(n), order))
     edges = np.array([(relabel[u], relabel[v]) for u, v in g.edges()], dtype=np.int64).reshape(-1, 2)
     edge_index = np.concatenate([edges, edges[:, ::-1]]).T.copy()
@@ -153,6 +172,7 @@ def graph_member(graph: dict[str, np.ndarray], fmt: str) -> dict[str, bytes]:
 
 # -- shards -----------------------------------------------------------------------------------------------------
 
+
 def _caption(templates, combo, rng: random.Random) -> bytes:
     shape, color, size = combo
     return rng.choice(templates).format(shape=shape, color=color, size=size).encode()
@@ -174,8 +194,9 @@ def _broken_graphs(rng: random.Random):
     yield "badgrf0002", {"graph.npz": buf.getvalue(), "txt": b"an archive with a pickled object array"}
 
 
-def build(out: str | Path, per_source: int = 4000, triple: int = 1000, samples_per_shard: int = 1000,
-          seed: int = 0) -> dict:
+def build(
+    out: str | Path, per_source: int = 4000, triple: int = 1000, samples_per_shard: int = 1000, seed: int = 0
+) -> dict:
     """Write the sound, graph, picture+sound and joint validation shards into `out`; return a summary."""
     out = Path(out)
     rng = random.Random(seed + 100)
@@ -183,41 +204,65 @@ def build(out: str | Path, per_source: int = 4000, triple: int = 1000, samples_p
     sounds = []
     for i in range(per_source):
         combo = rng.choice(combos)
-        sounds.append((f"s{i:07d}", {**{k: v for k, v in _sound_member(combo, rng).items()},
-                                     "txt": _caption(SOUND_TEMPLATES, combo, rng)}))
+        sounds.append(
+            (
+                f"s{i:07d}",
+                {**{k: v for k, v in _sound_member(combo, rng).items()}, "txt": _caption(SOUND_TEMPLATES, combo, rng)},
+            )
+        )
     mid = min(samples_per_shard, len(sounds)) // 2
     broken = list(_broken_sounds(rng))
-    sounds[mid: mid + len(broken)] = broken
+    sounds[mid : mid + len(broken)] = broken
     sizes = write_shards(sounds, out, "sounds", samples_per_shard)
 
     graphs = []
     for i in range(per_source):
         combo = rng.choice(combos)
-        graphs.append((f"g{i:07d}", {**graph_member(graph_of(*combo, rng), "npz" if i % 4 else "json"),
-                                     "txt": _caption(GRAPH_TEMPLATES, combo, rng)}))
+        graphs.append(
+            (
+                f"g{i:07d}",
+                {
+                    **graph_member(graph_of(*combo, rng), "npz" if i % 4 else "json"),
+                    "txt": _caption(GRAPH_TEMPLATES, combo, rng),
+                },
+            )
+        )
     broken = list(_broken_graphs(rng))
-    graphs[mid: mid + len(broken)] = broken
+    graphs[mid : mid + len(broken)] = broken
     sizes.update(write_shards(graphs, out, "graphs", samples_per_shard))
-
 
     both = []
     for i in range(triple):
         shape, color, size = rng.choice(combos)
         position = rng.choice(list(POSITIONS))
-        both.append((f"p{i:07d}", {"jpg": _encode(render(shape, color, size, position, rng), "jpg", rng),
-                                   **_sound_member((shape, color, size), rng),
-                                   "txt": caption(shape, color, size, position, rng).encode()}))
+        both.append(
+            (
+                f"p{i:07d}",
+                {
+                    "jpg": _encode(render(shape, color, size, position, rng), "jpg", rng),
+                    **_sound_member((shape, color, size), rng),
+                    "txt": caption(shape, color, size, position, rng).encode(),
+                },
+            )
+        )
     sizes.update(write_shards(both, out, "pictures-sounds", samples_per_shard))
 
     val_rng = random.Random(seed + 101)
     val = []
     for i, (shape, color, size) in enumerate(combos):
         position = val_rng.choice(list(POSITIONS))
-        val.append((f"vj{i:05d}", {
-            "jpg": _encode(render(shape, color, size, position, val_rng), "jpg", val_rng),
-            **_sound_member((shape, color, size), val_rng),
-            **graph_member(graph_of(shape, color, size, val_rng), "npz"),
-            "txt": f"a {size} {color} {shape}".encode(), "cls": str(SHAPES.index(shape)).encode()}))
+        val.append(
+            (
+                f"vj{i:05d}",
+                {
+                    "jpg": _encode(render(shape, color, size, position, val_rng), "jpg", val_rng),
+                    **_sound_member((shape, color, size), val_rng),
+                    **graph_member(graph_of(shape, color, size, val_rng), "npz"),
+                    "txt": f"a {size} {color} {shape}".encode(),
+                    "cls": str(SHAPES.index(shape)).encode(),
+                },
+            )
+        )
     sizes.update(write_shards(val, out, "val-joint", len(val)))
     return {"dir": str(out), "shards": sizes, "combinations": len(combos)}
 
@@ -228,8 +273,11 @@ def _sound_member(combo, rng: random.Random) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tessera.data.demo_joint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tessera.data.demo_joint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="runs/demo/data")
     parser.add_argument("--per-source", type=int, default=4000, help="sound-text and graph-text samples each")
     parser.add_argument("--triple", type=int, default=1000, help="picture+sound+text samples")

@@ -24,7 +24,7 @@ import torch
 
 from .decode import BadSample, Decoder, ManifestError, file_suffix, read_member
 
-MAX_GRAPH_ELEMENTS = 1 << 24   # per array (x, edge_index or edge_attr): 64 MiB of float32
+MAX_GRAPH_ELEMENTS = 1 << 24  # per array (x, edge_index or edge_attr): 64 MiB of float32
 MAX_GRAPH_JSON_BYTES = 64 << 20  # a graph.json member is parsed into Python lists, ~10x its size
 MAX_SMILES_CHARS = 10_000
 FIELDS = ("x", "edge_index", "edge_attr")
@@ -62,8 +62,11 @@ def _npz_arrays(raw: bytes) -> dict[str, np.ndarray]:
                     continue
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, fortran_order, dtype = read_header(f)
                     if dtype.hasobject:
                         raise BadSample("undecodable_graph", f"'{name}' is an object array (it would need pickle)")
@@ -74,8 +77,15 @@ def _npz_arrays(raw: bytes) -> dict[str, np.ndarray]:
                     if f.readinto(memoryview(flat).cast("B")) != flat.nbytes:
                         raise BadSample("undecodable_graph", f"'{name}' is truncated")
                 out[name] = flat.reshape(shape, order="F" if fortran_order else "C")
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError,
-            RuntimeError) as exc:  # RuntimeError: an encrypted member
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        ValueError,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:  # RuntimeError: an encrypted member
         raise BadSample("undecodable_graph", f"not a readable .npz: {str(exc)[:200]}") from None
     return out
 
@@ -130,8 +140,9 @@ def graph_from_arrays(arrays: dict[str, np.ndarray]) -> Graph:
     if edge_attr is not None and (edge_attr.ndim != 2 or edge_attr.shape[0] != e or edge_attr.shape[1] == 0):
         raise BadSample("invalid_graph", f"'edge_attr' has shape {edge_attr.shape}; expected [E={e}, Fe]")
     if e and (edge_index.min() < 0 or edge_index.max() >= n):
-        raise BadSample("invalid_graph", f"edge_index spans [{edge_index.min()}, {edge_index.max()}], "
-                                         f"outside the {n} nodes of x")
+        raise BadSample(
+            "invalid_graph", f"edge_index spans [{edge_index.min()}, {edge_index.max()}], outside the {n} nodes of x"
+        )
     out = {"x": _tensor(x), "edge_index": _tensor(edge_index)}
     if edge_attr is not None:
         out["edge_attr"] = _tensor(edge_attr)
@@ -201,6 +212,8 @@ class GraphDecoder(Decoder):
         path = Path(str(value))
         suffix = FILE_SUFFIXES.get(path.suffix.lstrip(".").lower(), file_suffix(path))
         if suffix not in self.suffixes:
-            raise ManifestError(f"{field} file '{value}' has suffix '{suffix}'; {field} takes .npz, .json or .smi "
-                                "files, or an inline {x, edge_index} object")
+            raise ManifestError(
+                f"{field} file '{value}' has suffix '{suffix}'; {field} takes .npz, .json or .smi "
+                "files, or an inline {x, edge_index} object"
+            )
         return {suffix: read_member(field, value, base)}

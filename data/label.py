@@ -10,7 +10,7 @@ import torch
 
 from .decode import BadSample, Decoder, ManifestError
 
-LABEL = "label"   # the batch key of the labels
+LABEL = "label"  # the batch key of the labels
 
 
 class LabelDecoder(Decoder):

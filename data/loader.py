@@ -42,8 +42,14 @@ def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) 
             raise ShardError(f"source '{src.name}': {exc}") from None
         sizes = shard_sizes(urls)
         total = sum(sizes[u] for u in urls) if len(sizes) == len(urls) else "unknown (no sizes.json)"
-        log.info("source %s: %d shard(s), %s samples, weight %g, needs %s", src.name, len(urls), total,
-                 src.weight, "+".join(modalities))
+        log.info(
+            "source %s: %d shard(s), %s samples, weight %g, needs %s",
+            src.name,
+            len(urls),
+            total,
+            src.weight,
+            "+".join(modalities),
+        )
         out.append(Source(src.name or "source", urls, src.weight, modalities, sizes))
     return out
 
@@ -62,11 +68,22 @@ def plan_workers(sources: list[Source], requested: int, world: int, resampled: b
         return requested
     if fewest >= world:
         workers = max(1, fewest // world)
-        log.warning("source with %d shards for %d rank(s) x %d workers: using %d worker(s) per rank so that each "
-                    "reads whole shards", fewest, world, requested, workers)
+        log.warning(
+            "source with %d shards for %d rank(s) x %d workers: using %d worker(s) per rank so that each "
+            "reads whole shards",
+            fewest,
+            world,
+            requested,
+            workers,
+        )
         return workers
-    log.warning("source with %d shards for %d rank(s): every rank reads every shard and keeps 1/%d of the "
-                "samples; write more shards than ranks to avoid the duplicated reads", fewest, world, world * requested)
+    log.warning(
+        "source with %d shards for %d rank(s): every rank reads every shard and keeps 1/%d of the "
+        "samples; write more shards than ranks to avoid the duplicated reads",
+        fewest,
+        world,
+        world * requested,
+    )
     return requested
 
 
@@ -80,9 +97,18 @@ class TrainLoader:
     loading it resumes exactly there.
     """
 
-    def __init__(self, cfg: DataConfig, transforms: dict[str, Callable], collators: dict[str, Callable],
-                 modalities: list[str], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        transforms: dict[str, Callable],
+        collators: dict[str, Callable],
+        modalities: list[str],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        pin_memory: bool = False,
+    ):
         self.cfg = cfg
         sources = resolve_sources(cfg.train, modalities)
         self.num_workers = plan_workers(sources, cfg.num_workers, world, cfg.resampled)
@@ -90,9 +116,20 @@ class TrainLoader:
         if cfg.resampled:
             per_worker = math.ceil(cfg.train_num_samples / (world * max(1, self.num_workers) * batch_size))
         self.spec = StreamSpec(
-            sources=sources, decoders=_decoders(sources), transforms=transforms, collators=collators, batch_size=batch_size,
-            seed=seed, rank=rank, world=world, train=True, resampled=cfg.resampled, batches_per_worker=per_worker,
-            shuffle_buffer=cfg.shuffle_buffer, shuffle_initial=cfg.shuffle_initial, shard_shuffle=cfg.shard_shuffle,
+            sources=sources,
+            decoders=_decoders(sources),
+            transforms=transforms,
+            collators=collators,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world=world,
+            train=True,
+            resampled=cfg.resampled,
+            batches_per_worker=per_worker,
+            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle_initial=cfg.shuffle_initial,
+            shard_shuffle=cfg.shard_shuffle,
             drop_last=True,
         )
         self.world = world
@@ -120,8 +157,7 @@ class TrainLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            **kwargs)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         return iter(loader)
 
     def _pop_in_rotation(self) -> dict[str, Any] | None:
@@ -163,8 +199,10 @@ class TrainLoader:
                     continue
                 self._iter = None
                 if self._batches_in_epoch == 0 and not self.cursors:
-                    raise DataQualityError(f"rank {self.rank}: epoch {self.epoch} produced no batch of "
-                                           f"{self.spec.batch_size} usable samples: {self.stats.summary()}") from None
+                    raise DataQualityError(
+                        f"rank {self.rank}: epoch {self.epoch} produced no batch of "
+                        f"{self.spec.batch_size} usable samples: {self.stats.summary()}"
+                    ) from None
                 self.epoch += 1
                 self.cursors, self.next_worker, self._batches_in_epoch = {}, 0, 0
                 continue
@@ -178,9 +216,14 @@ class TrainLoader:
                 self._queues[worker].append(item)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_worker": self.next_worker,
-                "cursors": {str(k): list(v) for k, v in self.cursors.items()},
-                "num_workers": self.num_workers, "world": self.world, "stats": self.stats.to_dict()}
+        return {
+            "epoch": self.epoch,
+            "next_worker": self.next_worker,
+            "cursors": {str(k): list(v) for k, v in self.cursors.items()},
+            "num_workers": self.num_workers,
+            "world": self.world,
+            "stats": self.stats.to_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
@@ -189,22 +232,43 @@ class TrainLoader:
         cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
-            log.warning("resuming with %s ranks x %s workers, saved with %s x %s: restarting epoch %d from its "
-                        "start", self.world, self.num_workers, state.get("world"), state.get("num_workers"),
-                        self.epoch)
+            log.warning(
+                "resuming with %s ranks x %s workers, saved with %s x %s: restarting epoch %d from its start",
+                self.world,
+                self.num_workers,
+                state.get("world"),
+                state.get("num_workers"),
+                self.epoch,
+            )
             cursors, self.next_worker = {}, 0
         self.cursors = dict(cursors)
         self._skip = cursors
         self._batches_in_epoch = 0
 
 
-def eval_batches(sources: list[SourceConfig], transforms: dict[str, Callable], collators: dict[str, Callable],
-                 modalities: list[str], batch_size: int, num_workers: int = 0,
-                 stats: SampleStats | None = None, all_views: bool = False) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    sources: list[SourceConfig],
+    transforms: dict[str, Callable],
+    collators: dict[str, Callable],
+    modalities: list[str],
+    batch_size: int,
+    num_workers: int = 0,
+    stats: SampleStats | None = None,
+    all_views: bool = False,
+) -> Iterator[dict[str, Any]]:
     """One deterministic pass over held-out shards: no shuffling, nothing dropped, bad samples counted.
     With `all_views`, every caption of a sample is kept (batch["__views__"] counts them per sample)."""
     resolved = resolve_sources(sources, modalities)
-    spec = StreamSpec(sources=resolved, decoders=_decoders(resolved), transforms=transforms, collators=collators, batch_size=batch_size, train=False, drop_last=False, all_views=all_views)
+    spec = StreamSpec(
+        sources=resolved,
+        decoders=_decoders(resolved),
+        transforms=transforms,
+        collators=collators,
+        batch_size=batch_size,
+        train=False,
+        drop_last=False,
+        all_views=all_views,
+    )
     stats = stats if stats is not None else SampleStats()
     workers = min(num_workers, min(len(s.urls) for s in spec.sources))
     loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers)
@@ -230,4 +294,3 @@ def to_device(batch: Any, device, float_dtype=None) -> Any:
         # a shallow copy (its own attribute stores, the same tensors), so the caller's batch is left as is
         return copy.copy(batch).apply(lambda t: to_device(t, device, float_dtype))
     return batch
-

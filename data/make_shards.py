@@ -36,11 +36,15 @@ from tessera.modalities import MODALITIES
 
 from .decode import REJECTED_SUFFIXES, BadSample, Decoder, ManifestError, decoders
 
-GENERIC_FIELDS = ("key", "json")   # the sample key, and metadata; every other field belongs to a modality
+GENERIC_FIELDS = ("key", "json")  # the sample key, and metadata; every other field belongs to a modality
 
 
-def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], out_dir: str | Path, prefix: str = "shard",
-                 samples_per_shard: int = 1000) -> dict[str, int]:
+def write_shards(
+    samples: Iterable[tuple[str, dict[str, bytes]]],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+) -> dict[str, int]:
     """Write `(key, {suffix: bytes})` samples into `out_dir/prefix-NNNNNN.tar`; update `sizes.json`.
 
     Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
@@ -88,8 +92,9 @@ def field_decoders() -> dict[str, Decoder]:
     return out
 
 
-def record_members(record: dict[str, Any], base: Path, verify: bool = False,
-                   fields: dict[str, Decoder] | None = None) -> dict[str, bytes]:
+def record_members(
+    record: dict[str, Any], base: Path, verify: bool = False, fields: dict[str, Decoder] | None = None
+) -> dict[str, bytes]:
     """One manifest record -> its tar members `{suffix: bytes}`."""
     fields = field_decoders() if fields is None else fields
     members: dict[str, bytes] = {}
@@ -163,8 +168,12 @@ def read_manifest(path: Path, verify: bool, skip_bad: bool, counts: dict[str, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tessera.data.make_shards", description=__doc__, epilog=fields_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tessera.data.make_shards",
+        description=__doc__,
+        epilog=fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--manifest", required=True, type=Path, help="JSONL file, one sample per line")
     parser.add_argument("--out", required=True, type=Path, help="output directory for shards and sizes.json")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
@@ -178,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--samples-per-shard must be positive")
     counts: dict[str, int] = {}
     try:
-        sizes = write_shards(read_manifest(args.manifest, args.verify, args.skip_bad, counts), args.out,
-                             args.prefix, args.samples_per_shard)
+        sizes = write_shards(
+            read_manifest(args.manifest, args.verify, args.skip_bad, counts),
+            args.out,
+            args.prefix,
+            args.samples_per_shard,
+        )
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

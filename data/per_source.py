@@ -36,8 +36,10 @@ def choose_batching(cfg: DataConfig, modalities: list[str]) -> str:
     """'mixed' or 'per_source', from data.batching and what the sources carry."""
     carried = {source_modalities(s, modalities) for s in cfg.train}
     if cfg.batching == "mixed" and len(carried) > 1:
-        raise ShardError("data.batching=mixed needs every source to carry the same modalities, but they carry "
-                         f"{sorted('+'.join(c) for c in carried)}: use data.batching=per_source (or auto)")
+        raise ShardError(
+            "data.batching=mixed needs every source to carry the same modalities, but they carry "
+            f"{sorted('+'.join(c) for c in carried)}: use data.batching=per_source (or auto)"
+        )
     if cfg.batching == "auto":
         return "per_source" if len(carried) > 1 else "mixed"
     return cfg.batching
@@ -50,9 +52,18 @@ class PerSourceLoader:
     `load_state_dict()`. Each batch also says which source it came from (`__source__`).
     """
 
-    def __init__(self, cfg: DataConfig, transforms: dict[str, Callable], collators: dict[str, Callable],
-                 modalities: list[str], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        transforms: dict[str, Callable],
+        collators: dict[str, Callable],
+        modalities: list[str],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        pin_memory: bool = False,
+    ):
         if not cfg.train:
             raise ShardError("no data sources configured (set data.train, e.g. data.train=path/{000..009}.tar)")
         self.seed = seed
@@ -61,14 +72,27 @@ class PerSourceLoader:
             raise ShardError(f"data.train: source names must differ for per-source batching, got {self.names}")
         self.weights = [s.weight for s in cfg.train]
         self.loaders = {
-            s.name: TrainLoader(dataclasses.replace(cfg, train=[s]), transforms, collators, modalities, batch_size,
-                                seed=seed, rank=rank, world=world, pin_memory=pin_memory)
+            s.name: TrainLoader(
+                dataclasses.replace(cfg, train=[s]),
+                transforms,
+                collators,
+                modalities,
+                batch_size,
+                seed=seed,
+                rank=rank,
+                world=world,
+                pin_memory=pin_memory,
+            )
             for s in cfg.train
         }
-        self.drawn = 0   # micro-batches handed out: the position in the source schedule
-        log.info("per-source batching: %s", ", ".join(
-            f"{s.name} ({'+'.join(source_modalities(s, modalities))}, p={s.weight / sum(self.weights):.2f})"
-            for s in cfg.train))
+        self.drawn = 0  # micro-batches handed out: the position in the source schedule
+        log.info(
+            "per-source batching: %s",
+            ", ".join(
+                f"{s.name} ({'+'.join(source_modalities(s, modalities))}, p={s.weight / sum(self.weights):.2f})"
+                for s in cfg.train
+            ),
+        )
 
     def source_at(self, i: int) -> str:
         """The source of micro-batch i: a function of (seed, i) alone, so identical on every rank."""
@@ -105,15 +129,23 @@ class PerSourceLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "sources" not in state or set(state["sources"]) != set(self.loaders):
-            raise ShardError(f"the checkpoint's data position is for sources {sorted(state.get('sources', {}))}, "
-                             f"this run has {sorted(self.loaders)}: resume with the same data.train sources")
+            raise ShardError(
+                f"the checkpoint's data position is for sources {sorted(state.get('sources', {}))}, "
+                f"this run has {sorted(self.loaders)}: resume with the same data.train sources"
+            )
         self.drawn = int(state["drawn"])
         for name, loader in self.loaders.items():
             loader.load_state_dict(state["sources"][name])
 
 
-def train_loader(cfg: DataConfig, transforms: dict[str, Callable], collators: dict[str, Callable],
-                 modalities: list[str], batch_size: int, **kwargs: Any) -> TrainLoader | PerSourceLoader:
+def train_loader(
+    cfg: DataConfig,
+    transforms: dict[str, Callable],
+    collators: dict[str, Callable],
+    modalities: list[str],
+    batch_size: int,
+    **kwargs: Any,
+) -> TrainLoader | PerSourceLoader:
     """The training loader data.batching asks for (see `choose_batching`)."""
     cls = PerSourceLoader if choose_batching(cfg, modalities) == "per_source" else TrainLoader
     return cls(cfg, transforms, collators, modalities, batch_size, **kwargs)

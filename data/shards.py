@@ -138,8 +138,9 @@ def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
         log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
 
 
-def iter_raw_samples(urls: Iterable[str], stats: SampleStats,
-                     sizes: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+def iter_raw_samples(
+    urls: Iterable[str], stats: SampleStats, sizes: dict[str, int] | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples `{__key__, __url__, suffix: bytes}` from the shards, in order.
 
     Members are grouped into samples by key as webdataset does (adjacent members sharing the name up

@@ -33,12 +33,16 @@ def write_shots(shard_specs: list[str | list[str]], k: int, num_classes: int, se
     if not by_class:
         raise ShardError(f"fewshot: no sample in {shard_specs} has a `cls` label in [0, {num_classes})")
     rng = seeded_rng(seed, "shots")
-    chosen = {key for label in sorted(by_class) for key in rng.sample(sorted(by_class[label]),
-                                                                      min(k, len(by_class[label])))}
+    chosen = {
+        key for label in sorted(by_class) for key in rng.sample(sorted(by_class[label]), min(k, len(by_class[label])))
+    }
     short = {c: len(by_class.get(c, [])) for c in range(num_classes) if len(by_class.get(c, [])) < k}
     if short:
         log.warning("fewshot: fewer than %d shots for classes %s (samples available: %s)", k, sorted(short), short)
-    samples = ((s["__key__"], {m: v for m, v in s.items() if not m.startswith("__")})
-               for s in iter_raw_samples(urls, SampleStats()) if s["__key__"] in chosen)
+    samples = (
+        (s["__key__"], {m: v for m, v in s.items() if not m.startswith("__")})
+        for s in iter_raw_samples(urls, SampleStats())
+        if s["__key__"] in chosen
+    )
     write_shards(samples, out_dir, SHOTS_PREFIX, samples_per_shard=max(1, len(chosen)))
     return str(out_dir / f"{SHOTS_PREFIX}-000000.tar")

@@ -61,4 +61,5 @@ class SampleStats:
         if self.seen >= min_seen and self.seen > 0 and self.bad / self.seen > max_fraction:
             raise DataQualityError(
                 f"{where}: {self.bad / self.seen:.1%} of samples are bad, above data.max_bad_fraction="
-                f"{max_fraction}: {self.summary()}. Fix or remove the shards, or raise data.max_bad_fraction.")
+                f"{max_fraction}: {self.summary()}. Fix or remove the shards, or raise data.max_bad_fraction."
+            )

@@ -21,8 +21,12 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="loader workers")
-    p.add_argument("--adapter", default=None, help="an adapter directory to apply to the model: LoRA (peft's "
-                   "adapter_config.json + adapter_model.safetensors; merged in) or prompts (prompt_config.json)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="an adapter directory to apply to the model: LoRA (peft's "
+        "adapter_config.json + adapter_model.safetensors; merged in) or prompts (prompt_config.json)",
+    )
     return p
 
 
@@ -33,7 +37,7 @@ def load(args: argparse.Namespace):
         model = load_model(args.model, device=device)
         if getattr(args, "adapter", None):
             model = merge_adapter(load_adapter(model, args.adapter)).eval()
-    except ConfigError as exc:   # a bad model or adapter directory: say which, exit 2 like argparse
+    except ConfigError as exc:  # a bad model or adapter directory: say which, exit 2 like argparse
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     return model, device
@@ -54,11 +58,17 @@ def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[s
     """The sources (`SourceConfig`s) whose samples carry all of `modalities`, set to decode exactly those (plus
     `extra`, e.g. the label). A source that declares no modalities is taken to carry whatever is asked for;
     one that declares them (e.g. an audio-text source in a joint run) is used only for pairs it covers."""
-    picked = [dataclasses.replace(s, modalities=[*modalities, *extra]) for s in sources
-              if s.modalities is None or all(m in s.modalities for m in modalities)]
+    picked = [
+        dataclasses.replace(s, modalities=[*modalities, *extra])
+        for s in sources
+        if s.modalities is None or all(m in s.modalities for m in modalities)
+    ]
     if not picked:
-        raise ValueError(f"no evaluation source carries {'+'.join(modalities)} (sources: "
-                         + ", ".join(f"{s.name}: {'+'.join(s.modalities or ['?'])}" for s in sources) + ")")
+        raise ValueError(
+            f"no evaluation source carries {'+'.join(modalities)} (sources: "
+            + ", ".join(f"{s.name}: {'+'.join(s.modalities or ['?'])}" for s in sources)
+            + ")"
+        )
     return picked
 
 

@@ -27,13 +27,21 @@ from .zeroshot import classification_metrics, embed_labelled
 WEIGHT_DECAYS = (1e-6, 1e-4, 1e-2)
 
 
-def fit_logistic(x_ND: torch.Tensor, y_N: torch.Tensor, n_classes: int, weight_decay: float,
-                 max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x_ND: torch.Tensor, y_N: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (D, C) and bias (C,) minimising mean cross-entropy + weight_decay/2 * ||W||^2."""
     W = torch.zeros(x_ND.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+    )
 
     def closure():
         opt.zero_grad()
@@ -45,8 +53,14 @@ def fit_logistic(x_ND: torch.Tensor, y_N: torch.Tensor, n_classes: int, weight_d
     return W.detach(), b.detach()
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 weight_decays=WEIGHT_DECAYS, seed: int = 0) -> dict[str, Any]:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decays=WEIGHT_DECAYS,
+    seed: int = 0,
+) -> dict[str, Any]:
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError("`cls` labels must be non-negative class indices")
@@ -59,22 +73,29 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         for wd in weight_decays:
             W, b = fit_logistic(train_x[fit], train_y[fit], n_classes, wd)
             scores[wd] = ((train_x[val] @ W + b).argmax(1) == train_y[val]).float().mean().item()
-        best = max(weight_decays, key=lambda wd: (scores[wd], wd))   # ties: the stronger penalty
+        best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger penalty
     else:
         best = weight_decays[len(weight_decays) // 2]
     W, b = fit_logistic(train_x, train_y, n_classes, best)
     metrics = classification_metrics(test_x @ W + b, test_y)
     chance = {"acc1": 1 / n_classes, "acc5": min(5, n_classes) / n_classes, "mean_per_class_recall": 1 / n_classes}
-    return {"metrics": metrics, "chance": chance, "weight_decay": best, "validation_acc1": scores,
-            "classes": n_classes, "n": {"train": len(train_y), "test": len(test_y)}}
+    return {
+        "metrics": metrics,
+        "chance": chance,
+        "weight_decay": best,
+        "validation_acc1": scores,
+        "classes": n_classes,
+        "n": {"train": len(train_y), "test": len(test_y)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.linear_probe", __doc__)
     parser.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
     parser.add_argument("--test", required=True, nargs="+", help="labelled test shard spec(s)")
-    parser.add_argument("--modality", help="the modality to probe; default: the model's first tower that does not "
-                        "encode class prompts")
+    parser.add_argument(
+        "--modality", help="the modality to probe; default: the model's first tower that does not encode class prompts"
+    )
     parser.add_argument("--weight-decays", default=",".join(str(w) for w in WEIGHT_DECAYS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -83,13 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     args.modality = args.modality or common.default_classified(model)
     stats = SampleStats()
     try:
-        splits = [embed_labelled(model, parse_sources(spec, name), args.modality, args.batch_size, device, None,
-                                 args.workers, stats) for spec, name in ((args.train, "--train"), (args.test, "--test"))]
+        splits = [
+            embed_labelled(
+                model, parse_sources(spec, name), args.modality, args.batch_size, device, None, args.workers, stats
+            )
+            for spec, name in ((args.train, "--train"), (args.test, "--test"))
+        ]
         result = linear_probe(*splits[0], *splits[1], [float(w) for w in args.weight_decays.split(",")])
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    doc = {"dataset": {"train": " ".join(args.train), "test": " ".join(args.test)}, "model": str(args.model),
-           "task": "linear_probe", "modality": args.modality, **result, "data": stats.to_dict()}
+    doc = {
+        "dataset": {"train": " ".join(args.train), "test": " ".join(args.test)},
+        "model": str(args.model),
+        "task": "linear_probe",
+        "modality": args.modality,
+        **result,
+        "data": stats.to_dict(),
+    }
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
     if args.out:

@@ -38,16 +38,16 @@ from . import common
 
 KS = (1, 5, 10)
 CURVE_KS = 50
-CHUNK_ELEMENTS = 2**26   # similarities per chunk (256 MB in fp32)
+CHUNK_ELEMENTS = 2**26  # similarities per chunk (256 MB in fp32)
 
 
 @dataclass
 class Embedded:
     """Normalised fp32 rows per modality; the rows of one sample are contiguous, samples in shard order."""
 
-    features: dict[str, torch.Tensor]   # modality -> (V, D)
-    owner: dict[str, torch.Tensor]      # modality -> (V,) index of the sample each row belongs to
-    n: int                              # samples
+    features: dict[str, torch.Tensor]  # modality -> (V, D)
+    owner: dict[str, torch.Tensor]  # modality -> (V,) index of the sample each row belongs to
+    n: int  # samples
 
     def first_rows(self, modality: str) -> torch.Tensor:
         """One row per sample: its first view."""
@@ -58,16 +58,33 @@ class Embedded:
 
 
 @torch.no_grad()
-def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Sequence[str], batch_size: int,
-          device: torch.device | str = "cpu", dtype: torch.dtype | None = None, num_workers: int = 0,
-          stats: SampleStats | None = None, all_views: bool = True, progress: bool = False) -> Embedded:
+def embed(
+    model: MultiTowerModel,
+    sources: list[SourceConfig],
+    modalities: Sequence[str],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    stats: SampleStats | None = None,
+    all_views: bool = True,
+    progress: bool = False,
+) -> Embedded:
     """Embeddings of every sample that carries all of `modalities` (and, with `all_views`, of every caption)."""
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     owners: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     n = 0
     with common.eval_mode(model):
-        batches = eval_batches(common.sources_with(sources, modalities), model.transforms(False), model.collators(),
-                               list(modalities), batch_size, num_workers, stats, all_views=all_views)
+        batches = eval_batches(
+            common.sources_with(sources, modalities),
+            model.transforms(False),
+            model.collators(),
+            list(modalities),
+            batch_size,
+            num_workers,
+            stats,
+            all_views=all_views,
+        )
         for batch in tqdm(batches, desc="embedding", unit="batch", disable=not progress, mininterval=5):
             views = batch.pop("__views__", None)
             batch = to_device(batch, device, dtype)
@@ -82,8 +99,13 @@ def embed(model: MultiTowerModel, sources: list[SourceConfig], modalities: Seque
     return Embedded({m: torch.cat(c) for m, c in chunks.items()}, {m: torch.cat(o) for m, o in owners.items()}, n)
 
 
-def positive_positions(query_QD: torch.Tensor, query_owner: torch.Tensor, target_TD: torch.Tensor,
-                       target_owner: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def positive_positions(
+    query_QD: torch.Tensor,
+    query_owner: torch.Tensor,
+    target_TD: torch.Tensor,
+    target_owner: torch.Tensor,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """(Q, M) 1-based positions of each query's positives in its ranking of all targets, ascending, +inf where a
     query has fewer than M. A positive is a target with the query's owner. Ties go to the lower target index
     (as a stable sort). `target_owner` must be non-decreasing (rows of one sample contiguous)."""
@@ -98,10 +120,10 @@ def positive_positions(query_QD: torch.Tensor, query_owner: torch.Tensor, target
     cols = torch.arange(T)
     out = torch.full((query_QD.shape[0], max(M, 1)), math.inf)
     for lo in range(0, query_QD.shape[0], chunk):
-        sims_CT = query_QD[lo:lo + chunk] @ target_TD.T
+        sims_CT = query_QD[lo : lo + chunk] @ target_TD.T
         rows = torch.arange(sims_CT.shape[0])
-        own = query_owner[lo:lo + chunk]
-        for j in range(M):   # the j-th positive of every query in the chunk
+        own = query_owner[lo : lo + chunk]
+        for j in range(M):  # the j-th positive of every query in the chunk
             valid = count[own] > j
             t = (start[own] + j).clamp(max=T - 1)
             s = sims_CT[rows, t].unsqueeze(1)
@@ -110,7 +132,7 @@ def positive_positions(query_QD: torch.Tensor, query_owner: torch.Tensor, target
             tied = (torch.count_nonzero(sims_CT == s, dim=1) > 1).nonzero().squeeze(1)
             if tied.numel():
                 better[tied] += torch.count_nonzero((sims_CT[tied] == s[tied]) & (cols < t[tied, None]), dim=1)
-            out[lo:lo + chunk, j] = torch.where(valid, (better + 1).float(), math.inf)
+            out[lo : lo + chunk, j] = torch.where(valid, (better + 1).float(), math.inf)
     return out.sort(dim=1).values
 
 
@@ -146,13 +168,13 @@ def chance_metrics(positives: torch.Tensor, targets: int, name: str, ks=KS) -> d
     def log_comb(n, r):
         return torch.lgamma(n + 1) - torch.lgamma(r + 1) - torch.lgamma(n - r + 1)
 
-    for k in ks:   # P(no positive in the top k) = C(T - m, k) / C(T, k)
+    for k in ks:  # P(no positive in the top k) = C(T - m, k) / C(T, k)
         kk = torch.full_like(m, float(min(k, targets)))
         miss = torch.where(T - m >= kk, torch.exp(log_comb(T - m, kk) - log_comb(T_, kk)), 0.0)
         out[f"{name}_R@{k}"] = (1 - miss).mean().item()
-    out[f"{name}_mean_rank"] = ((T + 1) / (m + 1)).mean().item()   # expected best position
+    out[f"{name}_mean_rank"] = ((T + 1) / (m + 1)).mean().item()  # expected best position
     medians = {}
-    for mv in m.unique().tolist():   # smallest r with P(best <= r) >= 1/2; P(best > r) = C(T - r, m) / C(T, m)
+    for mv in m.unique().tolist():  # smallest r with P(best <= r) >= 1/2; P(best > r) = C(T - r, m) / C(T, m)
         r = torch.arange(1, targets + 1, dtype=torch.float64)
         mv_ = torch.tensor(mv, dtype=torch.float64)
         above = torch.where(T - r >= mv, torch.exp(log_comb(T - r, mv_) - log_comb(T_, mv_)), 0.0)
@@ -176,10 +198,12 @@ def diagnostics(emb: Embedded, a: str, b: str, max_uniformity: int = 4096, seed:
     x, y = emb.first_rows(a), emb.first_rows(b)
     n = x.shape[0]
     pos = (x * y).sum(1)
-    out = {f"{a}-{b}_alignment": (x - y).pow(2).sum(1).mean().item(),
-           f"{a}-{b}_modality_gap": (x.mean(0) - y.mean(0)).norm().item(),
-           f"{a}-{b}_positive_cosine": pos.mean().item(),
-           f"{a}-{b}_negative_cosine": ((x.sum(0) @ y.sum(0) - pos.sum()) / max(n * (n - 1), 1)).item()}
+    out = {
+        f"{a}-{b}_alignment": (x - y).pow(2).sum(1).mean().item(),
+        f"{a}-{b}_modality_gap": (x.mean(0) - y.mean(0)).norm().item(),
+        f"{a}-{b}_positive_cosine": pos.mean().item(),
+        f"{a}-{b}_negative_cosine": ((x.sum(0) @ y.sum(0) - pos.sum()) / max(n * (n - 1), 1)).item(),
+    }
     g = torch.Generator().manual_seed(seed)
     for name, f in ((a, x), (b, y)):
         if n > max_uniformity:
@@ -205,9 +229,16 @@ def retrieval_metrics(emb: Embedded, a: str, b: str, ks=KS) -> tuple[dict, dict,
     return metrics, chance, curves
 
 
-def evaluate_pairs(model: MultiTowerModel, sources: list[SourceConfig], pairs: Sequence[tuple[str, str]],
-                   batch_size: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+def evaluate_pairs(
+    model: MultiTowerModel,
+    sources: list[SourceConfig],
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Retrieval metrics, chance levels, diagnostics and R@K curves for each pair, and the eval data's counts."""
     result: dict[str, Any] = {"metrics": {}, "chance": {}, "diagnostics": {}, "curves": {}, "n": {}, "rows": {}}
     stats = SampleStats()
@@ -229,8 +260,9 @@ def summary_table(result: dict[str, Any], ks=KS) -> str:
     directions = sorted({k.rsplit("_R@", 1)[0] for k in result["metrics"] if "_R@" in k})
     for d in directions:
         row = "".join(f"{100 * result['metrics'][f'{d}_R@{k}']:>8.1f}%" for k in ks)
-        lines.append(f"{d:<22}{row}{100 * result['metrics'][f'{d}_mAP@10']:>8.1f}%"
-                     f"{100 * result['chance'][f'{d}_R@1']:>11.2f}%")
+        lines.append(
+            f"{d:<22}{row}{100 * result['metrics'][f'{d}_mAP@10']:>8.1f}%{100 * result['chance'][f'{d}_R@1']:>11.2f}%"
+        )
     return "\n".join(lines)
 
 
@@ -242,15 +274,21 @@ def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[
     png = out.with_name(out.stem + "_recall.png")
     _plot_curves(doc["curves"], doc["chance"], png)
     md = out.with_suffix(".md")
-    lines = [f"# Zero-shot retrieval: {doc['model']}", "", f"Data: `{doc['dataset']}`; samples per pair: "
-             f"{doc['n']}; rows (captions included): {doc['rows']}.", "",
-             "| direction | R@1 | R@5 | R@10 | mAP@10 | mean rank | median rank | chance R@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Zero-shot retrieval: {doc['model']}",
+        "",
+        f"Data: `{doc['dataset']}`; samples per pair: {doc['n']}; rows (captions included): {doc['rows']}.",
+        "",
+        "| direction | R@1 | R@5 | R@10 | mAP@10 | mean rank | median rank | chance R@1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     m, c = doc["metrics"], doc["chance"]
     for d in sorted(doc["curves"]):
-        lines.append(f"| {d} | {m[d + '_R@1']:.1%} | {m[d + '_R@5']:.1%} | {m[d + '_R@10']:.1%} | "
-                     f"{m[d + '_mAP@10']:.1%} | {m[d + '_mean_rank']:.1f} | {m[d + '_median_rank']:.0f} | "
-                     f"{c[d + '_R@1']:.2%} |")
+        lines.append(
+            f"| {d} | {m[d + '_R@1']:.1%} | {m[d + '_R@5']:.1%} | {m[d + '_R@10']:.1%} | "
+            f"{m[d + '_mAP@10']:.1%} | {m[d + '_mean_rank']:.1f} | {m[d + '_median_rank']:.0f} | "
+            f"{c[d + '_R@1']:.2%} |"
+        )
     lines += ["", "| diagnostic | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(doc["diagnostics"].items())]
     lines += ["", f"Recall at K = 1..{CURVE_KS}: ![R@K]({png.name})", "", f"Every number: [{out.name}]({out.name})", ""]
@@ -260,7 +298,7 @@ def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[
 
 
 def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path: Path) -> None:
-    fig = Figure(figsize=(6, 4))   # no pyplot: no global backend
+    fig = Figure(figsize=(6, 4))  # no pyplot: no global backend
     ax = fig.subplots()
     for name, ys in sorted(curves.items()):
         ax.plot(range(1, len(ys) + 1), ys, label=name)
@@ -276,8 +314,10 @@ def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path:
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.retrieval", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
-    parser.add_argument("--query", help="query modality; default (with --target unset): every pair the model "
-                        "was trained on, both directions")
+    parser.add_argument(
+        "--query",
+        help="query modality; default (with --target unset): every pair the model was trained on, both directions",
+    )
     parser.add_argument("--target", help="target modality")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and its plot and markdown beside it)")
     args = parser.parse_args(argv)
@@ -292,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.query is not None and args.query == args.target:
         parser.error("--query and --target must be two different modalities")
     try:
-        result = evaluate_pairs(model, parse_sources(args.data, "--data"), pairs, args.batch_size, device, None,
-                                args.workers, progress=True)
+        result = evaluate_pairs(
+            model, parse_sources(args.data, "--data"), pairs, args.batch_size, device, None, args.workers, progress=True
+        )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_retrieval", **result}

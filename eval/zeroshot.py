@@ -6,7 +6,8 @@ encodes prompts (the language modality of `tessera.modalities`: text).
 
 `classes.json` is `{"classnames": [...], "templates": ["a photo of a {}.", ...]}`; `"templates": "imagenet"`
 uses open_clip's 80 OpenAI ImageNet templates; without templates, the classified modality's own default template
-(`tessera.modalities`: "a photo of a {}." for images, "the sound of a {}." for audio, the bare name otherwise). Labels are each sample's `cls` member: an index into classnames.
+(`tessera.modalities`: "a photo of a {}." for images, "the sound of a {}." for audio, the bare name otherwise).
+Labels are each sample's `cls` member: an index into classnames.
 The classifier is open_clip's: per class, the mean of its L2-normalised template embeddings, renormalised
 (`open_clip.zero_shot_classifier.build_zero_shot_classifier`). Metrics as CLIP_benchmark names them: `acc1`,
 `acc5`, `mean_per_class_recall`; beside them their chance levels, and a confusion matrix PNG (`<out>_confusion.png`).
@@ -85,12 +86,13 @@ class _PromptTowerAsCLIP:
 
 
 @torch.no_grad()
-def build_classifier(model: MultiTowerModel, classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def build_classifier(
+    model: MultiTowerModel, classnames: list[str], templates: list[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(D, C) zero-shot weights from class prompts (with a prompt adapter's learned context, when it has one)."""
     language = prompt_modality(model)
     learner = getattr(model, "prompt_learner", None)
-    if learner is not None and learner.has_context:   # CoOp: learned context + class name, no templates
+    if learner is not None and learner.has_context:  # CoOp: learned context + class name, no templates
         with common.eval_mode(model):
             return learner.class_features(model, classnames).float().cpu().T
     transform, collate = model.transforms(False)[language], model.collators()[language]
@@ -99,15 +101,23 @@ def build_classifier(model: MultiTowerModel, classnames: list[str], templates: l
         return collate([transform(t) for t in texts])
 
     with common.eval_mode(model):
-        weights = build_zero_shot_classifier(_PromptTowerAsCLIP(model), tokenizer, classnames, templates,
-                                             num_classes_per_batch=10, device=device)
+        weights = build_zero_shot_classifier(
+            _PromptTowerAsCLIP(model), tokenizer, classnames, templates, num_classes_per_batch=10, device=device
+        )
     return weights.float().cpu()
 
 
 @torch.no_grad()
-def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality: str, batch_size: int,
-                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None, num_workers: int = 0,
-                   stats: SampleStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_labelled(
+    model: MultiTowerModel,
+    sources: list[SourceConfig],
+    modality: str,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    stats: SampleStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) normalised embeddings and (N,) `cls` labels of every sample carrying both."""
     if modality not in model.modalities:
         raise ValueError(f"the model has no '{modality}' tower (it has {model.modalities})")
@@ -115,8 +125,15 @@ def embed_labelled(model: MultiTowerModel, sources: list[SourceConfig], modality
     collators = {modality: model.collators()[modality], LABEL: collate_labels}
     feats, labels = [], []
     with common.eval_mode(model):
-        for batch in eval_batches(common.sources_with(sources, [modality], [LABEL]), transforms, collators,
-                                  [modality, LABEL], batch_size, num_workers, stats):
+        for batch in eval_batches(
+            common.sources_with(sources, [modality], [LABEL]),
+            transforms,
+            collators,
+            [modality, LABEL],
+            batch_size,
+            num_workers,
+            stats,
+        ):
             labels.append(batch[LABEL])
             feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
     if not feats:
@@ -128,23 +145,36 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> d
     n_classes = logits_NC.shape[1]
     bad = (labels_N < 0) | (labels_N >= n_classes)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} label(s) outside the {n_classes} classes of classes.json, e.g. "
-                         f"{labels_N[bad][:5].tolist()}")
+        raise ValueError(
+            f"{int(bad.sum())} label(s) outside the {n_classes} classes of classes.json, e.g. "
+            f"{labels_N[bad][:5].tolist()}"
+        )
     top = logits_NC.topk(min(5, n_classes), dim=1).indices
     hit = top == labels_N[:, None]
     pred = top[:, 0]
     recalls = [(pred[labels_N == c] == c).float().mean() for c in labels_N.unique()]
-    return {"acc1": hit[:, :1].any(1).float().mean().item(), "acc5": hit.any(1).float().mean().item(),
-            "mean_per_class_recall": torch.stack(recalls).mean().item()}
+    return {
+        "acc1": hit[:, :1].any(1).float().mean().item(),
+        "acc5": hit.any(1).float().mean().item(),
+        "mean_per_class_recall": torch.stack(recalls).mean().item(),
+    }
 
 
 def confusion_matrix(pred_N: torch.Tensor, labels_N: torch.Tensor, n_classes: int) -> torch.Tensor:
-    return torch.bincount(labels_N * n_classes + pred_N, minlength=n_classes ** 2).view(n_classes, n_classes)
+    return torch.bincount(labels_N * n_classes + pred_N, minlength=n_classes**2).view(n_classes, n_classes)
 
 
-def evaluate_zeroshot(model: MultiTowerModel, sources: list[SourceConfig], modality: str, classnames: list[str],
-                      templates: list[str] | None, batch_size: int, device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None, num_workers: int = 0) -> dict[str, Any]:
+def evaluate_zeroshot(
+    model: MultiTowerModel,
+    sources: list[SourceConfig],
+    modality: str,
+    classnames: list[str],
+    templates: list[str] | None,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
     """Metrics, chance levels and the confusion matrix of classifying `modality` by class prompts (`templates`, or
     the modality's default template when None)."""
     stats = SampleStats()
@@ -154,15 +184,21 @@ def evaluate_zeroshot(model: MultiTowerModel, sources: list[SourceConfig], modal
     metrics = classification_metrics(logits, labels_N)
     C = len(classnames)
     chance = {"acc1": 1 / C, "acc5": min(5, C) / C, "mean_per_class_recall": 1 / C}
-    return {"metrics": metrics, "chance": chance, "n": len(labels_N), "classes": C,
-            "confusion": confusion_matrix(logits.argmax(1), labels_N, C).tolist(), "data": stats.to_dict()}
+    return {
+        "metrics": metrics,
+        "chance": chance,
+        "n": len(labels_N),
+        "classes": C,
+        "confusion": confusion_matrix(logits.argmax(1), labels_N, C).tolist(),
+        "data": stats.to_dict(),
+    }
 
 
 def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path) -> None:
     cm = torch.tensor(confusion, dtype=torch.float64)
     cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     C = len(classnames)
-    fig = Figure(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))   # no pyplot: no global backend
+    fig = Figure(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))  # no pyplot: no global backend
     ax = fig.subplots()
     im = ax.imshow(cm.numpy(), vmin=0, vmax=1, cmap="Blues")
     if C <= 40:
@@ -178,8 +214,9 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("python -m tessera.eval.zeroshot", __doc__)
     parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
-    parser.add_argument("--modality", help="the modality to classify; default: the model's first tower that does not "
-                        "encode the prompts")
+    parser.add_argument(
+        "--modality", help="the modality to classify; default: the model's first tower that does not encode the prompts"
+    )
     parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")
     parser.add_argument("--out", type=Path, help="write the result JSON here (and the confusion matrix beside it)")
     args = parser.parse_args(argv)
@@ -191,12 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     model, device = common.load(args)
     args.modality = args.modality or common.default_classified(model)
     try:
-        result = evaluate_zeroshot(model, parse_sources(args.data, "--data"), args.modality, classnames, templates,
-                                   args.batch_size, device, None, args.workers)
+        result = evaluate_zeroshot(
+            model,
+            parse_sources(args.data, "--data"),
+            args.modality,
+            classnames,
+            templates,
+            args.batch_size,
+            device,
+            None,
+            args.workers,
+        )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_classification",
-           "modality": args.modality, **result}
+    doc = {
+        "dataset": " ".join(args.data),
+        "model": str(args.model),
+        "task": "zeroshot_classification",
+        "modality": args.modality,
+        **result,
+    }
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
     if args.out:

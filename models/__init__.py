@@ -13,6 +13,15 @@ from .heads import HeadConfig
 from .multitower import MultiTowerModel, build_model
 
 __all__ = [
-    "ConfigError", "Encoder", "HeadConfig", "ModelConfig", "MultiTowerModel", "TowerConfig", "build_model",
-    "load_model", "pair_key", "read_model_config", "save_model",
+    "ConfigError",
+    "Encoder",
+    "HeadConfig",
+    "ModelConfig",
+    "MultiTowerModel",
+    "TowerConfig",
+    "build_model",
+    "load_model",
+    "pair_key",
+    "read_model_config",
+    "save_model",
 ]

@@ -29,15 +29,23 @@ __all__ = ["AdapterConfig", "apply_adapter", "load_adapter", "merge_adapter", "p
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["lora", "prompt", "full"] = field(default="lora", metadata={
-        "help": "lora: train LoRA adapters on the base (peft); prompt: train prompt vectors (CoOp context in the "
-                "class prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower); full: train "
-                "every weight of the base"})
+    kind: Literal["lora", "prompt", "full"] = field(
+        default="lora",
+        metadata={
+            "help": "lora: train LoRA adapters on the base (peft); prompt: train prompt vectors (CoOp context in the "
+            "class prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower); full: train "
+            "every weight of the base"
+        },
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    export_merged: bool = field(default=True, metadata={
-        "help": "also write OUTPUT_DIR/model: the base with the LoRA adapter merged in (no peft needed to run it); "
-                "prompts cannot be merged into weights"})
+    export_merged: bool = field(
+        default=True,
+        metadata={
+            "help": "also write OUTPUT_DIR/model: the base with the LoRA adapter merged in (no peft needed to run it); "
+            "prompts cannot be merged into weights"
+        },
+    )
 
     @property
     def lr_scales(self) -> dict[str, float]:

@@ -19,15 +19,31 @@ import torchaudio
 
 from tessera.config import from_fields, require
 
-MAX_RESAMPLERS = 8   # input sample rates whose resampling kernels a transform keeps
+MAX_RESAMPLERS = 8  # input sample rates whose resampling kernels a transform keeps
 
 PRESETS: dict[str, dict[str, Any]] = {
     # LAION-CLAP (HTSAT): 48 kHz, 10 s, 64 mel bins 50 Hz - 14 kHz, 1024-point FFT, hop 480
-    "clap": {"sample_rate": 48000, "clip_seconds": 10.0, "n_mels": 64, "n_fft": 1024, "win_length": 1024,
-             "hop_length": 480, "f_min": 50.0, "f_max": 14000.0},
+    "clap": {
+        "sample_rate": 48000,
+        "clip_seconds": 10.0,
+        "n_mels": 64,
+        "n_fft": 1024,
+        "win_length": 1024,
+        "hop_length": 480,
+        "f_min": 50.0,
+        "f_max": 14000.0,
+    },
     # ImageBind: 16 kHz, 2 s crops, 128 mel bins, 25 ms window, 10 ms hop
-    "imagebind": {"sample_rate": 16000, "clip_seconds": 2.0, "n_mels": 128, "n_fft": 400, "win_length": 400,
-                  "hop_length": 160, "f_min": 0.0, "f_max": 8000.0},
+    "imagebind": {
+        "sample_rate": 16000,
+        "clip_seconds": 2.0,
+        "n_mels": 128,
+        "n_fft": 400,
+        "win_length": 400,
+        "hop_length": 160,
+        "f_min": 0.0,
+        "f_max": 8000.0,
+    },
 }
 
 
@@ -57,8 +73,10 @@ class AudioConfig:
         return from_fields(cls, data, where)
 
     def __post_init__(self):
-        require(self.preset is None or self.preset in PRESETS,
-                f"audio preset '{self.preset}' is not one of {sorted(PRESETS)}")
+        require(
+            self.preset is None or self.preset in PRESETS,
+            f"audio preset '{self.preset}' is not one of {sorted(PRESETS)}",
+        )
         require(self.sample_rate > 0 and self.clip_seconds > 0, "audio sample_rate and clip_seconds must be > 0")
         require(self.eval_crops >= 1 and self.n_mels > 0, "audio eval_crops and n_mels must be >= 1")
         require(self.win_length <= self.n_fft, "audio win_length must be <= n_fft")
@@ -82,8 +100,15 @@ class AudioTransform:
         require(features in ("mel", "waveform"), f"audio features '{features}' is not one of ['mel', 'waveform']")
         self.cfg, self.is_train, self.features = cfg, is_train, features
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
-            f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0)
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            win_length=cfg.win_length,
+            hop_length=cfg.hop_length,
+            f_min=cfg.f_min,
+            f_max=cfg.f_max,
+            n_mels=cfg.n_mels,
+            power=2.0,
+        )
         self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=cfg.top_db)
         self._resamplers: dict[int, torch.nn.Module] = {}
         self.freq_mask = torchaudio.transforms.FrequencyMasking(cfg.freq_mask) if cfg.freq_mask else None
@@ -114,19 +139,19 @@ class AudioTransform:
         n, extra = self.cfg.clip_samples, wave_S.shape[0] - self.cfg.clip_samples
         if self.is_train:
             start = int(torch.randint(0, extra + 1, ())) if extra > 0 else 0
-            return wave_S[start:start + n][None]
+            return wave_S[start : start + n][None]
         k = self.cfg.eval_crops
         starts = [round(i * extra / (k - 1)) for i in range(k)] if k > 1 else [0]
-        return torch.stack([wave_S[s:s + n] for s in starts])
+        return torch.stack([wave_S[s : s + n] for s in starts])
 
     def __call__(self, decoded: tuple[torch.Tensor, int]) -> torch.Tensor:
         wave_S, rate = decoded
         clips_KS = self.crops(self.waveform(wave_S, rate))
         if self.features == "waveform":
-            return clips_KS[0].clone() if self.is_train else clips_KS   # clone: not a view of the whole file
+            return clips_KS[0].clone() if self.is_train else clips_KS  # clone: not a view of the whole file
         spec_KMF = self.to_db(self.mel(clips_KS))
         if self.is_train:
-            floor = float(spec_KMF.min())   # masked bands read as the quietest level (masking keeps the minimum)
+            floor = float(spec_KMF.min())  # masked bands read as the quietest level (masking keeps the minimum)
             for _ in range(self.cfg.masks):
                 if self.freq_mask is not None:
                     spec_KMF = self.freq_mask(spec_KMF, mask_value=floor)

@@ -40,8 +40,9 @@ class TowerConfig:
         data = dict(data)
         name = data.pop("encoder")
         if name not in names:
-            raise ConfigError(f"{where}.encoder: unknown encoder '{name}'.{closest(str(name), names)}"
-                              f" Registered: {sorted(names)}")
+            raise ConfigError(
+                f"{where}.encoder: unknown encoder '{name}'.{closest(str(name), names)} Registered: {sorted(names)}"
+            )
         head = from_dict(HeadConfig, data.pop("head", {}), f"{where}.head")
         params = from_dict(modalities.encoder_class(name).config_cls, data, where)
         return cls(encoder=name, params=params, head=head)
@@ -58,42 +59,65 @@ def pair_key(a: str, b: str) -> str:
 class ModelConfig:
     embed_dim: int = field(default=512, metadata={"help": "width of the shared embedding space"})
     towers: dict[str, TowerConfig] = field(
-        default_factory=lambda: {m: TowerConfig.from_dict({"encoder": f"open_clip_{m}", "model": "ViT-B-32"}, m)
-                                 for m in ("image", "text")},
-        metadata={"help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32"})
-    pairing: Literal["anchor", "all_pairs"] = field(default="anchor", metadata={
-        "help": "which modality pairs the loss aligns when model.pairs is not given: anchor = every modality "
-                "with the anchor (ImageBind/LanguageBind: one hub), all_pairs = every two towers"})
-    anchor: str | None = field(default=None, metadata={
-        "help": "the hub modality of pairing=anchor; default: the language tower (text) when there is one, else "
-                "the first"})
+        default_factory=lambda: {
+            m: TowerConfig.from_dict({"encoder": f"open_clip_{m}", "model": "ViT-B-32"}, m) for m in ("image", "text")
+        },
+        metadata={"help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32"},
+    )
+    pairing: Literal["anchor", "all_pairs"] = field(
+        default="anchor",
+        metadata={
+            "help": "which modality pairs the loss aligns when model.pairs is not given: anchor = every modality "
+            "with the anchor (ImageBind/LanguageBind: one hub), all_pairs = every two towers"
+        },
+    )
+    anchor: str | None = field(
+        default=None,
+        metadata={
+            "help": "the hub modality of pairing=anchor; default: the language tower (text) when there is one, else "
+            "the first"
+        },
+    )
     pairs: list[tuple[str, str]] | None = field(
-        default=None, metadata={"help": "explicit modality pairs the loss aligns, each with its own temperature; "
-                                        "overrides pairing"})
+        default=None,
+        metadata={"help": "explicit modality pairs the loss aligns, each with its own temperature; overrides pairing"},
+    )
     init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
     init_logit_bias: float | None = field(
-        default=None, metadata={"help": "a learnable logit bias per pair, starting here (SigLIP: -10, with "
-                                        "init_temperature 0.1); null: none (InfoNCE has no use for one)"})
+        default=None,
+        metadata={
+            "help": "a learnable logit bias per pair, starting here (SigLIP: -10, with "
+            "init_temperature 0.1); null: none (InfoNCE has no use for one)"
+        },
+    )
 
     def __post_init__(self):
         require(self.embed_dim > 0, f"model.embed_dim must be positive, got {self.embed_dim}")
         require(len(self.towers) >= 1, "model.towers is empty: add e.g. image: {encoder: open_clip_image}")
         for name, tower in self.towers.items():
-            require(tower.modality == name,
-                    f"model.towers.{name}: encoder '{tower.encoder}' encodes '{tower.modality}'; "
-                    f"put it under towers.{tower.modality}")
+            require(
+                tower.modality == name,
+                f"model.towers.{name}: encoder '{tower.encoder}' encodes '{tower.modality}'; "
+                f"put it under towers.{tower.modality}",
+            )
         for a, b in self.pairs or []:
             for m in (a, b):
                 require(m in self.towers, f"model.pairs: '{m}' has no tower.{closest(m, self.towers)}")
             require(a != b, f"model.pairs: ({a}, {b}) pairs a modality with itself")
-        require(self.anchor is None or self.anchor in self.towers,
-                f"model.anchor: '{self.anchor}' has no tower.{closest(str(self.anchor), self.towers)}")
-        require(len(self.towers) >= 2, f"model.towers has only {list(self.towers)}: a contrastive model needs "
-                                       "at least two towers")
+        require(
+            self.anchor is None or self.anchor in self.towers,
+            f"model.anchor: '{self.anchor}' has no tower.{closest(str(self.anchor), self.towers)}",
+        )
+        require(
+            len(self.towers) >= 2,
+            f"model.towers has only {list(self.towers)}: a contrastive model needs at least two towers",
+        )
         require(0.0 < self.init_temperature, "model.init_temperature must be positive")
-        require(self.max_logit_scale >= 1.0 / self.init_temperature,
-                f"model.max_logit_scale ({self.max_logit_scale}) is below 1/init_temperature")
+        require(
+            self.max_logit_scale >= 1.0 / self.init_temperature,
+            f"model.max_logit_scale ({self.max_logit_scale}) is below 1/init_temperature",
+        )
 
     def pair_list(self) -> list[tuple[str, str]]:
         """The pairs the loss aligns, each as (a, b) in tower order (which names its temperature `a__b`)."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from tessera.config import to_dict
 
-ALL_LINEAR = "all-linear"   # LoRA target: every Linear and MultiheadAttention module of a tower
+ALL_LINEAR = "all-linear"  # LoRA target: every Linear and MultiheadAttention module of a tower
 
 
 @dataclass
@@ -33,9 +33,9 @@ class SplicedContext:
     """CoOp: a prompt is tokenized with placeholder words at `offset` (after <BOS>), and while class prompts are
     encoded the output of `embedding` (B, T, W) at those positions is replaced by the learned context."""
 
-    embedding: nn.Module                             # the token embedding, whose output takes the context
-    tokenize: Callable[[str], torch.Tensor]          # one prompt -> the tower's input ids
-    word_ids: Callable[[str], torch.Tensor]          # words -> their token ids, no special tokens
+    embedding: nn.Module  # the token embedding, whose output takes the context
+    tokenize: Callable[[str], torch.Tensor]  # one prompt -> the tower's input ids
+    word_ids: Callable[[str], torch.Tensor]  # words -> their token ids, no special tokens
     offset: int = 1
 
 
@@ -46,7 +46,7 @@ class PrefixContext:
 
     owner: nn.Module
     attribute: str
-    word_ids: Callable[[str], torch.Tensor]          # words -> their token ids, no special tokens
+    word_ids: Callable[[str], torch.Tensor]  # words -> their token ids, no special tokens
 
 
 @dataclass
@@ -62,8 +62,8 @@ class TokenSite:
 class Encoder(nn.Module):
     """Base class: subclasses set `config_cls`, `cfg` and `output_dim`, and implement `forward` and `transform`."""
 
-    config_cls: ClassVar[type]   # its typed config: a tower's YAML keys besides `encoder` and `head`
-    context_kind: ClassVar[str | None] = None   # "spliced" (SplicedContext) or "prefix" (PrefixContext)
+    config_cls: ClassVar[type]  # its typed config: a tower's YAML keys besides `encoder` and `head`
+    context_kind: ClassVar[str | None] = None  # "spliced" (SplicedContext) or "prefix" (PrefixContext)
     cfg: Any
     output_dim: int
 

@@ -1,8 +1,8 @@
 """Exported models: `model.safetensors` + `config.yaml`, loadable with one call and without DeepSpeed.
 
-    from tessera.models import load_model
-    model = load_model("runs/demo/model")
-    emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circle")[None])
+from tessera.models import load_model
+model = load_model("runs/demo/model")
+emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circle")[None])
 """
 
 from __future__ import annotations
@@ -17,16 +17,21 @@ import safetensors.torch
 import torch
 import yaml
 
-from .config import ModelConfig
 from tessera.config import ConfigError, from_dict
+
+from .config import ModelConfig
 from .multitower import MultiTowerModel
 
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1
 
 
-def save_model(model: MultiTowerModel, out_dir: str | Path, metadata: dict[str, Any] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(
+    model: MultiTowerModel,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `model` to `out_dir` atomically: a crash leaves either the old export or the new one.
 
     `state_dict` (e.g. fp32 master weights gathered from a DeepSpeed engine) replaces the module's own
@@ -36,8 +41,12 @@ def save_model(model: MultiTowerModel, out_dir: str | Path, metadata: dict[str, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        doc = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.export_config(tmp),
-               "metadata": metadata or {}}
+        doc = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": model.export_config(tmp),
+            "metadata": metadata or {},
+        }
         (tmp / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         if state_dict is None:
             # save_model (not save_file) handles tensors that share storage, e.g. tied embeddings.
@@ -71,8 +80,10 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     path = model_dir / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"'{model_dir}' is not an exported Tessera model: no config.yaml "
-                          "(a run directory keeps its export in RUN_DIR/model)")
+        raise ConfigError(
+            f"'{model_dir}' is not an exported Tessera model: no config.yaml "
+            "(a run directory keeps its export in RUN_DIR/model)"
+        )
     doc = yaml.safe_load(path.read_text())
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a Tessera model config (format != {FORMAT!r})")
@@ -90,6 +101,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Mul
         raise ConfigError(f"'{model_dir}' has config.yaml but no model.safetensors")
     missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
     if missing or unexpected:
-        raise ConfigError(f"{weights} does not match its config.yaml: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
+        raise ConfigError(
+            f"{weights} does not match its config.yaml: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     return model.to(device).eval()

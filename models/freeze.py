@@ -28,8 +28,11 @@ class FrozenStatsBatchNorm3d(_FrozenStatistics, nn.BatchNorm3d):
     pass
 
 
-_FROZEN_STATS = {nn.BatchNorm1d: FrozenStatsBatchNorm1d, nn.BatchNorm2d: FrozenStatsBatchNorm2d,
-                 nn.BatchNorm3d: FrozenStatsBatchNorm3d}
+_FROZEN_STATS = {
+    nn.BatchNorm1d: FrozenStatsBatchNorm1d,
+    nn.BatchNorm2d: FrozenStatsBatchNorm2d,
+    nn.BatchNorm3d: FrozenStatsBatchNorm3d,
+}
 
 
 def freeze_norm_statistics(model: nn.Module) -> int:
@@ -44,8 +47,9 @@ def freeze_norm_statistics(model: nn.Module) -> int:
             module.train(False)
             count += 1
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _FrozenStatistics):
-            raise ConfigError(f"cannot freeze the statistics of {type(module).__name__}: adapters support "
-                              "BatchNorm1d/2d/3d")
+            raise ConfigError(
+                f"cannot freeze the statistics of {type(module).__name__}: adapters support BatchNorm1d/2d/3d"
+            )
     return count
 
 

@@ -25,6 +25,7 @@ from torch_geometric.transforms import AddRandomWalkPE
 from torch_geometric.utils.smiles import e_map, x_map
 
 from tessera.config import require
+
 from .encoder import Encoder
 
 __all__ = ["GraphEncoderConfig", "GraphEncoder", "GraphTransform"]
@@ -38,41 +39,63 @@ PE_ATTR = "random_walk_pe"
 @dataclass
 class GraphEncoderConfig:
     arch: Literal["gin", "gine", "gat", "gps"] = field(
-        default="gin", metadata={"help": "gin: GIN (ignores edge features); gine: GIN with edge features; gat: "
-                                         "GATv2; gps: GraphGPS (a GINE/GIN layer plus global attention)"})
+        default="gin",
+        metadata={
+            "help": "gin: GIN (ignores edge features); gine: GIN with edge features; gat: "
+            "GATv2; gps: GraphGPS (a GINE/GIN layer plus global attention)"
+        },
+    )
     node_features: Literal["float", "ogb"] = field(
-        default="float", metadata={"help": "float: x is [N, in_dim] floats; ogb: x is the 9 categorical atom "
-                                           "columns of from_smiles (.smi members), bonds the 3 bond columns"})
+        default="float",
+        metadata={
+            "help": "float: x is [N, in_dim] floats; ogb: x is the 9 categorical atom "
+            "columns of from_smiles (.smi members), bonds the 3 bond columns"
+        },
+    )
     in_dim: int | None = field(default=None, metadata={"help": "columns of x (node_features: float only)"})
     edge_dim: int | None = field(
-        default=None, metadata={"help": "columns of edge_attr (node_features: float); null: no edge features"})
+        default=None, metadata={"help": "columns of edge_attr (node_features: float); null: no edge features"}
+    )
     hidden_dim: int = field(default=128, metadata={"help": "node embedding width"})
     layers: int = field(default=4, metadata={"help": "message-passing layers"})
     heads: int = field(default=4, metadata={"help": "attention heads (gat, gps); must divide hidden_dim"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after each layer (and on attention)"})
     pooling: Literal["mean", "sum", "attention"] = field(
-        default="mean", metadata={"help": "nodes -> graph: mean, sum, or attention (a learned gate per node)"})
-    rw_steps: int = field(default=0, metadata={"help": "random-walk positional encoding steps added to the "
-                                                      "node embedding; 0: none"})
+        default="mean", metadata={"help": "nodes -> graph: mean, sum, or attention (a learned gate per node)"}
+    )
+    rw_steps: int = field(
+        default=0, metadata={"help": "random-walk positional encoding steps added to the node embedding; 0: none"}
+    )
     output_dim: int | None = field(default=None, metadata={"help": "tower output width; default hidden_dim"})
 
     def __post_init__(self):
         if self.node_features == "float":
-            require(self.in_dim is not None and self.in_dim > 0,
-                    "node_features: float needs in_dim, the number of columns of x (for SMILES graphs set "
-                    "node_features: ogb)")
-            require(self.edge_dim is None or self.edge_dim > 0, f"edge_dim must be positive or null, got "
-                                                                f"{self.edge_dim}")
+            require(
+                self.in_dim is not None and self.in_dim > 0,
+                "node_features: float needs in_dim, the number of columns of x (for SMILES graphs set "
+                "node_features: ogb)",
+            )
+            require(
+                self.edge_dim is None or self.edge_dim > 0, f"edge_dim must be positive or null, got {self.edge_dim}"
+            )
         else:
-            require(self.in_dim is None, "in_dim is for node_features: float; ogb embeds the 9 atom columns of "
-                                         "from_smiles: remove in_dim")
-            require(self.edge_dim is None, "edge_dim is for node_features: float; ogb embeds the 3 bond columns "
-                                           "of from_smiles: remove edge_dim")
-        require(self.arch != "gine" or self.uses_edges,
-                "arch: gine needs edge features: set edge_dim (the columns of edge_attr), or use arch: gin")
+            require(
+                self.in_dim is None,
+                "in_dim is for node_features: float; ogb embeds the 9 atom columns of from_smiles: remove in_dim",
+            )
+            require(
+                self.edge_dim is None,
+                "edge_dim is for node_features: float; ogb embeds the 3 bond columns of from_smiles: remove edge_dim",
+            )
+        require(
+            self.arch != "gine" or self.uses_edges,
+            "arch: gine needs edge features: set edge_dim (the columns of edge_attr), or use arch: gin",
+        )
         require(self.hidden_dim > 0 and self.layers > 0, "hidden_dim and layers must be positive")
-        require(self.heads > 0 and self.hidden_dim % self.heads == 0,
-                f"heads ({self.heads}) must divide hidden_dim ({self.hidden_dim})")
+        require(
+            self.heads > 0 and self.hidden_dim % self.heads == 0,
+            f"heads ({self.heads}) must divide hidden_dim ({self.hidden_dim})",
+        )
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         require(self.rw_steps >= 0, f"rw_steps must be >= 0, got {self.rw_steps}")
         require(self.output_dim is None or self.output_dim > 0, "output_dim must be positive or null")
@@ -96,27 +119,34 @@ class CategoricalEmbedding(nn.Module):
         return sum(table(x_NC[:, i]) for i, table in enumerate(self.tables))
 
 
-def _check_columns(t: torch.Tensor, name: str, cfg_key: str, cfg: GraphEncoderConfig, width: int | None,
-                   vocab: tuple[int, ...]) -> torch.Tensor:
+def _check_columns(
+    t: torch.Tensor, name: str, cfg_key: str, cfg: GraphEncoderConfig, width: int | None, vocab: tuple[int, ...]
+) -> torch.Tensor:
     """Check one feature tensor against the config; return it as float32 or int64."""
     cols = t.shape[1]
     if cfg.node_features == "float":
         if not t.is_floating_point():
-            raise ValueError(f"graph {name} has {cols} integer columns: set node_features: ogb for SMILES-style "
-                             f"categorical features, or store {name} as floats")
+            raise ValueError(
+                f"graph {name} has {cols} integer columns: set node_features: ogb for SMILES-style "
+                f"categorical features, or store {name} as floats"
+            )
         if cols != width:
             raise ValueError(f"graph {name} has {cols} float columns: set {cfg_key}: {cols}")
         return t.float()
     if t.is_floating_point():
         raise ValueError(f"graph {name} has {cols} float columns: set node_features: float and {cfg_key}: {cols}")
     if cols != len(vocab):
-        raise ValueError(f"graph {name} has {cols} integer columns, but node_features: ogb reads the {len(vocab)} "
-                         f"columns of torch_geometric.utils.from_smiles: set node_features: float")
+        raise ValueError(
+            f"graph {name} has {cols} integer columns, but node_features: ogb reads the {len(vocab)} "
+            f"columns of torch_geometric.utils.from_smiles: set node_features: float"
+        )
     t = t.long()
     if t.numel() and ((t < 0).any() or (t >= torch.tensor(vocab)).any()):
         bad = int(((t < 0) | (t >= torch.tensor(vocab))).any(0).nonzero()[0])
-        raise ValueError(f"graph {name} column {bad} holds values outside [0, {vocab[bad]}), the vocabulary of "
-                         "torch_geometric.utils.from_smiles (node_features: ogb)")
+        raise ValueError(
+            f"graph {name} column {bad} holds values outside [0, {vocab[bad]}), the vocabulary of "
+            "torch_geometric.utils.from_smiles (node_features: ogb)"
+        )
     return t
 
 
@@ -144,8 +174,10 @@ class GraphTransform:
             edge_attr = getattr(graph, "edge_attr", None)
             if edge_attr is None:
                 if edge_index_2E.shape[1]:
-                    raise ValueError(f"graph has edges but no edge_attr, and arch: {cfg.arch} reads edge "
-                                     "features: set edge_dim: null (and arch: gin instead of gine)")
+                    raise ValueError(
+                        f"graph has edges but no edge_attr, and arch: {cfg.arch} reads edge "
+                        "features: set edge_dim: null (and arch: gin instead of gine)"
+                    )
                 width = cfg.edge_dim if cfg.node_features == "float" else len(OGB_BOND_VOCAB)
                 edge_attr = torch.zeros(0, width, dtype=torch.float32 if cfg.node_features == "float" else torch.long)
             out.edge_attr = _check_columns(edge_attr, "edge_attr", "edge_dim", cfg, cfg.edge_dim, OGB_BOND_VOCAB)
@@ -167,17 +199,24 @@ class GraphBlock(nn.Module):
 
         local = GINEConv(mlp(), train_eps=True) if cfg.uses_edges else GINConv(mlp(), train_eps=True)
         if cfg.arch == "gat":
-            self.conv = GATv2Conv(hidden, hidden // cfg.heads, heads=cfg.heads, edge_dim=edge_dim,
-                                  dropout=cfg.dropout)
+            self.conv = GATv2Conv(hidden, hidden // cfg.heads, heads=cfg.heads, edge_dim=edge_dim, dropout=cfg.dropout)
         elif cfg.arch == "gps":
-            self.conv = GPSConv(hidden, local, heads=cfg.heads, dropout=cfg.dropout, norm="layer_norm",
-                                norm_kwargs={"mode": "node"}, attn_kwargs={"dropout": cfg.dropout})
+            self.conv = GPSConv(
+                hidden,
+                local,
+                heads=cfg.heads,
+                dropout=cfg.dropout,
+                norm="layer_norm",
+                norm_kwargs={"mode": "node"},
+                attn_kwargs={"dropout": cfg.dropout},
+            )
         else:
             self.conv = local
         self.norm = nn.LayerNorm(hidden) if cfg.arch != "gps" else None
 
-    def forward(self, h_NH: torch.Tensor, edge_index_2E: torch.Tensor, e_EH: torch.Tensor | None,
-                batch_N: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h_NH: torch.Tensor, edge_index_2E: torch.Tensor, e_EH: torch.Tensor | None, batch_N: torch.Tensor
+    ) -> torch.Tensor:
         edge_kw = {} if e_EH is None else {"edge_attr": e_EH}
         if self.arch == "gps":
             return self.conv(h_NH, edge_index_2E, batch_N, **edge_kw)

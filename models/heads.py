@@ -13,7 +13,8 @@ from tessera.config import require
 @dataclass
 class HeadConfig:
     kind: Literal["auto", "identity", "linear", "mlp"] = field(
-        default="auto", metadata={"help": "auto: identity when the encoder already outputs embed_dim, else linear"})
+        default="auto", metadata={"help": "auto: identity when the encoder already outputs embed_dim, else linear"}
+    )
     hidden_dim: int | None = field(default=None, metadata={"help": "mlp hidden width; default: the input width"})
     dropout: float = field(default=0.0, metadata={"help": "dropout before the projection"})
 
@@ -25,8 +26,10 @@ def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> nn.Module:
     kind = cfg.kind
     if kind == "auto":
         kind = "identity" if in_dim == out_dim else "linear"
-    require(kind != "identity" or in_dim == out_dim,
-            f"head 'identity' needs the encoder width ({in_dim}) to equal embed_dim ({out_dim}); use 'linear'")
+    require(
+        kind != "identity" or in_dim == out_dim,
+        f"head 'identity' needs the encoder width ({in_dim}) to equal embed_dim ({out_dim}); use 'linear'",
+    )
     drop = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
     if kind == "identity":
         return nn.Sequential(*drop) if drop else nn.Identity()

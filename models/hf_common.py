@@ -18,18 +18,23 @@ HF_FALLBACK_TARGETS = ["query", "key", "value", "q_proj", "k_proj", "v_proj", "o
 
 def require_local_source(name: str, path: str | None, config: dict[str, Any], examples: str) -> None:
     """Exactly one of `path` (a local model directory) and `config` (an in-code config with a model_type)."""
-    require((path is None) != (not config),
-            f"{name}: give exactly one of 'path' (a local directory) or 'config' (an in-code HF config)")
+    require(
+        (path is None) != (not config),
+        f"{name}: give exactly one of 'path' (a local directory) or 'config' (an in-code HF config)",
+    )
     if path is not None:
-        require(Path(path, "config.json").is_file(),
-                f"{name}: '{path}' is not a local Hugging Face model directory (no config.json); "
-                "models are never downloaded")
+        require(
+            Path(path, "config.json").is_file(),
+            f"{name}: '{path}' is not a local Hugging Face model directory (no config.json); "
+            "models are never downloaded",
+        )
     else:
         require("model_type" in config, f"{name}.config needs a 'model_type' (e.g. {examples})")
 
 
-def build_hf_model(path: str | None, config: dict[str, Any], load_weights: bool,
-                   check: Callable[[Any], None] = lambda hf_cfg: None) -> tuple[Any, Any]:
+def build_hf_model(
+    path: str | None, config: dict[str, Any], load_weights: bool, check: Callable[[Any], None] = lambda hf_cfg: None
+) -> tuple[Any, Any]:
     """(model, its HF config) from a local directory (its weights unless `load_weights` is false) or from an
     in-code config; `check(hf_cfg)` runs before any weight is loaded."""
     if path is not None:

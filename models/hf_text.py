@@ -26,11 +26,13 @@ BPE_VOCAB = 49408
 @dataclass
 class HFTextConfig:
     path: str | None = field(default=None, metadata={"help": "local HF model directory (config.json, weights)"})
-    config: dict[str, Any] = field(default_factory=dict,
-                                   metadata={"help": "in-code HF config, e.g. {model_type: bert, ...}"})
-    tokenizer: str | None = field(default=None,
-                                  metadata={"help": "local HF tokenizer dir; default: path if it has one, "
-                                                    "else open_clip's BPE tokenizer"})
+    config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "in-code HF config, e.g. {model_type: bert, ...}"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "local HF tokenizer dir; default: path if it has one, else open_clip's BPE tokenizer"},
+    )
     max_length: int = field(default=77, metadata={"help": "tokens per caption (padded/truncated)"})
     pooling: Literal["mean", "cls"] = field(default="mean", metadata={"help": "how token states become one"})
     load_weights: bool = field(default=True, metadata={"help": "load weights from path (false: random init)"})
@@ -44,7 +46,9 @@ class HFTextConfig:
     def tokenizer_dir(self) -> str | None:
         if self.tokenizer:
             return self.tokenizer
-        if self.path and any(Path(self.path, f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        if self.path and any(
+            Path(self.path, f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+        ):
             return self.path
         return None
 
@@ -73,8 +77,8 @@ class HFTokenize:
         """The words' token ids, without the tokenizer's special tokens and padding."""
         if self.hf is not None:
             return torch.tensor(self.hf(words, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        ids = self.bpe([words])[0]   # open_clip's BPE: <BOS> words <EOT> 0 ...
-        return ids[1:int((ids != 0).sum()) - 1]
+        ids = self.bpe([words])[0]  # open_clip's BPE: <BOS> words <EOT> 0 ...
+        return ids[1 : int((ids != 0).sum()) - 1]
 
 
 class HFTextEncoder(Encoder):
@@ -87,19 +91,21 @@ class HFTextEncoder(Encoder):
         super().__init__()
         self.cfg = cfg
         config = dict(cfg.config)
-        if cfg.path is None and cfg.tokenizer_dir() is None:   # open_clip's BPE tokenizer: its vocabulary
+        if cfg.path is None and cfg.tokenizer_dir() is None:  # open_clip's BPE tokenizer: its vocabulary
             config.setdefault("vocab_size", BPE_VOCAB)
             config.setdefault("pad_token_id", 0)
         self.model, hf_cfg = build_hf_model(cfg.path, config, cfg.load_weights)
         if cfg.tokenizer_dir() is None and getattr(hf_cfg, "vocab_size", BPE_VOCAB) < BPE_VOCAB:
-            raise ConfigError(f"hf_text: vocab_size {hf_cfg.vocab_size} is smaller than open_clip's BPE vocabulary "
-                              f"({BPE_VOCAB}); give a tokenizer directory or a larger vocab_size")
+            raise ConfigError(
+                f"hf_text: vocab_size {hf_cfg.vocab_size} is smaller than open_clip's BPE vocabulary "
+                f"({BPE_VOCAB}); give a tokenizer directory or a larger vocab_size"
+            )
         self.output_dim = int(getattr(hf_cfg, "hidden_size", None) or hf_cfg.d_model)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = inputs["attention_mask"]
         hidden = self.model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
-        hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]   # without virtual tokens that prompt tuning prepends
+        hidden = hidden[:, hidden.shape[1] - mask.shape[1] :]  # without virtual tokens that prompt tuning prepends
         if self.cfg.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)

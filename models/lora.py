@@ -35,8 +35,8 @@ from tessera.config import ConfigError, require
 from .encoder import ALL_LINEAR
 from .freeze import freeze_norm_statistics
 
-ADAPTABLE = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)   # Conv2d by name only, never by all-linear
-CONFIG_FILE = "adapter_config.json"   # peft's
+ADAPTABLE = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)  # Conv2d by name only, never by all-linear
+CONFIG_FILE = "adapter_config.json"  # peft's
 SCALES_FILE = "tessera_scales.safetensors"
 
 
@@ -46,12 +46,17 @@ class LoraConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
-    target_modules: dict[str, list[str]] = field(default_factory=dict, metadata={
-        "help": "per tower, module names to adapt (last name component, or all-linear); default: the "
-                "encoder's preset"})
+    target_modules: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "per tower, module names to adapt (last name component, or all-linear); default: the "
+            "encoder's preset"
+        },
+    )
     train_heads: bool = field(default=False, metadata={"help": "also train the adapted towers' projection heads"})
-    train_temperatures: bool = field(default=False,
-                                     metadata={"help": "also train every pair's temperature (and logit bias)"})
+    train_temperatures: bool = field(
+        default=False, metadata={"help": "also train every pair's temperature (and logit bias)"}
+    )
 
     def __post_init__(self):
         require(self.rank > 0 and self.alpha > 0, "lora.rank and lora.alpha must be positive")
@@ -67,13 +72,15 @@ def _tower_targets(model, tower: str, wanted: list[str], explicit: bool) -> list
     inside_attention: list[str] = []
     for name, module in encoder.named_modules():
         if not name or not isinstance(module, ADAPTABLE) or any(name.startswith(p) for p in inside_attention):
-            continue   # an attention module's own out_proj is adapted with it
+            continue  # an attention module's own out_proj is adapted with it
         last = name.rsplit(".", 1)[-1]
         by_name = last in wanted
         if by_name and name.startswith(unreachable) and explicit:
-            raise ConfigError(f"lora.target_modules.{tower}: '{name}' cannot take LoRA: the tower passes its weight "
-                              "to a functional call instead of running the module; adapt one of its presets "
-                              f"({encoder.lora_targets()}) instead")
+            raise ConfigError(
+                f"lora.target_modules.{tower}: '{name}' cannot take LoRA: the tower passes its weight "
+                "to a functional call instead of running the module; adapt one of its presets "
+                f"({encoder.lora_targets()}) instead"
+            )
         if name.startswith(unreachable) or (isinstance(module, nn.Conv2d) and not by_name):
             continue
         if ALL_LINEAR in wanted or by_name:
@@ -84,9 +91,11 @@ def _tower_targets(model, tower: str, wanted: list[str], explicit: bool) -> list
     missing = [t for t in wanted if t not in found] if explicit else ([] if found else wanted)
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if n and isinstance(m, ADAPTABLE)})
-        raise ConfigError(f"lora.target_modules.{tower}: {missing} match no Linear or MultiheadAttention module "
-                          f"of the '{model.cfg.towers[tower].encoder}' tower; its adaptable modules are named "
-                          f"{names[:20]} (or use all-linear)")
+        raise ConfigError(
+            f"lora.target_modules.{tower}: {missing} match no Linear or MultiheadAttention module "
+            f"of the '{model.cfg.towers[tower].encoder}' tower; its adaptable modules are named "
+            f"{names[:20]} (or use all-linear)"
+        )
     return targets
 
 
@@ -123,9 +132,13 @@ def apply_lora(model, cfg: LoraConfig):
     configured, the heads and temperatures) is trainable, and batch-norm statistics stay fixed. The wrapper
     forwards `encode`, `transforms`, ... to the model, so it is used like one."""
     freeze_norm_statistics(model)
-    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=lora_targets(model, cfg),
-                               modules_to_save=_head_names(model, cfg) if cfg.train_heads else None)
+    peft_cfg = peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_targets(model, cfg),
+        modules_to_save=_head_names(model, cfg) if cfg.train_heads else None,
+    )
     tuned = peft.get_peft_model(model, peft_cfg)
     if cfg.train_temperatures:
         for p in scale_parameters(model).values():
@@ -137,8 +150,9 @@ def save_lora(tuned, out_dir: str | Path) -> list[Path]:
     """The adapter alone, in peft's format (+ the temperatures when they were trained); returns the files."""
     out_dir = Path(out_dir)
     tuned.save_pretrained(out_dir)
-    scales = {k: p.detach().cpu().contiguous() for k, p in scale_parameters(tuned.get_base_model()).items()
-              if p.requires_grad}
+    scales = {
+        k: p.detach().cpu().contiguous() for k, p in scale_parameters(tuned.get_base_model()).items() if p.requires_grad
+    }
     if scales:
         save_file(scales, str(out_dir / SCALES_FILE))
     return sorted(p for p in out_dir.iterdir() if p.suffix in (".json", ".safetensors"))
@@ -155,23 +169,29 @@ def load_lora(model, adapter_dir: str | Path, trainable: bool = False) -> Any:
     try:
         tuned = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
-                          f"{str(exc).splitlines()[0][:400]}") from None
+        raise ConfigError(
+            f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
+            f"{str(exc).splitlines()[0][:400]}"
+        ) from None
     # peft adapts the modules it finds and drops saved weights it has no place for; a weight left over means
     # the adapter was made for another base (e.g. a deeper one)
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
         saved = set(f.keys())
     unused = sorted(saved - set(peft.get_peft_model_state_dict(tuned)))
     if unused:
-        raise ConfigError(f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
-                          f"{len(unused)} of its weights have no place in it, e.g. {unused[:3]}")
+        raise ConfigError(
+            f"adapter '{adapter_dir}' does not fit this model (made for another base?): "
+            f"{len(unused)} of its weights have no place in it, e.g. {unused[:3]}"
+        )
     scales_path = adapter_dir / SCALES_FILE
     if scales_path.is_file():
         params = scale_parameters(model)
         for key, value in load_file(str(scales_path)).items():
             if key not in params or params[key].shape != value.shape:
-                raise ConfigError(f"adapter '{adapter_dir}': temperature '{key}' has no counterpart in this model "
-                                  f"(its pairs: {sorted(params)})")
+                raise ConfigError(
+                    f"adapter '{adapter_dir}': temperature '{key}' has no counterpart in this model "
+                    f"(its pairs: {sorted(params)})"
+                )
             with torch.no_grad():
                 params[key].copy_(value)
             params[key].requires_grad_(trainable)

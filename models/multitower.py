@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, pair_key
 from tessera.config import to_dict
+
+from .config import ModelConfig, pair_key
 from .encoder import Encoder
 from .heads import build_head
 
@@ -32,14 +33,14 @@ class MultiTowerModel(nn.Module):
         # Stored as log(1/T), as in CLIP; clamped in forward rather than after each optimiser step so that
         # the clamp also holds when ZeRO-3 partitions the parameter. Shape (1,), not (): DeepSpeed's
         # broadcast of bf16 parameters cannot view a 0-d tensor as bytes.
-        self.logit_scales = nn.ParameterDict({
-            pair_key(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale)) for a, b in cfg.pair_list()
-        })
+        self.logit_scales = nn.ParameterDict(
+            {pair_key(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale)) for a, b in cfg.pair_list()}
+        )
         self._max_log_scale = math.log(cfg.max_logit_scale)
         if cfg.init_logit_bias is not None:
-            self.logit_biases = nn.ParameterDict({
-                pair_key(a, b): nn.Parameter(torch.full((1,), float(cfg.init_logit_bias))) for a, b in cfg.pair_list()
-            })
+            self.logit_biases = nn.ParameterDict(
+                {pair_key(a, b): nn.Parameter(torch.full((1,), float(cfg.init_logit_bias))) for a, b in cfg.pair_list()}
+            )
 
     @property
     def modalities(self) -> list[str]:
@@ -84,8 +85,11 @@ class MultiTowerModel(nn.Module):
         """The model config, as a YAML-ready dict, that rebuilds this model from exported weights alone."""
         doc = to_dict(self.cfg)
         for m, tower in self.cfg.towers.items():
-            doc["towers"][m] = {"encoder": tower.encoder, **self.towers[m].export_params(Path(out_dir)),
-                                "head": to_dict(tower.head)}
+            doc["towers"][m] = {
+                "encoder": tower.encoder,
+                **self.towers[m].export_params(Path(out_dir)),
+                "head": to_dict(tower.head),
+            }
         return doc
 
 

@@ -26,16 +26,20 @@ TRANSFORMER_TARGETS = ["attn", "c_fc", "c_proj", "qkv", "fc1", "fc2"]
 def named_config(name: str) -> dict[str, Any]:
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ConfigError(f"'{name}' is not an open_clip model config.{closest(name, open_clip.list_models())}"
-                          " See open_clip.list_models().")
+        raise ConfigError(
+            f"'{name}' is not an open_clip model config.{closest(name, open_clip.list_models())}"
+            " See open_clip.list_models()."
+        )
     return cfg
 
 
 def check_overrides(overrides: dict[str, Any], cfg_cls: type, what: str) -> None:
     names = [f.name for f in dataclasses.fields(cfg_cls)]
     for key in overrides:
-        require(key in names, f"overrides: '{key}' is not a field of open_clip's {cfg_cls.__name__} ({what})."
-                              f"{closest(key, names)}")
+        require(
+            key in names,
+            f"overrides: '{key}' is not a field of open_clip's {cfg_cls.__name__} ({what}).{closest(key, names)}",
+        )
 
 
 def quick_gelu(cfg: Any) -> bool:
@@ -54,7 +58,7 @@ def load_pretrained(module: torch.nn.Module, path: str, prefixes: tuple[str, ...
     for key, value in state.items():
         for prefix in prefixes:
             if key.startswith(prefix):
-                picked[key[len(prefix):]] = value
+                picked[key[len(prefix) :]] = value
                 break
         else:
             if key.startswith(keep_bare):
@@ -66,5 +70,7 @@ def load_pretrained(module: torch.nn.Module, path: str, prefixes: tuple[str, ...
     except RuntimeError as exc:  # shape mismatches raise even when strict=False
         raise ConfigError(f"pretrained '{path}' does not match the tower's architecture: {exc}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"pretrained '{path}' does not match the tower's architecture: missing "
-                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ConfigError(
+            f"pretrained '{path}' does not match the tower's architecture: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

@@ -30,15 +30,18 @@ RESNET_TARGETS = ["conv1", "conv2", "conv3"]
 @dataclass
 class OpenClipImageConfig:
     model: str = field(default="ViT-B-32", metadata={"help": "open_clip model config name (architecture only)"})
-    overrides: dict[str, Any] = field(default_factory=dict,
-                                      metadata={"help": "CLIPVisionCfg fields merged over the named config"})
+    overrides: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "CLIPVisionCfg fields merged over the named config"}
+    )
     output_dim: int | None = field(default=None, metadata={"help": "tower projection width; default embed_dim"})
     quick_gelu: bool | None = field(default=None, metadata={"help": "default: the named config's"})
     pretrained: str | None = field(default=None, metadata={"help": "local open_clip checkpoint to load"})
-    preprocess: dict[str, Any] = field(default_factory=dict,
-                                       metadata={"help": "open_clip PreprocessCfg overrides (mean, std, ...)"})
-    augmentation: dict[str, Any] = field(default_factory=dict,
-                                         metadata={"help": "open_clip AugmentationCfg for training"})
+    preprocess: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "open_clip PreprocessCfg overrides (mean, std, ...)"}
+    )
+    augmentation: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "open_clip AugmentationCfg for training"}
+    )
 
     def __post_init__(self):
         named_config(self.model)

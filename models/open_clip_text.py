@@ -22,8 +22,9 @@ __all__ = ["OpenClipTextConfig", "OpenClipTextEncoder", "Tokenize"]
 @dataclass
 class OpenClipTextConfig:
     model: str = field(default="ViT-B-32", metadata={"help": "open_clip model config name (architecture only)"})
-    overrides: dict[str, Any] = field(default_factory=dict,
-                                      metadata={"help": "CLIPTextCfg fields merged over the named config"})
+    overrides: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "CLIPTextCfg fields merged over the named config"}
+    )
     output_dim: int | None = field(default=None, metadata={"help": "tower projection width; default embed_dim"})
     quick_gelu: bool | None = field(default=None, metadata={"help": "default: the named config's"})
     pretrained: str | None = field(default=None, metadata={"help": "local open_clip checkpoint to load"})
@@ -32,12 +33,16 @@ class OpenClipTextConfig:
         named_config(self.model)
         check_overrides(self.overrides, CLIPTextCfg, "text tower")
         text_cfg = self.text_cfg()
-        require(not text_cfg.get("hf_model_name"),
-                f"'{self.model}' uses a Hugging Face text model; use encoder 'hf_text' with a local path instead")
+        require(
+            not text_cfg.get("hf_model_name"),
+            f"'{self.model}' uses a Hugging Face text model; use encoder 'hf_text' with a local path instead",
+        )
         tok = text_cfg.get("hf_tokenizer_name")
-        require(not tok or Path(tok).is_dir(),
-                f"'{self.model}' uses the Hugging Face tokenizer '{tok}', which would be downloaded; set "
-                "overrides.hf_tokenizer_name to a local directory, or null for open_clip's BPE tokenizer")
+        require(
+            not tok or Path(tok).is_dir(),
+            f"'{self.model}' uses the Hugging Face tokenizer '{tok}', which would be downloaded; set "
+            "overrides.hf_tokenizer_name to a local directory, or null for open_clip's BPE tokenizer",
+        )
 
     def text_cfg(self) -> dict[str, Any]:
         return {**named_config(self.model)["text_cfg"], **self.overrides}
@@ -55,7 +60,7 @@ class Tokenize:
     def word_ids(self, words: str) -> torch.Tensor:
         """The words' token ids, without <BOS>, <EOT> and padding (id 0)."""
         ids = self(words)
-        return ids[1:int((ids != 0).sum()) - 1]
+        return ids[1 : int((ids != 0).sum()) - 1]
 
 
 class OpenClipTextEncoder(Encoder):
@@ -78,8 +83,11 @@ class OpenClipTextEncoder(Encoder):
     def build_tokenizer(self):
         text_cfg = self.cfg.text_cfg()
         if text_cfg.get("hf_tokenizer_name"):
-            return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=self.context_length,
-                               **(text_cfg.get("tokenizer_kwargs") or {}))
+            return HFTokenizer(
+                text_cfg["hf_tokenizer_name"],
+                context_length=self.context_length,
+                **(text_cfg.get("tokenizer_kwargs") or {}),
+            )
         return SimpleTokenizer(context_length=self.context_length)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -49,26 +49,48 @@ PLACEHOLDER = "X"
 
 @dataclass
 class PromptConfig:
-    context: int = field(default=4, metadata={
-        "help": "learned context tokens in the class prompts of the tower that encodes them (CoOp in open_clip's "
-                "text tower; peft prompt tuning in a Hugging Face text tower); 0: none"})
-    class_specific: bool = field(default=False, metadata={
-        "help": "one context per class (CoOp's CSC) instead of one shared by all classes; spliced context only"})
-    init: str | None = field(default=None, metadata={
-        "help": "words whose token embeddings initialise the context, e.g. 'a photo of a' (their token count "
-                "must equal context); default: random, std init_std"})
-    visual_tokens: int = field(default=0, metadata={
-        "help": "VPT-shallow: prompt tokens inserted into the input of every tower that takes them (open_clip "
-                "ViTs); 0: none"})
+    context: int = field(
+        default=4,
+        metadata={
+            "help": "learned context tokens in the class prompts of the tower that encodes them (CoOp in open_clip's "
+            "text tower; peft prompt tuning in a Hugging Face text tower); 0: none"
+        },
+    )
+    class_specific: bool = field(
+        default=False,
+        metadata={
+            "help": "one context per class (CoOp's CSC) instead of one shared by all classes; spliced context only"
+        },
+    )
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "words whose token embeddings initialise the context, e.g. 'a photo of a' (their token count "
+            "must equal context); default: random, std init_std"
+        },
+    )
+    visual_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "VPT-shallow: prompt tokens inserted into the input of every tower that takes them (open_clip "
+            "ViTs); 0: none"
+        },
+    )
     init_std: float = field(default=0.02, metadata={"help": "std of randomly initialised prompt vectors"})
-    visual_lr_scale: float = field(default=1.0, metadata={
-        "help": "the VPT tokens' learning rate as a multiple of train.lr (they tolerate a smaller one than the "
-                "context)"})
+    visual_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "the VPT tokens' learning rate as a multiple of train.lr (they tolerate a smaller one than the "
+            "context)"
+        },
+    )
 
     def __post_init__(self):
         require(self.context >= 0 and self.visual_tokens >= 0, "prompt.context and prompt.visual_tokens must be >= 0")
-        require(self.context > 0 or self.visual_tokens > 0,
-                "prompt tuning needs prompt.context > 0 (text) or prompt.visual_tokens > 0 (image)")
+        require(
+            self.context > 0 or self.visual_tokens > 0,
+            "prompt tuning needs prompt.context > 0 (text) or prompt.visual_tokens > 0 (image)",
+        )
         require(self.init is None or self.context > 0, "prompt.init initialises the text context: set prompt.context")
         require(self.init_std > 0, "prompt.init_std must be positive")
         require(self.visual_lr_scale > 0, "prompt.visual_lr_scale must be positive")
@@ -80,8 +102,10 @@ def _encoders(model) -> dict[str, str]:
 
 def _check_init_length(cfg: PromptConfig, ids: torch.Tensor) -> None:
     if len(ids) != cfg.context:
-        raise ConfigError(f"prompt.init '{cfg.init}' is {len(ids)} tokens for the text tower's tokenizer, but "
-                          f"prompt.context is {cfg.context}: make them agree")
+        raise ConfigError(
+            f"prompt.init '{cfg.init}' is {len(ids)} tokens for the text tower's tokenizer, but "
+            f"prompt.context is {cfg.context}: make them agree"
+        )
 
 
 class PromptLearner(nn.Module):
@@ -100,22 +124,30 @@ class PromptLearner(nn.Module):
             if isinstance(site, SplicedContext):
                 self._init_spliced_context(site, cfg)
             elif isinstance(site, PrefixContext):
-                require(not cfg.class_specific, "prompt.class_specific needs spliced context (open_clip's text tower); "
-                                                "a Hugging Face text tower takes peft's prompt tuning, whose context "
-                                                "is shared")
+                require(
+                    not cfg.class_specific,
+                    "prompt.class_specific needs spliced context (open_clip's text tower); "
+                    "a Hugging Face text tower takes peft's prompt tuning, whose context "
+                    "is shared",
+                )
                 _apply_prefix_context(site, cfg)
                 self.prefix = site
             else:
-                raise ConfigError("prompt.context needs a tower that encodes class prompts and says where context "
-                                  f"goes (open_clip_text, hf_text); the model's towers are {_encoders(model)}")
+                raise ConfigError(
+                    "prompt.context needs a tower that encodes class prompts and says where context "
+                    f"goes (open_clip_text, hf_text); the model's towers are {_encoders(model)}"
+                )
         if cfg.visual_tokens:
             sites = {m: t.token_site() for m, t in model.towers.items() if m != self.language}
             sites = {m: s for m, s in sites.items() if s is not None}
             if not sites:
-                raise ConfigError("prompt.visual_tokens (VPT) needs a tower that takes input tokens (an open_clip "
-                                  f"ViT image tower); this model's towers are {_encoders(model)}")
-            self.visual_prompts = nn.ParameterDict({
-                m: nn.Parameter(torch.randn(cfg.visual_tokens, s.width) * cfg.init_std) for m, s in sites.items()})
+                raise ConfigError(
+                    "prompt.visual_tokens (VPT) needs a tower that takes input tokens (an open_clip "
+                    f"ViT image tower); this model's towers are {_encoders(model)}"
+                )
+            self.visual_prompts = nn.ParameterDict(
+                {m: nn.Parameter(torch.randn(cfg.visual_tokens, s.width) * cfg.init_std) for m, s in sites.items()}
+            )
             # the hooks live as long as the towers: the prompts are part of the model from now on
             for m, site in sites.items():
                 site.insert_after.register_forward_hook(functools.partial(self._insert_visual, m))
@@ -129,8 +161,10 @@ class PromptLearner(nn.Module):
 
     # --- context spliced into the class prompts: CoOp ---
     def _init_spliced_context(self, site: SplicedContext, cfg: PromptConfig) -> None:
-        require(not cfg.class_specific or self.classnames,
-                "prompt.class_specific needs the class names (fewshot.classes or eval.classes)")
+        require(
+            not cfg.class_specific or self.classnames,
+            "prompt.class_specific needs the class names (fewshot.classes or eval.classes)",
+        )
         self._spliced = site
         self.context_words = cfg.init if cfg.init is not None else " ".join([PLACEHOLDER] * cfg.context)
         ids = site.word_ids(self.context_words)
@@ -153,8 +187,9 @@ class PromptLearner(nn.Module):
     def _prompts(self, classnames: list[str]) -> torch.Tensor:
         key = tuple(classnames)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = torch.stack([self._spliced.tokenize(f"{self.context_words} {c}.")
-                                                   for c in classnames])
+            self._prompt_cache[key] = torch.stack(
+                [self._spliced.tokenize(f"{self.context_words} {c}.") for c in classnames]
+            )
         return self._prompt_cache[key]
 
     def class_features(self, model, classnames: list[str], normalize: bool = True) -> torch.Tensor:
@@ -162,8 +197,10 @@ class PromptLearner(nn.Module):
         if not self.has_context:
             raise ValueError("this prompt adapter learned no context for class prompts")
         if self.cfg.class_specific and list(classnames) != self.classnames:
-            raise ValueError(f"this adapter learned one context per class for {len(self.classnames)} classes "
-                             f"({self.classnames[:5]}...); it cannot classify other class names")
+            raise ValueError(
+                f"this adapter learned one context per class for {len(self.classnames)} classes "
+                f"({self.classnames[:5]}...); it cannot classify other class names"
+            )
         ctx = self.context
         tokens = self._prompts(classnames).to(ctx.device)
         n, start = ctx.shape[-2], self._spliced.offset
@@ -171,7 +208,7 @@ class PromptLearner(nn.Module):
         def splice(module, inputs, out):
             context = ctx.to(out.dtype)
             context = context.expand(out.shape[0], -1, -1) if context.dim() == 2 else context
-            return torch.cat([out[:, :start], context, out[:, start + n:]], dim=1)
+            return torch.cat([out[:, :start], context, out[:, start + n :]], dim=1)
 
         handle = self._spliced.embedding.register_forward_hook(splice)
         try:
@@ -186,20 +223,23 @@ class PromptLearner(nn.Module):
 
     def _drop_visual(self, modality: str, module, inputs, x):
         n = self.visual_prompts[modality].shape[0]
-        return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+        return torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)
 
 
 def _apply_prefix_context(site: PrefixContext, cfg: PromptConfig) -> None:
     """peft's prompt tuning on the site's transformers model, initialised from word embeddings (init) or small
     random vectors."""
     hf = getattr(site.owner, site.attribute)
-    peft_cfg = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=cfg.context,
-                                       token_dim=hf.get_input_embeddings().weight.shape[1])
+    peft_cfg = peft.PromptTuningConfig(
+        task_type="FEATURE_EXTRACTION",
+        num_virtual_tokens=cfg.context,
+        token_dim=hf.get_input_embeddings().weight.shape[1],
+    )
     wrapped = peft.get_peft_model(hf, peft_cfg)
     setattr(site.owner, site.attribute, wrapped)
     weight = wrapped.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
-        if cfg.init is not None:   # the init words' embeddings, without the tokenizer's special tokens
+        if cfg.init is not None:  # the init words' embeddings, without the tokenizer's special tokens
             ids = site.word_ids(cfg.init)
             _check_init_length(cfg, ids)
             weight.copy_(hf.get_input_embeddings()(ids).float())
@@ -221,8 +261,7 @@ def apply_prompts(model, cfg: PromptConfig, classnames: list[str] | None = None)
 
 def prompt_parameters(model) -> dict[str, torch.Tensor]:
     """Every learned prompt tensor of `model`, by its name in the model."""
-    return {n: p for n, p in model.named_parameters()
-            if n.startswith("prompt_learner.") or ".prompt_encoder." in n}
+    return {n: p for n, p in model.named_parameters() if n.startswith("prompt_learner.") or ".prompt_encoder." in n}
 
 
 def save_prompts(model, out_dir: str | Path) -> list[Path]:
@@ -237,8 +276,12 @@ def save_prompts(model, out_dir: str | Path) -> list[Path]:
     if learner.prefix is not None:
         getattr(learner.prefix.owner, learner.prefix.attribute).save_pretrained(out_dir / PEFT_SUBDIR)
     encoders = _encoders(model)
-    doc = {"tessera_adapter": "prompt", "prompt": to_dict(learner.cfg), "classnames": learner.classnames,
-           "towers": {m: encoders[m] for m in learner.towers}}
+    doc = {
+        "tessera_adapter": "prompt",
+        "prompt": to_dict(learner.cfg),
+        "classnames": learner.classnames,
+        "towers": {m: encoders[m] for m in learner.towers},
+    }
     tmp = out_dir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out_dir / CONFIG_FILE)
@@ -263,20 +306,25 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
     encoders = _encoders(model)
     for m, encoder in doc.get("towers", {}).items():
         if encoders.get(m) != encoder:
-            raise ConfigError(f"prompt adapter '{adapter_dir}' was made for a '{encoder}' {m} tower; this model's is "
-                              f"{encoders.get(m) or 'absent'}")
+            raise ConfigError(
+                f"prompt adapter '{adapter_dir}' was made for a '{encoder}' {m} tower; this model's is "
+                f"{encoders.get(m) or 'absent'}"
+            )
     model = apply_prompts(model, cfg, doc.get("classnames"))
     learner: PromptLearner = model.prompt_learner
     if (adapter_dir / WEIGHTS_FILE).is_file():
         saved = load_file(str(adapter_dir / WEIGHTS_FILE))
         own = dict(learner.named_parameters())
         if set(saved) != set(own):
-            raise ConfigError(f"prompt adapter '{adapter_dir}' holds {sorted(saved)}, but its config builds "
-                              f"{sorted(own)}")
+            raise ConfigError(
+                f"prompt adapter '{adapter_dir}' holds {sorted(saved)}, but its config builds {sorted(own)}"
+            )
         for name, value in saved.items():
             if own[name].shape != value.shape:
-                raise ConfigError(f"prompt adapter '{adapter_dir}': '{name}' has shape {list(value.shape)}, this model "
-                                  f"needs {list(own[name].shape)} (made for another base?)")
+                raise ConfigError(
+                    f"prompt adapter '{adapter_dir}': '{name}' has shape {list(value.shape)}, this model "
+                    f"needs {list(own[name].shape)} (made for another base?)"
+                )
             with torch.no_grad():
                 own[name].copy_(value)
     if learner.prefix is not None:
@@ -284,8 +332,9 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
         try:
             peft.set_peft_model_state_dict(getattr(learner.prefix.owner, learner.prefix.attribute), state)
         except RuntimeError as exc:
-            raise ConfigError(f"prompt adapter '{adapter_dir}' does not fit this text tower: "
-                              f"{str(exc).splitlines()[0][:300]}") from None
+            raise ConfigError(
+                f"prompt adapter '{adapter_dir}' does not fit this text tower: {str(exc).splitlines()[0][:300]}"
+            ) from None
     for p in prompt_parameters(model).values():
         p.requires_grad_(trainable)
     return model

@@ -53,8 +53,19 @@ def _prod(shape) -> int:
 
 
 def finetune(method: str, base: Path, k: int, seed: int, out: Path, log: Path) -> dict:
-    args = [sys.executable, "-m", "tessera.train.finetune", "--config", METHODS[method], f"base={base}", f"output_dir={out}",
-            f"fewshot.k={k}", f"fewshot.seed={seed}", "adapter.export_merged=false", "train.ckpt_every=-1"]
+    args = [
+        sys.executable,
+        "-m",
+        "tessera.train.finetune",
+        "--config",
+        METHODS[method],
+        f"base={base}",
+        f"output_dir={out}",
+        f"fewshot.k={k}",
+        f"fewshot.seed={seed}",
+        "adapter.export_merged=false",
+        "train.ckpt_every=-1",
+    ]
     start = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ}).returncode
@@ -65,10 +76,15 @@ def finetune(method: str, base: Path, k: int, seed: int, out: Path, log: Path) -
     retrieval = json.loads((out / "eval" / "retrieval.json").read_text())["metrics"]
     adapter = out / "adapter"
     files = [p for p in adapter.rglob("*") if p.is_file()]
-    return {"acc1": zs["metrics"]["acc1"], "mean_per_class_recall": zs["metrics"]["mean_per_class_recall"],
-            "text_to_image_R@1": retrieval["text_to_image_R@1"], "trainable": tensor_elements(adapter),
-            "adapter_bytes": sum(p.stat().st_size for p in files), "seconds": seconds,
-            "shots": str(out / "fewshot" / "shots-000000.tar")}
+    return {
+        "acc1": zs["metrics"]["acc1"],
+        "mean_per_class_recall": zs["metrics"]["mean_per_class_recall"],
+        "text_to_image_R@1": retrieval["text_to_image_R@1"],
+        "trainable": tensor_elements(adapter),
+        "adapter_bytes": sum(p.stat().st_size for p in files),
+        "seconds": seconds,
+        "shots": str(out / "fewshot" / "shots-000000.tar"),
+    }
 
 
 def main() -> int:
@@ -100,60 +116,109 @@ def main() -> int:
     zero = evaluate_zeroshot(base, val, "image", names, templates, 256)
     base_retrieval = evaluate_pairs(base, val, [("image", "text")], 256, "cpu")["metrics"]["text_to_image_R@1"]
     test_x, test_y = embed_labelled(base, val, "image", 256)
-    rows: list[dict] = [{"method": "zero-shot", "k": 0, "seed": None, "acc1": zero["metrics"]["acc1"],
-                         "mean_per_class_recall": zero["metrics"]["mean_per_class_recall"],
-                         "text_to_image_R@1": base_retrieval, "trainable": 0, "adapter_bytes": 0, "seconds": 0.0}]
-    print(f"zero-shot: acc1 {zero['metrics']['acc1']:.1%} on {zero['n']} held-out pictures ({len(names)} classes)",
-          flush=True)
+    rows: list[dict] = [
+        {
+            "method": "zero-shot",
+            "k": 0,
+            "seed": None,
+            "acc1": zero["metrics"]["acc1"],
+            "mean_per_class_recall": zero["metrics"]["mean_per_class_recall"],
+            "text_to_image_R@1": base_retrieval,
+            "trainable": 0,
+            "adapter_bytes": 0,
+            "seconds": 0.0,
+        }
+    ]
+    print(
+        f"zero-shot: acc1 {zero['metrics']['acc1']:.1%} on {zero['n']} held-out pictures ({len(names)} classes)",
+        flush=True,
+    )
     for k in shots:
         for seed in seeds:
             for method in METHODS:
                 run = args.out / "runs" / f"{method}-k{k}-s{seed}"
                 row = finetune(method, args.base, k, seed, run, args.out / "runs" / f"{method}-k{k}-s{seed}.log")
                 rows.append({"method": method, "k": k, "seed": seed, **row})
-                print(f"k={k:<2} seed={seed} {method:<5} acc1 {row['acc1']:.1%}  "
-                      f"t->i R@1 {row['text_to_image_R@1']:.1%}"
-                      f"  ({row['seconds']:.0f} s)", flush=True)
+                print(
+                    f"k={k:<2} seed={seed} {method:<5} acc1 {row['acc1']:.1%}  "
+                    f"t->i R@1 {row['text_to_image_R@1']:.1%}"
+                    f"  ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
             # the linear probe fits the very shots the fine-tuning runs drew
             start = time.perf_counter()
             train_x, train_y = embed_labelled(base, [SourceConfig(rows[-1]["shots"])], "image", 256)
             probe = linear_probe(train_x, train_y, test_x, test_y)
-            rows.append({"method": "linear probe", "k": k, "seed": seed, "acc1": probe["metrics"]["acc1"],
-                         "mean_per_class_recall": probe["metrics"]["mean_per_class_recall"],
-                         "text_to_image_R@1": base_retrieval, "trainable": train_x.shape[1] * len(names) + len(names),
-                         "adapter_bytes": 4 * (train_x.shape[1] + 1) * len(names),
-                         "seconds": time.perf_counter() - start})
+            rows.append(
+                {
+                    "method": "linear probe",
+                    "k": k,
+                    "seed": seed,
+                    "acc1": probe["metrics"]["acc1"],
+                    "mean_per_class_recall": probe["metrics"]["mean_per_class_recall"],
+                    "text_to_image_R@1": base_retrieval,
+                    "trainable": train_x.shape[1] * len(names) + len(names),
+                    "adapter_bytes": 4 * (train_x.shape[1] + 1) * len(names),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             print(f"k={k:<2} seed={seed} probe acc1 {probe['metrics']['acc1']:.1%}", flush=True)
 
     order = ["zero-shot", "linear probe", "lora", "coop"]
     summary = []
     for method in order:
-        for k in ([0] if method == "zero-shot" else shots):
+        for k in [0] if method == "zero-shot" else shots:
             picked = [r for r in rows if r["method"] == method and r["k"] == k]
             accs = [r["acc1"] for r in picked]
-            summary.append({"method": method, "k": k, "acc1_mean": statistics.mean(accs), "acc1_min": min(accs),
-                            "acc1_max": max(accs), "seeds": len(picked),
-                            "text_to_image_R@1": statistics.mean(r["text_to_image_R@1"] for r in picked),
-                            "trainable": picked[0]["trainable"], "adapter_bytes": picked[0]["adapter_bytes"],
-                            "seconds": statistics.mean(r["seconds"] for r in picked)})
+            summary.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "acc1_mean": statistics.mean(accs),
+                    "acc1_min": min(accs),
+                    "acc1_max": max(accs),
+                    "seeds": len(picked),
+                    "text_to_image_R@1": statistics.mean(r["text_to_image_R@1"] for r in picked),
+                    "trainable": picked[0]["trainable"],
+                    "adapter_bytes": picked[0]["adapter_bytes"],
+                    "seconds": statistics.mean(r["seconds"] for r in picked),
+                }
+            )
     total = sum(p.numel() for p in base.parameters())
-    lines = [f"Few-shot shape classification, demo model ({total:,} parameters), held-out acc1 over {zero['n']} "
-             f"pictures ({len(names)} classes, chance {1 / len(names):.1%}); mean (min-max) over seeds {seeds}.", "",
-             "| method | k | acc1 | text->image R@1 after | trainable params | adapter file | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Few-shot shape classification, demo model ({total:,} parameters), held-out acc1 over {zero['n']} "
+        f"pictures ({len(names)} classes, chance {1 / len(names):.1%}); mean (min-max) over seeds {seeds}.",
+        "",
+        "| method | k | acc1 | text->image R@1 after | trainable params | adapter file | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         spread = f" ({s['acc1_min']:.1%}-{s['acc1_max']:.1%})" if s["seeds"] > 1 else ""
         size = f"{s['adapter_bytes'] / 1024:.1f} KiB" if s["adapter_bytes"] else "-"
-        lines.append(f"| {s['method']} | {s['k'] or '-'} | {s['acc1_mean']:.1%}{spread} | {s['text_to_image_R@1']:.1%} "
-                     f"| {s['trainable']:,} | {size} | {s['seconds']:.0f} |")
+        lines.append(
+            f"| {s['method']} | {s['k'] or '-'} | {s['acc1_mean']:.1%}{spread} | {s['text_to_image_R@1']:.1%} "
+            f"| {s['trainable']:,} | {size} | {s['seconds']:.0f} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     (args.out / "table.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(
-        {"base": str(args.base), "classes": names, "n_test": zero["n"], "shots": shots, "seeds": seeds,
-         "summary": summary, "runs": rows}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "base": str(args.base),
+                "classes": names,
+                "n_test": zero["n"],
+                "shots": shots,
+                "seeds": seeds,
+                "summary": summary,
+                "runs": rows,
+            },
+            indent=2,
+        )
+    )
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -162,8 +227,14 @@ def main() -> int:
     ax.axhline(1 / len(names), color="lightgray", ls=":", label="chance")
     for method in order[1:]:
         pts = [s for s in summary if s["method"] == method]
-        ax.errorbar([s["k"] for s in pts], [s["acc1_mean"] for s in pts], marker="o", capsize=3, label=method,
-                    yerr=[[s["acc1_mean"] - s["acc1_min"] for s in pts], [s["acc1_max"] - s["acc1_mean"] for s in pts]])
+        ax.errorbar(
+            [s["k"] for s in pts],
+            [s["acc1_mean"] for s in pts],
+            marker="o",
+            capsize=3,
+            label=method,
+            yerr=[[s["acc1_mean"] - s["acc1_min"] for s in pts], [s["acc1_max"] - s["acc1_mean"] for s in pts]],
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("shots per class (k)")

@@ -61,8 +61,16 @@ SAMPLES_PER_SHARD = 128
 # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE / _INITIAL); Tessera's stream uses the same
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000
 AUDIO_CONFIGS = {
-    "demo": {"sample_rate": 16000, "clip_seconds": 1.0, "n_mels": 64, "n_fft": 400, "win_length": 400,
-             "hop_length": 160, "freq_mask": 6, "time_mask": 10},
+    "demo": {
+        "sample_rate": 16000,
+        "clip_seconds": 1.0,
+        "n_mels": 64,
+        "n_fft": 400,
+        "win_length": 400,
+        "hop_length": 160,
+        "freq_mask": 6,
+        "time_mask": 10,
+    },
     "imagebind": {"preset": "imagebind"},
     "clap": {"preset": "clap"},
 }
@@ -70,6 +78,7 @@ TARGET_RAW, TARGET_PEER = 0.8, 1.0
 
 
 # -- data ----------------------------------------------------------------------------------------------------
+
 
 def _complete(d: Path, prefix: str, n: int) -> bool:
     try:
@@ -115,7 +124,7 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     from tessera.data import demo, demo_joint
     from tessera.data.make_shards import write_shards
 
-    def fresh(d: Path) -> Path:   # a set of another size is replaced whole, so no stale shard is left in it
+    def fresh(d: Path) -> Path:  # a set of another size is replaced whole, so no stale shard is left in it
         shutil.rmtree(d, ignore_errors=True)
         return d
 
@@ -127,16 +136,20 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
         write_shards(_photos(n, seed), fresh(out / "photos"), "photos", SAMPLES_PER_SHARD)
         made.append("photos")
     if not (_complete(out / "joint", "sounds", n) and _complete(out / "joint", "graphs", n)):
-        demo_joint.build(fresh(out / "joint"), per_source=n, triple=0, samples_per_shard=SAMPLES_PER_SHARD,
-                         seed=seed)
+        demo_joint.build(fresh(out / "joint"), per_source=n, triple=0, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
         made.append("sounds and graphs")
     if made:
         print(f"[bench] wrote {', '.join(made)} under {out}", flush=True)
-    return {"image_demo64": _urls(out / "demo", "train-txt"), "image_photo": _urls(out / "photos", "photos"),
-            "audio": _urls(out / "joint", "sounds"), "graph": _urls(out / "joint", "graphs")}
+    return {
+        "image_demo64": _urls(out / "demo", "train-txt"),
+        "image_photo": _urls(out / "photos", "photos"),
+        "audio": _urls(out / "joint", "sounds"),
+        "graph": _urls(out / "joint", "graphs"),
+    }
 
 
 # -- the bare libraries --------------------------------------------------------------------------------------
+
 
 def raw_image(sample):
     from PIL import Image
@@ -176,11 +189,14 @@ def to_input(modality: str, value):
 
         from tessera.data.graph import Graph
 
-        return Graph(torch.from_numpy(value["x"].astype(np.float32)), torch.from_numpy(value["edge_index"].astype(np.int64)))
+        return Graph(
+            torch.from_numpy(value["x"].astype(np.float32)), torch.from_numpy(value["edge_index"].astype(np.int64))
+        )
     return value
 
 
 # -- Tessera's transforms, from the encoders -----------------------------------------------------------------
+
 
 def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     """{name: (transform, collate)} of small encoders of the benchmarked configs (only the transforms matter:
@@ -191,22 +207,31 @@ def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     from tessera.models.open_clip_image import OpenClipImageConfig, OpenClipImageEncoder
     from tessera.models.open_clip_text import OpenClipTextConfig, OpenClipTextEncoder
 
-    image = OpenClipImageEncoder(OpenClipImageConfig(
-        model="ViT-B-32", overrides={"image_size": image_size, "width": 64, "layers": 1, "head_width": 32}),
-        64)
-    text = OpenClipTextEncoder(OpenClipTextConfig(
-        model="ViT-B-32", overrides={"width": 64, "layers": 1, "heads": 2}), 64)
+    image = OpenClipImageEncoder(
+        OpenClipImageConfig(
+            model="ViT-B-32", overrides={"image_size": image_size, "width": 64, "layers": 1, "head_width": 32}
+        ),
+        64,
+    )
+    text = OpenClipTextEncoder(
+        OpenClipTextConfig(model="ViT-B-32", overrides={"width": 64, "layers": 1, "heads": 2}), 64
+    )
     audio_cfg = AudioConfig.from_dict(dict(AUDIO_CONFIGS[audio_config]))
     audio = ASTEncoder(ASTConfig(audio=audio_cfg, width=64, depth=1, heads=2), 64)
-    graph_cfg = {"arch": "gin", "in_dim": 10, "hidden_dim": 64, "layers": 3, "pooling": "sum"}   # demo-joint
+    graph_cfg = {"arch": "gin", "in_dim": 10, "hidden_dim": 64, "layers": 3, "pooling": "sum"}  # demo-joint
     graph = GraphEncoder(GraphEncoderConfig(**graph_cfg), 64)
     graph_pe = GraphEncoder(GraphEncoderConfig(**graph_cfg, rw_steps=rw_steps), 64)
-    return {"image": (image.transform(True), image.collate), "text": (text.transform(True), text.collate),
-            "audio": (audio.transform(True), audio.collate), "graph": (graph.transform(True), graph.collate),
-            "graph_pe": (graph_pe.transform(True), graph_pe.collate)}
+    return {
+        "image": (image.transform(True), image.collate),
+        "text": (text.transform(True), text.collate),
+        "audio": (audio.transform(True), audio.collate),
+        "graph": (graph.transform(True), graph.collate),
+        "graph_pe": (graph_pe.transform(True), graph_pe.collate),
+    }
 
 
 # -- rows: each a function (limit) -> samples delivered ------------------------------------------------------
+
 
 def _raw_samples(urls: list[str], limit: int | None):
     import itertools
@@ -228,10 +253,17 @@ def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, 
     collators = {modality: towers[tower_name][1], "text": towers["text"][1]}
 
     def spec(modalities: list[str]) -> StreamSpec:
-        return StreamSpec(sources=[Source("bench", urls, 1.0, modalities, shard_sizes(urls))],
-                          decoders=table, transforms=transforms, collators=collators,
-                          batch_size=batch_size, train=True, shuffle_buffer=SHUFFLE_BUFFER,
-                          shuffle_initial=SHUFFLE_INITIAL, drop_last=False)
+        return StreamSpec(
+            sources=[Source("bench", urls, 1.0, modalities, shard_sizes(urls))],
+            decoders=table,
+            transforms=transforms,
+            collators=collators,
+            batch_size=batch_size,
+            train=True,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            shuffle_initial=SHUFFLE_INITIAL,
+            drop_last=False,
+        )
 
     one = ShardStream(spec([modality]))
 
@@ -247,7 +279,7 @@ def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, 
                 value = raw(sample)
                 if transform is not None:
                     transform(to_input(modality, value))
-            except Exception:   # the demo shards' few deliberately broken samples: nothing here checks
+            except Exception:  # the demo shards' few deliberately broken samples: nothing here checks
                 continue
             n += 1
         return n
@@ -269,7 +301,7 @@ def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, 
         for i, sample in enumerate(_raw_samples(urls, limit), start=1):
             sample["__source__"] = 0
             try:
-                one._decode(sample, seeded_rng(0, 0, 0, 0, i))   # a loader worker's per-sample call
+                one._decode(sample, seeded_rng(0, 0, 0, 0, i))  # a loader worker's per-sample call
             except BadSample:
                 continue
             n += 1
@@ -284,10 +316,14 @@ def rows_for(modality: str, urls: list[str], tf, tower_name: str, towers: dict, 
                     break
         return n
 
-    return {"read only": read_only, "raw decode": raw_decode,
-            "raw decode + transform": lambda limit: raw_decode(limit, tf),
-            "Tessera decode": tessera_decode, "Tessera decode+transform": tessera_decode_transform,
-            f"Tessera ShardStream ({modality}+text, batched)": tessera_stream}
+    return {
+        "read only": read_only,
+        "raw decode": raw_decode,
+        "raw decode + transform": lambda limit: raw_decode(limit, tf),
+        "Tessera decode": tessera_decode,
+        "Tessera decode+transform": tessera_decode_transform,
+        f"Tessera ShardStream ({modality}+text, batched)": tessera_stream,
+    }
 
 
 def openclip_pipeline(urls: list[str], image_size: int, batch_size: int):
@@ -311,13 +347,17 @@ def openclip_pipeline(urls: list[str], image_size: int, batch_size: int):
 
     def run(limit):
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(list(urls)), wds.split_by_worker,
+            wds.SimpleShardList(list(urls)),
+            wds.split_by_worker,
             wds.tarfile_to_samples(handler=log_and_continue),
             wds.shuffle(bufsize=SHUFFLE_BUFFER, initial=SHUFFLE_INITIAL),
-            wds.select(has_pair), wds.decode("pilrgb", handler=log_and_continue),
+            wds.select(has_pair),
+            wds.decode("pilrgb", handler=log_and_continue),
             wds.rename(image="jpg;png;jpeg;webp", text="txt"),
             wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
-            wds.to_tuple("image", "text"), wds.batched(batch_size, partial=True))
+            wds.to_tuple("image", "text"),
+            wds.batched(batch_size, partial=True),
+        )
         n = 0
         for images, _ in pipeline:
             n += len(images)
@@ -329,6 +369,7 @@ def openclip_pipeline(urls: list[str], image_size: int, batch_size: int):
 
 
 # -- open_clip_train itself, in its own venv -----------------------------------------------------------------
+
 
 def peer_server(image_size: int, batch_size: int) -> None:
     """In .venv-openclip: per stdin line {"urls", "limit", "total"}, run open_clip_train's `get_wds_dataset`
@@ -354,9 +395,16 @@ def peer_server(image_size: int, batch_size: int) -> None:
     for line in sys.stdin:
         req = json.loads(line)
         args = argparse.Namespace(
-            train_data="::".join(req["urls"]), val_data=None, dataset_resampled=False, seed=0, workers=0,
-            train_num_samples=req["total"], train_data_upsampling_factors=None, batch_size=batch_size,
-            world_size=1)
+            train_data="::".join(req["urls"]),
+            val_data=None,
+            dataset_resampled=False,
+            seed=0,
+            workers=0,
+            train_num_samples=req["total"],
+            train_data_upsampling_factors=None,
+            batch_size=batch_size,
+            world_size=1,
+        )
         t0 = time.perf_counter()
         loader = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
         n = 0
@@ -372,9 +420,20 @@ class Peer:
 
     def __init__(self, image_size: int, batch_size: int):
         self.proc = subprocess.Popen(
-            [str(PEER_PYTHON), __file__, "--peer-server", "--image-size", str(image_size), "--batch-size",
-             str(batch_size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+            [
+                str(PEER_PYTHON),
+                __file__,
+                "--peer-server",
+                "--image-size",
+                str(image_size),
+                "--batch-size",
+                str(batch_size),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""},
+        )
         hello = self._read()
         self.version = hello["webdataset"]
 
@@ -389,8 +448,9 @@ class Peer:
             self.proc.stdin.write(json.dumps({"urls": urls, "limit": limit, "total": total}) + "\n")
             self.proc.stdin.flush()
             answer = self._read()
-            run.seconds = answer["seconds"]   # timed inside the subprocess, without the round trip
+            run.seconds = answer["seconds"]  # timed inside the subprocess, without the round trip
             return answer["samples"]
+
         return run
 
     def close(self) -> None:
@@ -400,6 +460,7 @@ class Peer:
 
 # -- timing --------------------------------------------------------------------------------------------------
 
+
 def measure(rows: dict, repeats: int, warmup: int) -> dict[str, dict]:
     """Each row once on `warmup` samples, then `repeats` full passes, the rows taking turns (in alternating
     order), so that a busy spell of the shared machine does not fall on one row only."""
@@ -408,14 +469,16 @@ def measure(rows: dict, repeats: int, warmup: int) -> dict[str, dict]:
     rates: dict[str, list[float]] = {name: [] for name in rows}
     samples: dict[str, int] = {}
     for rep in range(repeats):
-        for name, fn in (list(rows.items()) if rep % 2 == 0 else list(rows.items())[::-1]):
+        for name, fn in list(rows.items()) if rep % 2 == 0 else list(rows.items())[::-1]:
             t0 = time.perf_counter()
             n = fn(None)
             seconds = getattr(fn, "seconds", None) or time.perf_counter() - t0
             rates[name].append(n / seconds)
             samples[name] = n
-    return {name: {"samples": samples[name], "best": max(r), "median": statistics.median(r), "rates": r}
-            for name, r in rates.items()}
+    return {
+        name: {"samples": samples[name], "best": max(r), "median": statistics.median(r), "rates": r}
+        for name, r in rates.items()
+    }
 
 
 def profile(fn, path: Path, top: int = 25) -> str:
@@ -472,32 +535,40 @@ def summarize(results: dict) -> list[dict]:
         raw = rows["raw decode"]["best"]
         stream = rows[_stream_row(rows)]["best"]
         peer = rows.get("open_clip_train (its venv)") or rows.get("open_clip pipeline (in-process)")
-        s = {"set": name, "decode/raw": rows["Tessera decode"]["best"] / raw,
-             "decode+transform/raw": rows["Tessera decode+transform"]["best"] / raw,
-             "decode+transform/(raw+transform)": rows["Tessera decode+transform"]["best"]
-             / rows["raw decode + transform"]["best"],
-             "stream/raw": stream / raw}
+        s = {
+            "set": name,
+            "decode/raw": rows["Tessera decode"]["best"] / raw,
+            "decode+transform/raw": rows["Tessera decode+transform"]["best"] / raw,
+            "decode+transform/(raw+transform)": rows["Tessera decode+transform"]["best"]
+            / rows["raw decode + transform"]["best"],
+            "stream/raw": stream / raw,
+        }
         if peer:
             s["stream/open_clip"] = stream / peer["best"]
             s["stream/open_clip (paired)"] = statistics.median(
-                a / b for a, b in zip(rows[_stream_row(rows)]["rates"], peer["rates"]))
+                a / b for a, b in zip(rows[_stream_row(rows)]["rates"], peer["rates"])
+            )
             s["open_clip/raw"] = peer["best"] / raw
         out.append(s)
     return out
 
 
 def tables(results: dict, summary: list[dict], args) -> str:
-    lines = ["| set | path | samples | samples/s (best) | median | vs raw decode |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| set | path | samples | samples/s (best) | median | vs raw decode |", "|---|---|---|---|---|---|"]
     for name, rows in results.items():
         raw = rows["raw decode"]["best"]
         for row, r in rows.items():
-            lines.append(f"| {SETS[name][2]} | {row} | {r['samples']} | {r['best']:.0f} | "
-                         f"{r['median']:.0f} | {r['best'] / raw:.2f}x |")
-    lines += ["", f"| set | decode / raw | decode+transform / raw (target >= {TARGET_RAW}) | "
-                  "decode+transform / (raw + same transform) | ShardStream / raw | open_clip / raw | "
-                  f"ShardStream / open_clip (target >= {TARGET_PEER}) | same, paired |",
-              "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {SETS[name][2]} | {row} | {r['samples']} | {r['best']:.0f} | "
+                f"{r['median']:.0f} | {r['best'] / raw:.2f}x |"
+            )
+    lines += [
+        "",
+        f"| set | decode / raw | decode+transform / raw (target >= {TARGET_RAW}) | "
+        "decode+transform / (raw + same transform) | ShardStream / raw | open_clip / raw | "
+        f"ShardStream / open_clip (target >= {TARGET_PEER}) | same, paired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(s, key, target=None):
         if key not in s:
@@ -506,23 +577,29 @@ def tables(results: dict, summary: list[dict], args) -> str:
         return f"{s[key]:.2f}{flag}"
 
     for s in summary:
-        lines.append(f"| {SETS[s['set']][2]} | {cell(s, 'decode/raw')} | "
-                     f"{cell(s, 'decode+transform/raw', TARGET_RAW)} | "
-                     f"{cell(s, 'decode+transform/(raw+transform)')} | {cell(s, 'stream/raw')} | "
-                     f"{cell(s, 'open_clip/raw')} | {cell(s, 'stream/open_clip', TARGET_PEER)} | "
-                     f"{cell(s, 'stream/open_clip (paired)')} |")
-    lines += ["", f"One process, 1 thread; best of {args.repeats} (paired: the median over repeats of "
-                  "the two rates' ratio within one repeat, robust to load that changes between repeats); "
-                  f"image transform: open_clip's train transform at {args.image_size} px (RandomResizedCrop "
-                  f"scale (0.9, 1.0), bicubic); audio: AudioTransform '{args.audio_config}' (resample + crop "
-                  f"+ log-mel + SpecAugment); graph PE: {args.rw_steps} random-walk steps; stream batch "
-                  f"{args.batch_size}; open_clip: open_clip_train.data.get_wds_dataset in its venv where "
-                  "present."]
+        lines.append(
+            f"| {SETS[s['set']][2]} | {cell(s, 'decode/raw')} | "
+            f"{cell(s, 'decode+transform/raw', TARGET_RAW)} | "
+            f"{cell(s, 'decode+transform/(raw+transform)')} | {cell(s, 'stream/raw')} | "
+            f"{cell(s, 'open_clip/raw')} | {cell(s, 'stream/open_clip', TARGET_PEER)} | "
+            f"{cell(s, 'stream/open_clip (paired)')} |"
+        )
+    lines += [
+        "",
+        f"One process, 1 thread; best of {args.repeats} (paired: the median over repeats of "
+        "the two rates' ratio within one repeat, robust to load that changes between repeats); "
+        f"image transform: open_clip's train transform at {args.image_size} px (RandomResizedCrop "
+        f"scale (0.9, 1.0), bicubic); audio: AudioTransform '{args.audio_config}' (resample + crop "
+        f"+ log-mel + SpecAugment); graph PE: {args.rw_steps} random-walk steps; stream batch "
+        f"{args.batch_size}; open_clip: open_clip_train.data.get_wds_dataset in its venv where "
+        "present.",
+    ]
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -531,8 +608,9 @@ def plot(results: dict, path: Path) -> None:
     for ax, (name, rows) in zip(axes[:, 0], results.items()):
         names = list(rows)[::-1]
         vals = [rows[n]["best"] for n in names]
-        colors = ["tab:orange" if "open_clip" in n else "tab:blue" if n.startswith("Tessera")
-                  else "tab:gray" for n in names]
+        colors = [
+            "tab:orange" if "open_clip" in n else "tab:blue" if n.startswith("Tessera") else "tab:gray" for n in names
+        ]
         ax.barh(names, vals, color=colors)
         raw = rows["raw decode"]["best"]
         for i, v in enumerate(vals):
@@ -550,14 +628,21 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=512, help="samples per set (the shards hold exactly these)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per row (best kept)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--audio-config", choices=sorted(AUDIO_CONFIGS), default="demo",
-                   help="AudioTransform parameters: demo (16 kHz, 1 s, the demo-joint AST), imagebind, clap")
+    p.add_argument(
+        "--audio-config",
+        choices=sorted(AUDIO_CONFIGS),
+        default="demo",
+        help="AudioTransform parameters: demo (16 kHz, 1 s, the demo-joint AST), imagebind, clap",
+    )
     p.add_argument("--rw-steps", type=int, default=16, help="random-walk PE steps of the graph_pe set")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {list(SETS)}")
     p.add_argument("--no-peer-venv", action="store_true", help="skip the open_clip_train subprocess")
-    p.add_argument("--profile", action="store_true",
-                   help="cProfile Tessera's rows of every set below a target (written beside the results)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile Tessera's rows of every set below a target (written beside the results)",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_data"))
     p.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -588,16 +673,14 @@ def main(argv=None) -> None:
         urls = shards[name if name != "graph_pe" else "graph"]
         rows = rows_for(modality, urls, towers[tower][0], tower, towers, args.batch_size)
         if modality == "image":
-            rows["open_clip pipeline (in-process)"] = openclip_pipeline(urls, args.image_size,
-                                                                        args.batch_size)
+            rows["open_clip pipeline (in-process)"] = openclip_pipeline(urls, args.image_size, args.batch_size)
             if peer is not None:
                 rows["open_clip_train (its venv)"] = peer.row(urls, args.samples)
         t0 = time.perf_counter()
         results[name] = measure(rows, args.repeats, warmup=2 * args.batch_size)
         all_rows[name] = rows
         raw = results[name]["raw decode"]["best"]
-        rates = ", ".join(f"{row} {r['best']:.0f}/s ({r['best'] / raw:.2f}x)"
-                          for row, r in results[name].items())
+        rates = ", ".join(f"{row} {r['best']:.0f}/s ({r['best'] / raw:.2f}x)" for row, r in results[name].items())
         print(f"[bench] {label} ({time.perf_counter() - t0:.0f} s): {rates}", flush=True)
     if peer is not None:
         peer.close()
@@ -615,9 +698,16 @@ def main(argv=None) -> None:
     table = tables(results, summary, args)
     print("\n" + table)
     seconds = time.perf_counter() - t_start
-    doc = {"args": vars(args), "threads": torch.get_num_threads(), "seconds": seconds,
-           "peer_webdataset": peer.version if peer is not None else None, "overheads_us": overheads_us(),
-           "results": results, "summary": summary, "profiles": profiles}
+    doc = {
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "peer_webdataset": peer.version if peer is not None else None,
+        "overheads_us": overheads_us(),
+        "results": results,
+        "summary": summary,
+        "profiles": profiles,
+    }
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "table.md").write_text(table + "\n")
     plot(results, out / "throughput.png")

@@ -27,7 +27,7 @@ from pathlib import Path
 from benchlib import meminfo_gib, reset_peak, status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
-NAIVE_BYTES_PER_PAIR = 12   # fp32 similarities + int64 argsort
+NAIVE_BYTES_PER_PAIR = 12  # fp32 similarities + int64 argsort
 
 
 def one(impl: str, n: int, dim: int) -> dict:
@@ -61,8 +61,14 @@ def one(impl: str, n: int, dim: int) -> dict:
             m = metrics_from_positions(pos, name)
             metrics.update({k: v for k, v in m.items() if "mAP" not in k})
     seconds = time.perf_counter() - t0
-    return {"impl": impl, "N": n, "D": dim, "seconds": seconds, "peak_mib": (status_kib("VmHWM") - before) / 1024,
-            "metrics": metrics}
+    return {
+        "impl": impl,
+        "N": n,
+        "D": dim,
+        "seconds": seconds,
+        "peak_mib": (status_kib("VmHWM") - before) / 1024,
+        "metrics": metrics,
+    }
 
 
 def main(argv=None) -> None:
@@ -84,31 +90,54 @@ def main(argv=None) -> None:
             if impl == "naive" and need > budget:
                 row = {"impl": impl, "N": n, "skipped": f"needs about {need:.0f} GiB, {budget:.0f} GiB available"}
             else:
-                proc = subprocess.run([sys.executable, __file__, "--one", impl, "--sizes", str(n), "--dim",
-                                       str(args.dim)], capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
-                why = "killed: out of memory" if proc.returncode == -9 else \
-                    f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
-                row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
-                    {"impl": impl, "N": n, "skipped": why}
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--one", impl, "--sizes", str(n), "--dim", str(args.dim)],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
+                why = (
+                    "killed: out of memory"
+                    if proc.returncode == -9
+                    else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+                )
+                row = (
+                    json.loads(proc.stdout.strip().splitlines()[-1])
+                    if proc.returncode == 0
+                    else {"impl": impl, "N": n, "skipped": why}
+                )
             rows.append(row)
-            print(row["impl"], n, row.get("skipped") or f"{row['seconds']:.2f} s, peak {row['peak_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                row["impl"],
+                n,
+                row.get("skipped") or f"{row['seconds']:.2f} s, peak {row['peak_mib']:.0f} MiB",
+                flush=True,
+            )
     by = {(r["impl"], r["N"]): r for r in rows}
-    lines = ["| N | naive time | Tessera time | time ratio | naive peak | Tessera peak | memory ratio | same metrics |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| N | naive time | Tessera time | time ratio | naive peak | Tessera peak | memory ratio | same metrics |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n in sizes:
         a, b = by[("naive", n)], by[("tessera", n)]
         if "skipped" in a or "skipped" in b:
+
             def cell(r, key, fmt):
                 return "skipped" if "skipped" in r else fmt.format(r[key])
-            lines.append(f"| {n} | {cell(a, 'seconds', '{:.2f} s')} | {cell(b, 'seconds', '{:.2f} s')} | - | "
-                         f"{cell(a, 'peak_mib', '{:.0f} MiB')} | {cell(b, 'peak_mib', '{:.0f} MiB')} | - | - |")
+
+            lines.append(
+                f"| {n} | {cell(a, 'seconds', '{:.2f} s')} | {cell(b, 'seconds', '{:.2f} s')} | - | "
+                f"{cell(a, 'peak_mib', '{:.0f} MiB')} | {cell(b, 'peak_mib', '{:.0f} MiB')} | - | - |"
+            )
             continue
-        same = all(abs(a["metrics"][k] - b["metrics"][k]) <= 1e-5 * max(1.0, abs(a["metrics"][k])) for k in a["metrics"])
-        lines.append(f"| {n} | {a['seconds']:.2f} s | {b['seconds']:.2f} s | {b['seconds'] / a['seconds']:.2f}x | "
-                     f"{a['peak_mib']:.0f} MiB | {b['peak_mib']:.0f} MiB | 1/{a['peak_mib'] / b['peak_mib']:.0f} | "
-                     f"{'yes' if same else 'NO'} |")
+        same = all(
+            abs(a["metrics"][k] - b["metrics"][k]) <= 1e-5 * max(1.0, abs(a["metrics"][k])) for k in a["metrics"]
+        )
+        lines.append(
+            f"| {n} | {a['seconds']:.2f} s | {b['seconds']:.2f} s | {b['seconds'] / a['seconds']:.2f}x | "
+            f"{a['peak_mib']:.0f} MiB | {b['peak_mib']:.0f} MiB | 1/{a['peak_mib'] / b['peak_mib']:.0f} | "
+            f"{'yes' if same else 'NO'} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

@@ -63,15 +63,22 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
 
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
-        peer = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world) \
-            if kind == "infonce" else SigLipLoss(rank=rank, world_size=world)
+
+        peer = (
+            ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+            if kind == "infonce"
+            else SigLipLoss(rank=rank, world_size=world)
+        )
 
         def loss_fn():
             return peer(a, b, scale) if kind == "infonce" else peer(a, b, scale, bias)
+
         flops = 6 * B * B * D
     else:
+
         def loss_fn():
             return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile)
+
         flops = count_flops(kind, B, D, world)
 
     times, peaks, value = [], [], None
@@ -90,7 +97,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         del loss
     # The first run's peak: later runs reuse what the allocator kept from it and would show less.
     seconds, peak = min(times), peaks[0]
-    if world > 1:   # the worst rank's
+    if world > 1:  # the worst rank's
         worst = torch.tensor([seconds, float(peak)], dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         seconds, peak = worst.tolist()
@@ -106,7 +113,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         x @ y
     mm_gflops = 2 * n * n * D * mm_reps / (time.perf_counter() - t0) / 1e9
     del x, y
-    if world > 1:   # every rank ran its GEMMs at once: the machine's rate is their sum
+    if world > 1:  # every rank ran its GEMMs at once: the machine's rate is their sum
         total = torch.tensor([mm_gflops], dtype=torch.float64)
         dist.all_reduce(total)
         mm_gflops = total.item()
@@ -114,19 +121,49 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
 
     if rank != 0:
         return {}
-    return {"impl": impl, "kind": kind, "B": B, "world": world, "D": D, "dtype": dtype,
-            "tile": tile if impl == "tessera" else None,
-            "seconds": seconds, "peak_mib": peak / 1024, "gflops": flops / seconds / 1e9,
-            "mm_gflops": mm_gflops, "mm_fraction": flops / seconds / 1e9 / mm_gflops, "loss": value,
-            "features_mib": features_mib, "threads": torch.get_num_threads()}
+    return {
+        "impl": impl,
+        "kind": kind,
+        "B": B,
+        "world": world,
+        "D": D,
+        "dtype": dtype,
+        "tile": tile if impl == "tessera" else None,
+        "seconds": seconds,
+        "peak_mib": peak / 1024,
+        "gflops": flops / seconds / 1e9,
+        "mm_gflops": mm_gflops,
+        "mm_fraction": flops / seconds / 1e9 / mm_gflops,
+        "loss": value,
+        "features_mib": features_mib,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_sub(args, impl: str, B: int) -> dict:
-    launcher = [sys.executable] if args.world == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world)]
-    cmd = [*launcher, __file__, "--one", impl, "--batches", str(B), "--dim", str(args.dim),
-           "--tile", str(args.tile), "--kind", args.kind, "--dtype", args.dtype,
-           "--repeats", str(args.repeats if B <= 8192 else 1)]
+    launcher = (
+        [sys.executable]
+        if args.world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world)]
+    )
+    cmd = [
+        *launcher,
+        __file__,
+        "--one",
+        impl,
+        "--batches",
+        str(B),
+        "--dim",
+        str(args.dim),
+        "--tile",
+        str(args.tile),
+        "--kind",
+        args.kind,
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats if B <= 8192 else 1),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.world > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.world)))
@@ -145,8 +182,9 @@ def main(argv=None) -> None:
     p.add_argument("--kind", choices=["infonce", "siglip"], default="infonce")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration up to B=8192 (best kept)")
-    p.add_argument("--mem-gib", type=float, default=None,
-                   help="memory open_clip may use (default: 85%% of MemAvailable)")
+    p.add_argument(
+        "--mem-gib", type=float, default=None, help="memory open_clip may use (default: 85%% of MemAvailable)"
+    )
     p.add_argument("--world", type=int, default=1, help="processes (gloo ranks) sharing the global batch")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_loss"))
@@ -163,7 +201,7 @@ def main(argv=None) -> None:
     rows = []
     for B in batches:
         for impl in ("open_clip", "tessera"):
-            need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30   # W ranks x (B/W x B) logits each
+            need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30  # W ranks x (B/W x B) logits each
             if impl == "open_clip" and need > mem_gib:
                 row = {"impl": impl, "B": B, "skipped": f"needs about {need:.0f} GiB, {mem_gib:.0f} GiB available"}
             else:
@@ -184,36 +222,47 @@ def main(argv=None) -> None:
 def _line(r: dict) -> str:
     if "skipped" in r:
         return f"{r['impl']:>9} B={r['B']:>6}: skipped ({r['skipped']})"
-    return (f"{r['impl']:>9} B={r['B']:>6}: {r['seconds']:8.3f} s  peak {r['peak_mib']:9.1f} MiB  "
-            f"{r['gflops']:6.1f} GFLOP/s ({100 * r['mm_fraction']:.0f}% of torch.mm)")
+    return (
+        f"{r['impl']:>9} B={r['B']:>6}: {r['seconds']:8.3f} s  peak {r['peak_mib']:9.1f} MiB  "
+        f"{r['gflops']:6.1f} GFLOP/s ({100 * r['mm_fraction']:.0f}% of torch.mm)"
+    )
 
 
 def _table(rows: list[dict]) -> str:
     by = {(r["impl"], r["B"]): r for r in rows}
-    head = ("| B | open_clip time | Tessera time | time ratio | open_clip peak | Tessera peak | memory ratio | "
-            "open_clip GFLOP/s | Tessera GFLOP/s | torch.mm GFLOP/s | Tessera / torch.mm |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| B | open_clip time | Tessera time | time ratio | open_clip peak | Tessera peak | memory ratio | "
+        "open_clip GFLOP/s | Tessera GFLOP/s | torch.mm GFLOP/s | Tessera / torch.mm |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for B in sorted({r["B"] for r in rows}):
         o, t = by.get(("open_clip", B), {}), by.get(("tessera", B), {})
 
         def cell(r, key, fmt):
             return "skipped" if "skipped" in r or not r else fmt.format(r[key])
+
         ratio_t = f"{t['seconds'] / o['seconds']:.2f}x" if "seconds" in o and "seconds" in t else "-"
         ratio_m = f"1/{o['peak_mib'] / max(t['peak_mib'], 1e-3):.0f}" if "peak_mib" in o and "peak_mib" in t else "-"
-        lines.append(f"| {B} | {cell(o, 'seconds', '{:.3f} s')} | {cell(t, 'seconds', '{:.3f} s')} | {ratio_t} | "
-                     f"{cell(o, 'peak_mib', '{:.0f} MiB')} | {cell(t, 'peak_mib', '{:.0f} MiB')} | {ratio_m} | "
-                     f"{cell(o, 'gflops', '{:.0f}')} | {cell(t, 'gflops', '{:.0f}')} | "
-                     f"{cell(t, 'mm_gflops', '{:.0f}')} | {cell(t, 'mm_fraction', '{:.0%}')} |")
+        lines.append(
+            f"| {B} | {cell(o, 'seconds', '{:.3f} s')} | {cell(t, 'seconds', '{:.3f} s')} | {ratio_t} | "
+            f"{cell(o, 'peak_mib', '{:.0f} MiB')} | {cell(t, 'peak_mib', '{:.0f} MiB')} | {ratio_m} | "
+            f"{cell(o, 'gflops', '{:.0f}')} | {cell(t, 'gflops', '{:.0f}')} | "
+            f"{cell(t, 'mm_gflops', '{:.0f}')} | {cell(t, 'mm_fraction', '{:.0%}')} |"
+        )
     return "\n".join(lines)
 
 
 def _plot(rows: list[dict], out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for key, label, name in [("peak_mib", "peak memory above the features (MiB)", "memory.png"),
-                             ("seconds", "forward + backward (s)", "time.png")]:
+
+    for key, label, name in [
+        ("peak_mib", "peak memory above the features (MiB)", "memory.png"),
+        ("seconds", "forward + backward (s)", "time.png"),
+    ]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for impl, style in [("open_clip", "o--"), ("tessera", "s-")]:
             pts = sorted((r["B"], r[key]) for r in rows if r["impl"] == impl and key in r)

@@ -38,13 +38,44 @@ PEER_FIRST_STEP = re.compile(r"Train Epoch: 0 \[")
 
 
 def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
-    cmd = [str(python), "-m", "open_clip_train.main", "--train-data", shards, "--dataset-type", "webdataset",
-           "--train-num-samples", str(2 * args.batch_size), "--model", args.model,
-           "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", "1", "--precision", "fp32",
-           "--log-every-n-steps", "1", "--logs", "none", "--seed", "0", "--device", "cuda" if args.cuda else "cpu"]
+    cmd = [
+        str(python),
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        shards,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(2 * args.batch_size),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--precision",
+        "fp32",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        "none",
+        "--seed",
+        "0",
+        "--device",
+        "cuda" if args.cuda else "cpu",
+    ]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=log.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=log.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first, lines = None, []
     for line in proc.stdout:
         lines.append(line)
@@ -58,9 +89,20 @@ def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
 
 
 def ours_first_step(args, out_dir: Path, log: Path, config: str | None, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", args.module, *(["--config", config] if config else []), f"output_dir={out_dir}",
-           *overrides, "train.steps=2", "train.log_every=1", "train.ckpt_every=-1", "train.export=false",
-           "data.val=[]", "eval.classes=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        args.module,
+        *(["--config", config] if config else []),
+        f"output_dir={out_dir}",
+        *overrides,
+        "train.steps=2",
+        "train.log_every=1",
+        "train.ckpt_every=-1",
+        "train.export=false",
+        "data.val=[]",
+        "eval.classes=null",
+    ]
     for stale in ("metrics.jsonl", "checkpoints"):
         subprocess.run(["rm", "-rf", str(out_dir / stale)], check=True)
     t0 = time.time()
@@ -78,9 +120,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--module", default="tessera.train.pretrain", help="Tessera's pretraining entry point")
-    parser.add_argument("--demo-data", type=Path, default=ROOT / "runs" / "demo" / "data",
-                        help="the demo's shards (python -m tessera.data.demo and tessera.data.demo_joint --out ...); "
-                             "a demo row is skipped when its data is absent")
+    parser.add_argument(
+        "--demo-data",
+        type=Path,
+        default=ROOT / "runs" / "demo" / "data",
+        help="the demo's shards (python -m tessera.data.demo and tessera.data.demo_joint --out ...); "
+        "a demo row is skipped when its data is absent",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_startup")
     args = parser.parse_args()
     import open_clip
@@ -92,33 +138,54 @@ def main() -> int:
     image_size = open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
     shards = make_shards(args.out / "shards", 4 * args.batch_size, image_size)
     peer_python = ensure_peer_venv()
-    same = [f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
-            f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}", f"data.train={shards}",
-            "data.num_workers=1", f"train.batch_size={args.batch_size}", "train.precision=fp32",
-            "deepspeed.zero_stage=0", "seed=0"]
+    same = [
+        f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
+        f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
+        f"data.train={shards}",
+        "data.num_workers=1",
+        f"train.batch_size={args.batch_size}",
+        "train.precision=fp32",
+        "deepspeed.zero_stage=0",
+        "seed=0",
+    ]
     rows: dict[str, list[float]] = {"open_clip_train": [], "tessera": []}
-    demos = {name: config for name, config, marker in (
-        ("tessera demo recipe", "configs/demo.yaml", "sizes.json"),
-        ("tessera joint demo", "configs/demo-joint.yaml", "val-joint-000000.tar")) if (args.demo_data / marker).is_file()}
+    demos = {
+        name: config
+        for name, config, marker in (
+            ("tessera demo recipe", "configs/demo.yaml", "sizes.json"),
+            ("tessera joint demo", "configs/demo-joint.yaml", "val-joint-000000.tar"),
+        )
+        if (args.demo_data / marker).is_file()
+    }
     rows.update({name: [] for name in demos})
     for i in range(args.repeats):
         rows["open_clip_train"].append(peer_first_step(peer_python, shards, args, args.out / f"open_clip_{i}.log"))
         rows["tessera"].append(ours_first_step(args, args.out / "tessera", args.out / f"tessera_{i}.log", None, same))
         for j, (name, config) in enumerate(demos.items()):
             rows[name].append(ours_first_step(args, args.out / f"demo{j}", args.out / f"demo{j}_{i}.log", config, []))
-        print(f"[bench] repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()),
-              flush=True)
+        print(
+            f"[bench] repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()),
+            flush=True,
+        )
 
     device = torch.cuda.get_device_name() if args.cuda else f"CPU x{os.cpu_count()}"
     peer = statistics.median(rows["open_clip_train"])
-    print(f"\ntime to the first step, {args.model} batch {args.batch_size}, fp32, 1 loader worker, {device}, "
-          f"median of {args.repeats}")
+    print(
+        f"\ntime to the first step, {args.model} batch {args.batch_size}, fp32, 1 loader worker, {device}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'run':<22}{'median (s)':>12}{'min (s)':>10}{'max (s)':>10}{'vs open_clip_train':>20}")
     for name, values in rows.items():
         med = statistics.median(values)
         print(f"{name:<22}{med:>12.1f}{min(values):>10.1f}{max(values):>10.1f}{med / peer:>19.2f}x")
-    doc = {"model": args.model, "batch_size": args.batch_size, "repeats": args.repeats, "device": device,
-           "seconds": rows, "median": {k: statistics.median(v) for k, v in rows.items()}}
+    doc = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "device": device,
+        "seconds": rows,
+        "median": {k: statistics.median(v) for k, v in rows.items()},
+    }
     (args.out / "results.json").write_text(json.dumps(doc, indent=2))
     print(f"wrote {args.out / 'results.json'}")
     return 0

@@ -68,21 +68,56 @@ def make_shards(out: Path, n: int, image_size: int) -> str:
     def samples():
         for i in range(n):
             combo = rng.choice(COMBOS)
-            yield f"{i:07d}", {"jpg": _encode(render(*combo, rng, canvas=image_size), "jpg", rng),
-                               "txt": caption(*combo, rng).encode()}
+            yield (
+                f"{i:07d}",
+                {
+                    "jpg": _encode(render(*combo, rng, canvas=image_size), "jpg", rng),
+                    "txt": caption(*combo, rng).encode(),
+                },
+            )
 
     sizes = write_shards(samples(), out, "bench", 256)
     return str(out / f"bench-{{000000..{len(sizes) - 1:06d}}}.tar")
 
 
 def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list[float]:
-    cmd = [str(python), "-m", "open_clip_train.main", "--train-data", shards, "--dataset-type", "webdataset",
-           "--train-num-samples", str(args.steps * args.batch_size), "--model", args.model,
-           "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", str(args.workers),
-           "--precision", PEER_PRECISION[precision], "--lr", "5e-4", "--wd", "0.2", "--warmup", "2",
-           "--grad-clip-norm", "1.0",  # as Tessera's default train.grad_clip, so both do the same work
-           "--log-every-n-steps", "1", "--logs", "none", "--seed", "0",
-           "--device", "cuda" if args.cuda else "cpu"]
+    cmd = [
+        str(python),
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        shards,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(args.steps * args.batch_size),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--workers",
+        str(args.workers),
+        "--precision",
+        PEER_PRECISION[precision],
+        "--lr",
+        "5e-4",
+        "--wd",
+        "0.2",
+        "--warmup",
+        "2",
+        "--grad-clip-norm",
+        "1.0",  # as Tessera's default train.grad_clip, so both do the same work
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        "none",
+        "--seed",
+        "0",
+        "--device",
+        "cuda" if args.cuda else "cpu",
+    ]
     # --logs none still makes ./none/<run name>/: run it inside the benchmark's own directory
     out = _run(cmd, log, cwd=log.parent)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.e+]+)/s,", out)]
@@ -92,13 +127,28 @@ def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list
 
 
 def run_ours(shards: str, args, precision: str, out_dir: Path, log: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "tessera.train.pretrain", f"output_dir={out_dir}",
-           f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
-           f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
-           f"data.train={shards}", "data.val=[]", f"data.num_workers={args.workers}",
-           f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.lr=5e-4",
-           "train.warmup_steps=2", "train.weight_decay=0.2", f"train.precision={precision}",
-           "train.log_every=1", "train.ckpt_every=-1", "train.export=false", "deepspeed.zero_stage=0", "seed=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tessera.train.pretrain",
+        f"output_dir={out_dir}",
+        f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
+        f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
+        f"data.train={shards}",
+        "data.val=[]",
+        f"data.num_workers={args.workers}",
+        f"train.steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        "train.lr=5e-4",
+        "train.warmup_steps=2",
+        "train.weight_decay=0.2",
+        f"train.precision={precision}",
+        "train.log_every=1",
+        "train.ckpt_every=-1",
+        "train.export=false",
+        "deepspeed.zero_stage=0",
+        "seed=0",
+    ]
     _run(cmd, log)
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [x["samples_per_s"] for x in lines if x["kind"] == "train"]
@@ -146,25 +196,38 @@ def main() -> int:
     for precision in args.precisions:
         print(f"[bench] {args.model} batch {args.batch_size} x {args.steps} steps, {precision}", flush=True)
         peer = run_peer(peer_python, shards, args, precision, args.out / f"open_clip_{precision}.log")
-        ours = run_ours(shards, args, precision, args.out / f"tessera_{precision}",
-                        args.out / f"tessera_{precision}.log")
-        row = {"precision": precision, "open_clip_precision": PEER_PRECISION[precision],
-               "open_clip_samples_per_s": steady_rate(peer, args.batch_size, args.warmup),
-               "tessera_samples_per_s": steady_rate(ours, args.batch_size, args.warmup),
-               "open_clip_per_step": peer, "tessera_per_step": ours}
+        ours = run_ours(
+            shards, args, precision, args.out / f"tessera_{precision}", args.out / f"tessera_{precision}.log"
+        )
+        row = {
+            "precision": precision,
+            "open_clip_precision": PEER_PRECISION[precision],
+            "open_clip_samples_per_s": steady_rate(peer, args.batch_size, args.warmup),
+            "tessera_samples_per_s": steady_rate(ours, args.batch_size, args.warmup),
+            "open_clip_per_step": peer,
+            "tessera_per_step": ours,
+        }
         row["ratio"] = row["tessera_samples_per_s"] / row["open_clip_samples_per_s"]
         results.append(row)
 
     device = torch.cuda.get_device_name() if args.cuda else f"CPU x{os.cpu_count()}"
-    print(f"\n{args.model}, per-rank batch {args.batch_size}, {args.steps} steps (first {args.warmup} left out), "
-          f"{args.workers} loader worker(s), {device}")
+    print(
+        f"\n{args.model}, per-rank batch {args.batch_size}, {args.steps} steps (first {args.warmup} left out), "
+        f"{args.workers} loader worker(s), {device}"
+    )
     print(f"{'precision':<16}{'open_clip (samples/s)':>24}{'tessera (samples/s)':>22}{'ratio':>9}")
     for r in results:
         label = f"{r['precision']}/{r['open_clip_precision']}"
-        print(f"{label:<16}{r['open_clip_samples_per_s']:>24.2f}{r['tessera_samples_per_s']:>22.2f}"
-              f"{r['ratio']:>8.2f}x")
-    doc = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-           "workers": args.workers, "device": device, "results": results}
+        print(f"{label:<16}{r['open_clip_samples_per_s']:>24.2f}{r['tessera_samples_per_s']:>22.2f}{r['ratio']:>8.2f}x")
+    doc = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "device": device,
+        "results": results,
+    }
     (args.out / "results.json").write_text(json.dumps(doc, indent=2))
     _plot(results, args, args.out / "throughput.png")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
@@ -181,8 +244,13 @@ def _plot(results, args, path: Path) -> None:
     for r in results:
         steps = range(1, len(r["tessera_per_step"]) + 1)
         ax.plot(steps, r["tessera_per_step"], marker="o", label=f"tessera {r['precision']}")
-        ax.plot(range(1, len(r["open_clip_per_step"]) + 1), r["open_clip_per_step"], marker="x", linestyle="--",
-                label=f"open_clip {r['open_clip_precision']}")
+        ax.plot(
+            range(1, len(r["open_clip_per_step"]) + 1),
+            r["open_clip_per_step"],
+            marker="x",
+            linestyle="--",
+            label=f"open_clip {r['open_clip_precision']}",
+        )
     ax.axvspan(0.5, args.warmup + 0.5, color="0.9", label="left out (warmup)")
     ax.set_xlabel("step")
     ax.set_ylabel("samples/s")

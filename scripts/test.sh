@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install Tessera with its dev and chem extras into .venv, then run the whole test suite
-# (slow and multi-process tests included). Extra arguments go to pytest.
+# Install Tessera with its dev and chem extras into .venv, check the code with ruff (lint and format), then run the
+# whole test suite (slow and multi-process tests included). Extra arguments go to pytest.
 set -euo pipefail
 export TESSERA_EXTRAS=dev,chem
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
+ruff check .
+ruff format --check .
 exec python -m pytest "${@:--q}"

@@ -19,7 +19,17 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "closest", "describe", "set_dotted", "field_names", "require", "from_fields"]
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "closest",
+    "describe",
+    "set_dotted",
+    "field_names",
+    "require",
+    "from_fields",
+]
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -136,12 +146,18 @@ def from_fields(cls: type, data: Any, where: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{_join(where, key)}'.{closest(str(key), names)}"
-                              f" Valid keys here: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown key '{_join(where, key)}'.{closest(str(key), names)} Valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = _convert(hints[key], value, _join(where, key))
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where or cls.__name__}: missing required key(s) {missing}")
     try:
@@ -174,9 +190,9 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[part] = {}
         if isinstance(nxt, list) and parts[i + 1].isdigit():
-            raise ConfigError(f"'{dotted}': set the whole list instead, e.g. {'.'.join(parts[:i + 1])}=[...]")
+            raise ConfigError(f"'{dotted}': set the whole list instead, e.g. {'.'.join(parts[: i + 1])}=[...]")
         if not isinstance(nxt, dict):
-            raise ConfigError(f"'{dotted}': '{'.'.join(parts[:i + 1])}' is {nxt!r}, not a mapping")
+            raise ConfigError(f"'{dotted}': '{'.'.join(parts[: i + 1])}' is {nxt!r}, not a mapping")
         node = nxt
     node[parts[-1]] = value
 

@@ -34,22 +34,35 @@ class Modality:
     language: bool = False
 
 
-MODALITIES: dict[str, Modality] = {m.name: m for m in (
-    Modality("image", "tessera.data.image:ImageDecoder",
-             {"open_clip_image": "tessera.models.open_clip_image:OpenClipImageEncoder"},
-             template="a photo of a {}."),
-    Modality("text", "tessera.data.text:TextDecoder",
-             {"open_clip_text": "tessera.models.open_clip_text:OpenClipTextEncoder",
-              "hf_text": "tessera.models.hf_text:HFTextEncoder"},
-             language=True),
-    Modality("audio", "tessera.data.audio:AudioDecoder",
-             {"ast": "tessera.models.audio:ASTEncoder", "hf_audio": "tessera.models.audio:HFAudioEncoder"},
-             template="the sound of a {}."),
-    Modality("graph", "tessera.data.graph:GraphDecoder",
-             {"gnn": "tessera.models.graph:GraphEncoder"}),
-    # `cls` members: integer class ids, the targets of label positives and classification; never a tower
-    Modality("label", "tessera.data.label:LabelDecoder"),
-)}
+MODALITIES: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality(
+            "image",
+            "tessera.data.image:ImageDecoder",
+            {"open_clip_image": "tessera.models.open_clip_image:OpenClipImageEncoder"},
+            template="a photo of a {}.",
+        ),
+        Modality(
+            "text",
+            "tessera.data.text:TextDecoder",
+            {
+                "open_clip_text": "tessera.models.open_clip_text:OpenClipTextEncoder",
+                "hf_text": "tessera.models.hf_text:HFTextEncoder",
+            },
+            language=True,
+        ),
+        Modality(
+            "audio",
+            "tessera.data.audio:AudioDecoder",
+            {"ast": "tessera.models.audio:ASTEncoder", "hf_audio": "tessera.models.audio:HFAudioEncoder"},
+            template="the sound of a {}.",
+        ),
+        Modality("graph", "tessera.data.graph:GraphDecoder", {"gnn": "tessera.models.graph:GraphEncoder"}),
+        # `cls` members: integer class ids, the targets of label positives and classification; never a tower
+        Modality("label", "tessera.data.label:LabelDecoder"),
+    )
+}
 
 _resolved: dict[str, Any] = {}
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from tessera.config import from_dict
+from tessera.data.demo import COLORS, COMBOS, _encode, build, caption, render
+from tessera.data.make_shards import write_shards
+from tessera.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,35 +24,34 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
     "embed_dim": 32,
     "towers": {
-        "image": {"encoder": "open_clip_image", "model": "ViT-B-32",
-                  "overrides": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32}},
-        "text": {"encoder": "open_clip_text", "model": "ViT-B-32",
-                 "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}},
+        "image": {
+            "encoder": "open_clip_image",
+            "model": "ViT-B-32",
+            "overrides": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+        },
+        "text": {
+            "encoder": "open_clip_text",
+            "model": "ViT-B-32",
+            "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
+        },
     },
 }
 
 
 @pytest.fixture
 def tiny_model_cfg():
-    from tessera.models import ModelConfig
-    from tessera.config import from_dict
-
     return from_dict(ModelConfig, TINY_MODEL, "model")
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """Demo data (with its broken samples): 2 x 240 train samples in shards of 60, and 480 val samples."""
-    from tessera.data.demo import build
-
     out = tmp_path_factory.mktemp("demo")
     build(out, train_per_source=240, samples_per_shard=60, seed=0)
     return out
 
 
 def jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="JPEG")
     return buf.getvalue()
@@ -62,11 +69,13 @@ PY = sys.executable
 @pytest.fixture(scope="session")
 def unlabelled_shard(tmp_path_factory) -> Path:
     """Image-text pairs with no `cls` member: what classification tools must refuse with a clear error."""
-    from tessera.data.make_shards import write_shards
-
     out = tmp_path_factory.mktemp("unlabelled")
-    write_shards([(f"u{i:04d}", {"jpg": jpeg_bytes((30 * i, 60, 90)), "txt": f"picture {i}".encode()})
-                  for i in range(8)], out, "pairs", 8)
+    write_shards(
+        [(f"u{i:04d}", {"jpg": jpeg_bytes((30 * i, 60, 90)), "txt": f"picture {i}".encode()}) for i in range(8)],
+        out,
+        "pairs",
+        8,
+    )
     return out / "pairs-000000.tar"
 
 
@@ -80,3 +89,29 @@ def in_process_training():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def colour_shards(tmp_path_factory):
+    """Demo pictures labelled by colour (8 classes): 400 for training, 240 held out, and their classes.json."""
+    out = tmp_path_factory.mktemp("colours")
+    colours, rng = list(COLORS), random.Random(0)
+
+    def samples(n, prefix):
+        for i in range(n):
+            combo = rng.choice(COMBOS)
+            yield (
+                f"{prefix}{i:05d}",
+                {
+                    "jpg": _encode(render(*combo, rng), "jpg", rng),
+                    "txt": caption(*combo, rng).encode(),
+                    "cls": str(colours.index(combo[1])).encode(),
+                },
+            )
+
+    write_shards(samples(400, "t"), out, "train", 100)
+    write_shards(samples(240, "v"), out, "val", 240)
+    (out / "classes.json").write_text(
+        json.dumps({"classnames": colours, "templates": ["a {} shape", "something {}", "a picture in {}"]})
+    )
+    return out

@@ -8,19 +8,26 @@ import pytest
 import torch
 from torch import nn
 
+from tessera.config import from_dict
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
 from tessera.models.adapters import load_adapter, merge_adapter, parameter_counts, save_adapter
 from tessera.models.lora import LoraConfig, apply_lora, lora_targets
-from tessera.config import from_dict
 
 from .conftest import TINY_MODEL
 from .test_joint import JOINT_MODEL
 
 BATCH = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 400, (3, 16))}
-RESNET_MODEL = {"embed_dim": 32, "towers": {
-    "image": {"encoder": "open_clip_image", "model": "RN50",
-              "overrides": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16}},
-    "text": TINY_MODEL["towers"]["text"]}}
+RESNET_MODEL = {
+    "embed_dim": 32,
+    "towers": {
+        "image": {
+            "encoder": "open_clip_image",
+            "model": "RN50",
+            "overrides": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16},
+        },
+        "text": TINY_MODEL["towers"]["text"],
+    },
+}
 
 
 def _base(cfg=TINY_MODEL, seed=0):
@@ -41,11 +48,13 @@ def _expected_lora_params(model, names, rank):
     total = 0
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, nn.MultiheadAttention):   # in_proj (E -> 3E) and out_proj (E -> E)
+        if isinstance(module, nn.MultiheadAttention):  # in_proj (E -> 3E) and out_proj (E -> E)
             e = module.embed_dim
             total += rank * (e + 3 * e) + rank * (e + e)
-        elif isinstance(module, nn.Conv2d):   # A: in -> r with the conv's kernel; B: 1x1, r -> out
-            total += rank * module.in_channels * module.kernel_size[0] * module.kernel_size[1] + rank * module.out_channels
+        elif isinstance(module, nn.Conv2d):  # A: in -> r with the conv's kernel; B: 1x1, r -> out
+            total += (
+                rank * module.in_channels * module.kernel_size[0] * module.kernel_size[1] + rank * module.out_channels
+            )
         else:
             total += rank * (module.in_features + module.out_features)
     return total
@@ -66,8 +75,10 @@ def test_only_the_adapter_trains_and_its_size_is_exact(towers):
 
 
 def test_heads_and_temperatures_can_train_too():
-    cfg = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"],
-                                    "text": {**TINY_MODEL["towers"]["text"], "head": {"kind": "linear"}}}}
+    cfg = {
+        **TINY_MODEL,
+        "towers": {**TINY_MODEL["towers"], "text": {**TINY_MODEL["towers"]["text"], "head": {"kind": "linear"}}},
+    }
     base = _base(cfg)
     tuned = apply_lora(base, LoraConfig(towers=["text"], rank=2, train_heads=True, train_temperatures=True))
     trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
@@ -89,7 +100,9 @@ def test_base_weights_do_not_change_when_the_adapter_trains():
         loss.backward()
         opt.step()
     merged_state = tuned.get_base_model().state_dict()
-    changed = [k for k in before if "lora_" not in k and k in merged_state and not torch.equal(before[k], merged_state[k])]
+    changed = [
+        k for k in before if "lora_" not in k and k in merged_state and not torch.equal(before[k], merged_state[k])
+    ]
     assert changed == []
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in tuned.named_parameters() if "lora_B" in n)
 
@@ -116,7 +129,7 @@ def test_save_load_round_trip_gives_identical_embeddings_and_merging_needs_no_pe
         plain = merged(BATCH)["features"]
     for m in want:
         assert torch.allclose(plain[m], want[m], atol=1e-5, rtol=0)
-        assert not torch.allclose(plain[m], base_features(tmp_path / "base")[m], atol=1e-3)   # the adapter matters
+        assert not torch.allclose(plain[m], base_features(tmp_path / "base")[m], atol=1e-3)  # the adapter matters
     save_model(merged, tmp_path / "merged")
     from safetensors.torch import load_file
 
@@ -148,15 +161,29 @@ def test_every_kind_of_tower_takes_a_preset():
     names = lora_targets(base, LoraConfig())
     for tower in ("image", "text", "audio", "graph"):
         assert any(n.startswith(f"towers.{tower}.") for n in names), tower
-    hf = _base({"embed_dim": 32, "towers": {
-        "image": TINY_MODEL["towers"]["image"],
-        "text": {"encoder": "hf_text", "max_length": 16, "config": {
-            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 64}}}})
+    hf = _base(
+        {
+            "embed_dim": 32,
+            "towers": {
+                "image": TINY_MODEL["towers"]["image"],
+                "text": {
+                    "encoder": "hf_text",
+                    "max_length": 16,
+                    "config": {
+                        "model_type": "bert",
+                        "hidden_size": 32,
+                        "num_hidden_layers": 1,
+                        "num_attention_heads": 2,
+                        "intermediate_size": 64,
+                    },
+                },
+            },
+        }
+    )
     hf_names = lora_targets(hf, LoraConfig(towers=["text"]))
-    assert hf_names and all(n.rsplit(".", 1)[-1] in ("query", "value") for n in hf_names)   # peft's bert default
+    assert hf_names and all(n.rsplit(".", 1)[-1] in ("query", "value") for n in hf_names)  # peft's bert default
     expected = _expected_lora_params(base, names, 2)
-    tuned = apply_lora(base, LoraConfig(rank=2))   # (peft injects into `base` itself)
+    tuned = apply_lora(base, LoraConfig(rank=2))  # (peft injects into `base` itself)
     assert parameter_counts(tuned)["trainable"] == expected
 
 
@@ -165,7 +192,7 @@ def test_every_module_lora_adapts_takes_part_in_the_forward(cfg):
     """A wrapped module whose weight the tower reads directly (ModifiedResNet's attention pool) would train
     nothing: every adapter weight must get a gradient."""
     base = _base(cfg)
-    with torch.no_grad():   # open_clip starts each bottleneck's last BatchNorm at zero, which stops its gradient
+    with torch.no_grad():  # open_clip starts each bottleneck's last BatchNorm at zero, which stops its gradient
         for name, p in base.named_parameters():
             if name.endswith("bn3.weight"):
                 p.fill_(1.0)
@@ -174,8 +201,9 @@ def test_every_module_lora_adapts_takes_part_in_the_forward(cfg):
     out = tuned(BATCH)["features"]
     (out["image"].sum() + out["text"].sum()).backward()
     lora = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
-    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), \
-        [n for n, p in lora.items() if p.grad is None]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), [
+        n for n, p in lora.items() if p.grad is None
+    ]
     if cfg is RESNET_MODEL:
         assert any(".conv2.lora_A" in n for n in lora) and not any("attnpool" in n for n in lora)
         with pytest.raises(ConfigError, match="'tower.attnpool.q_proj' cannot take LoRA"):
@@ -189,12 +217,28 @@ def test_bad_adapters_and_targets_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="no 'audio' tower"):
         lora_targets(base, LoraConfig(towers=["audio"]))
     save_adapter(apply_lora(_base(), LoraConfig(rank=4)), tmp_path / "a")
-    wider = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "text": {
-        **TINY_MODEL["towers"]["text"], "overrides": {**TINY_MODEL["towers"]["text"]["overrides"], "width": 128}}}}
+    wider = {
+        **TINY_MODEL,
+        "towers": {
+            **TINY_MODEL["towers"],
+            "text": {
+                **TINY_MODEL["towers"]["text"],
+                "overrides": {**TINY_MODEL["towers"]["text"]["overrides"], "width": 128},
+            },
+        },
+    }
     with pytest.raises(ConfigError, match="does not fit this model"):
         load_adapter(_base(wider), tmp_path / "a")
-    deeper = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"], "image": {
-        **TINY_MODEL["towers"]["image"], "overrides": {**TINY_MODEL["towers"]["image"]["overrides"], "layers": 2}}}}
+    deeper = {
+        **TINY_MODEL,
+        "towers": {
+            **TINY_MODEL["towers"],
+            "image": {
+                **TINY_MODEL["towers"]["image"],
+                "overrides": {**TINY_MODEL["towers"]["image"]["overrides"], "layers": 2},
+            },
+        },
+    }
     save_adapter(apply_lora(_base(deeper), LoraConfig(rank=4)), tmp_path / "deep")
     with pytest.raises(ConfigError, match="does not fit this model"):
         load_adapter(_base(), tmp_path / "deep")
@@ -212,8 +256,20 @@ def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
     save_adapter(tuned, tmp_path / "adapter")
     save_model(merge_adapter(tuned), tmp_path / "merged")
     data = ["--data", str(demo_shards / "val-000000.tar"), "--query", "text", "--target", "image"]
-    assert retrieval_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *data,
-                           "--out", str(tmp_path / "a.json")]) == 0
+    assert (
+        retrieval_main(
+            [
+                "--model",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                *data,
+                "--out",
+                str(tmp_path / "a.json"),
+            ]
+        )
+        == 0
+    )
     assert retrieval_main(["--model", str(tmp_path / "merged"), *data, "--out", str(tmp_path / "m.json")]) == 0
     a, m = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "m.json"))
     assert a == pytest.approx(m, abs=1e-6)
@@ -224,11 +280,23 @@ def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
 
 # -- fine-tuning through the training loop ------------------------------------------------------------------------
 
+
 def _finetune_args(base, out, demo_shards, *extra):
-    return [f"base={base}", f"output_dir={out}",
-            f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar", f"data.val={demo_shards}/val-000000.tar",
-            "data.num_workers=1", "train.batch_size=16", "train.lr=0.003", "train.warmup_steps=1",
-            "train.log_every=1", "train.weight_decay=0.0", "eval.batch_size=160", "adapter.lora.rank=4", *extra]
+    return [
+        f"base={base}",
+        f"output_dir={out}",
+        f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar",
+        f"data.val={demo_shards}/val-000000.tar",
+        "data.num_workers=1",
+        "train.batch_size=16",
+        "train.lr=0.003",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.weight_decay=0.0",
+        "eval.batch_size=160",
+        "adapter.lora.rank=4",
+        *extra,
+    ]
 
 
 def test_finetune_config_errors(tmp_path):
@@ -261,9 +329,22 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
     save_model(base, tmp_path / "base")
     before = load_file(str(tmp_path / "base" / "model.safetensors"))
     out = tmp_path / "ft"
-    proc = run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tessera.train.finetune",
-                    *_finetune_args(tmp_path / "base", out, demo_shards, "train.steps=10", "deepspeed.zero_stage=2",
-                                    "train.precision=fp32")], env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tessera.train.finetune",
+            *_finetune_args(
+                tmp_path / "base", out, demo_shards, "train.steps=10", "deepspeed.zero_stage=2", "train.precision=fp32"
+            ),
+        ],
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = parameter_counts(apply_lora(_base(), LoraConfig(rank=4)))
     assert f"{counts['trainable']:,} of {counts['total']:,} parameters trainable" in proc.stderr
@@ -281,7 +362,7 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
         c = load_model(tmp_path / "base").eval()(BATCH)["features"]
     for m in a:
         assert torch.allclose(a[m], b[m], atol=1e-5, rtol=0)
-        assert not torch.allclose(a[m], c[m], atol=1e-4)   # the adapter learned something
+        assert not torch.allclose(a[m], c[m], atol=1e-4)  # the adapter learned something
     merged = load_file(str(out / "model" / "model.safetensors"))
     unadapted = [k for k in before if "conv1" in k or "ln_" in k or "token_embedding" in k]
     assert unadapted and all(torch.equal(before[k], merged[k]) for k in unadapted)
@@ -292,9 +373,23 @@ def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
     from .conftest import PY, run_cli
 
     save_model(_base(), tmp_path / "base")
-    proc = run_cli([PY, "-m", "tessera.train.cli", "finetune", *_finetune_args(
-        tmp_path / "base", tmp_path / "full", demo_shards, "train.steps=3", "adapter.kind=full",
-        "train.precision=fp32", "data.val=[]")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.cli",
+            "finetune",
+            *_finetune_args(
+                tmp_path / "base",
+                tmp_path / "full",
+                demo_shards,
+                "train.steps=3",
+                "adapter.kind=full",
+                "train.precision=fp32",
+                "data.val=[]",
+            ),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "full" / "model" / "model.safetensors").exists() and not (tmp_path / "full" / "adapter").exists()
     assert "fine-tuning" in proc.stderr and "(full)" in proc.stderr
@@ -310,45 +405,28 @@ def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_sh
     common = ["train.steps=6", "train.ckpt_every=3", "train.precision=fp32", "data.val=[]", "data.num_workers=0"]
     assert finetune_main(_finetune_args(tmp_path / "base", tmp_path / "full", demo_shards, *common)) == 0
     ckpt = tmp_path / "full" / "checkpoints" / "step00000003"
-    assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < 0.5 * (
-        tmp_path / "base" / "model.safetensors").stat().st_size   # the adapter and its optimizer state only
+    assert (
+        sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        < 0.5 * (tmp_path / "base" / "model.safetensors").stat().st_size
+    )  # the adapter and its optimizer state only
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step00000003")
     (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step00000003")
-    assert finetune_main(_finetune_args(tmp_path / "base", tmp_path / "resumed", demo_shards, *common,
-                                        "resume=latest")) == 0
+    assert (
+        finetune_main(_finetune_args(tmp_path / "base", tmp_path / "resumed", demo_shards, *common, "resume=latest"))
+        == 0
+    )
 
     def losses(run):
-        return [(x["step"], x["loss"]) for x in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-                if x["kind"] == "train"]
+        return [
+            (x["step"], x["loss"])
+            for x in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if x["kind"] == "train"
+        ]
 
     resumed, full = losses("resumed"), losses("full")[3:]
     assert [s for s, _ in resumed] == [4, 5, 6] == [s for s, _ in full]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in full], abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def colour_shards(tmp_path_factory):
-    """Demo pictures labelled by colour (8 classes): 400 for training, 240 held out, and their classes.json."""
-    import random
-
-    from tessera.data.demo import COLORS, COMBOS, _encode, caption, render
-    from tessera.data.make_shards import write_shards
-
-    out = tmp_path_factory.mktemp("colours")
-    colours, rng = list(COLORS), random.Random(0)
-
-    def samples(n, prefix):
-        for i in range(n):
-            combo = rng.choice(COMBOS)
-            yield f"{prefix}{i:05d}", {"jpg": _encode(render(*combo, rng), "jpg", rng),
-                                       "txt": caption(*combo, rng).encode(), "cls": str(colours.index(combo[1])).encode()}
-
-    write_shards(samples(400, "t"), out, "train", 100)
-    write_shards(samples(240, "v"), out, "val", 240)
-    (out / "classes.json").write_text(json.dumps({"classnames": colours,
-                                                  "templates": ["a {} shape", "something {}", "a picture in {}"]}))
-    return out
 
 
 @pytest.mark.slow
@@ -362,14 +440,32 @@ def test_few_shot_lora_beats_the_zero_shot_classifier_of_its_base(colour_shards,
     val = [SourceConfig(str(colour_shards / "val-000000.tar"))]
     zero_shot = evaluate_zeroshot(load_model(tmp_path / "base"), val, "image", names, templates, 240)["metrics"]["acc1"]
     out = tmp_path / "fewshot"
-    assert finetune_main([
-        f"base={tmp_path / 'base'}", f"output_dir={out}", "task=fewshot", "fewshot.k=8",
-        f"data.train={colour_shards}/train-{{000000..000003}}.tar", f"data.val={colour_shards}/val-000000.tar",
-        f"eval.classes={colour_shards}/classes.json", "data.num_workers=0", "train.steps=80", "train.batch_size=32",
-        "train.lr=0.01", "train.warmup_steps=2", "train.weight_decay=0", "train.precision=fp32", "train.log_every=10",
-        "adapter.lora.rank=16", "eval.batch_size=240"]) == 0
+    assert (
+        finetune_main(
+            [
+                f"base={tmp_path / 'base'}",
+                f"output_dir={out}",
+                "task=fewshot",
+                "fewshot.k=8",
+                f"data.train={colour_shards}/train-{{000000..000003}}.tar",
+                f"data.val={colour_shards}/val-000000.tar",
+                f"eval.classes={colour_shards}/classes.json",
+                "data.num_workers=0",
+                "train.steps=80",
+                "train.batch_size=32",
+                "train.lr=0.01",
+                "train.warmup_steps=2",
+                "train.weight_decay=0",
+                "train.precision=fp32",
+                "train.log_every=10",
+                "adapter.lora.rank=16",
+                "eval.batch_size=240",
+            ]
+        )
+        == 0
+    )
     shots = load_file_keys(out / "fewshot" / "shots-000000.tar")
-    assert len(shots) == 8 * 8   # k per class, every class has them
+    assert len(shots) == 8 * 8  # k per class, every class has them
     few_shot = json.loads((out / "eval" / "zeroshot_image.json").read_text())
     assert few_shot["n"] == 240
     # measured: 13.8% zero-shot (chance 12.5%) -> 35.4% after 80 steps on 64 shots

@@ -34,9 +34,9 @@ def test_decode_mixes_down_to_mono_at_the_file_rate(fmt, rate, channels):
     decoded, got_rate = decoder("audio").decode({fmt: _encode(wave, rate, fmt)})
     assert got_rate == rate and decoded.dtype == torch.float32
     assert decoded.shape == (wave.shape[0],) or (fmt == "mp3" and abs(decoded.shape[0] - wave.shape[0]) < 2 * 1152)
-    if fmt in ("wav", "flac"):   # lossless
+    if fmt in ("wav", "flac"):  # lossless
         assert torch.allclose(decoded, torch.from_numpy(wave.mean(1)), atol=1e-3)
-    else:   # lossy codecs: the same tone, near enough (mp3 may also shift it by its encoder delay)
+    else:  # lossy codecs: the same tone, near enough (mp3 may also shift it by its encoder delay)
         assert abs(decoded.pow(2).mean().sqrt() - float(np.sqrt((wave.mean(1) ** 2).mean()))) < 0.05
 
 
@@ -49,11 +49,11 @@ def test_transform_resamples_crops_and_makes_log_mel(rate):
     assert train.shape == (32, cfg.frames) and evaluation.shape == (3, 32, cfg.frames)
     assert torch.isfinite(train).all() and torch.isfinite(evaluation).all()
     # a 440 Hz tone at any input rate: the loudest mel bin is the one centred near 440 Hz
-    fb = AudioTransform(cfg, False).mel.mel_scale.fb            # (n_fft // 2 + 1, n_mels)
+    fb = AudioTransform(cfg, False).mel.mel_scale.fb  # (n_fft // 2 + 1, n_mels)
     centre_hz = fb.argmax(0).float() * (cfg.sample_rate / 2) / (fb.shape[0] - 1)
     energy = evaluation[0].mean(1)
     assert abs(centre_hz[energy.argmax()] - 440) < 80
-    assert energy.max() > energy.median() + 20   # dB
+    assert energy.max() > energy.median() + 20  # dB
 
 
 def test_short_clips_are_repeat_padded_and_eval_is_deterministic():
@@ -71,7 +71,7 @@ def test_presets_fill_in_what_the_config_does_not_set():
     clap = from_dict(AudioConfig, {"preset": "clap"})
     ib = from_dict(AudioConfig, {"preset": "imagebind", "n_mels": 64})
     assert (clap.sample_rate, clap.n_mels, clap.hop_length) == (48000, 64, 480)
-    assert (ib.sample_rate, ib.n_mels, ib.hop_length) == (16000, 64, 160)   # the explicit key wins
+    assert (ib.sample_rate, ib.n_mels, ib.hop_length) == (16000, 64, 160)  # the explicit key wins
     assert from_dict(AudioConfig, to_dict(ib)) == ib
     with pytest.raises(ConfigError, match="not one of"):
         from_dict(AudioConfig, {"preset": "whisper"})

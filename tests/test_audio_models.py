@@ -10,22 +10,41 @@ import pytest
 import soundfile
 import torch
 
-from tessera.modalities import decoder
 from tessera import modalities
+from tessera.config import ConfigError, from_dict, to_dict
+from tessera.modalities import decoder
 from tessera.models import ModelConfig, build_model, load_model, save_model
 from tessera.models.audio import ASTConfig, ASTEncoder, HFAudioConfig
 from tessera.models.audio_features import AudioConfig, AudioTransform
-from tessera.config import ConfigError, from_dict, to_dict
 
-AUDIO = {"preset": "imagebind", "clip_seconds": 1.0, "eval_crops": 2}   # (128 mel bins, 101 frames)
+AUDIO = {"preset": "imagebind", "clip_seconds": 1.0, "eval_crops": 2}  # (128 mel bins, 101 frames)
 AST_TINY = {"encoder": "ast", "audio": AUDIO, "width": 64, "depth": 2, "heads": 2}
-TEXT_TINY = {"encoder": "open_clip_text", "model": "ViT-B-32",
-             "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}}
-HF_AST = {"model_type": "audio-spectrogram-transformer", "hidden_size": 32, "num_hidden_layers": 1,
-          "num_attention_heads": 2, "intermediate_size": 64, "frequency_stride": 16, "time_stride": 16}
-HF_W2V = {"model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "intermediate_size": 64, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2],
-          "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+TEXT_TINY = {
+    "encoder": "open_clip_text",
+    "model": "ViT-B-32",
+    "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
+}
+HF_AST = {
+    "model_type": "audio-spectrogram-transformer",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "frequency_stride": 16,
+    "time_stride": 16,
+}
+HF_W2V = {
+    "model_type": "wav2vec2",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": [16, 16],
+    "conv_kernel": [10, 3],
+    "conv_stride": [5, 2],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
 
 
 def _ast(**fields) -> ASTEncoder:
@@ -67,8 +86,9 @@ def test_ast_shapes_and_eval_crops_average_the_per_crop_features():
         enc(torch.randn(2, 128, 100))
 
 
-@pytest.mark.parametrize("seconds,n_mels,patch,pool", [(0.37, 40, 16, "token"), (1.0, 64, [16, 10], "avg"),
-                                                       (0.05, 21, [8, 4], "avg")])
+@pytest.mark.parametrize(
+    "seconds,n_mels,patch,pool", [(0.37, 40, 16, "token"), (1.0, 64, [16, 10], "avg"), (0.05, 21, [8, 4], "avg")]
+)
 def test_ast_takes_any_clip_length_and_patch(seconds, n_mels, patch, pool):
     audio = {"sample_rate": 16000, "clip_seconds": seconds, "n_mels": n_mels}
     enc = _ast(audio=audio, patch_size=patch, pool=pool, output_dim=24).eval()
@@ -102,7 +122,7 @@ def test_size_presets_and_explicit_sizes():
             enc = ASTEncoder(from_dict(ASTConfig, fields, "ast"), 32)
         return enc.vit.embed_dim, len(enc.vit.blocks), enc.vit.blocks[0].attn.num_heads, enc.output_dim
 
-    assert built() == (768, 12, 12, 768)   # AST-base
+    assert built() == (768, 12, 12, 768)  # AST-base
     assert built(size="tiny") == (192, 12, 3, 192)
     assert built(size="small", depth=2, output_dim=100) == (384, 2, 6, 100)
     assert built(width=64, depth=2, heads=2) == (64, 2, 2, 64)
@@ -119,14 +139,19 @@ def test_clip_norm_ignores_recording_level():
     enc = _ast(norm="clip").eval()
     spec = torch.randn(2, 128, 101) * 20 - 20
     with torch.no_grad():
-        assert torch.allclose(enc(spec), enc(spec - 30.0), atol=1e-4)   # 30 dB quieter: the same features
+        assert torch.allclose(enc(spec), enc(spec - 30.0), atol=1e-4)  # 30 dB quieter: the same features
 
 
 def test_yaml_config_through_the_model_and_the_export_round_trip(tmp_path):
     assert (modalities.encoder_names()["ast"], modalities.encoder_names()["hf_audio"]) == ("audio", "audio")
     model = _model(AST_TINY)
     audio_cfg = model.cfg.towers["audio"].params.audio
-    assert (audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.clip_seconds, audio_cfg.eval_crops) == (16000, 128, 1.0, 2)
+    assert (audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.clip_seconds, audio_cfg.eval_crops) == (
+        16000,
+        128,
+        1.0,
+        2,
+    )
     assert from_dict(ModelConfig, to_dict(model.cfg), "model") == model.cfg
     batch = _audio_batch(model)
     assert batch.shape == (2, 2, 128, 101)
@@ -155,7 +180,7 @@ def test_waveform_transform_gives_the_same_crops_as_the_mel_transform():
 def test_hf_audio_spectrogram_model_from_in_code_config(tmp_path):
     model = _model({"encoder": "hf_audio", "audio": AUDIO, "config": HF_AST, "pooling": "cls"})
     hf_cfg = model.towers["audio"].model.config
-    assert (hf_cfg.num_mel_bins, hf_cfg.max_length) == (128, 101)   # filled from the audio config
+    assert (hf_cfg.num_mel_bins, hf_cfg.max_length) == (128, 101)  # filled from the audio config
     assert model.towers["audio"].output_dim == 32
     batch = _audio_batch(model)
     with torch.no_grad():
@@ -206,10 +231,13 @@ def test_hf_audio_from_a_local_directory(kind, tmp_path):
     batch = _audio_batch(model)
     with torch.no_grad():
         single = batch[:, 0].transpose(1, 2) if kind == "mel" else batch[:, 0]
-        single = (single + 20) / 20 if kind == "mel" else (single - single.mean(1, keepdim=True)) / (
-            single.std(1, keepdim=True) + 1e-5)
+        single = (
+            (single + 20) / 20
+            if kind == "mel"
+            else (single - single.mean(1, keepdim=True)) / (single.std(1, keepdim=True) + 1e-5)
+        )
         expect = source(input_values=single).last_hidden_state.mean(1)
-        assert torch.allclose(encoder(batch[:, 0]), expect, atol=1e-4)   # the saved weights, loaded
+        assert torch.allclose(encoder(batch[:, 0]), expect, atol=1e-4)  # the saved weights, loaded
         emb = model.encode("audio", batch)
         save_model(model, tmp_path / "export")
         loaded = load_model(tmp_path / "export")
@@ -236,8 +264,11 @@ def test_hf_audio_config_errors(tmp_path):
 
 
 def test_bf16_forward():
-    towers = [AST_TINY, {"encoder": "hf_audio", "audio": AUDIO, "config": HF_AST},
-              {"encoder": "hf_audio", "audio": AUDIO, "inputs": "waveform", "config": HF_W2V}]
+    towers = [
+        AST_TINY,
+        {"encoder": "hf_audio", "audio": AUDIO, "config": HF_AST},
+        {"encoder": "hf_audio", "audio": AUDIO, "inputs": "waveform", "config": HF_W2V},
+    ]
     for tower in towers:
         model = _model(tower)
         batch = _audio_batch(model)

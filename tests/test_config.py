@@ -56,12 +56,20 @@ def test_loss_options_are_checked_against_the_model():
 
 
 def test_required_overrides_from_the_issue_all_work(tmp_path):
-    cfg = load_config(None, [
-        f"output_dir={tmp_path}", "seed=7", "train.steps=12", "train.batch_size=8", "train.lr=0.002",
-        "deepspeed.zero_stage=2", "resume=latest",
-        "data.train=[{shards: 'a-{000..003}.tar', weight: 2}, {shards: b.tar, weight: 1}]",
-        f"model={{embed_dim: 32, towers: {TINY_MODEL['towers']}}}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "seed=7",
+            "train.steps=12",
+            "train.batch_size=8",
+            "train.lr=0.002",
+            "deepspeed.zero_stage=2",
+            "resume=latest",
+            "data.train=[{shards: 'a-{000..003}.tar', weight: 2}, {shards: b.tar, weight: 1}]",
+            f"model={{embed_dim: 32, towers: {TINY_MODEL['towers']}}}",
+        ],
+    )
     assert (cfg.output_dir, cfg.seed, cfg.train.steps, cfg.train.batch_size) == (str(tmp_path), 7, 12, 8)
     assert cfg.train.lr == 0.002 and cfg.deepspeed.zero_stage == 2 and cfg.resume == "latest"
     assert [(s.shards, s.weight) for s in cfg.data.train] == [("a-{000..003}.tar", 2.0), ("b.tar", 1.0)]
@@ -105,8 +113,13 @@ def test_every_recipe_loads_and_round_trips(recipe: Path):
     assert isinstance(cfg, PretrainConfig)
     from tessera.train.recipes import dump_config
 
-    again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                               for k, v in yaml.safe_load(dump_config(cfg)).items()])
+    again = load_config(
+        None,
+        [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+            for k, v in yaml.safe_load(dump_config(cfg)).items()
+        ],
+    )
     assert yaml.safe_load(dump_config(again)) == yaml.safe_load(dump_config(cfg))
 
 
@@ -118,9 +131,24 @@ def test_recipes_exist_with_tiny_variants():
 def test_help_lists_every_documented_key():
     proc = run_cli([PY, "-m", "tessera.train.pretrain", "--help"])
     assert proc.returncode == 0, proc.stderr
-    for key in ("output_dir", "seed", "data.train", "train.steps", "train.batch_size", "train.lr",
-                "deepspeed.zero_stage", "resume", "data.max_bad_fraction", "train.precision", "loss.kind",
-                "loss.tile_size", "loss.impl", "loss.dcl", "loss.label_smoothing", "model.init_logit_bias"):
+    for key in (
+        "output_dir",
+        "seed",
+        "data.train",
+        "train.steps",
+        "train.batch_size",
+        "train.lr",
+        "deepspeed.zero_stage",
+        "resume",
+        "data.max_bad_fraction",
+        "train.precision",
+        "loss.kind",
+        "loss.tile_size",
+        "loss.impl",
+        "loss.dcl",
+        "loss.label_smoothing",
+        "model.init_logit_bias",
+    ):
         assert f"  {key} = " in proc.stdout, key
 
 
@@ -130,20 +158,27 @@ def test_cli_reports_config_errors_without_traceback():
     assert "error: unknown key 'train.stepz'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("finetune-")],
-                         ids=[p.name for p in RECIPES if p.name.startswith("finetune-")])
+@pytest.mark.parametrize(
+    "recipe",
+    [p for p in RECIPES if p.name.startswith("finetune-")],
+    ids=[p.name for p in RECIPES if p.name.startswith("finetune-")],
+)
 def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cfg, tmp_path):
     from tessera.models import build_model, load_model, save_model
     from tessera.train.config import FinetuneConfig
     from tessera.train.tasks import make_task
 
     save_model(build_model(tiny_model_cfg), tmp_path / "base")
-    classes = tmp_path / "classes.json"   # stands in for the demo's
+    classes = tmp_path / "classes.json"  # stands in for the demo's
     classes.write_text('{"classnames": ["circle", "square", "star"], "templates": ["a {}"]}')
-    cfg = load_config(recipe, [f"base={tmp_path / 'base'}", f"eval.classes={classes}", f"fewshot.classes={classes}"],
-                      FinetuneConfig)
+    cfg = load_config(
+        recipe, [f"base={tmp_path / 'base'}", f"eval.classes={classes}", f"fewshot.classes={classes}"], FinetuneConfig
+    )
     assert cfg.model.embed_dim == tiny_model_cfg.embed_dim and cfg.adapter.kind in ("lora", "prompt", "full")
     # the recipe's adapter fits the base
     model = make_task(cfg).attach(load_model(tmp_path / "base"))
-    assert 0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.2 * sum(
-        p.numel() for p in model.parameters())
+    assert (
+        0
+        < sum(p.numel() for p in model.parameters() if p.requires_grad)
+        < 0.2 * sum(p.numel() for p in model.parameters())
+    )

@@ -45,26 +45,32 @@ def test_decompression_bombs_are_refused(monkeypatch):
     assert exc.value.reason == "image_too_large"
 
 
-@pytest.mark.parametrize("members,expected", [
-    ({"txt": b"  a red circle \n"}, ["a red circle"]),
-    ({"json": json.dumps({"caption": "one"}).encode()}, ["one"]),
-    ({"json": json.dumps({"captions": ["a", " ", "b"]}).encode()}, ["a", "b"]),
-    ({"json": json.dumps({"text": "clap style"}).encode()}, ["clap style"]),
-    ({"json": json.dumps({"text": ["x", "y"], "tags": [1]}).encode()}, ["x", "y"]),
-    ({"txt": b"from txt", "json": json.dumps({"caption": "from json"}).encode()}, ["from txt"]),
-])
+@pytest.mark.parametrize(
+    "members,expected",
+    [
+        ({"txt": b"  a red circle \n"}, ["a red circle"]),
+        ({"json": json.dumps({"caption": "one"}).encode()}, ["one"]),
+        ({"json": json.dumps({"captions": ["a", " ", "b"]}).encode()}, ["a", "b"]),
+        ({"json": json.dumps({"text": "clap style"}).encode()}, ["clap style"]),
+        ({"json": json.dumps({"text": ["x", "y"], "tags": [1]}).encode()}, ["x", "y"]),
+        ({"txt": b"from txt", "json": json.dumps({"caption": "from json"}).encode()}, ["from txt"]),
+    ],
+)
 def test_text_layouts(members, expected):
     assert decoder("text").decode(members) == expected
 
 
-@pytest.mark.parametrize("members,reason", [
-    ({"txt": b"   "}, "empty_text"),
-    ({"json": b"{not json"}, "bad_json"),
-    ({"json": b"[1, 2]"}, "bad_json"),
-    ({"json": json.dumps({"url": "x"}).encode()}, "empty_text"),
-    ({"json": json.dumps({"captions": [1, None]}).encode()}, "empty_text"),
-    ({"txt": b"\xff\xfe\x00bad"}, "bad_text_encoding"),
-])
+@pytest.mark.parametrize(
+    "members,reason",
+    [
+        ({"txt": b"   "}, "empty_text"),
+        ({"json": b"{not json"}, "bad_json"),
+        ({"json": b"[1, 2]"}, "bad_json"),
+        ({"json": json.dumps({"url": "x"}).encode()}, "empty_text"),
+        ({"json": json.dumps({"captions": [1, None]}).encode()}, "empty_text"),
+        ({"txt": b"\xff\xfe\x00bad"}, "bad_text_encoding"),
+    ],
+)
 def test_bad_text_reasons(members, reason):
     with pytest.raises(BadSample) as exc:
         decoder("text").decode(members)

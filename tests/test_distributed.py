@@ -14,8 +14,20 @@ from .test_train import tiny_run_args
 
 
 def torchrun(*args: str):
-    return run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "tessera.train.pretrain", *args], env={"OMP_NUM_THREADS": "1"})
+    return run_cli(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tessera.train.pretrain",
+            *args,
+        ],
+        env={"OMP_NUM_THREADS": "1"},
+    )
 
 
 def _train_losses(out):
@@ -26,8 +38,17 @@ def _train_losses(out):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_rank_zero2_training_and_exact_resume(demo_shards, tmp_path):
-    common = ["deepspeed.zero_stage=2", "train.precision=fp32", "train.steps=12", "train.log_every=1",
-              "train.ckpt_every=6", "train.keep_ckpts=3", "train.lr=0.003", "data.val=[]", "data.num_workers=2"]
+    common = [
+        "deepspeed.zero_stage=2",
+        "train.precision=fp32",
+        "train.steps=12",
+        "train.log_every=1",
+        "train.ckpt_every=6",
+        "train.keep_ckpts=3",
+        "train.lr=0.003",
+        "data.val=[]",
+        "data.num_workers=2",
+    ]
     full = tmp_path / "full"
     proc = torchrun(*tiny_run_args(demo_shards, full, *common))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -59,8 +80,16 @@ def test_two_rank_zero2_training_and_exact_resume(demo_shards, tmp_path):
 def test_tiled_ring_loss_trains_as_the_full_matrix_loss_under_deepspeed(demo_shards, tmp_path):
     """Two ranks, ZeRO-2: the tiled loss (ring, ragged tiles of 5 over 16 local rows) gives the same losses,
     gradient norms and weights as the gathered full-matrix reference."""
-    common = ["deepspeed.zero_stage=2", "train.precision=fp32", "train.steps=2", "train.log_every=1",
-              "train.ckpt_every=-1", "train.grad_clip=1.0", "data.val=[]", "data.num_workers=1"]
+    common = [
+        "deepspeed.zero_stage=2",
+        "train.precision=fp32",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.ckpt_every=-1",
+        "train.grad_clip=1.0",
+        "data.val=[]",
+        "data.num_workers=1",
+    ]
     runs = {}
     for impl, extra in [("full", ["loss.impl=full"]), ("tiled", ["loss.impl=tiled", "loss.tile_size=5"])]:
         out = tmp_path / impl

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from tessera.models import build_model
-from tessera.train.recipes import load_config
 from tessera.train.engine import cosine_schedule, deepspeed_config, param_groups
+from tessera.train.recipes import load_config
 
 
 def test_no_weight_decay_on_norms_biases_and_temperatures(tiny_model_cfg):
@@ -50,9 +50,17 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_deepspeed_config_follows_the_typed_config():
-    cfg = load_config(None, ["train.batch_size=12", "train.grad_accum=3", "train.grad_clip=0.5",
-                             "train.precision=fp32", "deepspeed.zero_stage=3",
-                             "deepspeed.config={zero_optimization: {overlap_comm: true}, flops_profiler: {enabled: false}}"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_size=12",
+            "train.grad_accum=3",
+            "train.grad_clip=0.5",
+            "train.precision=fp32",
+            "deepspeed.zero_stage=3",
+            "deepspeed.config={zero_optimization: {overlap_comm: true}, flops_profiler: {enabled: false}}",
+        ],
+    )
     ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.train.batch_size)
     assert ds["train_micro_batch_size_per_gpu"] == 12 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
@@ -63,7 +71,8 @@ def test_deepspeed_config_follows_the_typed_config():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 works on GPUs")
 @pytest.mark.parametrize("supported", [False, True], ids=["cpu-without-fp16", "cpu-with-fp16"])
 def test_fp16_on_cpu_trains_where_deepspeed_supports_it_and_is_a_clear_error_elsewhere(
-        supported, tiny_model_cfg, monkeypatch, in_process_training):
+    supported, tiny_model_cfg, monkeypatch, in_process_training
+):
     """Whether DeepSpeed's CPU accelerator reports fp16 depends on the CPU (avx512_fp16): both cases hold on any CPU."""
     import torch
     from deepspeed.accelerator import get_accelerator

@@ -14,17 +14,20 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from tessera.modalities import decoder
+from tessera.config import from_dict
 from tessera.data import BadSample, SampleStats, SourceConfig, eval_batches, to_device
 from tessera.data.graph import MAX_GRAPH_ELEMENTS, Graph
 from tessera.data.make_shards import write_shards
+from tessera.modalities import decoder
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
-from tessera.config import from_dict
 from tessera.models.graph import GraphEncoder, GraphEncoderConfig
 
 DECODER = decoder("graph")
-TEXT_TOWER = {"encoder": "open_clip_text", "model": "ViT-B-32",
-              "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}}
+TEXT_TOWER = {
+    "encoder": "open_clip_text",
+    "model": "ViT-B-32",
+    "overrides": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
+}
 
 
 def npz_bytes(**arrays) -> bytes:
@@ -65,8 +68,10 @@ def test_npz_and_json_decode_to_the_same_data():
         assert torch.equal(g.x, torch.tensor(x, dtype=torch.float32))
         assert torch.equal(g.edge_index, torch.tensor(RING))
     # integer (categorical) features stay integer; edge_attr is optional; isolated nodes are fine
-    c = decode("graph.npz", npz_bytes(x=np.array([[1, 2], [3, 4]], dtype=np.uint8),
-                                      edge_index=np.zeros((2, 0), dtype=np.int64)))
+    c = decode(
+        "graph.npz",
+        npz_bytes(x=np.array([[1, 2], [3, 4]], dtype=np.uint8), edge_index=np.zeros((2, 0), dtype=np.int64)),
+    )
     assert c.x.dtype == torch.int64 and c.edge_attr is None and c.num_edges == 0
     d = decode("graph.json", json_bytes(x=[[0.5]], edge_index=[[], []], edge_attr=[]))
     assert d.num_nodes == 1 and d.edge_index.shape == (2, 0) and d.edge_attr is None
@@ -113,32 +118,38 @@ def _npy(a: np.ndarray) -> bytes:
 X3 = np.ones((3, 2), dtype=np.float32)
 
 
-@pytest.mark.parametrize("suffix, raw, expected", [
-    ("graph.npz", npz_bytes(x=X3, edge_index=np.array([[0, 1], [1, 3]])), "invalid_graph"),  # 3 >= N
-    ("graph.npz", npz_bytes(x=X3, edge_index=np.array([[0, -1], [1, 2]])), "invalid_graph"),  # negative
-    ("graph.npz", npz_bytes(x=X3, edge_index=np.zeros((3, 2), dtype=int)), "invalid_graph"),  # 3 rows
-    ("graph.npz", npz_bytes(x=np.ones(3, dtype=np.float32), edge_index=RING), "invalid_graph"),  # x is 1-D
-    ("graph.npz", npz_bytes(x=X3, edge_index=RING, edge_attr=np.ones((5, 2))), "invalid_graph"),  # 5 != E
-    ("graph.npz", npz_bytes(x=np.array([[1.0], [np.nan], [0.0]]), edge_index=RING), "invalid_graph"),
-    ("graph.npz", npz_bytes(x=X3, edge_index=RING, edge_attr=np.full((6, 1), np.inf)), "invalid_graph"),
-    ("graph.npz", npz_bytes(x=np.array([[1e300]]), edge_index=np.zeros((2, 0), dtype=int)), "invalid_graph"),
-    ("graph.npz", npz_bytes(x=np.zeros((0, 4), dtype=np.float32), edge_index=np.zeros((2, 0), dtype=int)),
-     "empty_graph"),
-    ("graph.npz", npz_bytes(edge_index=RING), "undecodable_graph"),  # no x
-    ("graph.npz", npz_bytes(x=X3, edge_index=RING.astype(np.float32)), "undecodable_graph"),  # float indices
-    ("graph.npz", npz_bytes(x=np.array([["a"], ["b"], ["c"]]), edge_index=RING), "undecodable_graph"),
-    ("graph.npz", b"PK\x03\x04 not really a zip", "undecodable_graph"),
-    ("graph.npz", _npy(X3), "undecodable_graph"),  # a bare .npy is not an archive
-    ("graph.npz", _npz_with_header((MAX_GRAPH_ELEMENTS + 1, 1)), "graph_too_large"),
-    ("graph.json", json_bytes(x=[], edge_index=[[], []]), "empty_graph"),
-    ("graph.json", json_bytes(x=[[1.0], [2.0]], edge_index=[[0, 1], [1, 2]]), "invalid_graph"),
-    ("graph.json", json_bytes(x=[[1.0], [2.0, 3.0]], edge_index=[[0], [1]]), "invalid_graph"),  # ragged
-    ("graph.json", json_bytes(x=[[1.0], [None]], edge_index=[[0], [1]]), "undecodable_graph"),
-    ("graph.json", json_bytes(x=[["a"]], edge_index=[[0], [0]]), "undecodable_graph"),
-    ("graph.json", json_bytes(edge_index=[[0], [0]]), "undecodable_graph"),
-    ("graph.json", b"[1, 2]", "undecodable_graph"),
-    ("graph.json", b"{not json", "undecodable_graph"),
-])
+@pytest.mark.parametrize(
+    "suffix, raw, expected",
+    [
+        ("graph.npz", npz_bytes(x=X3, edge_index=np.array([[0, 1], [1, 3]])), "invalid_graph"),  # 3 >= N
+        ("graph.npz", npz_bytes(x=X3, edge_index=np.array([[0, -1], [1, 2]])), "invalid_graph"),  # negative
+        ("graph.npz", npz_bytes(x=X3, edge_index=np.zeros((3, 2), dtype=int)), "invalid_graph"),  # 3 rows
+        ("graph.npz", npz_bytes(x=np.ones(3, dtype=np.float32), edge_index=RING), "invalid_graph"),  # x is 1-D
+        ("graph.npz", npz_bytes(x=X3, edge_index=RING, edge_attr=np.ones((5, 2))), "invalid_graph"),  # 5 != E
+        ("graph.npz", npz_bytes(x=np.array([[1.0], [np.nan], [0.0]]), edge_index=RING), "invalid_graph"),
+        ("graph.npz", npz_bytes(x=X3, edge_index=RING, edge_attr=np.full((6, 1), np.inf)), "invalid_graph"),
+        ("graph.npz", npz_bytes(x=np.array([[1e300]]), edge_index=np.zeros((2, 0), dtype=int)), "invalid_graph"),
+        (
+            "graph.npz",
+            npz_bytes(x=np.zeros((0, 4), dtype=np.float32), edge_index=np.zeros((2, 0), dtype=int)),
+            "empty_graph",
+        ),
+        ("graph.npz", npz_bytes(edge_index=RING), "undecodable_graph"),  # no x
+        ("graph.npz", npz_bytes(x=X3, edge_index=RING.astype(np.float32)), "undecodable_graph"),  # float indices
+        ("graph.npz", npz_bytes(x=np.array([["a"], ["b"], ["c"]]), edge_index=RING), "undecodable_graph"),
+        ("graph.npz", b"PK\x03\x04 not really a zip", "undecodable_graph"),
+        ("graph.npz", _npy(X3), "undecodable_graph"),  # a bare .npy is not an archive
+        ("graph.npz", _npz_with_header((MAX_GRAPH_ELEMENTS + 1, 1)), "graph_too_large"),
+        ("graph.json", json_bytes(x=[], edge_index=[[], []]), "empty_graph"),
+        ("graph.json", json_bytes(x=[[1.0], [2.0]], edge_index=[[0, 1], [1, 2]]), "invalid_graph"),
+        ("graph.json", json_bytes(x=[[1.0], [2.0, 3.0]], edge_index=[[0], [1]]), "invalid_graph"),  # ragged
+        ("graph.json", json_bytes(x=[[1.0], [None]], edge_index=[[0], [1]]), "undecodable_graph"),
+        ("graph.json", json_bytes(x=[["a"]], edge_index=[[0], [0]]), "undecodable_graph"),
+        ("graph.json", json_bytes(edge_index=[[0], [0]]), "undecodable_graph"),
+        ("graph.json", b"[1, 2]", "undecodable_graph"),
+        ("graph.json", b"{not json", "undecodable_graph"),
+    ],
+)
 def test_bad_graphs_are_counted_by_reason(suffix, raw, expected):
     assert reason(suffix, raw) == expected
 
@@ -177,13 +188,24 @@ def test_graphs_come_through_tar_shards(tmp_path):
         "e": {"graph.npz": npz_bytes(x=x[:1], edge_index=np.zeros((2, 0), dtype=int))},
     }
     write_shards(((k, {**v, "txt": f"graph {k}".encode()}) for k, v in good.items()), tmp_path, "g", 3)
-    model = build_model(from_dict(ModelConfig, {"embed_dim": 16, "towers": {
-        "graph": {"encoder": "gnn", "arch": "gin", "in_dim": 3, "hidden_dim": 16, "layers": 2},
-        "text": TEXT_TOWER}}, "model")).eval()
+    model = build_model(
+        from_dict(
+            ModelConfig,
+            {
+                "embed_dim": 16,
+                "towers": {
+                    "graph": {"encoder": "gnn", "arch": "gin", "in_dim": 3, "hidden_dim": 16, "layers": 2},
+                    "text": TEXT_TOWER,
+                },
+            },
+            "model",
+        )
+    ).eval()
     stats = SampleStats()
     src = [SourceConfig(str(tmp_path / "g-{000000..000001}.tar"))]
-    batches = list(eval_batches(src, model.transforms(False), model.collators(), model.modalities, 2,
-                                num_workers=1, stats=stats))
+    batches = list(
+        eval_batches(src, model.transforms(False), model.collators(), model.modalities, 2, num_workers=1, stats=stats)
+    )
     assert [b["__key__"] for b in batches] == [["a", "b"], ["e"]]
     assert dict(stats.skipped) == {"invalid_graph": 1, "undecodable_graph": 1}
     graphs = batches[0]["graph"]
@@ -198,8 +220,11 @@ def test_graphs_come_through_tar_shards(tmp_path):
 
 def random_graph(n: int, gen: torch.Generator, f: int = 5, fe: int = 3) -> Data:
     edge_index = torch.randint(0, n, (2, 2 * n), generator=gen)
-    return Data(x=torch.randn(n, f, generator=gen), edge_index=edge_index,
-                edge_attr=torch.randn(edge_index.shape[1], fe, generator=gen))
+    return Data(
+        x=torch.randn(n, f, generator=gen),
+        edge_index=edge_index,
+        edge_attr=torch.randn(edge_index.shape[1], fe, generator=gen),
+    )
 
 
 def float_encoder(**kw) -> GraphEncoder:
@@ -218,7 +243,9 @@ def test_collate_offsets_edge_indices():
     assert torch.equal(batch.edge_index[:, 4:10], graphs[1].edge_index + 2)
 
 
-@pytest.mark.parametrize("arch, pooling", itertools.product(["gin", "gine", "gat", "gps"], ["mean", "sum", "attention"]))
+@pytest.mark.parametrize(
+    "arch, pooling", itertools.product(["gin", "gine", "gat", "gps"], ["mean", "sum", "attention"])
+)
 def test_every_arch_and_pooling_trains(arch, pooling):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -275,6 +302,8 @@ def test_bf16_forward_and_to_device_keeps_indices_integer():
     out = enc.to(torch.bfloat16)(moved)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 16) and torch.isfinite(out.float()).all()
     out.float().sum().backward()
+    grad = enc.node_encoder.weight.grad  # gradients flow back through every layer in bf16
+    assert grad is not None and grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all() and grad.any()
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -299,8 +328,11 @@ def test_config_and_transform_errors_name_the_key_to_fix():
     with pytest.raises(ConfigError, match="heads .3. must divide hidden_dim .16."):
         GraphEncoderConfig(arch="gat", in_dim=4, hidden_dim=16, heads=3)
     with pytest.raises(ConfigError, match="graph: .*remove in_dim"):
-        from_dict(ModelConfig, {"towers": {"graph": {"encoder": "gnn", "node_features": "ogb", "in_dim": 9},
-                                           "text": TEXT_TOWER}}, "model")
+        from_dict(
+            ModelConfig,
+            {"towers": {"graph": {"encoder": "gnn", "node_features": "ogb", "in_dim": 9}, "text": TEXT_TOWER}},
+            "model",
+        )
     mol = decode("smi", b"CCO")
     with pytest.raises(ValueError, match="graph x has 9 integer columns: set node_features: ogb"):
         float_encoder().transform(False)(mol)
@@ -317,10 +349,27 @@ def test_config_and_transform_errors_name_the_key_to_fix():
 
 def test_model_with_a_graph_tower_exports_and_reloads(tmp_path):
     torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"embed_dim": 16, "towers": {
-        "graph": {"encoder": "gnn", "arch": "gin", "in_dim": 5, "edge_dim": 3, "hidden_dim": 16, "layers": 2,
-                  "pooling": "attention", "rw_steps": 2, "output_dim": 24},
-        "text": TEXT_TOWER}}, "model")
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 16,
+            "towers": {
+                "graph": {
+                    "encoder": "gnn",
+                    "arch": "gin",
+                    "in_dim": 5,
+                    "edge_dim": 3,
+                    "hidden_dim": 16,
+                    "layers": 2,
+                    "pooling": "attention",
+                    "rw_steps": 2,
+                    "output_dim": 24,
+                },
+                "text": TEXT_TOWER,
+            },
+        },
+        "model",
+    )
     model = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(5)
     transform = model.transforms(False)["graph"]

@@ -13,10 +13,10 @@ import pytest
 import soundfile
 import torch
 
+from tessera.config import ConfigError, from_dict
 from tessera.data import DataConfig, PerSourceLoader, ShardError, TrainLoader, train_loader
 from tessera.data.make_shards import write_shards
 from tessera.models import ModelConfig, pair_key
-from tessera.config import ConfigError, from_dict
 from tessera.train.config import LossConfig
 from tessera.train.losses import contrastive_loss_reference
 from tessera.train.objectives import ContrastiveObjective
@@ -47,7 +47,7 @@ def test_pairing_modes():
 
 
 def test_anchor_and_all_pairs_on_four_modalities():
-    cfg = ModelConfig.__new__(ModelConfig)   # pair_list only reads towers / pairing / anchor / pairs
+    cfg = ModelConfig.__new__(ModelConfig)  # pair_list only reads towers / pairing / anchor / pairs
     cfg.towers, cfg.pairs, cfg.anchor = dict.fromkeys(["image", "text", "audio", "graph"]), None, None
     cfg.pairing = "anchor"
     assert cfg.pair_list() == [("image", "text"), ("text", "audio"), ("text", "graph")]
@@ -67,10 +67,15 @@ class FeatureModel(torch.nn.Module):
 
     def __init__(self, pairs, bias=False):
         super().__init__()
-        self.scales = {pair_key(a, b): torch.tensor(10.0 + 7 * i, dtype=torch.float64, requires_grad=True)
-                       for i, (a, b) in enumerate(pairs)}
-        self.biases = {k: torch.tensor(-3.0 - i, dtype=torch.float64, requires_grad=True)
-                       for i, k in enumerate(self.scales)} if bias else None
+        self.scales = {
+            pair_key(a, b): torch.tensor(10.0 + 7 * i, dtype=torch.float64, requires_grad=True)
+            for i, (a, b) in enumerate(pairs)
+        }
+        self.biases = (
+            {k: torch.tensor(-3.0 - i, dtype=torch.float64, requires_grad=True) for i, k in enumerate(self.scales)}
+            if bias
+            else None
+        )
 
     def forward(self, batch):
         out = {"features": {m: v for m, v in batch.items() if not m.startswith("__")}, "logit_scale": self.scales}
@@ -80,16 +85,18 @@ class FeatureModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
-@pytest.mark.parametrize("present", [("image", "text"), ("audio", "text"), ("image", "text", "audio"),
-                                     ("image", "text", "audio", "graph")])
+@pytest.mark.parametrize(
+    "present", [("image", "text"), ("audio", "text"), ("image", "text", "audio"), ("image", "text", "audio", "graph")]
+)
 @pytest.mark.parametrize("pairing", ["anchor", "all_pairs"])
 def test_loss_is_the_sum_of_the_present_pairs_reference_losses(kind, present, pairing):
     towers = ["image", "text", "audio", "graph"]
     pairs = [p for p in itertools.combinations(towers, 2) if pairing == "all_pairs" or "text" in p]
     model = FeatureModel(pairs, bias=kind == "siglip")
     gen = torch.Generator().manual_seed(len(present))
-    batch = {m: torch.nn.functional.normalize(torch.randn(13, 8, generator=gen, dtype=torch.float64), dim=1)
-             for m in present}
+    batch = {
+        m: torch.nn.functional.normalize(torch.randn(13, 8, generator=gen, dtype=torch.float64), dim=1) for m in present
+    }
     losses, report = ContrastiveObjective(pairs, LossConfig(kind=kind, tile_size=4))(model, batch)
     covered = [(a, b) for a, b in pairs if a in present and b in present]
     expected = {}
@@ -113,13 +120,15 @@ def test_loss_is_the_sum_of_the_present_pairs_reference_losses(kind, present, pa
         else:
             assert g is None
     assert set(report) == {f"temperature/{a}-{b}" for a, b in covered} | (
-        {f"logit_bias/{a}-{b}" for a, b in covered} if kind == "siglip" else set())
+        {f"logit_bias/{a}-{b}" for a, b in covered} if kind == "siglip" else set()
+    )
 
 
 def test_a_batch_with_no_configured_pair_is_an_error():
     with pytest.raises(ValueError, match="covers none of the pairs"):
-        ContrastiveObjective([("image", "text")], LossConfig())(FeatureModel([("image", "text")]),
-                                                           {"audio": torch.randn(4, 8), "graph": torch.randn(4, 8)})
+        ContrastiveObjective([("image", "text")], LossConfig())(
+            FeatureModel([("image", "text")]), {"audio": torch.randn(4, 8), "graph": torch.randn(4, 8)}
+        )
 
 
 # -- per-source batches -----------------------------------------------------------------------------------------
@@ -136,12 +145,15 @@ def _wav(freq: float, seconds: float = 0.25, rate: int = 8000) -> bytes:
 def three_sources(tmp_path_factory):
     """image-text, audio-text and image-text-audio shards (4 shards of 30 each), with a few bad samples."""
     out = tmp_path_factory.mktemp("joint")
-    image_text = [(f"it{i:05d}", {"jpg": jpeg_bytes((i % 256, 9, 9)), "txt": f"picture {i}".encode()})
-                  for i in range(120)]
+    image_text = [
+        (f"it{i:05d}", {"jpg": jpeg_bytes((i % 256, 9, 9)), "txt": f"picture {i}".encode()}) for i in range(120)
+    ]
     audio_text = [(f"at{i:05d}", {"wav": _wav(200 + i), "txt": f"tone {i}".encode()}) for i in range(120)]
     audio_text[7] = ("at00007", {"wav": b"RIFF broken", "txt": b"a broken clip"})
-    triple = [(f"tr{i:05d}", {"jpg": jpeg_bytes((9, i % 256, 9)), "wav": _wav(300 + i), "txt": f"both {i}".encode()})
-              for i in range(120)]
+    triple = [
+        (f"tr{i:05d}", {"jpg": jpeg_bytes((9, i % 256, 9)), "wav": _wav(300 + i), "txt": f"both {i}".encode()})
+        for i in range(120)
+    ]
     write_shards(image_text, out, "it", 30)
     write_shards(audio_text, out, "at", 30)
     write_shards(triple, out, "tr", 30)
@@ -169,14 +181,17 @@ CARRIES = {"it": ["image", "text"], "at": ["audio", "text"], "tr": ["image", "te
 
 
 def _data(root, **extra):
-    train = [{"name": n, "shards": str(root / f"{n}-{{000000..000003}}.tar"), "weight": w, "modalities": CARRIES[n]}
-             for n, w in WEIGHTS.items()]
+    train = [
+        {"name": n, "shards": str(root / f"{n}-{{000000..000003}}.tar"), "weight": w, "modalities": CARRIES[n]}
+        for n, w in WEIGHTS.items()
+    ]
     return from_dict(DataConfig, {"train": train, "num_workers": 0, "shuffle_buffer": 10, **extra}, "data")
 
 
 def _per_source(root, rank=0, world=1, **extra):
-    return train_loader(_data(root, **extra), TRANSFORMS, COLLATORS, ["image", "text", "audio"], 6, seed=3,
-                        rank=rank, world=world)
+    return train_loader(
+        _data(root, **extra), TRANSFORMS, COLLATORS, ["image", "text", "audio"], 6, seed=3, rank=rank, world=world
+    )
 
 
 def test_sources_with_different_modalities_get_whole_batches_from_one_source(three_sources):
@@ -185,11 +200,11 @@ def test_sources_with_different_modalities_get_whole_batches_from_one_source(thr
     batches = list(itertools.islice(loader, 150))
     for batch in batches:
         carried = sorted(m for m in TRANSFORMS if m in batch)
-        assert carried == sorted(CARRIES[batch["__source__"]])   # every modality of the source, and no other
-        assert all(batch[m].shape[0] == 6 for m in carried)      # a full batch for every pair it carries
+        assert carried == sorted(CARRIES[batch["__source__"]])  # every modality of the source, and no other
+        assert all(batch[m].shape[0] == 6 for m in carried)  # a full batch for every pair it carries
         assert all(k.startswith(batch["__source__"]) for k in batch["__key__"])
     counts = Counter(b["__source__"] for b in batches)
-    for name, w in WEIGHTS.items():   # drawn by weight: 75 / 50 / 25 expected of 150
+    for name, w in WEIGHTS.items():  # drawn by weight: 75 / 50 / 25 expected of 150
         assert abs(counts[name] / 150 - w / 6) < 0.1, counts
     # the broken clip is skipped (and counted) once in each of the audio-text source's epochs so far
     assert set(loader.stats.skipped) == {"undecodable_audio"}
@@ -222,11 +237,20 @@ def test_per_source_position_resumes_exactly(three_sources):
 def test_batching_modes(three_sources):
     with pytest.raises(ShardError, match="use data.batching=per_source"):
         _per_source(three_sources, batching="mixed")
-    same = from_dict(DataConfig, {"train": [str(three_sources / "it-{000000..000003}.tar"),
-                                            str(three_sources / "tr-{000000..000003}.tar")], "num_workers": 0}, "data")
+    same = from_dict(
+        DataConfig,
+        {
+            "train": [str(three_sources / "it-{000000..000003}.tar"), str(three_sources / "tr-{000000..000003}.tar")],
+            "num_workers": 0,
+        },
+        "data",
+    )
     assert isinstance(train_loader(same, TRANSFORMS, COLLATORS, ["image", "text"], 6), TrainLoader)
-    forced = from_dict(DataConfig, {"train": [str(three_sources / "it-{000000..000003}.tar")], "num_workers": 0,
-                                    "batching": "per_source"}, "data")
+    forced = from_dict(
+        DataConfig,
+        {"train": [str(three_sources / "it-{000000..000003}.tar")], "num_workers": 0, "batching": "per_source"},
+        "data",
+    )
     assert isinstance(train_loader(forced, TRANSFORMS, COLLATORS, ["image", "text"], 6), PerSourceLoader)
 
 
@@ -238,11 +262,21 @@ JOINT_MODEL = {
     "towers": {
         # a small convolutional image tower (open_clip's ModifiedResNet, one block per stage): it learns from a
         # few hundred pictures in tens of steps, where a ViT of the same cost does not
-        "image": {"encoder": "open_clip_image", "model": "RN50",
-                  "overrides": {"layers": [1, 1, 1, 1], "width": 16, "image_size": 32, "head_width": 32}},
+        "image": {
+            "encoder": "open_clip_image",
+            "model": "RN50",
+            "overrides": {"layers": [1, 1, 1, 1], "width": 16, "image_size": 32, "head_width": 32},
+        },
         "text": TINY_MODEL["towers"]["text"],
-        "audio": {"encoder": "ast", "audio": {"sample_rate": 16000, "clip_seconds": 1.0, "n_mels": 32},
-                  "width": 32, "depth": 1, "heads": 2, "patch_size": 16, "pool": "avg"},
+        "audio": {
+            "encoder": "ast",
+            "audio": {"sample_rate": 16000, "clip_seconds": 1.0, "n_mels": 32},
+            "width": 32,
+            "depth": 1,
+            "heads": 2,
+            "patch_size": 16,
+            "pool": "avg",
+        },
         "graph": {"encoder": "gnn", "arch": "gin", "in_dim": 10, "hidden_dim": 32, "layers": 2, "pooling": "sum"},
     },
 }
@@ -262,23 +296,53 @@ def joint_shards(tmp_path_factory):
 
 def _joint_recipe(shards, out, **over) -> dict:
     return {
-        "output_dir": str(out), "seed": 1, "model": JOINT_MODEL,
-        "data": {"train": [
-            {"name": "pictures", "shards": f"{shards}/train-txt-{{000000..000003}}.tar", "weight": 2,
-             "modalities": ["image", "text"]},
-            {"name": "sounds", "shards": f"{shards}/sounds-{{000000..000003}}.tar", "weight": 2,
-             "modalities": ["audio", "text"]},
-            {"name": "graphs", "shards": f"{shards}/graphs-{{000000..000003}}.tar", "weight": 2,
-             "modalities": ["graph", "text"]},
-            {"name": "both", "shards": f"{shards}/pictures-sounds-{{000000..000001}}.tar", "weight": 1,
-             "modalities": ["image", "audio", "text"]}],
+        "output_dir": str(out),
+        "seed": 1,
+        "model": JOINT_MODEL,
+        "data": {
+            "train": [
+                {
+                    "name": "pictures",
+                    "shards": f"{shards}/train-txt-{{000000..000003}}.tar",
+                    "weight": 2,
+                    "modalities": ["image", "text"],
+                },
+                {
+                    "name": "sounds",
+                    "shards": f"{shards}/sounds-{{000000..000003}}.tar",
+                    "weight": 2,
+                    "modalities": ["audio", "text"],
+                },
+                {
+                    "name": "graphs",
+                    "shards": f"{shards}/graphs-{{000000..000003}}.tar",
+                    "weight": 2,
+                    "modalities": ["graph", "text"],
+                },
+                {
+                    "name": "both",
+                    "shards": f"{shards}/pictures-sounds-{{000000..000001}}.tar",
+                    "weight": 1,
+                    "modalities": ["image", "audio", "text"],
+                },
+            ],
             "val": [{"shards": f"{shards}/val-joint-000000.tar", "modalities": ["image", "text", "audio", "graph"]}],
-            "num_workers": 1},
-        "train": {"steps": 40, "batch_size": 16, "lr": 0.003, "warmup_steps": 4, "log_every": 1, "ckpt_every": 30,
-                  "precision": "fp32"},
+            "num_workers": 1,
+        },
+        "train": {
+            "steps": 40,
+            "batch_size": 16,
+            "lr": 0.003,
+            "warmup_steps": 4,
+            "log_every": 1,
+            "ckpt_every": 30,
+            "precision": "fp32",
+        },
         "deepspeed": {"zero_stage": 2},
-        "eval": {"batch_size": 96, "pairs": [["image", "text"], ["text", "audio"], ["text", "graph"],
-                                             ["image", "audio"]]},
+        "eval": {
+            "batch_size": 96,
+            "pairs": [["image", "text"], ["text", "audio"], ["text", "graph"], ["image", "audio"]],
+        },
         **over,
     }
 
@@ -295,8 +359,22 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     def torchrun(recipe, *extra):
         path = tmp_path / f"{len(list(tmp_path.glob('*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return run_cli([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                        "tessera.train.pretrain", "--config", str(path), *extra], env={"OMP_NUM_THREADS": "1"})
+        return run_cli(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "tessera.train.pretrain",
+                "--config",
+                str(path),
+                *extra,
+            ],
+            env={"OMP_NUM_THREADS": "1"},
+        )
 
     def lines(out):
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -307,15 +385,24 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     train = [x for x in lines(full) if x["kind"] == "train"]
     assert len(train) == 40
     pairs = ("image-text", "text-audio", "text-graph")
-    for pair in pairs:   # every pair was trained, and its loss fell
+    for pair in pairs:  # every pair was trained, and its loss fell
         seen = [x[f"loss/{pair}"] for x in train if f"loss/{pair}" in x]
-        assert len(seen) >= 10, (pair, len(seen))   # the schedule is fixed by the seed: 14 to 18 each
+        assert len(seen) >= 10, (pair, len(seen))  # the schedule is fixed by the seed: 14 to 18 each
         assert sum(seen[-3:]) / 3 < sum(seen[:3]) / 3 - 0.3, (pair, seen)
-    assert not any("loss/image-audio" in x for x in train)   # anchor pairing: image-audio is never a loss
-    assert any("loss/image-text" in x and "loss/text-audio" in x for x in train)   # the three-modality source
-    bad = train[-1]["data"]["skipped"]   # the demo's broken clips and graphs are counted, on both ranks
-    assert set(bad) <= {"undecodable_image", "empty_text", "missing_image", "duplicate_key", "silent_audio",
-                        "undecodable_audio", "empty_audio", "invalid_graph", "undecodable_graph"}
+    assert not any("loss/image-audio" in x for x in train)  # anchor pairing: image-audio is never a loss
+    assert any("loss/image-text" in x and "loss/text-audio" in x for x in train)  # the three-modality source
+    bad = train[-1]["data"]["skipped"]  # the demo's broken clips and graphs are counted, on both ranks
+    assert set(bad) <= {
+        "undecodable_image",
+        "empty_text",
+        "missing_image",
+        "duplicate_key",
+        "silent_audio",
+        "undecodable_audio",
+        "empty_audio",
+        "invalid_graph",
+        "undecodable_graph",
+    }
     result = json.loads((full / "eval" / "retrieval.json").read_text())
     assert result["n"] == {"image-text": 96, "text-audio": 96, "text-graph": 96, "image-audio": 96}
     assert result["emergent"] == ["image-audio"]
@@ -333,7 +420,8 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     assert [x["step"] for x in after] == list(range(31, 41))
     for a, b in zip(after, train[30:]):
         assert {k: v for k, v in a.items() if k.startswith("loss")} == pytest.approx(
-            {k: v for k, v in b.items() if k.startswith("loss")}, abs=1e-6)
+            {k: v for k, v in b.items() if k.startswith("loss")}, abs=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -358,8 +446,12 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
         assert 0 <= doc["metrics"][f"{query}_to_{target}_R@10"] <= 1
     for modality in ("audio", "graph"):
         out = tmp_path / f"zs-{modality}.json"
-        assert zeroshot_main([*data, "--modality", modality, "--classes", str(joint_shards / "classes.json"),
-                              "--out", str(out)]) == 0
+        assert (
+            zeroshot_main(
+                [*data, "--modality", modality, "--classes", str(joint_shards / "classes.json"), "--out", str(out)]
+            )
+            == 0
+        )
         doc = json.loads(out.read_text())
         assert doc["n"] == 96 and doc["classes"] == 6 and sum(map(sum, doc["confusion"])) == 96
         # the 96 combinations hold each shape 16 times

@@ -48,8 +48,13 @@ print(expand_shards("shards"))
     assert proc.stdout.count("ok tessera.") == 8 and "shard-000000.tar" in proc.stdout, proc.stdout
 
 
-PACKAGES = {"tessera": ROOT / "tessera", "tessera.models": ROOT / "models", "tessera.data": ROOT / "data",
-            "tessera.train": ROOT / "train", "tessera.eval": ROOT / "eval"}
+PACKAGES = {
+    "tessera": ROOT / "tessera",
+    "tessera.models": ROOT / "models",
+    "tessera.data": ROOT / "data",
+    "tessera.train": ROOT / "train",
+    "tessera.eval": ROOT / "eval",
+}
 # function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
 OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
 
@@ -79,7 +84,7 @@ def _imports(name: str, path: Path, nested: bool) -> list[tuple[str, int]]:
                     base = child.module or ""
                     if child.level:
                         parts = package.split(".")
-                        base = ".".join(parts[:len(parts) - child.level + 1] + ([base] if base else []))
+                        base = ".".join(parts[: len(parts) - child.level + 1] + ([base] if base else []))
                     found.extend([(f"{base}.{a.name}", child.lineno) for a in child.names] + [(base, child.lineno)])
             visit(child, inner)
 
@@ -97,14 +102,30 @@ def test_every_modality_is_one_registry_entry_with_self_contained_parts():
             assert issubclass(cls, Encoder) and dataclasses.is_dataclass(cls.config_cls), enc_name
     assert modalities.language() == "text"
     # generic code names no modality and no encoder: they come from the registry
-    generic = ["data/loader.py", "data/pipeline.py", "data/per_source.py", "data/make_shards.py", "data/shards.py",
-               "models/lora.py", "models/prompts.py", "models/adapters.py", "models/multitower.py",
-               "eval/common.py", "eval/retrieval.py", "eval/zeroshot.py", "eval/linear_probe.py", "train/loop.py",
-               "train/tasks.py", "train/objectives.py", "train/engine.py", "train/export.py", "train/evaluate.py"]
+    generic = [
+        "data/loader.py",
+        "data/pipeline.py",
+        "data/per_source.py",
+        "data/make_shards.py",
+        "data/shards.py",
+        "models/lora.py",
+        "models/prompts.py",
+        "models/adapters.py",
+        "models/multitower.py",
+        "eval/common.py",
+        "eval/retrieval.py",
+        "eval/zeroshot.py",
+        "eval/linear_probe.py",
+        "train/loop.py",
+        "train/tasks.py",
+        "train/objectives.py",
+        "train/engine.py",
+        "train/export.py",
+        "train/evaluate.py",
+    ]
     names = [*(m for m, entry in modalities.MODALITIES.items() if entry.encoders), *modalities.encoder_names()]
     for rel in generic:
-        code = "\n".join(line for line in (ROOT / rel).read_text().splitlines()
-                         if not line.lstrip().startswith("#"))
+        code = "\n".join(line for line in (ROOT / rel).read_text().splitlines() if not line.lstrip().startswith("#"))
         for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 raise AssertionError(f"{rel}:{node.lineno} names '{node.value}': ask tessera.modalities instead")
@@ -112,17 +133,21 @@ def test_every_modality_is_one_registry_entry_with_self_contained_parts():
 
 def test_the_import_graph_is_layered_and_acyclic():
     modules = _modules()
-    graph = {name: {m for m, _ in _imports(name, path, nested=False) if m in modules and m != name}
-             for name, path in modules.items()}
-    layers = {"tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
-              "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
-              "tessera.eval": ("tessera.train",)}
+    graph = {
+        name: {m for m, _ in _imports(name, path, nested=False) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    layers = {
+        "tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
+        "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
+        "tessera.eval": ("tessera.train",),
+    }
     for name, deps in graph.items():
         for layer, forbidden in layers.items():
             if name == layer or name.startswith(layer + "."):
                 bad = sorted(d for d in deps if d.startswith(forbidden))
                 assert not bad, f"{name} imports {bad}"
-    if name.startswith("tessera.") and name.count(".") == 1 and name not in PACKAGES:   # the root's own modules
+    if name.startswith("tessera.") and name.count(".") == 1 and name not in PACKAGES:  # the root's own modules
         assert not [d for d in graph[name] if d.startswith(tuple(PACKAGES)[1:])]
     # no cycle: repeatedly remove modules that import nothing left
     left = dict(graph)
@@ -134,9 +159,12 @@ def test_the_import_graph_is_layered_and_acyclic():
 
 
 def test_no_function_local_imports_but_optional_extras():
-    local = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-             for name, path in _modules().items() for module, line in _imports(name, path, nested=True)
-             if not module.startswith(OPTIONAL_EXTRAS)]
+    local = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for name, path in _modules().items()
+        for module, line in _imports(name, path, nested=True)
+        if not module.startswith(OPTIONAL_EXTRAS)
+    ]
     assert not local, "\n".join(local)
 
 
@@ -155,9 +183,10 @@ from PIL import Image
 img = io.BytesIO(); Image.new("RGB", (8, 8), (200, 0, 0)).save(img, format="PNG")
 write_shards([("a", {{"png": img.getvalue(), "txt": b"a red square", "graph.npz": buf.getvalue(), "cls": b"1"}})],
              "{tmp_path}", "s", 1)
+keys = ["image", "text", "graph", "label"]
 keep = lambda v: v
-batch = next(eval_batches([SourceConfig("{tmp_path}/s-000000.tar")], {{m: keep for m in ("image", "text", "graph",
-             "label")}}, {{m: list for m in ("image", "text", "graph", "label")}}, ["image", "text", "graph", "label"], 1))
+batch = next(eval_batches([SourceConfig("{tmp_path}/s-000000.tar")], {{m: keep for m in keys}},
+                          {{m: list for m in keys}}, keys, 1))
 assert batch["graph"][0].num_nodes == 3 and batch["label"] == [1], batch
 heavy = [m for m in ("open_clip", "transformers", "peft", "deepspeed", "torch_geometric", "timm", "tessera.models")
          if m in sys.modules]

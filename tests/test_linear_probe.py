@@ -27,12 +27,12 @@ def test_logistic_regression_reaches_the_optimum():
     b.requires_grad_(True)
     loss = F.cross_entropy(x @ W + b, y) + 0.5 * 1e-2 * W.pow(2).sum()
     loss.backward()
-    assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4   # a stationary point of a convex loss
+    assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4  # a stationary point of a convex loss
 
 
 def test_probe_separates_clusters_and_scores_the_test_split():
     train_x, train_y = _clusters(300, 16, 5, 0.4, 1)
-    test_x, test_y = _clusters(200, 16, 5, 0.4, 2)   # the same classes, other samples
+    test_x, test_y = _clusters(200, 16, 5, 0.4, 2)  # the same classes, other samples
     result = linear_probe(train_x, train_y, test_x, test_y)
     # the Bayes-optimal rule here is the nearest true centre: the probe must come close to it
     centres = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -42,7 +42,7 @@ def test_probe_separates_clusters_and_scores_the_test_split():
     assert result["weight_decay"] in (1e-6, 1e-4, 1e-2) and result["classes"] == 5
     noise_x = F.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
     chance_level = linear_probe(noise_x, train_y, test_x, test_y)["metrics"]["acc1"]
-    assert chance_level < 0.5   # features that carry nothing about the label give nothing
+    assert chance_level < 0.5  # features that carry nothing about the label give nothing
 
 
 @pytest.mark.slow
@@ -53,12 +53,36 @@ def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_pat
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "probe.json"
     val = str(demo_shards / "val-000000.tar")
-    proc = run_cli([PY, "-m", "tessera.eval.linear_probe", "--model", str(tmp_path / "model"), "--train", val, "--test", val,
-                    "--out", str(out)])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.linear_probe",
+            "--model",
+            str(tmp_path / "model"),
+            "--train",
+            val,
+            "--test",
+            val,
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["task"] == "linear_probe" and doc["n"] == {"train": 480, "test": 480} and doc["classes"] == 6
     assert all(0 <= v <= 1 for v in doc["metrics"].values())
-    proc = run_cli([PY, "-m", "tessera.eval.linear_probe", "--model", str(tmp_path / "model"), "--train",
-                    str(unlabelled_shard), "--test", val])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.linear_probe",
+            "--model",
+            str(tmp_path / "model"),
+            "--train",
+            str(unlabelled_shard),
+            "--test",
+            val,
+        ]
+    )
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

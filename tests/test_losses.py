@@ -18,9 +18,16 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from tessera.train.losses import contrastive_loss, contrastive_loss_reference
 
 # (kind, use labels, dcl, label smoothing): every option, alone and combined where the combination is allowed
-OPTIONS = [("infonce", False, False, 0.0), ("infonce", True, False, 0.0), ("infonce", False, True, 0.0),
-           ("infonce", True, True, 0.0), ("infonce", False, False, 0.1), ("infonce", True, False, 0.1),
-           ("siglip", False, False, 0.0), ("siglip", True, False, 0.0)]
+OPTIONS = [
+    ("infonce", False, False, 0.0),
+    ("infonce", True, False, 0.0),
+    ("infonce", False, True, 0.0),
+    ("infonce", True, True, 0.0),
+    ("infonce", False, False, 0.1),
+    ("infonce", True, False, 0.1),
+    ("siglip", False, False, 0.0),
+    ("siglip", True, False, 0.0),
+]
 
 
 def _features(n, d, seed=0, dtype=torch.float64):
@@ -33,7 +40,7 @@ def _features(n, d, seed=0, dtype=torch.float64):
 def _labels(n, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, max(2, n // 3), (n,), generator=g)
-    labels[0] = 10**6   # at least two distinct ids, so DCL always has a negative
+    labels[0] = 10**6  # at least two distinct ids, so DCL always has a negative
     return labels
 
 
@@ -51,9 +58,11 @@ def _loss_and_grads(fn, a, b, scale, bias, **kw):
 
 
 def _assert_close(got, want, rtol, atol):
+    assert len(got) == len(want), f"{len(got)} outputs, expected {len(want)}"
     for i, (x, y) in enumerate(zip(got, want)):
-        assert torch.allclose(x.to(y.dtype), y, rtol=rtol, atol=atol), \
+        assert torch.allclose(x.to(y.dtype), y, rtol=rtol, atol=atol), (
             f"output {i} (loss, d_a, d_b, d_scale, d_bias): max error {(x.to(y.dtype) - y).abs().max():.3g}"
+        )
 
 
 def _case(n, kind, use_labels, dcl, smoothing, d=16, dtype=torch.float64, scale=14.3, seed=0):
@@ -121,8 +130,14 @@ def test_value_without_grad_and_scaled_upstream_gradient(kind):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 80), d=st.integers(1, 24), tile=st.integers(1, 100), option=st.sampled_from(OPTIONS),
-       scale=st.floats(0.5, 100.0), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 80),
+    d=st.integers(1, 24),
+    tile=st.integers(1, 100),
+    option=st.sampled_from(OPTIONS),
+    scale=st.floats(0.5, 100.0),
+    seed=st.integers(0, 2**16),
+)
 def test_property_any_shape_and_tile(n, d, tile, option, scale, seed):
     kind, use_labels, dcl, smoothing = option
     if dcl and n == 1:
@@ -139,11 +154,12 @@ def test_stable_at_logit_scale_100_with_extreme_logits(kind):
     underflow them; per-row/per-column log-sum-exps must not."""
     n = 48
     a, b = _features(n, 16)
-    a[: n // 2] = -b[: n // 2]          # half the positives at cosine -1: logits -100 next to rows at +100
+    a[: n // 2] = -b[: n // 2]  # half the positives at cosine -1: logits -100 next to rows at +100
     args = (a, b) + _params(kind, torch.float64, scale=100.0)
     for dtype, rtol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
-        got = _loss_and_grads(contrastive_loss, *[None if t is None else t.to(dtype) for t in args],
-                              kind=kind, tile_size=16)
+        got = _loss_and_grads(
+            contrastive_loss, *[None if t is None else t.to(dtype) for t in args], kind=kind, tile_size=16
+        )
         want = _loss_and_grads(contrastive_loss_reference, *args, kind=kind)
         for x, y in zip(got, want):
             assert torch.isfinite(x).all()
@@ -177,7 +193,7 @@ def test_memory_saved_for_backward_is_linear_in_the_batch():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         contrastive_loss(a, b, torch.tensor(10.0, requires_grad=True), tile_size=256)
-    assert sum(saved) <= 4 * n * d   # a, b, scaled a, and small vectors; the full matrix would be 128x this
+    assert sum(saved) <= 4 * n * d  # a, b, scaled a, and small vectors; the full matrix would be 128x this
     assert max(saved) <= n * d
 
 
@@ -208,10 +224,12 @@ def test_bad_arguments_say_what_is_wrong():
 # Across ranks: real gloo process groups, one per world size, every case in the same group
 # --------------------------------------------------------------------------------------------------------------
 
-RING_CASES = [(option, sizes, tile, impl)
-              for option in OPTIONS
-              for sizes, tile, impl in [("equal", 2, "tiled"), ("unequal", 1024, "tiled"), ("equal", 3, "full")]
-              if not (impl == "full" and sizes == "unequal")]
+RING_CASES = [
+    (option, sizes, tile, impl)
+    for option in OPTIONS
+    for sizes, tile, impl in [("equal", 2, "tiled"), ("unequal", 1024, "tiled"), ("equal", 3, "full")]
+    if not (impl == "full" and sizes == "unequal")
+]
 
 
 def _local_sizes(world, which):
@@ -232,7 +250,7 @@ def _ring_worker(rank, world, port, queue):
         for (kind, use_labels, dcl, smoothing), sizes, tile, impl in RING_CASES:
             n = _local_sizes(world, sizes)
             (a, b, s, bias), kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=8, seed=3)
-            rows = slice(sum(n[:rank]), sum(n[:rank + 1]))
+            rows = slice(sum(n[:rank]), sum(n[: rank + 1]))
             if kw["labels"] is not None:
                 kw["labels"] = kw["labels"][rows]
             got = _loss_and_grads(contrastive_loss, a[rows], b[rows], s, bias, tile_size=tile, impl=impl, **kw)
@@ -240,7 +258,7 @@ def _ring_worker(rank, world, port, queue):
             for i in range(3, len(got)):
                 dist.all_reduce(got[i])
                 got[i] /= world
-            out.append([t.numpy() for t in got])   # by value: torch's shared-memory tensors die with the process
+            out.append([t.numpy() for t in got])  # by value: torch's shared-memory tensors die with the process
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -266,7 +284,7 @@ def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
         want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
         for rank in range(world):
             got = [torch.from_numpy(x) for x in results[rank][case_index]]
-            rows = slice(sum(n[:rank]), sum(n[:rank + 1]))
+            rows = slice(sum(n[:rank]), sum(n[: rank + 1]))
             # every rank returns the global loss; its feature gradients are W x the global loss's (DDP / W)
             expected = [want[0], want[1][rows] * world, want[2][rows] * world] + want[3:]
             _assert_close(got, expected, rtol=1e-10, atol=1e-13)

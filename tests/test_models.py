@@ -11,13 +11,19 @@ import torch
 from PIL import Image
 
 from tessera import modalities
-from tessera.models import ModelConfig, build_model, load_model, save_model
 from tessera.config import ConfigError, from_dict
+from tessera.models import ModelConfig, build_model, load_model, save_model
 
 from .conftest import TINY_MODEL
 
-HF_TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "intermediate_size": 64, "max_position_embeddings": 32}
+HF_TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
 
 
 def _batch(model, captions=("a red circle", "a blue square")):
@@ -53,9 +59,17 @@ def test_registry_is_explicit_and_checks_modalities():
 @pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "ViT-L-14", "convnext_base"])
 def test_any_open_clip_config_name_builds_open_clips_architecture(name):
     ref_cfg = open_clip.get_model_config(name)
-    cfg = from_dict(ModelConfig, {"embed_dim": ref_cfg["embed_dim"], "towers": {
-        "image": {"encoder": "open_clip_image", "model": name},
-        "text": {"encoder": "open_clip_text", "model": name}}}, "model")
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": ref_cfg["embed_dim"],
+            "towers": {
+                "image": {"encoder": "open_clip_image", "model": name},
+                "text": {"encoder": "open_clip_text", "model": name},
+            },
+        },
+        "model",
+    )
     with torch.device("meta"):
         model = build_model(cfg)
         ref = open_clip.create_model(name, pretrained=None, device="meta")
@@ -67,31 +81,48 @@ def test_any_open_clip_config_name_builds_open_clips_architecture(name):
 
 def test_towers_load_open_clip_checkpoints_and_match_open_clip(tmp_path):
     """A tower initialised from an open_clip checkpoint computes exactly what open_clip computes."""
-    tiny = {"embed_dim": 32, "vision_cfg": TINY_MODEL["towers"]["image"]["overrides"],
-            "text_cfg": TINY_MODEL["towers"]["text"]["overrides"]}
-    open_clip.add_model_config  # noqa: B018 (documented API; we pass the config dict directly instead)
+    tiny = {
+        "embed_dim": 32,
+        "vision_cfg": TINY_MODEL["towers"]["image"]["overrides"],
+        "text_cfg": TINY_MODEL["towers"]["text"]["overrides"],
+    }
     from open_clip.model import CLIP
 
     torch.manual_seed(1)
     ref = CLIP(**tiny).eval()
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "oc.pt")
-    cfg = from_dict(ModelConfig, {"embed_dim": 32, "towers": {
-        t: {**TINY_MODEL["towers"][t], "pretrained": str(tmp_path / "oc.pt")} for t in ("image", "text")}}, "model")
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 32,
+            "towers": {
+                t: {**TINY_MODEL["towers"][t], "pretrained": str(tmp_path / "oc.pt")} for t in ("image", "text")
+            },
+        },
+        "model",
+    )
     model = build_model(cfg).eval()
     batch = _batch(model)
     with torch.no_grad():
-        assert torch.allclose(model.encode("image", batch["image"]), ref.encode_image(batch["image"], normalize=True),
-                              atol=1e-6)
-        assert torch.allclose(model.encode("text", batch["text"]), ref.encode_text(batch["text"], normalize=True),
-                              atol=1e-6)
+        assert torch.allclose(
+            model.encode("image", batch["image"]), ref.encode_image(batch["image"], normalize=True), atol=1e-6
+        )
+        assert torch.allclose(
+            model.encode("text", batch["text"]), ref.encode_text(batch["text"], normalize=True), atol=1e-6
+        )
     # the tokenizer is open_clip's, offline
     assert torch.equal(batch["text"][0], open_clip.tokenizer.SimpleTokenizer(context_length=16)(["a red circle"])[0])
 
 
 def test_pretrained_mismatch_is_a_clear_error(tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, tmp_path / "w.pt")
-    cfg = {**TINY_MODEL, "towers": {**TINY_MODEL["towers"],
-                                    "image": {**TINY_MODEL["towers"]["image"], "pretrained": str(tmp_path / "w.pt")}}}
+    cfg = {
+        **TINY_MODEL,
+        "towers": {
+            **TINY_MODEL["towers"],
+            "image": {**TINY_MODEL["towers"]["image"], "pretrained": str(tmp_path / "w.pt")},
+        },
+    }
     with pytest.raises(ConfigError, match="does not match the tower's architecture"):
         build_model(from_dict(ModelConfig, cfg, "model"))
 
@@ -120,9 +151,17 @@ def test_load_model_errors(tmp_path):
 
 
 def test_hf_text_encoder_from_in_code_config(tmp_path):
-    cfg = from_dict(ModelConfig, {"embed_dim": 16, "towers": {
-        "image": TINY_MODEL["towers"]["image"],
-        "text": {"encoder": "hf_text", "config": HF_TINY, "max_length": 12}}}, "model")
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 16,
+            "towers": {
+                "image": TINY_MODEL["towers"]["image"],
+                "text": {"encoder": "hf_text", "config": HF_TINY, "max_length": 12},
+            },
+        },
+        "model",
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert model.towers["text"].output_dim == 32  # the hidden size; a linear head maps it to 16
@@ -146,11 +185,20 @@ def test_hf_text_encoder_from_a_local_directory_with_its_tokenizer(tmp_path):
     hf_dir = tmp_path / "hf"
     tok.save_pretrained(hf_dir)
     torch.manual_seed(0)
-    BertModel(BertConfig(**{k: v for k, v in HF_TINY.items() if k != "model_type"}, vocab_size=len(words))
-              ).save_pretrained(hf_dir)
-    cfg = from_dict(ModelConfig, {"embed_dim": 16, "towers": {
-        "image": TINY_MODEL["towers"]["image"],
-        "text": {"encoder": "hf_text", "path": str(hf_dir), "pooling": "cls", "max_length": 8}}}, "model")
+    BertModel(
+        BertConfig(**{k: v for k, v in HF_TINY.items() if k != "model_type"}, vocab_size=len(words))
+    ).save_pretrained(hf_dir)
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 16,
+            "towers": {
+                "image": TINY_MODEL["towers"]["image"],
+                "text": {"encoder": "hf_text", "path": str(hf_dir), "pooling": "cls", "max_length": 8},
+            },
+        },
+        "model",
+    )
     model = build_model(cfg).eval()
     item = model.transforms(False)["text"]("a red circle")
     assert item["input_ids"][:5].tolist() == [2, 5, 6, 8, 3]  # [CLS] a red circle [SEP]
@@ -167,16 +215,30 @@ def test_hf_text_never_downloads():
 
 
 def test_heads_and_pairs(tiny_model_cfg):
-    cfg = from_dict(ModelConfig, {**TINY_MODEL, "embed_dim": 24, "towers": {
-        "image": {**TINY_MODEL["towers"]["image"], "output_dim": 48, "head": {"kind": "mlp", "hidden_dim": 20}},
-        "text": TINY_MODEL["towers"]["text"]}}, "model")
+    """An mlp head maps the tower's own width to the shared one; auto is identity when they agree, linear otherwise."""
+    cfg = from_dict(
+        ModelConfig,
+        {
+            **TINY_MODEL,
+            "embed_dim": 24,
+            "towers": {
+                "image": {**TINY_MODEL["towers"]["image"], "output_dim": 48, "head": {"kind": "mlp", "hidden_dim": 20}},
+                "text": TINY_MODEL["towers"]["text"],
+            },
+        },
+        "model",
+    )
     model = build_model(cfg)
-    assert isinstance(model.heads["image"][0], torch.nn.Linear) and model.heads["image"][0].out_features == 20
-    assert model.pairs == [("image", "text")]
+    first, last = model.heads["image"][0], model.heads["image"][-1]
+    assert (first.in_features, first.out_features, last.in_features, last.out_features) == (48, 20, 20, 24)
+    assert model.towers["text"].output_dim == 24 and isinstance(model.heads["text"], torch.nn.Identity)
+    out = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 400, (2, 16))})
+    assert out["features"]["image"].shape == out["features"]["text"].shape == (2, 24)
+    assert model.pairs == [("image", "text")] and json.loads(json.dumps(model.cfg.pair_list())) == [["image", "text"]]
     with pytest.raises(ConfigError, match="no tower"):
         from_dict(ModelConfig, {**TINY_MODEL, "pairs": [["image", "audio"]]}, "model")
     assert math.isclose(cfg.init_logit_scale, math.log(1 / 0.07))
-    json.dumps(model.cfg.pair_list())
+    assert math.isclose(float(out["logit_scale"]["image__text"]), 1 / 0.07, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("is_train", [True, False])
@@ -192,7 +254,9 @@ def test_image_transform_matches_open_clips_own(is_train, mode, size):
     model = build_model(from_dict(ModelConfig, TINY_MODEL, "model"))
     ours = model.towers["image"].transform(is_train)
     assert isinstance(ours.transforms[-1], ToTensorNormalize)
-    theirs = image_transform_v2(PreprocessCfg(size=32), is_train=is_train, aug_cfg=AugmentationCfg() if is_train else None)
+    theirs = image_transform_v2(
+        PreprocessCfg(size=32), is_train=is_train, aug_cfg=AugmentationCfg() if is_train else None
+    )
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)).convert(mode)
     torch.manual_seed(3)

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
+from tessera.config import from_dict
 from tessera.data import DataConfig, DataQualityError, TrainLoader, eval_batches
 from tessera.data.make_shards import write_shards
 from tessera.models import build_model
-from tessera.config import from_dict
 
 from .conftest import jpeg_bytes
 
@@ -28,8 +28,9 @@ def tiny_model():
 
 def _loader(model, train, batch_size=16, workers=0, rank=0, world=1, seed=0, **data):
     cfg = from_dict(DataConfig, {"train": train, "num_workers": workers, **data}, "data")
-    return TrainLoader(cfg, model.transforms(True), model.collators(), model.modalities, batch_size, seed=seed,
-                       rank=rank, world=world)
+    return TrainLoader(
+        cfg, model.transforms(True), model.collators(), model.modalities, batch_size, seed=seed, rank=rank, world=world
+    )
 
 
 def _keys(batches):
@@ -45,8 +46,9 @@ def test_batches_are_dicts_keyed_by_modality(tiny_model, demo_shards):
 
 
 def test_demo_damage_is_counted_by_reason_and_training_continues(tiny_model, demo_shards):
-    loader = _loader(tiny_model, str(demo_shards / "train-txt-{000000..000003}.tar"), shard_shuffle=False,
-                     shuffle_buffer=0)
+    loader = _loader(
+        tiny_model, str(demo_shards / "train-txt-{000000..000003}.tar"), shard_shuffle=False, shuffle_buffer=0
+    )
     batches = list(itertools.islice(loader, 14))  # 224 good samples of 240: one whole epoch
     assert loader.epoch == 0
     stats = loader.stats
@@ -64,6 +66,7 @@ def _bad_shard(path, n_good, n_bad):
             yield f"g{i:05d}", {"jpg": jpeg_bytes(), "txt": b"a red thing"}
         for i in range(n_bad):
             yield f"b{i:05d}", {"jpg": b"garbage", "txt": b"broken"}
+
     write_shards(samples(), path, "bad", 10_000)
     return str(path / "bad-000000.tar")
 
@@ -116,18 +119,30 @@ def test_order_is_seeded_by_seed_and_epoch(tiny_model, demo_shards):
 
 
 def test_sources_mix_by_weight(tiny_model, demo_shards):
-    loader = _loader(tiny_model, [
-        {"shards": str(demo_shards / "train-txt-{000000..000003}.tar"), "weight": 3},
-        {"shards": str(demo_shards / "train-json-{000000..000003}.tar"), "weight": 1},
-    ], batch_size=20, resampled=True, train_num_samples=10_000)
+    loader = _loader(
+        tiny_model,
+        [
+            {"shards": str(demo_shards / "train-txt-{000000..000003}.tar"), "weight": 3},
+            {"shards": str(demo_shards / "train-json-{000000..000003}.tar"), "weight": 1},
+        ],
+        batch_size=20,
+        resampled=True,
+        train_num_samples=10_000,
+    )
     keys = _keys(itertools.islice(loader, 40))
     share = sum(k.startswith("j") for k in keys) / len(keys)
     assert 0.18 < share < 0.32  # expect 0.25
 
 
 def test_resampled_epochs_have_train_num_samples(tiny_model, demo_shards):
-    loader = _loader(tiny_model, str(demo_shards / "train-txt-{000000..000003}.tar"), batch_size=10, workers=2,
-                     resampled=True, train_num_samples=100)
+    loader = _loader(
+        tiny_model,
+        str(demo_shards / "train-txt-{000000..000003}.tar"),
+        batch_size=10,
+        workers=2,
+        resampled=True,
+        train_num_samples=100,
+    )
     batches = []
     while loader.epoch == 0:
         batches.append(next(loader))
@@ -136,8 +151,10 @@ def test_resampled_epochs_have_train_num_samples(tiny_model, demo_shards):
 
 @pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
 def test_resume_from_state_dict_continues_exactly(tiny_model, demo_shards, workers, resampled):
-    spec = [{"shards": str(demo_shards / "train-txt-{000000..000003}.tar"), "weight": 2},
-            {"shards": str(demo_shards / "train-json-{000000..000003}.tar"), "weight": 1}]
+    spec = [
+        {"shards": str(demo_shards / "train-txt-{000000..000003}.tar"), "weight": 2},
+        {"shards": str(demo_shards / "train-json-{000000..000003}.tar"), "weight": 1},
+    ]
     extra = {"resampled": True, "train_num_samples": 200} if resampled else {}
     ref = _loader(tiny_model, spec, workers=workers, seed=3, **extra)
     before = [next(ref) for _ in range(5)]
@@ -175,7 +192,10 @@ def test_eval_batches_read_every_sample_of_every_source(tiny_model, demo_shards)
     from tessera.data import SourceConfig
 
     args = (tiny_model.transforms(False), tiny_model.collators(), tiny_model.modalities, 64)
-    big, small = SourceConfig(str(demo_shards / "val-000000.tar")), SourceConfig(str(demo_shards / "train-txt-000001.tar"))
+    big, small = (
+        SourceConfig(str(demo_shards / "val-000000.tar")),
+        SourceConfig(str(demo_shards / "train-txt-000001.tar")),
+    )
     keys = _keys(eval_batches([small, big], *args))
     assert len(keys) == len(set(keys)) == 60 + 480
     assert keys[:60] == _keys(eval_batches([small], *args))

@@ -52,7 +52,7 @@ def test_positions_and_metrics_match_a_full_sort_with_several_captions(n, chunk)
         got = positive_positions(emb.features[q], emb.owner[q], emb.features[t], emb.owner[t], chunk_elements=chunk)
         want, aps = brute_force(emb.features[q], emb.owner[q].tolist(), emb.features[t], emb.owner[t].tolist())
         for row, pos in zip(got.tolist(), want):
-            assert row[:len(pos)] == pos and all(math.isinf(x) for x in row[len(pos):])
+            assert row[: len(pos)] == pos and all(math.isinf(x) for x in row[len(pos) :])
         m = metrics_from_positions(got, "x", ks=(1, 5, 10))
         best = torch.tensor([p[0] for p in want], dtype=torch.float64)
         for k in (1, 5, 10):
@@ -132,8 +132,21 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     out = tmp_path / "res.json"
     # the json shards carry several captions per picture: every one is a query; by default the model's pairs
     # (here image-text) are scored in both directions
-    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "train-json-000000.tar"), "--out", str(out), "--batch-size", "100"])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.retrieval",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(demo_shards / "train-json-000000.tar"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "100",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["task"] == "zeroshot_retrieval" and {"dataset", "model", "metrics", "chance"} <= set(doc)
@@ -141,21 +154,52 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     assert doc["rows"]["image-text"]["image"] == n < doc["rows"]["image-text"]["text"]
     assert set(doc["metrics"]) == set(doc["chance"])
     for key, value in doc["metrics"].items():
-        assert (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["image-text"]
-                                                                         ["text"]), key
-    assert {"image-text_alignment", "image-text_modality_gap", "image-text_uniformity_image",
-            "image-text_positive_cosine", "image-text_negative_cosine"} <= set(doc["diagnostics"])
+        assert (
+            (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["image-text"]["text"])
+        ), key
+    assert {
+        "image-text_alignment",
+        "image-text_modality_gap",
+        "image-text_uniformity_image",
+        "image-text_positive_cosine",
+        "image-text_negative_cosine",
+    } <= set(doc["diagnostics"])
     assert (tmp_path / "res_recall.png").stat().st_size > 0
     assert "res_recall.png" in (tmp_path / "res.md").read_text() and "text_to_image" in proc.stdout
 
-    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "val-000000.tar"), "--query", "audio", "--target", "image"])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.retrieval",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(demo_shards / "val-000000.tar"),
+            "--query",
+            "audio",
+            "--target",
+            "image",
+        ]
+    )
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
-    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data",
-                    str(demo_shards / "val-000000.tar"), "--query", "text"])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.retrieval",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(demo_shards / "val-000000.tar"),
+            "--query",
+            "text",
+        ]
+    )
     assert proc.returncode == 2 and "give both --query and --target" in proc.stderr
     empty = tmp_path / "empty-000000.tar"
     import tarfile
+
     tarfile.open(empty, "w").close()
     proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
     assert proc.returncode == 2 and "no sample in" in proc.stderr

@@ -35,8 +35,12 @@ def _manifest(tmp_path: Path, n: int = 5) -> Path:
 
 def test_make_shards_round_trip(tmp_path):
     manifest = _manifest(tmp_path, 5)
-    assert make_shards_main(["--manifest", str(manifest), "--out", str(tmp_path / "out"),
-                             "--samples-per-shard", "2", "--verify"]) == 0
+    assert (
+        make_shards_main(
+            ["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--samples-per-shard", "2", "--verify"]
+        )
+        == 0
+    )
     urls = expand_shards(str(tmp_path / "out" / "shard-{000000..000002}.tar"))
     assert sum(shard_sizes(urls).values()) == 5
     sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
@@ -55,21 +59,38 @@ def test_make_shards_round_trip(tmp_path):
 
 def test_make_shards_rejects_bad_manifests_clearly(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "missing.jpg", "text": "x"}) + "\n")
-    proc = run_cli([PY, "-m", "tessera.data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")])
+    proc = run_cli(
+        [PY, "-m", "tessera.data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")]
+    )
     assert proc.returncode == 2 and "m.jsonl:1: cannot read image file 'missing.jpg'" in proc.stderr
     (tmp_path / "img.jpg").write_bytes(jpeg_bytes())
-    (tmp_path / "m.jsonl").write_text("\n".join([
-        json.dumps({"key": "a", "image": "img.jpg", "text": "ok"}),
-        json.dumps({"key": "a", "image": "img.jpg", "text": "dup"}),
-        "{broken",
-        json.dumps({"key": "b.c", "text": "dotted"}),
-        json.dumps({"key": "d", "image": "img.jpg", "text": "  "}),
-        json.dumps({"key": "e", "text": "fine"}),
-    ]) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"key": "a", "image": "img.jpg", "text": "ok"}),
+                json.dumps({"key": "a", "image": "img.jpg", "text": "dup"}),
+                "{broken",
+                json.dumps({"key": "b.c", "text": "dotted"}),
+                json.dumps({"key": "d", "image": "img.jpg", "text": "  "}),
+                json.dumps({"key": "e", "text": "fine"}),
+            ]
+        )
+        + "\n"
+    )
     with pytest.raises(ManifestError, match="m.jsonl:2: duplicate key 'a'"):
         list(write_shards(_read(tmp_path / "m.jsonl", skip_bad=False), tmp_path / "o"))
-    proc = run_cli([PY, "-m", "tessera.data.make_shards", "--manifest", str(tmp_path / "m.jsonl"), "--out",
-                    str(tmp_path / "o2"), "--skip-bad"])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.data.make_shards",
+            "--manifest",
+            str(tmp_path / "m.jsonl"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--skip-bad",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 samples into 1 shard(s); skipped 4" in proc.stdout
 
@@ -102,7 +123,7 @@ def test_split_covers_every_sample_exactly_once(n_shards, world, workers):
         for worker in range(workers):
             split = split_shards(urls, rank, world, worker, workers)
             stream = [(u, j) for u in split.shards for j in range(per_shard)]
-            mine = stream[split.sample_offset::split.sample_stride]
+            mine = stream[split.sample_offset :: split.sample_stride]
             assert mine, "a (rank, worker) slot without data would stall its rank"
             taken.extend(mine)
     assert sorted(taken) == sorted((u, j) for u in urls for j in range(per_shard))
@@ -117,8 +138,17 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def test_pickle_members_are_never_read_and_duplicates_are_marked(tmp_path):
-    _tar(tmp_path / "a.tar", [("k1.jpg", b"x"), ("k1.txt", b"one"), ("k1.pth", b"\x80\x04evil"),
-                              ("k2.txt", b"two"), ("k2.pyd", b"x"), ("k1.txt", b"again")])
+    _tar(
+        tmp_path / "a.tar",
+        [
+            ("k1.jpg", b"x"),
+            ("k1.txt", b"one"),
+            ("k1.pth", b"\x80\x04evil"),
+            ("k2.txt", b"two"),
+            ("k2.pyd", b"x"),
+            ("k1.txt", b"again"),
+        ],
+    )
     stats = SampleStats()
     samples = list(iter_raw_samples([str(tmp_path / "a.tar")], stats))
     assert [s["__key__"] for s in samples] == ["k1", "k2", "k1"]
@@ -175,17 +205,24 @@ def test_make_shards_writes_audio_and_graph_entries(tmp_path):
     ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     assert make_shards_main(["--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out"), "--verify"]) == 0
-    samples = {s["__key__"]: s for s in iter_raw_samples(expand_shards(str(tmp_path / "out" / "shard-000000.tar")),
-                                                         SampleStats())}
+    samples = {
+        s["__key__"]: s
+        for s in iter_raw_samples(expand_shards(str(tmp_path / "out" / "shard-000000.tar")), SampleStats())
+    }
     assert {k: sorted(m for m in s if not m.startswith("__")) for k, s in samples.items()} == {
-        "a": ["flac", "txt"], "b": ["cls", "json", "ogg"], "c": ["graph.npz", "txt"], "d": ["graph.json", "txt"],
-        "e": ["graph.json", "txt"], "f": ["smi", "txt"]}
+        "a": ["flac", "txt"],
+        "b": ["cls", "json", "ogg"],
+        "c": ["graph.npz", "txt"],
+        "d": ["graph.json", "txt"],
+        "e": ["graph.json", "txt"],
+        "f": ["smi", "txt"],
+    }
     wave, rate = decoder("audio").decode(samples["a"])
     assert rate == 8000 and wave.shape == (8000,)
     ring = decoder("graph").decode(samples["c"])
     assert torch.equal(ring.x, torch.eye(3)) and ring.edge_index.tolist() == [[0, 1, 2], [1, 2, 0]]
     assert decoder("graph").decode(samples["e"]).num_nodes == 2
-    assert decoder("graph").decode(samples["f"]).num_nodes == 7   # phenol: 7 heavy atoms
+    assert decoder("graph").decode(samples["f"]).num_nodes == 7  # phenol: 7 heavy atoms
     # a graph file that does not decode is refused with --verify, naming the modality
     (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"graph": "bad.npz", "text": "broken"}))

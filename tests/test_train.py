@@ -18,20 +18,38 @@ from .conftest import PY, TINY_MODEL, run_cli
 
 def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"output_dir={out}", f"model={json.dumps(TINY_MODEL)}",
+        f"output_dir={out}",
+        f"model={json.dumps(TINY_MODEL)}",
         f"data.train=[{{shards: '{shards}/train-txt-{{000000..000003}}.tar', weight: 2}},"
         f" {{shards: '{shards}/train-json-{{000000..000003}}.tar', weight: 1}}]",
-        f"data.val={shards}/val-000000.tar", "data.num_workers=1",
-        "train.batch_size=16", "train.log_every=2", "train.warmup_steps=2", "eval.batch_size=160", *extra,
+        f"data.val={shards}/val-000000.tar",
+        "data.num_workers=1",
+        "train.batch_size=16",
+        "train.log_every=2",
+        "train.warmup_steps=2",
+        "eval.batch_size=160",
+        *extra,
     ]
 
 
 @pytest.mark.slow
 def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=6",
-                                                                "train.ckpt_every=3", "train.precision=bf16",
-                                                                f"eval.classes={demo_shards}/classes.json")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.pretrain",
+            *tiny_run_args(
+                demo_shards,
+                out,
+                "train.steps=6",
+                "train.ckpt_every=3",
+                "train.precision=bf16",
+                f"eval.classes={demo_shards}/classes.json",
+            ),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "zero-shot retrieval on held-out data after 6 steps" in proc.stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -60,7 +78,11 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
     assert zeroshot["n"] == 480 and zeroshot["classes"] == 6 and 0 <= zeroshot["metrics"]["acc1"] <= 1
     assert (out / "eval" / "zeroshot_image_confusion.png").exists() and "zero-shot image classification" in proc.stdout
     report = (out / "eval" / "retrieval.md").read_text()
-    assert "retrieval_recall.png" in report and "zeroshot_image_confusion.png" in report and "zeroshot_image.json" in report
+    assert (
+        "retrieval_recall.png" in report
+        and "zeroshot_image_confusion.png" in report
+        and "zeroshot_image.json" in report
+    )
     evals = [x for x in lines if x["kind"] == "eval"]
     assert evals and "image-text_modality_gap" in evals[-1]["diagnostics"]
     assert result["chance"]["image_to_text_R@1"] == pytest.approx(1 / 480)
@@ -70,8 +92,14 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
 def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
     """The exported model equals the checkpoint's fp32 master weights (bf16 training, ZeRO-1)."""
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, out, "train.steps=3",
-                                                                "deepspeed.zero_stage=1", "data.val=[]")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.pretrain",
+            *tiny_run_args(demo_shards, out, "train.steps=3", "deepspeed.zero_stage=1", "data.val=[]"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -87,10 +115,26 @@ def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
 @pytest.mark.slow
 def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(
-        demo_shards, out, "train.steps=8", "train.log_every=1", "train.lr=0.003", "data.val=[]",
-        "loss.kind=siglip", "loss.tile_size=6", "model.init_logit_bias=-10", "model.init_temperature=0.1",
-        "train.precision=fp32")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.pretrain",
+            *tiny_run_args(
+                demo_shards,
+                out,
+                "train.steps=8",
+                "train.log_every=1",
+                "train.lr=0.003",
+                "data.val=[]",
+                "loss.kind=siglip",
+                "loss.tile_size=6",
+                "model.init_logit_bias=-10",
+                "model.init_temperature=0.1",
+                "train.precision=fp32",
+            ),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert lines[0]["logit_bias/image-text"] == pytest.approx(-10.0, abs=0.05)
@@ -100,41 +144,69 @@ def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path
     assert model.logit_biases["image__text"].item() == pytest.approx(lines[-1]["logit_bias/image-text"], abs=1e-3)
 
 
-@pytest.mark.slow
 def test_label_positives_from_cls_members(tmp_path):
-    """loss.positives=label: samples sharing a `cls` id are positives for each other, through the CLI."""
+    """loss.positives=label: the pretraining task reads every sample's `cls` member into its batches, and samples
+    sharing an id are positives for each other in its loss."""
     import io
 
+    import numpy as np
     from PIL import Image
 
     from tessera.data.make_shards import write_shards
+    from tessera.train.distributed import DistInfo
+    from tessera.train.losses import contrastive_loss_reference
+    from tessera.train.recipes import load_config
+    from tessera.train.tasks import make_task
 
-    colours = ["red", "green", "blue", "yellow"]
+    colours = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+    rng = np.random.default_rng(0)
 
-    def samples():
+    def samples():  # each picture its own: same-class pictures differ, so labels change the loss
         for i in range(96):
             c = i % 4
+            pixels = np.clip(np.array(list(colours.values())[c]) + rng.normal(0, 40, (32, 32, 3)), 0, 255)
             buf = io.BytesIO()
-            Image.new("RGB", (32, 32), colours[c]).save(buf, format="PNG")
-            yield f"{i:05d}", {"png": buf.getvalue(), "txt": f"a {colours[c]} square number {i}".encode(),
-                               "cls": str(c).encode()}
+            Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+            yield (
+                f"{i:05d}",
+                {
+                    "png": buf.getvalue(),
+                    "txt": f"a {list(colours)[c]} square number {i}".encode(),
+                    "cls": str(c).encode(),
+                },
+            )
 
     write_shards(samples(), tmp_path / "shards", samples_per_shard=48)
-    out = tmp_path / "run"
-    args = tiny_run_args(tmp_path, out, "train.steps=4", "train.log_every=1", "data.val=[]",
-                         "loss.positives=label", "loss.tile_size=4")
-    args = [a for a in args if not a.startswith("data.train=")] + [f"data.train={tmp_path}/shards/shard-{{000000..000001}}.tar"]
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
-    assert len(lines) == 4 and all(x["data"]["skipped"] == {} for x in lines)   # every sample's cls decoded
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"model={json.dumps(TINY_MODEL)}",
+            f"data.train={tmp_path}/shards/shard-{{000000..000001}}.tar",
+            "data.num_workers=0",
+            "train.batch_size=16",
+            "loss.positives=label",
+            "loss.tile_size=4",
+        ],
+    )
+    task = make_task(cfg)
+    model = task.build_model()
+    batch = next(task.data(model, DistInfo(0, 1, 0, torch.device("cpu"))).loader)
+    assert batch["label"].tolist() == [int(key) % 4 for key in batch["__key__"]]
+    assert len(set(batch["label"].tolist())) < len(batch["label"])  # shared ids: several positives per row
+    losses, _ = task(model, batch)
+    out = model(batch)
+    args = (out["features"]["image"], out["features"]["text"], out["logit_scale"]["image__text"])
+    with_labels = contrastive_loss_reference(*args, labels=batch["label"])
+    assert losses["loss"].item() == pytest.approx(with_labels.item(), rel=1e-5)
+    assert abs(with_labels.item() - contrastive_loss_reference(*args).item()) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
 def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     """ContrastiveObjective passes scale, bias, labels and options through: its loss is the reference's."""
-    from tessera.models import ModelConfig, build_model
     from tessera.config import from_dict
+    from tessera.models import ModelConfig, build_model
     from tessera.train.config import LossConfig
     from tessera.train.losses import contrastive_loss_reference
     from tessera.train.objectives import ContrastiveObjective
@@ -142,15 +214,24 @@ def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     bias = -10.0 if kind == "siglip" else None
     model = build_model(from_dict(ModelConfig, {**TINY_MODEL, "init_logit_bias": bias}, "model"))
     torch.manual_seed(0)
-    batch = {"image": torch.randn(10, 3, 32, 32), "text": torch.randint(1, 400, (10, 16)),
-             "label": torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0])}
+    batch = {
+        "image": torch.randn(10, 3, 32, 32),
+        "text": torch.randint(1, 400, (10, 16)),
+        "label": torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0]),
+    }
     options = {"dcl": True} if kind == "infonce" else {}
     task = ContrastiveObjective(model.pairs, LossConfig(kind=kind, tile_size=3, positives="label", **options))
     losses, report = task(model, batch)
     out = model(batch)
-    want = contrastive_loss_reference(out["features"]["image"], out["features"]["text"],
-                                      out["logit_scale"]["image__text"], out.get("logit_bias", {}).get("image__text"),
-                                      kind=kind, labels=batch["label"], **options)
+    want = contrastive_loss_reference(
+        out["features"]["image"],
+        out["features"]["text"],
+        out["logit_scale"]["image__text"],
+        out.get("logit_bias", {}).get("image__text"),
+        kind=kind,
+        labels=batch["label"],
+        **options,
+    )
     assert losses["loss/image-text"].item() == pytest.approx(want.item(), rel=1e-5)
     assert losses["loss"].item() == pytest.approx(want.item(), rel=1e-5)
     with pytest.raises(ValueError, match="no `cls` labels"):
@@ -197,8 +278,16 @@ def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
     from tessera.data.make_shards import write_shards
 
     write_shards(((f"k{i}", {"jpg": b"broken", "txt": b"x"}) for i in range(50)), tmp_path / "bad", "bad")
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
-                    f"data.train={tmp_path}/bad/bad-000000.tar", "data.bad_check_after=20"])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.pretrain",
+            *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
+            f"data.train={tmp_path}/bad/bad-000000.tar",
+            "data.bad_check_after=20",
+        ]
+    )
     assert proc.returncode != 0
     assert "max_bad_fraction" in proc.stderr and "undecodable_image=" in proc.stderr
 
@@ -207,13 +296,28 @@ def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
 def test_lit_locking_zero3_accumulation_and_checkpointing(demo_shards, tmp_path):
     """ZeRO-3 + a locked image tower (LiT) + gradient accumulation + gradient checkpointing, exported."""
     out = tmp_path / "run"
-    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(
-        demo_shards, out, "train.steps=3", "deepspeed.zero_stage=3", "train.lock=[image]", "train.grad_accum=2",
-        "train.grad_checkpointing=true", "train.precision=fp32", "seed=5")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.train.pretrain",
+            *tiny_run_args(
+                demo_shards,
+                out,
+                "train.steps=3",
+                "deepspeed.zero_stage=3",
+                "train.lock=[image]",
+                "train.grad_accum=2",
+                "train.grad_checkpointing=true",
+                "train.precision=fp32",
+                "seed=5",
+            ),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "eval" / "retrieval.json").read_text())["n"] == {"image-text": 480}  # eval under ZeRO-3
-    from tessera.models import ModelConfig, build_model
     from tessera.config import from_dict
+    from tessera.models import ModelConfig, build_model
     from tessera.train.loop import _seed
 
     _seed(5)  # the run's initial weights

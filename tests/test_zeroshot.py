@@ -22,10 +22,12 @@ from .conftest import PY, run_cli
 
 def test_classes_json_is_checked(tmp_path):
     path = tmp_path / "c.json"
-    for doc, message in [({"classnames": []}, "non-empty list 'classnames'"),
-                         ({"classnames": ["cat"], "templates": ["a photo of a cat"]}, "must contain '{}'"),
-                         ({"classnames": ["cat"], "templates": ["{} and {}"]}, "exactly once"),
-                         ({"classnames": ["cat", ""]}, "non-empty string")]:
+    for doc, message in [
+        ({"classnames": []}, "non-empty list 'classnames'"),
+        ({"classnames": ["cat"], "templates": ["a photo of a cat"]}, "must contain '{}'"),
+        ({"classnames": ["cat"], "templates": ["{} and {}"]}, "exactly once"),
+        ({"classnames": ["cat", ""]}, "non-empty string"),
+    ]:
         path.write_text(json.dumps(doc))
         with pytest.raises(ClassesError, match=message):
             read_classes(path)
@@ -74,7 +76,15 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     torch.manual_seed(0)
     save_model(build_model(tiny_model_cfg), tmp_path / "model")
     out = tmp_path / "zs.json"
-    base = [PY, "-m", "tessera.eval.zeroshot", "--model", str(tmp_path / "model"), "--data", str(demo_shards / "val-000000.tar")]
+    base = [
+        PY,
+        "-m",
+        "tessera.eval.zeroshot",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(demo_shards / "val-000000.tar"),
+    ]
     proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -92,6 +102,17 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     assert proc.returncode == 2 and "must contain '{}'" in proc.stderr
     proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--modality", "audio"])
     assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
-    proc = run_cli([PY, "-m", "tessera.eval.zeroshot", "--model", str(tmp_path / "model"), "--data",
-                    str(unlabelled_shard), "--classes", str(demo_shards / "classes.json")])
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "tessera.eval.zeroshot",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(unlabelled_shard),
+            "--classes",
+            str(demo_shards / "classes.json"),
+        ]
+    )
     assert proc.returncode == 2 and "`cls` label" in proc.stderr

@@ -73,8 +73,15 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], dist: DistInfo, keep: int,
-         trainable_only: bool = False) -> str:
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    loader_state: dict[str, Any],
+    dist: DistInfo,
+    keep: int,
+    trainable_only: bool = False,
+) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base)."""
     tag = tag_for(step)
@@ -84,10 +91,12 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], dist: 
         if tag_dir.exists():  # left by a crashed save of the same step
             shutil.rmtree(tag_dir)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=trainable_only)
-    atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state},
-                      tag_dir / f"tessera_rank{dist.rank}.pt")
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=trainable_only
+    )
+    atomic_torch_save(
+        {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
+    )
     barrier()
     if dist.is_main:
         (tag_dir / "COMPLETE").write_text(f"{dist.world}\n")
@@ -118,8 +127,9 @@ def resolve(ckpt_dir: Path, which: str) -> Path | None:
     if not tag_dir.is_dir():
         raise ConfigError(f"resume={which}: checkpoint '{tag_dir}' does not exist")
     if not (tag_dir / "COMPLETE").is_file():
-        raise ConfigError(f"resume={which}: checkpoint '{tag_dir}' is incomplete (a save was interrupted); "
-                          "resume from an earlier tag")
+        raise ConfigError(
+            f"resume={which}: checkpoint '{tag_dir}' is incomplete (a save was interrupted); resume from an earlier tag"
+        )
     return tag_dir
 
 
@@ -129,8 +139,13 @@ def load(engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False) ->
     extras_path = tag_dir / f"tessera_rank{dist.rank}.pt"
     if not extras_path.is_file():
         raise ConfigError(f"'{tag_dir}' was saved by {saved_world} rank(s) and has no state for rank {dist.rank}")
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=not trainable_only,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, client = engine.load_checkpoint(
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_module_strict=not trainable_only,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint in '{tag_dir}'")
     extras = torch.load(extras_path, map_location="cpu", weights_only=True)

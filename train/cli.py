@@ -1,12 +1,12 @@
 """`tessera`: one command over the `python -m` entry points.
 
-    tessera pretrain --config configs/demo.yaml train.steps=100
-    tessera finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model
-    tessera make-shards --manifest samples.jsonl --out shards/
-    tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
-    tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
-    tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
-    tessera demo-data --out runs/demo/data
+tessera pretrain --config configs/demo.yaml train.steps=100
+tessera finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model
+tessera make-shards --manifest samples.jsonl --out shards/
+tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
+tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
+tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
+tessera demo-data --out runs/demo/data
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ import sys
 
 # command -> the module whose main(argv) runs it, imported when the command runs: `tessera make-shards` never
 # imports DeepSpeed, and `tessera pretrain` never imports the evaluation tools it does not use
-COMMANDS = {"pretrain": "tessera.train.pretrain", "finetune": "tessera.train.finetune",
-            "make-shards": "tessera.data.make_shards", "demo-data": "tessera.data.demo"}
-EVAL = {"retrieval": "tessera.eval.retrieval", "zeroshot": "tessera.eval.zeroshot",
-        "linear-probe": "tessera.eval.linear_probe"}
+COMMANDS = {
+    "pretrain": "tessera.train.pretrain",
+    "finetune": "tessera.train.finetune",
+    "make-shards": "tessera.data.make_shards",
+    "demo-data": "tessera.data.demo",
+}
+EVAL = {
+    "retrieval": "tessera.eval.retrieval",
+    "zeroshot": "tessera.eval.zeroshot",
+    "linear-probe": "tessera.eval.linear_probe",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,23 +54,41 @@ class TrainConfig:
 @dataclass
 class LossConfig:
     kind: Literal["infonce", "siglip"] = field(
-        default="infonce", metadata={"help": "infonce: CLIP's symmetric softmax loss; siglip: the sigmoid loss "
-                                             "(needs model.init_logit_bias, SigLIP: -10)"})
-    tile_size: int = field(default=1024, metadata={
-        "help": "edge of the logit tiles the loss computes at a time: memory ~ tile^2, never batch^2"})
-    impl: Literal["tiled", "full"] = field(default="tiled", metadata={
-        "help": "tiled: exact, memory linear in the batch, ring across ranks; full: gather and build the whole "
-                "batch x batch matrix (the reference)"})
-    dcl: bool = field(default=False, metadata={"help": "InfoNCE: leave the positive out of the denominator "
-                                                       "(decoupled contrastive learning)"})
+        default="infonce",
+        metadata={
+            "help": "infonce: CLIP's symmetric softmax loss; siglip: the sigmoid loss "
+            "(needs model.init_logit_bias, SigLIP: -10)"
+        },
+    )
+    tile_size: int = field(
+        default=1024,
+        metadata={"help": "edge of the logit tiles the loss computes at a time: memory ~ tile^2, never batch^2"},
+    )
+    impl: Literal["tiled", "full"] = field(
+        default="tiled",
+        metadata={
+            "help": "tiled: exact, memory linear in the batch, ring across ranks; full: gather and build the whole "
+            "batch x batch matrix (the reference)"
+        },
+    )
+    dcl: bool = field(
+        default=False,
+        metadata={"help": "InfoNCE: leave the positive out of the denominator (decoupled contrastive learning)"},
+    )
     label_smoothing: float = field(default=0.0, metadata={"help": "InfoNCE: label smoothing in [0, 1)"})
-    positives: Literal["pair", "label"] = field(default="pair", metadata={
-        "help": "pair: a sample's own partner is its one positive; label: samples whose `cls` ids match are "
-                "positives for each other (SupCon's L_out for InfoNCE, +1 targets for SigLIP)"})
+    positives: Literal["pair", "label"] = field(
+        default="pair",
+        metadata={
+            "help": "pair: a sample's own partner is its one positive; label: samples whose `cls` ids match are "
+            "positives for each other (SupCon's L_out for InfoNCE, +1 targets for SigLIP)"
+        },
+    )
 
     def __post_init__(self):
         require(self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
-        require(0.0 <= self.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(
+            0.0 <= self.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+        )
         if self.kind == "siglip":
             require(not self.dcl and not self.label_smoothing, "loss.dcl and loss.label_smoothing are InfoNCE options")
         require(not (self.dcl and self.label_smoothing), "loss.dcl and loss.label_smoothing: choose one")
@@ -79,21 +97,31 @@ class LossConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = field(default=0, metadata={"help": "ZeRO stage"})
-    config: dict[str, Any] = field(default_factory=dict,
-                                   metadata={"help": "raw DeepSpeed config entries merged over Tessera's"})
+    config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "raw DeepSpeed config entries merged over Tessera's"}
+    )
 
 
 @dataclass
 class EvalConfig:
     every: int = field(default=0, metadata={"help": "steps between evaluations on data.val (0: only at the end)"})
     batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
-    pairs: list[tuple[str, str]] | None = field(default=None,
-                                                metadata={"help": "modality pairs to evaluate; default: the model's"})
-    classes: str | None = field(default=None, metadata={
-        "help": "classes.json ({classnames, templates}): also classify data.val zero-shot by its `cls` labels"})
-    classify: str | list[str] | None = field(default=None, metadata={
-        "help": "the modality (or list of modalities) eval.classes classifies, each from the data.val sources "
-                "that carry it and `cls`; default: every tower but the one that encodes the class prompts"})
+    pairs: list[tuple[str, str]] | None = field(
+        default=None, metadata={"help": "modality pairs to evaluate; default: the model's"}
+    )
+    classes: str | None = field(
+        default=None,
+        metadata={
+            "help": "classes.json ({classnames, templates}): also classify data.val zero-shot by its `cls` labels"
+        },
+    )
+    classify: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "the modality (or list of modalities) eval.classes classifies, each from the data.val sources "
+            "that carry it and `cls`; default: every tower but the one that encodes the class prompts"
+        },
+    )
 
     def __post_init__(self):
         require(self.every >= 0 and self.batch_size > 0, "need eval.every >= 0 and eval.batch_size > 0")
@@ -114,8 +142,9 @@ class PretrainConfig:
 
     output_dir: str = field(default="runs/default", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and augmentation"})
-    resume: str | None = field(default=None,
-                               metadata={"help": "'latest', a checkpoint tag, or a tag directory to resume from"})
+    resume: str | None = field(
+        default=None, metadata={"help": "'latest', a checkpoint tag, or a tag directory to resume from"}
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -131,10 +160,12 @@ class PretrainConfig:
         pairs = self.model.pair_list()
         for src in self.data.train:
             carried = src.modalities or towers
-            require(any(a in carried and b in carried for a, b in pairs),
-                    f"data.train source '{src.name}' carries {'+'.join(carried)}, which covers none of the pairs the "
-                    f"loss aligns ({', '.join(f'{a}-{b}' for a, b in pairs)}): give it a modality of one of them, "
-                    "or change model.pairing / model.pairs")
+            require(
+                any(a in carried and b in carried for a, b in pairs),
+                f"data.train source '{src.name}' carries {'+'.join(carried)}, which covers none of the pairs the "
+                f"loss aligns ({', '.join(f'{a}-{b}' for a, b in pairs)}): give it a modality of one of them, "
+                "or change model.pairing / model.pairs",
+            )
         for a, b in self.eval.pairs or []:
             require(a in towers and b in towers, f"eval.pairs: ({a}, {b}) needs both towers")
         if self.eval.classify is None:
@@ -142,24 +173,34 @@ class PretrainConfig:
         if self.eval.classes is not None:
             language = modalities.language(towers)
             for m in self.eval.classify:
-                require(m in towers and language is not None,
-                        f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})")
+                require(
+                    m in towers and language is not None,
+                    f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
+                )
         has_bias = self.model.init_logit_bias is not None
-        require(has_bias or self.loss.kind != "siglip",
-                "loss.kind=siglip needs a logit bias: set model.init_logit_bias=-10 (and, as SigLIP does, "
-                "model.init_temperature=0.1)")
-        require(not has_bias or self.loss.kind == "siglip",
-                f"model.init_logit_bias is set but loss.kind={self.loss.kind} has no use for a bias: "
-                "it would never train")
+        require(
+            has_bias or self.loss.kind != "siglip",
+            "loss.kind=siglip needs a logit bias: set model.init_logit_bias=-10 (and, as SigLIP does, "
+            "model.init_temperature=0.1)",
+        )
+        require(
+            not has_bias or self.loss.kind == "siglip",
+            f"model.init_logit_bias is set but loss.kind={self.loss.kind} has no use for a bias: it would never train",
+        )
 
 
 @dataclass
 class FewShotConfig:
     k: int = field(default=4, metadata={"help": "labelled samples per class, chosen deterministically by seed"})
-    modality: str | None = field(default=None, metadata={
-        "help": "the modality to classify; default: the base's first tower that does not encode the class prompts"})
-    classes: str | None = field(default=None, metadata={
-        "help": "classes.json ({classnames, templates}) for the prompts; default: eval.classes"})
+    modality: str | None = field(
+        default=None,
+        metadata={
+            "help": "the modality to classify; default: the base's first tower that does not encode the class prompts"
+        },
+    )
+    classes: str | None = field(
+        default=None, metadata={"help": "classes.json ({classnames, templates}) for the prompts; default: eval.classes"}
+    )
     seed: int = field(default=0, metadata={"help": "seeds the choice of shots"})
 
     def __post_init__(self):
@@ -172,17 +213,24 @@ class FinetuneConfig(PretrainConfig):
 
     base: str | None = field(default=None, metadata={"help": "the exported model to fine-tune (RUN_DIR/model)"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    task: Literal["contrastive", "fewshot"] = field(default="contrastive", metadata={
-        "help": "contrastive: the pretraining loss on paired shards; fewshot: classification of fewshot.modality "
-                "from k `cls`-labelled shots per class of data.train, against the text tower's class prompts"})
+    task: Literal["contrastive", "fewshot"] = field(
+        default="contrastive",
+        metadata={
+            "help": "contrastive: the pretraining loss on paired shards; fewshot: classification of fewshot.modality "
+            "from k `cls`-labelled shots per class of data.train, against the text tower's class prompts"
+        },
+    )
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> FinetuneConfig:
         """`model` comes from `base` (its config.yaml); a recipe may not set it."""
         data = dict(data or {})
-        require(data.get("base"), "fine-tuning needs base=RUN_DIR/model (on the command line or in the recipe), "
-                                  "the exported model to start from")
+        require(
+            data.get("base"),
+            "fine-tuning needs base=RUN_DIR/model (on the command line or in the recipe), "
+            "the exported model to start from",
+        )
         require("model" not in data, "fine-tuning takes its model from base=...: remove the 'model' section")
         try:
             data["model"] = read_model_config(data["base"])
@@ -197,17 +245,25 @@ class FinetuneConfig(PretrainConfig):
         if self.task == "fewshot":
             if self.fewshot.modality is None:
                 self.fewshot = dataclasses.replace(self.fewshot, modality=next(iter(classified(self.model)), None))
-            require(self.fewshot.classes is not None or self.eval.classes is not None,
-                    "task=fewshot needs class prompts: set fewshot.classes (or eval.classes) to a classes.json")
-            require(self.fewshot.modality in towers and language is not None,
-                    f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has {towers}")
+            require(
+                self.fewshot.classes is not None or self.eval.classes is not None,
+                "task=fewshot needs class prompts: set fewshot.classes (or eval.classes) to a classes.json",
+            )
+            require(
+                self.fewshot.modality in towers and language is not None,
+                f"task=fewshot classifies '{self.fewshot.modality}' by text prompts; the base has {towers}",
+            )
         if self.adapter.kind == "prompt" and self.adapter.prompt.context and self.task != "fewshot" and language:
-            require(self.model.towers[language].encoder_cls.context_kind != "spliced",
-                    "adapter.prompt.context learns the context of class-name prompts (CoOp), which only task=fewshot "
-                    "trains; for contrastive fine-tuning use prompt.visual_tokens (VPT) or LoRA")
-        require(self.adapter.kind == "full" or self.deepspeed.zero_stage < 3,
-                f"{self.adapter.kind} fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 "
-                "would only partition the frozen base)")
+            require(
+                self.model.towers[language].encoder_cls.context_kind != "spliced",
+                "adapter.prompt.context learns the context of class-name prompts (CoOp), which only task=fewshot "
+                "trains; for contrastive fine-tuning use prompt.visual_tokens (VPT) or LoRA",
+            )
+        require(
+            self.adapter.kind == "full" or self.deepspeed.zero_stage < 3,
+            f"{self.adapter.kind} fine-tuning runs with deepspeed.zero_stage 0-2 (the adapter is small; stage 3 "
+            "would only partition the frozen base)",
+        )
 
     @property
     def classes(self) -> str | None:

@@ -16,8 +16,9 @@ from .config import DeepSpeedConfig, TrainConfig
 from .distributed import init_distributed
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on 0/1-d tensors (norms, biases, temperatures, class tokens). With
     `lr_scales` ({parameter-name substring: factor}), the matching parameters get their own group at lr * factor
     (the schedule scales every group alike)."""
@@ -72,8 +73,13 @@ def deepspeed_config(t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int) 
     return ds
 
 
-def build_engine(model: nn.Module, t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int | None = None,
-                 lr_scales: dict[str, float] | None = None):
+def build_engine(
+    model: nn.Module,
+    t: TrainConfig,
+    ds_cfg: DeepSpeedConfig,
+    micro_batch: int | None = None,
+    lr_scales: dict[str, float] | None = None,
+):
     """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. `micro_batch`
     (default train.batch_size) is what the task feeds per rank and micro-step; `lr_scales` give parameters whose
     names contain a key their own learning rate. Joins (or makes) the process group first: DeepSpeed asserts on a
@@ -87,10 +93,13 @@ def build_engine(model: nn.Module, t: TrainConfig, ds_cfg: DeepSpeedConfig, micr
     groups = param_groups(model, t.weight_decay, t.lr, lr_scales)
     # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size),
+    )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it and copy it back: about 10% of a ViT-B/32 step on CPU.

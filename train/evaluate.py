@@ -30,14 +30,21 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
     result = evaluate_pairs(model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype)
     # pairs evaluated that the loss never aligned: their retrieval is emergent, through the shared space
     result["emergent"] = [f"{a}-{b}" for a, b in pairs if (a, b) not in trained and (b, a) not in trained]
-    record = {"metrics": result["metrics"], "chance": result["chance"], "diagnostics": result["diagnostics"],
-              "n": result["n"]}
+    record = {
+        "metrics": result["metrics"],
+        "chance": result["chance"],
+        "diagnostics": result["diagnostics"],
+        "n": result["n"],
+    }
     if cfg.eval.classes:
         classnames, templates = read_classes(cfg.eval.classes)
         result["zeroshot"] = {
             m: evaluate_zeroshot(model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype)
-            for m in cfg.eval.classify}
-        record["zeroshot"] = {m: {"metrics": z["metrics"], "chance": z["chance"]} for m, z in result["zeroshot"].items()}
+            for m in cfg.eval.classify
+        }
+        record["zeroshot"] = {
+            m: {"metrics": z["metrics"], "chance": z["chance"]} for m, z in result["zeroshot"].items()
+        }
     logger.log(step, record, kind="eval")
     return result
 
@@ -46,30 +53,56 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
     """OUTPUT_DIR/eval: retrieval.json + its R@K plot + retrieval.md, and zeroshot_<modality>.json + its confusion
     matrix (linked from retrieval.md) when eval.classes is set; the tables go to stdout."""
     eval_dir = out_dir / "eval"
-    doc = {"dataset": [s.shards for s in cfg.data.val], "model": str(out_dir / "model"),
-           "task": "zeroshot_retrieval", "step": step, **result}
+    doc = {
+        "dataset": [s.shards for s in cfg.data.val],
+        "model": str(out_dir / "model"),
+        "task": "zeroshot_retrieval",
+        "step": step,
+        **result,
+    }
     zeroshot = doc.pop("zeroshot", None) or {}
     extra = []
     if zeroshot:
         classnames, _ = read_classes(cfg.eval.classes)
         eval_dir.mkdir(parents=True, exist_ok=True)
     for m, z in zeroshot.items():
-        (eval_dir / f"zeroshot_{m}.json").write_text(json.dumps(
-            {"dataset": doc["dataset"], "model": doc["model"], "task": "zeroshot_classification",
-             "modality": m, "step": step, **z}, indent=2))
+        (eval_dir / f"zeroshot_{m}.json").write_text(
+            json.dumps(
+                {
+                    "dataset": doc["dataset"],
+                    "model": doc["model"],
+                    "task": "zeroshot_classification",
+                    "modality": m,
+                    "step": step,
+                    **z,
+                },
+                indent=2,
+            )
+        )
         plot_confusion(z["confusion"], classnames, eval_dir / f"zeroshot_{m}_confusion.png")
         metrics, chance = z["metrics"], z["chance"]
-        extra += [f"## Zero-shot {m} classification ({z['classes']} classes, {z['n']} samples)", "",
-                  "| metric | value | chance |", "|---|---|---|",
-                  *[f"| {k} | {metrics[k]:.1%} | {chance[k]:.1%} |" for k in metrics], "",
-                  f"Confusion matrix: ![confusion](zeroshot_{m}_confusion.png); every number: "
-                  f"[zeroshot_{m}.json](zeroshot_{m}.json)", ""]
+        extra += [
+            f"## Zero-shot {m} classification ({z['classes']} classes, {z['n']} samples)",
+            "",
+            "| metric | value | chance |",
+            "|---|---|---|",
+            *[f"| {k} | {metrics[k]:.1%} | {chance[k]:.1%} |" for k in metrics],
+            "",
+            f"Confusion matrix: ![confusion](zeroshot_{m}_confusion.png); every number: "
+            f"[zeroshot_{m}.json](zeroshot_{m}.json)",
+            "",
+        ]
     write_report(doc, eval_dir / "retrieval.json", extra)
     print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
     if result.get("emergent"):
-        print(f"never paired in training (emergent retrieval through the shared space): "
-              f"{', '.join(result['emergent'])}", flush=True)
+        print(
+            f"never paired in training (emergent retrieval through the shared space): {', '.join(result['emergent'])}",
+            flush=True,
+        )
     for m, z in zeroshot.items():
-        print(f"zero-shot {m} classification ({z['classes']} classes, {z['n']} samples): "
-              f"acc1 {z['metrics']['acc1']:.1%} (chance {z['chance']['acc1']:.1%}), "
-              f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})", flush=True)
+        print(
+            f"zero-shot {m} classification ({z['classes']} classes, {z['n']} samples): "
+            f"acc1 {z['metrics']['acc1']:.1%} (chance {z['chance']['acc1']:.1%}), "
+            f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})",
+            flush=True,
+        )

@@ -49,8 +49,9 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_engine(engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo,
-                  metadata: dict[str, Any] | None = None) -> Path | None:
+def export_engine(
+    engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo, metadata: dict[str, Any] | None = None
+) -> Path | None:
     state = full_fp32_state_dict(engine)
     if dist.is_main:
         save_model(model, out_dir, metadata=metadata, state_dict=state)
@@ -58,9 +59,15 @@ def export_engine(engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo,
     return out_dir if dist.is_main else None
 
 
-
-def export_adapter(engine, base: str, attach: Callable, out_dir: Path, dist: DistInfo, merged: bool,
-                   metadata: dict[str, Any] | None = None) -> dict[str, str]:
+def export_adapter(
+    engine,
+    base: str,
+    attach: Callable,
+    out_dir: Path,
+    dist: DistInfo,
+    merged: bool,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """OUTPUT_DIR/adapter (the trained weights, from DeepSpeed's fp32 masters: LoRA in peft's format, or prompts)
     and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a
     fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never onto the engine's module,
@@ -73,10 +80,11 @@ def export_adapter(engine, base: str, attach: Callable, out_dir: Path, dist: Dis
         fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
         save_adapter(fresh, out_dir / "adapter")
         if carries_prompts(fresh):
-            merged = False   # prompts live in the inputs, not in weights: nothing to merge
+            merged = False  # prompts live in the inputs, not in weights: nothing to merge
         if merged:
-            save_model(merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model",
-                       metadata=metadata)
+            save_model(
+                merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model", metadata=metadata
+            )
             out["model"] = str(out_dir / "model")
     barrier()
     return out

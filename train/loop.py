@@ -34,10 +34,12 @@ def train(task: Pretrain) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     if not cfg.resume and (ckpt_dir / "latest").is_file():
-        raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run: pass resume=latest to continue "
-                          "it, or choose another output_dir")
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints of an earlier run: pass resume=latest to continue "
+            "it, or choose another output_dir"
+        )
     tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume) if cfg.resume else None
-    if cfg.eval.classes:   # a bad classes.json fails now, not after training
+    if cfg.eval.classes:  # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
 
     _seed(cfg.seed)  # identical initial weights on every rank
@@ -58,8 +60,15 @@ def train(task: Pretrain) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("%s: %s trainable parameters; %d rank(s) x batch %d x accum %d; %d loader worker(s)", task.name,
-                 f"{n_train:,}", dist.world, data.batch_size, t.grad_accum, loader.num_workers)
+        log.info(
+            "%s: %s trainable parameters; %d rank(s) x batch %d x accum %d; %d loader worker(s)",
+            task.name,
+            f"{n_train:,}",
+            dist.world,
+            data.batch_size,
+            t.grad_accum,
+            loader.num_workers,
+        )
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
     dtype = DTYPES[t.precision]
@@ -78,12 +87,18 @@ def train(task: Pretrain) -> dict[str, Any]:
 
         if step % t.log_every == 0 or step == t.steps:
             means = all_reduce_mean(window.means(), dist.device)
-            record = {**means, "lr": engine.get_lr()[0], "epoch": loader.epoch, **_grad_norm(engine),
-                      "samples_per_s": window.count * data.batch_size * dist.world / window.seconds(),
-                      "data": data_counts(loader.stats.to_dict())}
+            record = {
+                **means,
+                "lr": engine.get_lr()[0],
+                "epoch": loader.epoch,
+                **_grad_norm(engine),
+                "samples_per_s": window.count * data.batch_size * dist.world / window.seconds(),
+                "data": data_counts(loader.stats.to_dict()),
+            }
             logger.log(step, record)
-            logger.progress(step, loss=means["loss"], sps=record["samples_per_s"],
-                            bad=sum(record["data"]["skipped"].values()))
+            logger.progress(
+                step, loss=means["loss"], sps=record["samples_per_s"], bad=sum(record["data"]["skipped"].values())
+            )
             window.reset()
         if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
             with window.paused():
@@ -107,8 +122,11 @@ def train(task: Pretrain) -> dict[str, Any]:
 
 
 def _setup_logging(dist: DistInfo) -> None:
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("torch.distributed").setLevel(logging.WARNING)
 

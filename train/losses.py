@@ -61,13 +61,15 @@ class LossOptions:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dcl and self.label_smoothing:
-            raise ValueError("dcl removes the positives from the denominator; label smoothing puts them back: "
-                             "choose one")
+            raise ValueError(
+                "dcl removes the positives from the denominator; label smoothing puts them back: choose one"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Plain full-matrix reference (one process, whole batch): for tests, and for small batches.
 # --------------------------------------------------------------------------------------------------------------
+
 
 def positives_mask(labels: torch.Tensor | None, n: int, device) -> torch.Tensor:
     if labels is None:
@@ -75,9 +77,16 @@ def positives_mask(labels: torch.Tensor | None, n: int, device) -> torch.Tensor:
     return labels[:, None] == labels[None, :]
 
 
-def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias=None,
-                               kind: str = "infonce", labels: torch.Tensor | None = None, dcl: bool = False,
-                               label_smoothing: float = 0.0) -> torch.Tensor:
+def contrastive_loss_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias=None,
+    kind: str = "infonce",
+    labels: torch.Tensor | None = None,
+    dcl: bool = False,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """The loss of one whole batch, computed with the full G x G matrix and ordinary autograd."""
     opts = LossOptions(kind, dcl, label_smoothing)
     opts.check(logit_bias is not None, labels is not None)
@@ -88,7 +97,7 @@ def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, logit_scale: to
         sign = pos.to(logits.dtype) * 2 - 1
         return -F.logsigmoid(sign * logits).sum() / a.shape[0]
 
-    def one_direction(z: torch.Tensor) -> torch.Tensor:   # rows are the queries
+    def one_direction(z: torch.Tensor) -> torch.Tensor:  # rows are the queries
         target = pos.to(z.dtype) / pos.sum(1, keepdim=True)
         target = (1 - label_smoothing) * target + label_smoothing / z.shape[1]
         denominator = z.masked_fill(pos, float("-inf")) if dcl else z
@@ -121,7 +130,7 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad_GD, group=ctx.group)  # gloo has no reduce_scatter; sum everything, keep our slice
         rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
         b = grad_GD.shape[0] // world
-        return grad_GD[rank * b:(rank + 1) * b], None
+        return grad_GD[rank * b : (rank + 1) * b], None
 
 
 def gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
@@ -140,6 +149,7 @@ def _gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
 # The ring
 # --------------------------------------------------------------------------------------------------------------
 
+
 class _Ring:
     """Rank r receives from r-1 and sends to r+1. At step k it holds the column block of rank (r - k) mod W."""
 
@@ -148,10 +158,16 @@ class _Ring:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if self.world > 1 else 0
         if self.world > 1:
-            self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None \
+            self.next = (
+                dist.get_global_rank(group, (self.rank + 1) % self.world)
+                if group is not None
                 else (self.rank + 1) % self.world
-            self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None \
+            )
+            self.prev = (
+                dist.get_global_rank(group, (self.rank - 1) % self.world)
+                if group is not None
                 else (self.rank - 1) % self.world
+            )
 
     def block(self, step: int) -> int:
         return (self.rank - step) % self.world
@@ -161,11 +177,15 @@ class _Ring:
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recvs)]
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def run(self, payload: list[torch.Tensor], payload_shapes: Callable[[int], list[tuple]],
-            compute: Callable[[int, list[torch.Tensor]], torch.Tensor | None],
-            acc_shape: Callable[[int], tuple] | None = None,
-            merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.Tensor.add_,
-            acc_dtype=torch.float32) -> torch.Tensor | None:
+    def run(
+        self,
+        payload: list[torch.Tensor],
+        payload_shapes: Callable[[int], list[tuple]],
+        compute: Callable[[int, list[torch.Tensor]], torch.Tensor | None],
+        acc_shape: Callable[[int], tuple] | None = None,
+        merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.Tensor.add_,
+        acc_dtype=torch.float32,
+    ) -> torch.Tensor | None:
         """Visit every column block once. `compute(block, payload)` returns this rank's contribution to the
         block's travelling accumulator, which `merge(contribution, received)` folds into what earlier ranks
         sent (in place). Returns the accumulator of this rank's own block once it has been round the ring."""
@@ -178,9 +198,11 @@ class _Ring:
             if acc_shape is not None and step > 0:
                 acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
                 acc_wait = self.post([], [acc_in], tag=8 * step + 4)
-            if step < W - 1:   # start moving the next block while this one is computed
-                incoming = [torch.empty(shape, dtype=t.dtype, device=t.device)
-                            for shape, t in zip(payload_shapes(self.block(step + 1)), current)]
+            if step < W - 1:  # start moving the next block while this one is computed
+                incoming = [
+                    torch.empty(shape, dtype=t.dtype, device=t.device)
+                    for shape, t in zip(payload_shapes(self.block(step + 1)), current)
+                ]
                 transfers = self.post(current, incoming, tag=8 * step)
             contribution = compute(block, current)
             if acc_shape is not None:
@@ -208,6 +230,7 @@ class _Ring:
 # --------------------------------------------------------------------------------------------------------------
 # Tiled loss
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """The accumulation dtype of the loss: fp64 for fp64 inputs, fp32 for everything else."""
@@ -241,8 +264,8 @@ class _Layout:
         self.offsets = [sum(sizes[:r]) for r in range(len(sizes))]
         self.total = sum(sizes)
         self.labels = None
-        self.counts = None   # per global sample: how many samples share its label (itself included)
-        self.distinct = self.total   # how many distinct label ids (or samples)
+        self.counts = None  # per global sample: how many samples share its label (itself included)
+        self.distinct = self.total  # how many distinct label ids (or samples)
         if labels is not None:
             if ring.world > 1:
                 padded = torch.full((max(sizes),), -1, dtype=torch.int64, device=device)
@@ -287,15 +310,22 @@ class _TileContext:
         return k / L.counts[L.rows(self.rank, *r)], k / L.counts[L.rows(col_block, *c)]
 
 
-def _forward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_block: int, tile: int,
-                   row_lse: torch.Tensor | None, totals: torch.Tensor) -> torch.Tensor | None:
+def _forward_tiles(
+    ctx: _TileContext,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    col_block: int,
+    tile: int,
+    row_lse: torch.Tensor | None,
+    totals: torch.Tensor,
+) -> torch.Tensor | None:
     """One column block against this rank's rows. Updates `row_lse` in place (InfoNCE); adds to `totals`
     [sum of softplus terms (siglip), weighted positive logits (labels)]; returns the block's column LSEs."""
     o = ctx.opts
     col_lse = row_lse.new_full((b.shape[0],), float("-inf")) if o.kind == "infonce" else None
     for r in _spans(a_s.shape[0], tile):
         for c in _spans(b.shape[0], tile):
-            z = _mm(a_s[r[0]:r[1]], b[c[0]:c[1]].T)
+            z = _mm(a_s[r[0] : r[1]], b[c[0] : c[1]].T)
             pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
             if ctx.layout.labels is not None:
                 w_row, w_col = ctx.positive_weights(col_block, r, c)
@@ -305,18 +335,29 @@ def _forward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_bl
                 z += ctx.bias
                 totals[0] -= F.logsigmoid(-z).sum()
                 if ctx.layout.labels is not None:
-                    totals[1] += pos.sum() * ctx.bias   # positives' bias: -log sig(z) = -log sig(-z) - z
+                    totals[1] += pos.sum() * ctx.bias  # positives' bias: -log sig(z) = -log sig(-z) - z
                 continue
             if o.dcl and pos is not None:
                 z.masked_fill_(pos, float("-inf"))
-            torch.logaddexp(row_lse[r[0]:r[1]], torch.logsumexp(z, 1), out=row_lse[r[0]:r[1]])
-            torch.logaddexp(col_lse[c[0]:c[1]], torch.logsumexp(z, 0), out=col_lse[c[0]:c[1]])
+            torch.logaddexp(row_lse[r[0] : r[1]], torch.logsumexp(z, 1), out=row_lse[r[0] : r[1]])
+            torch.logaddexp(col_lse[c[0] : c[1]], torch.logsumexp(z, 0), out=col_lse[c[0] : c[1]])
     return col_lse
 
 
-def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_lse: torch.Tensor | None,
-                    col_block: int, tile: int, row_lse, coef: float, grad_a: torch.Tensor, grad_bias: torch.Tensor,
-                    need_b: bool, totals: torch.Tensor | None = None) -> torch.Tensor | None:
+def _backward_tiles(
+    ctx: _TileContext,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    col_lse: torch.Tensor | None,
+    col_block: int,
+    tile: int,
+    row_lse,
+    coef: float,
+    grad_a: torch.Tensor,
+    grad_bias: torch.Tensor,
+    need_b: bool,
+    totals: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Recompute each tile once; add its share to d(a_s) (in place) and return d(b) of the block (fp32).
     With `totals` (SigLIP on one process), also add the tile's loss terms, as _forward_tiles would."""
     o = ctx.opts
@@ -324,7 +365,7 @@ def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_l
     low = a_s.dtype not in (torch.float32, torch.float64)
     for r in _spans(a_s.shape[0], tile):
         for c in _spans(b.shape[0], tile):
-            z = _mm(a_s[r[0]:r[1]], b[c[0]:c[1]].T)
+            z = _mm(a_s[r[0] : r[1]], b[c[0] : c[1]].T)
             pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
             if o.kind == "siglip":
                 z.add_(ctx.bias)
@@ -336,8 +377,8 @@ def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_l
             else:
                 if o.dcl and pos is not None:
                     z.masked_fill_(pos, float("-inf"))
-                g = torch.sub(z, row_lse[r[0]:r[1], None]).exp_()
-                g += z.sub_(col_lse[None, c[0]:c[1]]).exp_()
+                g = torch.sub(z, row_lse[r[0] : r[1], None]).exp_()
+                g += z.sub_(col_lse[None, c[0] : c[1]]).exp_()
                 g *= coef
             if ctx.layout.labels is not None:
                 w_row, w_col = ctx.positive_weights(col_block, r, c)
@@ -346,18 +387,17 @@ def _backward_tiles(ctx: _TileContext, a_s: torch.Tensor, b: torch.Tensor, col_l
                 grad_bias += g.sum()
             if low:
                 g = g.to(a_s.dtype)
-                grad_a[r[0]:r[1]] += _mm(g, b[c[0]:c[1]])
+                grad_a[r[0] : r[1]] += _mm(g, b[c[0] : c[1]])
                 if need_b:
-                    grad_b[c[0]:c[1]] += _mm(g.T, a_s[r[0]:r[1]])
-            else:   # accumulate inside the GEMM, no temporary
-                grad_a[r[0]:r[1]].addmm_(g, b[c[0]:c[1]])
+                    grad_b[c[0] : c[1]] += _mm(g.T, a_s[r[0] : r[1]])
+            else:  # accumulate inside the GEMM, no temporary
+                grad_a[r[0] : r[1]].addmm_(g, b[c[0] : c[1]])
                 if need_b:
-                    grad_b[c[0]:c[1]].addmm_(g.T, a_s[r[0]:r[1]])
+                    grad_b[c[0] : c[1]].addmm_(g.T, a_s[r[0] : r[1]])
     return grad_b
 
 
 class _TiledContrastive(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, tile: int, group):
         ring = _Ring(group)
@@ -367,23 +407,28 @@ class _TiledContrastive(torch.autograd.Function):
             raise ValueError("dcl=True needs at least one negative for every sample: this batch has none")
         tc = _TileContext(opts, layout, ring.rank, bias)
         G, D = layout.total, a.shape[1]
-        a_s = (_wide(a) * _wide(scale)).to(a.dtype)          # the scale folded into the rows: z = a_s @ b.T
+        a_s = (_wide(a) * _wide(scale)).to(a.dtype)  # the scale folded into the rows: z = a_s @ b.T
         totals = torch.zeros(2, dtype=acc, device=a.device)
-        row_lse = torch.full((a.shape[0],), float("-inf"), dtype=acc, device=a.device) \
-            if opts.kind == "infonce" else None
+        row_lse = (
+            torch.full((a.shape[0],), float("-inf"), dtype=acc, device=a.device) if opts.kind == "infonce" else None
+        )
         norm = 2 * G if opts.kind == "infonce" else G
         ctx.fused = None
         if opts.kind == "siglip" and ring.world == 1 and any(ctx.needs_input_grad[:4]):
             # SigLIP needs no global statistic before its gradient: on one process, take the loss and the
             # gradients from the same tiles (3 GEMMs, not 4), and let backward only scale them.
-            ctx.fused = _gradients(opts, layout, ring, tile, ctx.needs_input_grad, a, b, scale, bias, None, None,
-                                   None, 1.0 / norm, totals)
+            ctx.fused = _gradients(
+                opts, layout, ring, tile, ctx.needs_input_grad, a, b, scale, bias, None, None, None, 1.0 / norm, totals
+            )
             return _local_terms(opts, layout, a_s, b, bias, None, None, totals) / norm
         col_lse = ring.run(
-            [b], lambda blk: [(layout.sizes[blk], D)],
+            [b],
+            lambda blk: [(layout.sizes[blk], D)],
             lambda blk, payload: _forward_tiles(tc, a_s, payload[0], blk, tile, row_lse, totals),
             acc_shape=(lambda blk: (layout.sizes[blk],)) if opts.kind == "infonce" else None,
-            merge=lambda mine, theirs: torch.logaddexp(mine, theirs, out=mine), acc_dtype=acc)
+            merge=lambda mine, theirs: torch.logaddexp(mine, theirs, out=mine),
+            acc_dtype=acc,
+        )
         local = _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals)
         sums_ab = None
         if opts.label_smoothing:
@@ -395,26 +440,49 @@ class _TiledContrastive(torch.autograd.Function):
         if ring.world > 1:
             dist.all_reduce(local, group=group)
         empty = a.new_zeros(0)
-        ctx.save_for_backward(a, b, scale, empty if bias is None else bias, empty if row_lse is None else row_lse,
-                              empty if col_lse is None else col_lse, empty if sums_ab is None else sums_ab)
+        ctx.save_for_backward(
+            a,
+            b,
+            scale,
+            empty if bias is None else bias,
+            empty if row_lse is None else row_lse,
+            empty if col_lse is None else col_lse,
+            empty if sums_ab is None else sums_ab,
+        )
         ctx.opts, ctx.tile, ctx.group, ctx.layout, ctx.norm = opts, tile, group, layout, norm
         ctx.has_bias = bias is not None
         return local / norm
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.fused is not None:   # computed in forward for a loss of 1; scale by what came back
+        if ctx.fused is not None:  # computed in forward for a loss of 1; scale by what came back
             return tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.fused) + (None,) * 4
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
-        return _gradients(ctx.opts, ctx.layout, _Ring(ctx.group), ctx.tile, ctx.needs_input_grad, a, b, scale,
-                          bias if ctx.has_bias else None, row_lse, col_lse, sums_ab,
-                          float(grad_out) / ctx.norm) + (None,) * 4
+        return (
+            _gradients(
+                ctx.opts,
+                ctx.layout,
+                _Ring(ctx.group),
+                ctx.tile,
+                ctx.needs_input_grad,
+                a,
+                b,
+                scale,
+                bias if ctx.has_bias else None,
+                row_lse,
+                col_lse,
+                sums_ab,
+                float(grad_out) / ctx.norm,
+            )
+            + (None,) * 4
+        )
 
 
-def _gradients(opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_lse, sums_ab, coef,
-               totals=None) -> tuple:
+def _gradients(
+    opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_lse, sums_ab, coef, totals=None
+) -> tuple:
     """d(a), d(b), d(scale), d(bias) of coef * (the loss's numerator), as the ranks' convention wants them."""
-    a_s = (_wide(a) * _wide(scale)).to(a.dtype)   # recomputed rather than kept from forward: B x D less held
+    a_s = (_wide(a) * _wide(scale)).to(a.dtype)  # recomputed rather than kept from forward: B x D less held
     tc = _TileContext(opts, layout, ring.rank, bias)
     need_b = needs[1]
     acc = _wide(a[:0]).dtype
@@ -427,11 +495,28 @@ def _gradients(opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_
         return [(layout.sizes[blk], D)] + ([(layout.sizes[blk],)] if infonce else [])
 
     def compute(blk, payload):
-        return _backward_tiles(tc, a_s, payload[0], payload[1] if infonce else None, blk, tile,
-                               row_lse, coef, grad_as, grad_bias, need_b, totals)
+        return _backward_tiles(
+            tc,
+            a_s,
+            payload[0],
+            payload[1] if infonce else None,
+            blk,
+            tile,
+            row_lse,
+            coef,
+            grad_as,
+            grad_bias,
+            need_b,
+            totals,
+        )
 
-    grad_b = ring.run([b] + ([col_lse] if infonce else []), payload_shapes, compute,
-                      acc_shape=(lambda blk: (layout.sizes[blk], D)) if need_b else None, acc_dtype=acc)
+    grad_b = ring.run(
+        [b] + ([col_lse] if infonce else []),
+        payload_shapes,
+        compute,
+        acc_shape=(lambda blk: (layout.sizes[blk], D)) if need_b else None,
+        acc_dtype=acc,
+    )
     # The positives' linear term, where there are no labels: the diagonal, which is all on this rank.
     if layout.labels is None:
         w = (1 - opts.label_smoothing) * 2 * coef if infonce else coef
@@ -445,7 +530,7 @@ def _gradients(opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_
         grad_as.sub_(w * sums_ab[1])
         if need_b:
             grad_b.sub_(w * sums_ab[0])
-    W = ring.world   # see the module docstring: DeepSpeed/DDP divide by W
+    W = ring.world  # see the module docstring: DeepSpeed/DDP divide by W
     grad_s = ((grad_as.view(-1) @ _wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
     grad_a = grad_as.mul_(_wide(scale) * W).to(a.dtype) if needs[0] else None
     grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
@@ -457,7 +542,7 @@ def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.
     """This rank's share of the loss's numerator (before the 1/(2G) or 1/G)."""
     if opts.kind == "siglip":
         local = totals[0]
-        if layout.labels is None:   # the diagonal: -log sig(z) = -log sig(-z) - z
+        if layout.labels is None:  # the diagonal: -log sig(z) = -log sig(-z) - z
             local = local - ((_wide(a_s) * _wide(b)).sum() + _wide(bias) * a_s.shape[0])
         return (local - totals[1]).reshape(())
     local = row_lse.sum() + col_lse.sum()
@@ -468,10 +553,19 @@ def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.
     return local.reshape(())
 
 
-def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias=None,
-                     kind: str = "infonce", tile_size: int = DEFAULT_TILE, process_group=None,
-                     labels: torch.Tensor | None = None, dcl: bool = False, label_smoothing: float = 0.0,
-                     impl: str = "tiled") -> torch.Tensor:
+def contrastive_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias=None,
+    kind: str = "infonce",
+    tile_size: int = DEFAULT_TILE,
+    process_group=None,
+    labels: torch.Tensor | None = None,
+    dcl: bool = False,
+    label_smoothing: float = 0.0,
+    impl: str = "tiled",
+) -> torch.Tensor:
     """Mean contrastive loss over the global batch (see the module docstring for the exact definition and the
     gradient convention across ranks).
 
@@ -484,8 +578,7 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     opts = LossOptions(kind, dcl, float(label_smoothing))
     opts.check(logit_bias is not None, labels is not None)
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if labels is not None:
         if labels.shape != (a.shape[0],) or labels.dtype.is_floating_point:
             raise ValueError(f"labels must be ({a.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
@@ -497,14 +590,30 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
         if distributed:
             a, b = gather_with_grad(a, process_group), gather_with_grad(b, process_group)
             labels = None if labels is None else _gather_no_grad(labels, process_group)
-        return contrastive_loss_reference(a, b, logit_scale.squeeze(), None if logit_bias is None
-                                          else logit_bias.squeeze(), kind, labels, dcl, label_smoothing)
+        return contrastive_loss_reference(
+            a,
+            b,
+            logit_scale.squeeze(),
+            None if logit_bias is None else logit_bias.squeeze(),
+            kind,
+            labels,
+            dcl,
+            label_smoothing,
+        )
     if impl != "tiled":
         raise ValueError(f"impl must be 'tiled' or 'full', got '{impl}'")
     scale = logit_scale.reshape(())
     bias = None if logit_bias is None else logit_bias.reshape(())
-    return _TiledContrastive.apply(a.contiguous(), b.contiguous(), scale, bias, labels, opts, int(tile_size),
-                                   process_group if distributed else None)
+    return _TiledContrastive.apply(
+        a.contiguous(),
+        b.contiguous(),
+        scale,
+        bias,
+        labels,
+        opts,
+        int(tile_size),
+        process_group if distributed else None,
+    )
 
 
 def count_flops(kind: str, global_batch: int, dim: int, world: int = 1) -> int:
@@ -513,5 +622,13 @@ def count_flops(kind: str, global_batch: int, dim: int, world: int = 1) -> int:
     return gemms * 2 * global_batch * global_batch * dim
 
 
-__all__ = ["contrastive_loss", "contrastive_loss_reference", "infonce_reference", "gather_with_grad",
-           "LossOptions", "KINDS", "DEFAULT_TILE", "count_flops"]
+__all__ = [
+    "contrastive_loss",
+    "contrastive_loss_reference",
+    "infonce_reference",
+    "gather_with_grad",
+    "LossOptions",
+    "KINDS",
+    "DEFAULT_TILE",
+    "count_flops",
+]

@@ -57,8 +57,14 @@ class MetricsLogger:
         self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         # In a log file rather than a terminal, a bar redrawn every step would bury everything else.
         interactive = sys.stderr.isatty()
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                         mininterval=0.1 if interactive else 30.0)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.1 if interactive else 30.0,
+        )
 
     def log(self, step: int, record: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -73,8 +79,9 @@ class MetricsLogger:
         if self._bar is None:
             return
         if postfix:
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                  refresh=False)
+            self._bar.set_postfix(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False
+            )
         self._bar.update(step - self._bar.n)  # redraws at most every mininterval
 
     def close(self) -> None:
@@ -91,7 +98,8 @@ class Window:
 
     Values are summed as detached tensors and turned into numbers only in `means()` (on a GPU `.item()`
     is a sync point). Each key is averaged over the micro-steps that reported it: with per-source batching a
-    pair's loss exists only in the steps whose source carries that pair. Time spent in `paused()` blocks (evaluation, checkpoints) is not training time.
+    pair's loss exists only in the steps whose source carries that pair. Time spent in `paused()` blocks (evaluation,
+    checkpoints) is not training time.
     """
 
     def __init__(self) -> None:

@@ -48,10 +48,18 @@ class ContrastiveObjective:
             # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
             # GEMM outputs would round logits of up to 100 to 1 part in 256.
             losses[f"loss/{a}-{b}"] = contrastive_loss(
-                features[a].float(), features[b].float(), scale.float(),
-                None if bias is None else bias.float(), kind=cfg.kind, tile_size=cfg.tile_size,
-                process_group=self.group, labels=labels, dcl=cfg.dcl, label_smoothing=cfg.label_smoothing,
-                impl=cfg.impl)
+                features[a].float(),
+                features[b].float(),
+                scale.float(),
+                None if bias is None else bias.float(),
+                kind=cfg.kind,
+                tile_size=cfg.tile_size,
+                process_group=self.group,
+                labels=labels,
+                dcl=cfg.dcl,
+                label_smoothing=cfg.label_smoothing,
+                impl=cfg.impl,
+            )
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
             if bias is not None:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
@@ -90,8 +98,11 @@ class ClassificationObjective:
             out = engine({self.modality: batch[self.modality]})
             classes_CD = self.model.prompt_learner.class_features(self.model, self.classnames).float()
         else:
-            prompts = self.prompts.to(labels.device) if isinstance(self.prompts, torch.Tensor) else {
-                k: v.to(labels.device) for k, v in self.prompts.items()}
+            prompts = (
+                self.prompts.to(labels.device)
+                if isinstance(self.prompts, torch.Tensor)
+                else {k: v.to(labels.device) for k, v in self.prompts.items()}
+            )
             out = engine({self.modality: batch[self.modality], self.language: prompts})
             prompts_CTD = out["features"][self.language].float().view(*self.shape, -1)
             classes_CD = F.normalize(prompts_CTD.mean(1), dim=-1)
@@ -99,5 +110,7 @@ class ClassificationObjective:
         logits_BC = scale * out["features"][self.modality].float() @ classes_CD.T
         loss = F.cross_entropy(logits_BC, labels)
         accuracy = (logits_BC.argmax(1) == labels).float().mean()
-        return {"loss": loss}, {"train_acc1": accuracy.detach(),
-                                f"temperature/{self.modality}-{self.language}": 1.0 / scale.detach()}
+        return {"loss": loss}, {
+            "train_acc1": accuracy.detach(),
+            f"temperature/{self.modality}-{self.language}": 1.0 / scale.detach(),
+        }

@@ -22,10 +22,15 @@ from .recipes import dump_config, help_text, load_config
 from .tasks import make_task
 
 
-def parse_args(argv: list[str] | None, cls: type = PretrainConfig, prog: str = "python -m tessera.train.pretrain",
-               doc: str | None = __doc__):
-    parser = argparse.ArgumentParser(prog=prog, description=doc, epilog=help_text(cls),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(
+    argv: list[str] | None,
+    cls: type = PretrainConfig,
+    prog: str = "python -m tessera.train.pretrain",
+    doc: str | None = __doc__,
+):
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, epilog=help_text(cls), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher

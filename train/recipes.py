@@ -38,8 +38,10 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
     if str(doc.get("base", "")).endswith((".yaml", ".yml")):
-        raise ConfigError(f"{path}: 'base: {doc['base']}' names a recipe; a recipe inherits another with "
-                          f"'{INHERIT}: {doc['base']}' ('base' is the exported model a fine-tuning recipe starts from)")
+        raise ConfigError(
+            f"{path}: 'base: {doc['base']}' names a recipe; a recipe inherits another with "
+            f"'{INHERIT}: {doc['base']}' ('base' is the exported model a fine-tuning recipe starts from)"
+        )
     parent = doc.pop(INHERIT, None)
     if parent is not None:
         doc = _deep_merge(read_recipe(path.parent / parent, _seen + (path.resolve(),)), doc)

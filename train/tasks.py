@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TrainData:
-    loader: Any        # an endless iterator of batches, with stats, epoch, num_workers and a resumable state
-    batch_size: int    # samples per rank and micro-step
+    loader: Any  # an endless iterator of batches, with stats, epoch, num_workers and a resumable state
+    batch_size: int  # samples per rank and micro-step
 
 
 def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
@@ -53,7 +53,7 @@ class Pretrain:
     the run exports OUTPUT_DIR/model."""
 
     name: ClassVar[str] = "pretrain"
-    trainable_only: ClassVar[bool] = False   # what a checkpoint holds: every parameter
+    trainable_only: ClassVar[bool] = False  # what a checkpoint holds: every parameter
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -75,7 +75,7 @@ class Pretrain:
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
         transforms, collators, keys = model.transforms(is_train=True), model.collators(), list(model.modalities)
-        if self.cfg.loss.positives == "label":   # every sample also carries its `cls` id
+        if self.cfg.loss.positives == "label":  # every sample also carries its `cls` id
             transforms[LABEL], collators[LABEL] = keep, collate_labels
             keys.append(LABEL)
         return transforms, collators, keys
@@ -83,8 +83,17 @@ class Pretrain:
     def data(self, model: nn.Module, dist: DistInfo) -> TrainData:
         cfg = self.cfg
         transforms, collators, keys = self.pipelines(model)
-        loader = train_loader(cfg.data, transforms, collators, keys, cfg.train.batch_size, seed=cfg.seed,
-                              rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
+        loader = train_loader(
+            cfg.data,
+            transforms,
+            collators,
+            keys,
+            cfg.train.batch_size,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world=dist.world,
+            pin_memory=dist.device.type == "cuda",
+        )
         return TrainData(loader, cfg.train.batch_size)
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
@@ -125,8 +134,14 @@ class ContrastiveFinetune(Pretrain):
         cfg = self.cfg
         self.model = prepare(self.attach(load_model(cfg.base)), cfg)
         counts = parameter_counts(self.model)
-        log.info("fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)", cfg.base, cfg.adapter.kind,
-                 f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"])
+        log.info(
+            "fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)",
+            cfg.base,
+            cfg.adapter.kind,
+            f"{counts['trainable']:,}",
+            f"{counts['total']:,}",
+            100 * counts["trainable"] / counts["total"],
+        )
         self.objective = self.make_objective(self.model)
         return self.model
 
@@ -134,8 +149,15 @@ class ContrastiveFinetune(Pretrain):
         if not self.trainable_only:
             return super().export(engine, out_dir, dist, step)
         cfg = self.cfg
-        return export_adapter(engine, cfg.base, self.attach, out_dir, dist, cfg.adapter.export_merged and cfg.train.export,
-                              metadata={"step": step, "seed": cfg.seed, "base": cfg.base})
+        return export_adapter(
+            engine,
+            cfg.base,
+            self.attach,
+            out_dir,
+            dist,
+            cfg.adapter.export_merged and cfg.train.export,
+            metadata={"step": step, "seed": cfg.seed, "base": cfg.base},
+        )
 
 
 class FewShotFinetune(ContrastiveFinetune):
@@ -163,15 +185,29 @@ class FewShotFinetune(ContrastiveFinetune):
         shots = sum(shard_sizes(expand_shards(spec)).values())
         batch_size = min(cfg.train.batch_size, max(1, shots // dist.world))
         if batch_size < cfg.train.batch_size:
-            log.warning("fewshot: %d shots over %d rank(s): batch size %d -> %d", shots, dist.world,
-                        cfg.train.batch_size, batch_size)
+            log.warning(
+                "fewshot: %d shots over %d rank(s): batch size %d -> %d",
+                shots,
+                dist.world,
+                cfg.train.batch_size,
+                batch_size,
+            )
         log.info("fewshot: %d shots (k=%d, %d classes) of %s", shots, fs.k, len(self.classnames), fs.modality)
         transforms = {fs.modality: model.transforms(is_train=True)[fs.modality], LABEL: keep}
         collators = {fs.modality: model.collators()[fs.modality], LABEL: collate_labels}
         source = SourceConfig(spec, name="shots", modalities=[fs.modality, LABEL])
         data_cfg = dataclasses.replace(cfg.data, train=[source], batching="mixed")
-        loader = train_loader(data_cfg, transforms, collators, [fs.modality, LABEL], batch_size, seed=cfg.seed,
-                              rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
+        loader = train_loader(
+            data_cfg,
+            transforms,
+            collators,
+            [fs.modality, LABEL],
+            batch_size,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world=dist.world,
+            pin_memory=dist.device.type == "cuda",
+        )
         return TrainData(loader, batch_size)
 
 
