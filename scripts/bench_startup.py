@@ -31,42 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench_train import ensure_peer_venv, make_shards
+from bench_train import ensure_peer_venv, make_shards, ours_overrides, peer_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_FIRST_STEP = re.compile(r"Train Epoch: 0 \[")
 
 
 def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
-    cmd = [
-        str(python),
-        "-m",
-        "open_clip_train.main",
-        "--train-data",
-        shards,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        str(2 * args.batch_size),
-        "--model",
-        args.model,
-        "--batch-size",
-        str(args.batch_size),
-        "--epochs",
-        "1",
-        "--workers",
-        "1",
-        "--precision",
-        "fp32",
-        "--log-every-n-steps",
-        "1",
-        "--logs",
-        "none",
-        "--seed",
-        "0",
-        "--device",
-        "cuda" if args.cuda else "cpu",
-    ]
+    cmd = peer_command(python, shards, args.model, args.batch_size, 2 * args.batch_size, 1, "fp32", args.cuda)
     t0 = time.time()
     proc = subprocess.Popen(
         cmd,
@@ -138,16 +110,7 @@ def main() -> int:
     image_size = open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
     shards = make_shards(args.out / "shards", 4 * args.batch_size, image_size)
     peer_python = ensure_peer_venv()
-    same = [
-        f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
-        f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
-        f"data.train={shards}",
-        "data.num_workers=1",
-        f"train.batch_size={args.batch_size}",
-        "train.precision=fp32",
-        "deepspeed.zero_stage=0",
-        "seed=0",
-    ]
+    same = ours_overrides(shards, args.model, args.batch_size, 1, "fp32")
     rows: dict[str, list[float]] = {"open_clip_train": [], "tessera": []}
     demos = {
         name: config

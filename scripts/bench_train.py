@@ -80,44 +80,59 @@ def make_shards(out: Path, n: int, image_size: int) -> str:
     return str(out / f"bench-{{000000..{len(sizes) - 1:06d}}}.tar")
 
 
-def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list[float]:
-    cmd = [
-        str(python),
-        "-m",
-        "open_clip_train.main",
-        "--train-data",
-        shards,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        str(args.steps * args.batch_size),
-        "--model",
-        args.model,
-        "--batch-size",
-        str(args.batch_size),
-        "--epochs",
-        "1",
-        "--workers",
-        str(args.workers),
-        "--precision",
-        PEER_PRECISION[precision],
-        "--lr",
-        "5e-4",
-        "--wd",
-        "0.2",
-        "--warmup",
-        "2",
-        "--grad-clip-norm",
-        "1.0",  # as Tessera's default train.grad_clip, so both do the same work
-        "--log-every-n-steps",
-        "1",
-        "--logs",
-        "none",
-        "--seed",
-        "0",
-        "--device",
-        "cuda" if args.cuda else "cpu",
+def peer_command(
+    python: Path, shards: str, model: str, batch_size: int, samples: int, workers: int, precision: str, cuda: bool
+) -> list[str]:
+    """open_clip_train's command line for `samples` samples of one epoch, logging every step, with Tessera's
+    defaults where the two differ (lr, weight decay, warmup, gradient clipping), so both do the same work."""
+    flags = {
+        "train-data": shards,
+        "dataset-type": "webdataset",
+        "train-num-samples": samples,
+        "model": model,
+        "batch-size": batch_size,
+        "epochs": 1,
+        "workers": workers,
+        "precision": PEER_PRECISION[precision],
+        "lr": "5e-4",
+        "wd": 0.2,
+        "warmup": 2,
+        "grad-clip-norm": 1.0,
+        "log-every-n-steps": 1,
+        "logs": "none",
+        "seed": 0,
+        "device": "cuda" if cuda else "cpu",
+    }
+    return [str(python), "-m", "open_clip_train.main", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
+
+
+def ours_overrides(shards: str, model: str, batch_size: int, workers: int, precision: str) -> list[str]:
+    """Tessera's overrides for the same model, shards, batch, workers and precision as `peer_command`."""
+    towers = (
+        f"{{image: {{encoder: open_clip_image, model: {model}}}, text: {{encoder: open_clip_text, model: {model}}}}}"
+    )
+    return [
+        f"model={{embed_dim: 512, towers: {towers}}}",
+        f"data.train={shards}",
+        "data.val=[]",
+        f"data.num_workers={workers}",
+        f"train.batch_size={batch_size}",
+        "train.lr=5e-4",
+        "train.warmup_steps=2",
+        "train.weight_decay=0.2",
+        f"train.precision={precision}",
+        "train.log_every=1",
+        "train.ckpt_every=-1",
+        "train.export=false",
+        "deepspeed.zero_stage=0",
+        "seed=0",
     ]
+
+
+def run_peer(python: Path, shards: str, args, precision: str, log: Path) -> list[float]:
+    cmd = peer_command(
+        python, shards, args.model, args.batch_size, args.steps * args.batch_size, args.workers, precision, args.cuda
+    )
     # --logs none still makes ./none/<run name>/: run it inside the benchmark's own directory
     out = _run(cmd, log, cwd=log.parent)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.e+]+)/s,", out)]
@@ -132,22 +147,8 @@ def run_ours(shards: str, args, precision: str, out_dir: Path, log: Path) -> lis
         "-m",
         "tessera.train.pretrain",
         f"output_dir={out_dir}",
-        f"model={{embed_dim: 512, towers: {{image: {{encoder: open_clip_image, model: {args.model}}}, "
-        f"text: {{encoder: open_clip_text, model: {args.model}}}}}}}",
-        f"data.train={shards}",
-        "data.val=[]",
-        f"data.num_workers={args.workers}",
         f"train.steps={args.steps}",
-        f"train.batch_size={args.batch_size}",
-        "train.lr=5e-4",
-        "train.warmup_steps=2",
-        "train.weight_decay=0.2",
-        f"train.precision={precision}",
-        "train.log_every=1",
-        "train.ckpt_every=-1",
-        "train.export=false",
-        "deepspeed.zero_stage=0",
-        "seed=0",
+        *ours_overrides(shards, args.model, args.batch_size, args.workers, precision),
     ]
     _run(cmd, log)
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
