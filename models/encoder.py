@@ -82,6 +82,14 @@ class Encoder(nn.Module):
             return {k: torch.stack([it[k] for it in items]) for k in items[0]}
         return torch.stack(items)
 
+    @staticmethod
+    def split(inputs: Any, start: int, stop: int) -> Any:
+        """Samples [start, stop) of a batch `collate` made: a chunk the tower encodes on its own (a two-pass step
+        runs the towers chunk by chunk)."""
+        if isinstance(inputs, dict):
+            return {k: v[start:stop] for k, v in inputs.items()}
+        return inputs[start:stop]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 

@@ -278,5 +278,9 @@ class GraphEncoder(Encoder):
     def collate(items: list[Any]) -> Batch:
         return Batch.from_data_list(items)
 
+    @staticmethod
+    def split(inputs: Batch, start: int, stop: int) -> Batch:
+        return Batch.from_data_list(inputs.index_select(range(start, stop)))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

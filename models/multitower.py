@@ -6,6 +6,7 @@ Shape legend: B batch, D shared embedding width, D_enc an encoder's own output w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ from tessera.config import to_dict
 from .config import ModelConfig, pair_key
 from .encoder import Encoder
 from .heads import build_head
+
+
+@dataclass
+class Encoded:
+    """A modality's encoder output, computed before: `encode` (and `forward`) apply only the head to it. A training
+    step that runs a locked tower once and its trainable head twice passes the tower's output back this way."""
+
+    features: torch.Tensor  # (B, D_enc)
 
 
 class MultiTowerModel(nn.Module):
@@ -51,7 +60,8 @@ class MultiTowerModel(nn.Module):
         return self.cfg.pair_list()
 
     def encode(self, modality: str, inputs: Any, normalize: bool = True) -> torch.Tensor:
-        z_BD = self.heads[modality](self.towers[modality](inputs))
+        encoded = inputs.features if isinstance(inputs, Encoded) else self.towers[modality](inputs)
+        z_BD = self.heads[modality](encoded)
         return F.normalize(z_BD, dim=-1) if normalize else z_BD
 
     def logit_scale(self, a: str, b: str) -> torch.Tensor:

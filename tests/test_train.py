@@ -194,7 +194,7 @@ def test_label_positives_from_cls_members(tmp_path):
     batch = next(task.data(model, DistInfo(0, 1, 0, torch.device("cpu"))).loader)
     assert batch["label"].tolist() == [int(key) % 4 for key in batch["__key__"]]
     assert len(set(batch["label"].tolist())) < len(batch["label"])  # shared ids: several positives per row
-    losses, _ = task(model, batch)
+    losses, _ = task.objective(model, batch)
     out = model(batch)
     args = (out["features"]["image"], out["features"]["text"], out["logit_scale"]["image__text"])
     with_labels = contrastive_loss_reference(*args, labels=batch["label"])

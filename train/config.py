@@ -25,6 +25,14 @@ class TrainConfig:
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "samples per rank per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "samples each tower encodes at once; 0: the whole batch in one autograd graph. Below "
+            "batch_size, an exact two-pass step (GradCache) trains on batch_size negatives per rank while holding "
+            "one chunk's activations: the same gradients as one graph over the same chunks"
+        },
+    )
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
@@ -44,6 +52,11 @@ class TrainConfig:
         require(self.steps > 0, "train.steps must be positive")
         require(self.batch_size > 0, "train.batch_size must be positive")
         require(self.grad_accum > 0, "train.grad_accum must be positive")
+        require(self.chunk_size >= 0, f"train.chunk_size must be >= 0, got {self.chunk_size}")
+        require(
+            self.chunk_size == 0 or self.batch_size % self.chunk_size == 0,
+            f"train.batch_size ({self.batch_size}) must be a multiple of train.chunk_size ({self.chunk_size})",
+        )
         require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "need train.lr > 0 and 0 <= train.min_lr <= train.lr")
         require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         require(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0")
@@ -177,6 +190,11 @@ class PretrainConfig:
                     m in towers and language is not None,
                     f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
                 )
+        require(
+            not self.train.chunk_size or self.deepspeed.zero_stage < 2,
+            "train.chunk_size (the two-pass step) runs with deepspeed.zero_stage 0-1: ZeRO-2/3 reduce and "
+            "partition gradients at every backward pass, i.e. once per chunk rather than once per step",
+        )
         has_bias = self.model.init_logit_bias is not None
         require(
             has_bias or self.loss.kind != "siglip",
@@ -245,6 +263,11 @@ class FinetuneConfig(PretrainConfig):
         if self.task == "fewshot":
             if self.fewshot.modality is None:
                 self.fewshot = dataclasses.replace(self.fewshot, modality=next(iter(classified(self.model)), None))
+            require(
+                not self.train.chunk_size,
+                "train.chunk_size (the two-pass step) is for contrastive losses; task=fewshot trains its few shots in "
+                "one graph",
+            )
             require(
                 self.fewshot.classes is not None or self.eval.classes is not None,
                 "task=fewshot needs class prompts: set fewshot.classes (or eval.classes) to a classes.json",

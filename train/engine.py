@@ -49,11 +49,14 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def deepspeed_config(t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int) -> dict[str, Any]:
-    """DeepSpeed's config from the typed ones; `micro_batch` is the samples per rank and micro-step the task feeds."""
+def deepspeed_config(t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int, backwards: int = 1) -> dict[str, Any]:
+    """DeepSpeed's config from the typed ones. `micro_batch` is the samples per rank of one backward pass, and
+    `backwards` the backward passes of one micro-batch (a two-pass step runs one per chunk): DeepSpeed's
+    accumulation boundary, and so its one gradient reduction and optimizer step, comes after train.grad_accum
+    micro-batches of them."""
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum * backwards,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": ds_cfg.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -79,10 +82,12 @@ def build_engine(
     ds_cfg: DeepSpeedConfig,
     micro_batch: int | None = None,
     lr_scales: dict[str, float] | None = None,
+    backwards: int = 1,
 ):
     """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. `micro_batch`
-    (default train.batch_size) is what the task feeds per rank and micro-step; `lr_scales` give parameters whose
-    names contain a key their own learning rate. Joins (or makes) the process group first: DeepSpeed asserts on a
+    (default train.batch_size) is what one backward pass covers per rank, `backwards` the backward passes of one
+    micro-batch (see `deepspeed_config`); `lr_scales` give parameters whose names contain a key their own learning
+    rate. Joins (or makes) the process group first: DeepSpeed asserts on a
     missing LOCAL_RANK rather than saying so."""
     init_distributed()
     accel = get_accelerator()
@@ -98,7 +103,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size),
+        config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size, backwards),
     )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a

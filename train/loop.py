@@ -46,7 +46,15 @@ def train(task: Pretrain) -> dict[str, Any]:
     model = task.build_model()
     data = task.data(model, dist)
     loader = data.loader
-    engine = build_engine(model, t, cfg.deepspeed, data.batch_size, task.lr_scales)
+    step_fn = task.step
+    engine = build_engine(
+        model,
+        t,
+        cfg.deepspeed,
+        step_fn.micro_batch(data.batch_size),
+        task.lr_scales,
+        step_fn.backwards(data.batch_size),
+    )
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
     step = 0
     if tag_dir is not None:
@@ -78,9 +86,7 @@ def train(task: Pretrain) -> dict[str, Any]:
     while step < t.steps:
         for _ in range(t.grad_accum):
             batch = to_device(next(loader), dist.device, dtype)
-            losses, report_ = task(engine, batch)
-            engine.backward(losses["loss"])
-            engine.step()
+            losses, report_ = task(engine, batch)  # its forward, backward passes and engine steps
             window.add({**losses, **report_})
         step += 1
         logger.progress(step)

@@ -29,7 +29,10 @@ class ContrastiveObjective:
         self.group = process_group
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
-        out = engine(batch)
+        return self.loss(engine(batch), batch)
+
+    def loss(self, out: dict[str, Any], batch: dict[str, Any]) -> Losses:
+        """The losses of a model output (features, logit scales and biases) over `batch` (its labels)."""
         features = out["features"]
         labels = None
         if self.loss_cfg.positives == "label":

@@ -3,7 +3,8 @@
 A task declares
 - its model: built from scratch, or an exported base with its model transform (an adapter) on it (`build_model`);
 - its data: the training loader and the micro-batch it feeds per rank (`data`);
-- its objective: one forward of a batch, returning losses and a report (`__call__`);
+- its objective: one forward of a batch, returning losses and a report, and the step that trains a micro-batch
+  with it: one autograd graph, or the two-pass step when towers run in chunks (`step`, `tessera.train.steps`);
 - what a checkpoint holds (`trainable_only`) and what it exports at the end (`export`).
 
 Tasks are registered by name in `TASKS`; a run config names its task (`task`).
@@ -29,6 +30,7 @@ from .config import FinetuneConfig, PretrainConfig
 from .distributed import DistInfo, barrier
 from .export import export_adapter, export_engine
 from .objectives import ClassificationObjective, ContrastiveObjective, Losses
+from .steps import make_step
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Pretrain:
         self.cfg = cfg
         self.model: nn.Module | None = None
         self.objective = None
+        self.step = None
 
     @property
     def lr_scales(self) -> dict[str, float]:
@@ -67,6 +70,7 @@ class Pretrain:
     def build_model(self) -> nn.Module:
         self.model = prepare(build_model(self.cfg.model), self.cfg)
         self.objective = self.make_objective(self.model)
+        self.step = make_step(self.objective, self.model, self.cfg.train.chunk_size, self.cfg.train.grad_accum)
         return self.model
 
     def make_objective(self, model: nn.Module):
@@ -97,7 +101,8 @@ class Pretrain:
         return TrainData(loader, cfg.train.batch_size)
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
-        return self.objective(engine, batch)
+        """Train on one micro-batch: its forward and backward passes and the engine's step calls."""
+        return self.step(engine, batch)
 
     def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
         if not self.cfg.train.export:
@@ -143,6 +148,7 @@ class ContrastiveFinetune(Pretrain):
             100 * counts["trainable"] / counts["total"],
         )
         self.objective = self.make_objective(self.model)
+        self.step = make_step(self.objective, self.model, cfg.train.chunk_size, cfg.train.grad_accum)
         return self.model
 
     def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:

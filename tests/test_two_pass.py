@@ -1,0 +1,292 @@
+"""The two-pass step (train.chunk_size): its optimizer step equals the one-graph step over the same chunks, for every
+parameter's gradient, with dropout, patch dropout, stochastic depth and batch norm, for every loss option, joint
+batches and locked towers; and it runs through DeepSpeed as one optimizer step."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tessera.config import from_dict
+from tessera.models import ModelConfig, build_model
+from tessera.train.config import LossConfig
+from tessera.train.objectives import ContrastiveObjective
+from tessera.train.steps import TwoPassStep
+
+from .conftest import TINY_MODEL
+
+B, CHUNK = 12, 4
+# dropout everywhere a tower has it: patch dropout and head dropout (image), stochastic depth (audio)
+DROPOUT_IMAGE = {
+    **TINY_MODEL["towers"]["image"],
+    "overrides": {**TINY_MODEL["towers"]["image"]["overrides"], "patch_dropout": 0.4},
+    "head": {"kind": "mlp", "dropout": 0.3},
+}
+BATCHNORM_IMAGE = {
+    "encoder": "open_clip_image",
+    "model": "RN50",
+    "overrides": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 16},
+}
+AUDIO = {
+    "encoder": "ast",
+    "audio": {"sample_rate": 8000, "clip_seconds": 0.5, "n_mels": 32},
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "drop_path_rate": 0.5,
+}
+TEXT = TINY_MODEL["towers"]["text"]
+
+
+class PlainEngine:
+    """What a step uses of DeepSpeed's engine, over a plain module: forward, backward (gradients accumulate), step."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, 0
+
+    def __call__(self, batch):
+        return self.model(batch)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+
+
+def _model(towers: dict, **cfg):
+    torch.manual_seed(0)
+    return build_model(from_dict(ModelConfig, {"embed_dim": 24, "towers": towers, **cfg}, "model")).train()
+
+
+def _batch(model, n=B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batch = {"__key__": [f"k{i}" for i in range(n)], "label": torch.randint(0, 3, (n,), generator=g)}
+    for m, tower in model.towers.items():
+        if m == "text":
+            batch[m] = torch.randint(1, 400, (n, 16), generator=g)
+        elif m == "image":
+            batch[m] = torch.randn(n, 3, 32, 32, generator=g)
+        else:
+            batch[m] = torch.randn(n, *tower.input_size, generator=g) * 10 - 20
+    return batch
+
+
+def _chunks(model, batch):
+    return [
+        {
+            k: (model.towers[k].split(v, s, s + CHUNK) if k in model.towers else v[s : s + CHUNK])
+            for k, v in batch.items()
+        }
+        for s in range(0, len(batch["__key__"]), CHUNK)
+    ]
+
+
+def _one_graph(model, batch, objective):
+    """The reference: every chunk through the model in one autograd graph, one loss over all features, one
+    backward."""
+    outs = [model(c) for c in _chunks(model, batch)]
+    out = {
+        "features": {m: torch.cat([o["features"][m] for o in outs]) for m in outs[0]["features"]},
+        "logit_scale": outs[0]["logit_scale"],
+    }
+    if "logit_bias" in outs[0]:
+        out["logit_bias"] = outs[0]["logit_bias"]
+    losses, _ = objective.loss(out, batch)
+    losses["loss"].backward()
+    return losses
+
+
+def _compare(model, batch, loss_cfg: LossConfig, lock=()):
+    reference, chunked = model, copy.deepcopy(model)
+    for m in lock:
+        reference.towers[m].requires_grad_(False)
+        chunked.towers[m].requires_grad_(False)
+    objective = ContrastiveObjective(model.pairs, loss_cfg)
+    torch.manual_seed(7)
+    want = _one_graph(reference, batch, objective)
+    rng_after_reference = torch.get_rng_state()
+    torch.manual_seed(7)
+    engine = PlainEngine(chunked)
+    got, report = TwoPassStep(objective, chunked, CHUNK, grad_accum=1)(engine, batch)
+    assert engine.steps == B // CHUNK and torch.equal(torch.get_rng_state(), rng_after_reference)
+    assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
+    params = dict(chunked.named_parameters())
+    for name, p in reference.named_parameters():
+        if not p.requires_grad:
+            assert params[name].grad is None, name
+            continue
+        assert p.grad is not None and params[name].grad is not None, name
+        torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    buffers = dict(chunked.named_buffers())
+    for name, buf in reference.named_buffers():  # batch-norm statistics: updated once per chunk, as the reference
+        torch.testing.assert_close(buffers[name], buf, rtol=1e-6, atol=1e-7, msg=name)
+    return report
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(tile_size=5),
+        LossConfig(tile_size=5, dcl=True),
+        LossConfig(tile_size=5, positives="label"),
+        LossConfig(tile_size=5, label_smoothing=0.1),
+    ],
+    ids=["infonce", "dcl", "label-positives", "label-smoothing"],
+)
+def test_equals_the_one_graph_step_with_dropout(loss):
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT})
+    _compare(model, _batch(model), loss)
+
+
+def test_siglip_with_its_bias():
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT}, init_temperature=0.1, init_logit_bias=-10.0)
+    report = _compare(model, _batch(model), LossConfig(kind="siglip", tile_size=5))
+    assert "logit_bias/image-text" in report
+
+
+def test_batch_norm_statistics_are_updated_once_per_chunk():
+    model = _model({"image": BATCHNORM_IMAGE, "text": TEXT})
+    before = {n: b.clone() for n, b in model.named_buffers() if "running_mean" in n}
+    _compare(model, _batch(model), LossConfig(tile_size=5))
+    assert any(not torch.equal(b, before[n]) for n, b in model.named_buffers() if n in before)
+
+
+def test_joint_batch_with_stochastic_depth_and_a_locked_tower():
+    model = _model({"image": BATCHNORM_IMAGE, "text": TEXT, "audio": AUDIO}, pairing="all_pairs")
+    _compare(model, _batch(model), LossConfig(tile_size=5))
+    # a locked tower (LiT) is run once, in the first pass
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT})
+    calls = []
+    chunked = copy.deepcopy(model)
+    chunked.towers["image"].requires_grad_(False)
+    chunked.towers["image"].register_forward_hook(lambda *_: calls.append(1))
+    TwoPassStep(ContrastiveObjective(model.pairs, LossConfig()), chunked, CHUNK, 1)(PlainEngine(chunked), _batch(model))
+    assert len(calls) == B // CHUNK
+    _compare(model, _batch(model), LossConfig(tile_size=5), lock=["image"])
+
+
+def test_gradient_checkpointing():
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT})
+    model.set_grad_checkpointing(True)
+    _compare(model, _batch(model), LossConfig(tile_size=5))
+
+
+def test_deepspeed_run_with_chunks_equals_the_unchunked_run(demo_shards, tmp_path, in_process_training):
+    """Through the loop and a DeepSpeed engine (ZeRO-1, fp32, 2 micro-batches of accumulation), a deterministic model
+    trained in chunks of 4 ends where the same run without chunks ends: the chunks form one optimizer step."""
+    from tessera.models import load_model
+    from tessera.train.loop import train
+    from tessera.train.recipes import load_config
+    from tessera.train.tasks import make_task
+
+    def run(name, *extra):
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={tmp_path / name}",
+                f"model={json.dumps({**TINY_MODEL, 'embed_dim': 32})}",
+                f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar",
+                "data.num_workers=0",
+                "data.val=[]",
+                "train.steps=3",
+                "train.batch_size=16",
+                "train.grad_accum=2",
+                "train.precision=fp32",
+                "train.log_every=1",
+                "train.ckpt_every=-1",
+                "train.warmup_steps=1",
+                "deepspeed.zero_stage=1",
+                "model.towers.image.augmentation={scale: [1.0, 1.0], ratio: [1.0, 1.0]}",
+                *extra,
+            ],
+        )
+        summary = train(make_task(cfg))
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return summary, lines, load_model(tmp_path / name / "model")
+
+    _, plain_lines, plain = run("plain")
+    _, chunk_lines, chunked = run("chunked", "train.chunk_size=4")
+    assert [x["loss"] for x in chunk_lines] == pytest.approx([x["loss"] for x in plain_lines], rel=1e-5)
+    assert [x["samples_per_s"] > 0 for x in chunk_lines] == [True] * 3
+    for (name, a), (_, b) in zip(plain.state_dict().items(), chunked.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_ranks_through_the_ring_chunked_equal_unchunked_and_resume_exactly(demo_shards, tmp_path):
+    """2 gloo ranks, ZeRO-1, the tiled ring loss over 2 x 16 rows in chunks of 4: the same losses, gradient norms and
+    weights as without chunks; a run resumed from its step-2 checkpoint continues exactly."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from .test_distributed import _train_losses, torchrun
+    from .test_train import tiny_run_args
+
+    common = [
+        "deepspeed.zero_stage=1",
+        "train.precision=fp32",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "data.val=[]",
+        "data.num_workers=1",
+        "loss.tile_size=5",
+    ]
+    runs = {}
+    for name, extra in (("plain", []), ("chunked", ["train.chunk_size=4"])):
+        proc = torchrun(*tiny_run_args(demo_shards, tmp_path / name, *common, *extra))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [x for x in lines if x["kind"] == "train"]
+    for a, b in zip(runs["plain"], runs["chunked"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-4
+        )
+    plain, chunked = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("plain", "chunked"))
+    for k in plain:
+        torch.testing.assert_close(chunked[k], plain[k], rtol=0, atol=1e-5, msg=k)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "chunked" / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    proc = torchrun(*tiny_run_args(demo_shards, resumed, *common, "train.chunk_size=4", "resume=latest"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _train_losses(resumed) == _train_losses(tmp_path / "chunked")[2:]
+    final = load_file(str(resumed / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], chunked[k]) for k in chunked)
+
+
+def test_chunk_size_config_errors(tmp_path):
+    from tessera.config import ConfigError
+    from tessera.models import save_model
+    from tessera.train.config import FinetuneConfig
+    from tessera.train.recipes import load_config
+
+    with pytest.raises(ConfigError, match=r"batch_size \(16\) must be a multiple of train.chunk_size \(5\)"):
+        load_config(None, ["train.batch_size=16", "train.chunk_size=5"])
+    with pytest.raises(ConfigError, match="runs with deepspeed.zero_stage 0-1"):
+        load_config(None, ["train.batch_size=16", "train.chunk_size=4", "deepspeed.zero_stage=2"])
+    save_model(_model({"image": DROPOUT_IMAGE, "text": TEXT}), tmp_path / "base")
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"classnames": ["a", "b"]}')
+    with pytest.raises(ConfigError, match="task=fewshot trains its few shots in one graph"):
+        load_config(
+            None,
+            [
+                f"base={tmp_path / 'base'}",
+                "task=fewshot",
+                f"fewshot.classes={classes}",
+                "train.batch_size=8",
+                "train.chunk_size=4",
+            ],
+            FinetuneConfig,
+        )
+    cfg = load_config(None, ["train.batch_size=65536", "train.chunk_size=256", "deepspeed.zero_stage=1"])
+    assert (cfg.train.batch_size, cfg.train.chunk_size) == (65536, 256)

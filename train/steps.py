@@ -1,0 +1,203 @@
+"""How one micro-batch trains: its forward, its backward passes and the engine's step calls. The loop calls a step
+per micro-batch and knows nothing of what happens inside.
+
+`OneGraphStep` runs the towers over the whole micro-batch in one autograd graph. `TwoPassStep` (GradCache) makes
+the contrastive batch independent of the towers' activation memory:
+1. run the towers over the batch chunk by chunk without autograd, keeping only the features (and each chunk's
+   random state);
+2. compute the loss over all features at once (the tiled ring loss, so across ranks too) and its gradient with
+   respect to the features, temperatures and biases;
+3. run each chunk again with autograd, its random state replayed, and backpropagate its cached feature gradient
+   into the weights.
+The optimizer step it makes equals the one-graph step over the same chunks, for every parameter: dropout, patch
+dropout and stochastic depth draw the same numbers in both passes, batch-norm statistics are updated once per
+chunk (the first pass's updates are undone), and a locked tower is run only once (its output goes back into its head
+when the head trains).
+
+Shape legend: B micro-batch, C chunk, D embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tessera.models.multitower import Encoded
+
+from .objectives import ContrastiveObjective, Losses
+
+
+class OneGraphStep:
+    """Forward, one backward, one engine step."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def backwards(self, batch_size: int) -> int:
+        return 1
+
+    def micro_batch(self, batch_size: int) -> int:
+        return batch_size
+
+    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+        losses, report = self.objective(engine, batch)
+        engine.backward(losses["loss"])
+        engine.step()
+        return losses, report
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def _norm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, saved copy) of every batch-norm running statistic that a forward in training mode updates."""
+    return [
+        (buf, buf.detach().clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+
+
+class TwoPassStep:
+    """The exact two-pass contrastive step (see the module docstring): `chunk_size` samples per tower forward."""
+
+    def __init__(self, objective: ContrastiveObjective, model: nn.Module, chunk_size: int, grad_accum: int):
+        self.objective, self.model, self.chunk_size, self.grad_accum = objective, model, chunk_size, grad_accum
+
+    def backwards(self, batch_size: int) -> int:
+        return math.ceil(batch_size / self.chunk_size)
+
+    def micro_batch(self, batch_size: int) -> int:
+        return min(self.chunk_size, batch_size)
+
+    def _chunks(self, batch: dict[str, Any]) -> list[tuple[int, int, dict[str, Any]]]:
+        """(start, stop, chunk) over the micro-batch: towers split their own inputs, per-sample lists and tensors
+        (labels, keys) are sliced, anything else (the source's name) is kept."""
+        if "__key__" not in batch:
+            raise ValueError("a two-pass step needs the batch's `__key__` list to know its size")
+        towers, size = self.model.towers, len(batch["__key__"])
+        chunks = []
+        for start in range(0, size, self.chunk_size):
+            stop = min(start + self.chunk_size, size)
+            chunk = {}
+            for key, value in batch.items():
+                if key in towers:
+                    chunk[key] = towers[key].split(value, start, stop)
+                elif isinstance(value, (torch.Tensor, list)):
+                    chunk[key] = value[start:stop]
+                else:
+                    chunk[key] = value
+            chunks.append((start, stop, chunk))
+        return chunks
+
+    def _hooks(self, modalities, states: dict, replay: bool) -> list:
+        """Forward pre-hooks on each tower and head of `modalities` that record the random state each starts from
+        (first pass) or restore it (second pass), so every module draws the same numbers in both passes even where
+        the second pass skips a locked tower."""
+        hooks = []
+        for m in modalities:
+            for kind, module in (("tower", self.model.towers[m]), ("head", self.model.heads[m])):
+                if replay:
+                    hook = module.register_forward_pre_hook(lambda *_, key=(m, kind): _set_rng_state(states[key]))
+                else:
+                    hook = module.register_forward_pre_hook(
+                        lambda *_, key=(m, kind): states.__setitem__(key, _rng_state())
+                    )
+                hooks.append(hook)
+        return hooks
+
+    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+        chunks = self._chunks(batch)
+        towers, heads = self.model.towers, self.model.heads
+        trained = {m for m in towers if any(p.requires_grad for p in towers[m].parameters())}
+        # a locked tower (LiT) runs in the first pass only; where its head trains, the head takes its output again
+        head_only = {m for m in towers if m not in trained and any(p.requires_grad for p in heads[m].parameters())}
+        # pass 1: features only, and the random state each module of each chunk starts from; batch-norm statistics
+        # put back afterwards
+        statistics = _norm_statistics(self.model)
+        states, outputs, encoded = [], [], []
+        with torch.no_grad():
+            for _, _, chunk in chunks:
+                present = [m for m in towers if m in chunk]
+                states.append({})
+                encoded.append({})
+                hooks = self._hooks(present, states[-1], replay=False)
+                hooks += [
+                    towers[m].register_forward_hook(
+                        lambda mod, args, out, m=m, into=encoded[-1]: into.__setitem__(m, out)
+                    )
+                    for m in head_only
+                    if m in chunk
+                ]
+                try:
+                    outputs.append(engine(chunk))
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+        after = _rng_state()
+        with torch.no_grad():
+            for buf, saved in statistics:
+                buf.copy_(saved)
+        # the loss over every feature, and its gradient with respect to features, temperatures and biases (as fp32
+        # leaves: the loss computes in fp32 whatever the model's precision, so the gradients are the same numbers)
+        first = outputs[0]
+        leaves = {
+            "features": {
+                m: torch.cat([o["features"][m] for o in outputs]).float().requires_grad_() for m in first["features"]
+            },
+            "logit_scale": {k: v.detach().float().requires_grad_() for k, v in first["logit_scale"].items()},
+        }
+        if "logit_bias" in first:
+            leaves["logit_bias"] = {k: v.detach().float().requires_grad_() for k, v in first["logit_bias"].items()}
+        losses, report = self.objective.loss(leaves, batch)
+        losses["loss"].backward()
+        # pass 2: each chunk again with autograd, its random state replayed, its features' cached gradient pushed
+        # into the weights; the temperatures' and biases' gradients enter once, with the first chunk. DeepSpeed
+        # counts every chunk as a micro-step: its boundary (one gradient reduction, the optimizer step) comes after
+        # the last chunk of the step's last micro-batch.
+        for i, (start, stop, chunk) in enumerate(chunks):
+            inputs = {k: v for k, v in chunk.items() if k not in towers or k in trained}
+            inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
+            hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
+            try:
+                out = engine(inputs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            terms = [
+                (f * leaves["features"][m].grad[start:stop]).sum()
+                for m, f in out["features"].items()
+                if leaves["features"][m].grad is not None
+            ]
+            if i == 0:
+                for group in ("logit_scale", "logit_bias"):
+                    terms += [
+                        (out[group][k] * leaf.grad).sum()
+                        for k, leaf in leaves.get(group, {}).items()
+                        if leaf.grad is not None
+                    ]
+            if terms:
+                engine.backward(torch.stack(terms).sum() / self.grad_accum, scale_wrt_gas=False)
+            engine.step()
+        _set_rng_state(after)
+        return {k: v.detach() for k, v in losses.items()}, report
+
+
+def make_step(objective, model: nn.Module, chunk_size: int, grad_accum: int):
+    """The two-pass step when towers run in chunks (`train.chunk_size`), else the one-graph step."""
+    if chunk_size:
+        return TwoPassStep(objective, model, chunk_size, grad_accum)
+    return OneGraphStep(objective)
