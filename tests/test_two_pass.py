@@ -290,3 +290,43 @@ def test_chunk_size_config_errors(tmp_path):
         )
     cfg = load_config(None, ["train.batch_size=65536", "train.chunk_size=256", "deepspeed.zero_stage=1"])
     assert (cfg.train.batch_size, cfg.train.chunk_size) == (65536, 256)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt"])
+def test_adapters_train_the_same_in_chunks(adapter):
+    """LoRA on both towers, and VPT tokens in the ViT: the two-pass gradients of what trains are the one-graph ones."""
+    from tessera.models.lora import LoraConfig, apply_lora
+    from tessera.models.prompts import PromptConfig, apply_prompts
+
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT})
+    batch = _batch(model)
+    if adapter == "lora":
+        tuned = apply_lora(model, LoraConfig(rank=4, train_heads=True)).train()
+        with torch.no_grad():  # LoRA's B starts at zero; give it values, as training would
+            for name, p in tuned.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    else:
+        tuned = apply_prompts(model, PromptConfig(context=0, visual_tokens=3)).train()
+    _compare(tuned, batch, LossConfig(tile_size=5))
+
+
+@pytest.mark.slow
+def test_memory_holds_one_chunk_of_activations_whatever_the_batch():
+    """At a fixed chunk, four times the batch adds only its features and their gradients (O(B·D)); one graph over
+    the smaller batch needs several times the chunked step's memory."""
+    from .conftest import PY, ROOT, run_cli
+
+    def peak(batch_size, chunk):
+        proc = run_cli(
+            [PY, str(ROOT / "tests" / "peak_memory_step.py"), str(batch_size), str(chunk)],
+            env={"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rise_bytes"]
+
+    small, large, one_graph = peak(256, 32), peak(1024, 32), peak(256, 0)
+    # per added sample: its features of two towers (D = 64, fp32) as outputs, the loss's leaves and their
+    # gradients: about 2 KB; allowed 8 KB, plus 8 MiB for allocator granularity
+    assert large - small < 768 * 8 * 1024 + 8 * 2**20, (small, large)
+    assert one_graph > 4 * small, (one_graph, small)

@@ -119,10 +119,21 @@ class TwoPassStep:
                 hooks.append(hook)
         return hooks
 
+    def _trained_towers(self) -> set[str]:
+        """Towers the second pass must run: those with a trainable parameter, or every one when something outside
+        the towers, heads and temperatures trains (prompt vectors enter the towers through hooks)."""
+        model = self.model
+        towers = {m for m, tower in model.towers.items() if any(p.requires_grad for p in tower.parameters())}
+        owned = {id(p) for module in (model.towers, model.heads, model.logit_scales) for p in module.parameters()}
+        owned |= {id(p) for p in getattr(model, "logit_biases", nn.ParameterDict()).parameters()}
+        if any(p.requires_grad and id(p) not in owned for p in model.parameters()):
+            return set(model.towers)
+        return towers
+
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
         chunks = self._chunks(batch)
         towers, heads = self.model.towers, self.model.heads
-        trained = {m for m in towers if any(p.requires_grad for p in towers[m].parameters())}
+        trained = self._trained_towers()
         # a locked tower (LiT) runs in the first pass only; where its head trains, the head takes its output again
         head_only = {m for m in towers if m not in trained and any(p.requires_grad for p in heads[m].parameters())}
         # pass 1: features only, and the random state each module of each chunk starts from; batch-norm statistics
@@ -189,8 +200,9 @@ class TwoPassStep:
                         for k, leaf in leaves.get(group, {}).items()
                         if leaf.grad is not None
                     ]
-            if terms:
-                engine.backward(torch.stack(terms).sum() / self.grad_accum, scale_wrt_gas=False)
+            surrogate = torch.stack(terms).sum() if terms else None
+            if surrogate is not None and surrogate.requires_grad:
+                engine.backward(surrogate / self.grad_accum, scale_wrt_gas=False)
             engine.step()
         _set_rng_state(after)
         return {k: v.detach() for k, v in losses.items()}, report
