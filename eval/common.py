@@ -36,7 +36,8 @@ def load(args: argparse.Namespace):
     try:
         model = load_model(args.model, device=device)
         if getattr(args, "adapter", None):
-            model = merge_adapter(load_adapter(model, args.adapter)).eval()
+            # prompt vectors are made on the CPU: the adapted model goes to the device as a whole
+            model = merge_adapter(load_adapter(model, args.adapter)).to(device).eval()
     except ConfigError as exc:  # a bad model or adapter directory: say which, exit 2 like argparse
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
@@ -54,6 +55,10 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class NoSamples(ValueError):
+    """The evaluation data has no sample that carries what was asked for (a pair, or a modality with labels)."""
+
+
 def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[str] = ()) -> list:
     """The sources (`SourceConfig`s) whose samples carry all of `modalities`, set to decode exactly those (plus
     `extra`, e.g. the label). A source that declares no modalities is taken to carry whatever is asked for;
@@ -64,7 +69,7 @@ def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[s
         if s.modalities is None or all(m in s.modalities for m in modalities)
     ]
     if not picked:
-        raise ValueError(
+        raise NoSamples(
             f"no evaluation source carries {'+'.join(modalities)} (sources: "
             + ", ".join(f"{s.name}: {'+'.join(s.modalities or ['?'])}" for s in sources)
             + ")"

@@ -20,6 +20,7 @@ Shape legend: Q query rows, T target rows, N samples, M positives per query, D e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from tessera.models import MultiTowerModel
 
 from . import common
 
+log = logging.getLogger(__name__)
 KS = (1, 5, 10)
 CURVE_KS = 50
 CHUNK_ELEMENTS = 2**26  # similarities per chunk (256 MB in fp32)
@@ -95,7 +97,7 @@ def embed(
                 owners[m].append(torch.repeat_interleave(torch.arange(n, n + size), counts))
             n += size
     if n == 0:
-        raise ValueError(f"no sample in {[s.shards for s in sources]} carries all of {list(modalities)}")
+        raise common.NoSamples(f"no sample in {[s.shards for s in sources]} carries all of {list(modalities)}")
     return Embedded({m: torch.cat(c) for m, c in chunks.items()}, {m: torch.cat(o) for m, o in owners.items()}, n)
 
 
@@ -238,12 +240,23 @@ def evaluate_pairs(
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    skip_missing: bool = False,
 ) -> dict[str, Any]:
-    """Retrieval metrics, chance levels, diagnostics and R@K curves for each pair, and the eval data's counts."""
+    """Retrieval metrics, chance levels, diagnostics and R@K curves for each pair, and the eval data's counts. With
+    `skip_missing`, a pair no sample carries is left out (listed under `skipped`) instead of an error; at least one
+    pair must have samples."""
     result: dict[str, Any] = {"metrics": {}, "chance": {}, "diagnostics": {}, "curves": {}, "n": {}, "rows": {}}
     stats = SampleStats()
+    skipped = []
     for a, b in pairs:
-        emb = embed(model, sources, (a, b), batch_size, device, dtype, num_workers, stats, progress=progress)
+        try:
+            emb = embed(model, sources, (a, b), batch_size, device, dtype, num_workers, stats, progress=progress)
+        except common.NoSamples as exc:
+            if not skip_missing or len(skipped) + 1 == len(pairs):
+                raise
+            log.warning("retrieval: %s; the pair %s-%s is left out", exc, a, b)
+            skipped.append(f"{a}-{b}")
+            continue
         metrics, chance, curves = retrieval_metrics(emb, a, b)
         result["metrics"].update(metrics)
         result["chance"].update(chance)
@@ -252,6 +265,8 @@ def evaluate_pairs(
         result["n"][f"{a}-{b}"] = emb.n
         result["rows"][f"{a}-{b}"] = {a: emb.features[a].shape[0], b: emb.features[b].shape[0]}
     result["data"] = stats.to_dict()
+    if skipped:
+        result["skipped"] = skipped
     return result
 
 
@@ -332,8 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.query is not None and args.query == args.target:
         parser.error("--query and --target must be two different modalities")
     try:
+        sources = parse_sources(args.data, "--data")
+        # by default every pair the model was trained on, less those the data does not carry
         result = evaluate_pairs(
-            model, parse_sources(args.data, "--data"), pairs, args.batch_size, device, None, args.workers, progress=True
+            model,
+            sources,
+            pairs,
+            args.batch_size,
+            device,
+            None,
+            args.workers,
+            progress=True,
+            skip_missing=args.query is None,
         )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -75,6 +75,14 @@ def prompt_modality(model: MultiTowerModel) -> str:
     return language
 
 
+class _Movable(dict):
+    """A tower input that is a dict of tensors (a Hugging Face tokenizer's ids and mask), with the `.to(device)` that
+    open_clip's classifier builder calls on what the tokenizer returns."""
+
+    def to(self, device) -> _Movable:
+        return _Movable({k: v.to(device) for k, v in self.items()})
+
+
 class _PromptTowerAsCLIP:
     """What open_clip's classifier builder calls: encode_text(tokens, normalize=True)."""
 
@@ -98,7 +106,8 @@ def build_classifier(
     transform, collate = model.transforms(False)[language], model.collators()[language]
 
     def tokenizer(texts: list[str]):
-        return collate([transform(t) for t in texts])
+        tokens = collate([transform(t) for t in texts])
+        return _Movable(tokens) if isinstance(tokens, dict) else tokens
 
     with common.eval_mode(model):
         weights = build_zero_shot_classifier(
@@ -137,7 +146,9 @@ def embed_labelled(
             labels.append(batch[LABEL])
             feats.append(model.encode(modality, to_device(batch, device, dtype)[modality]).float().cpu())
     if not feats:
-        raise ValueError(f"no sample in {[s.shards for s in sources]} carries both '{modality}' and a `cls` label")
+        raise common.NoSamples(
+            f"no sample in {[s.shards for s in sources]} carries both '{modality}' and a `cls` label"
+        )
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -108,7 +108,7 @@ def lora_targets(model, cfg: LoraConfig) -> list[str]:
             raise ConfigError(f"lora: the model has no '{tower}' tower (it has {list(model.towers)})")
     targets = []
     for tower in towers:
-        explicit = tower in cfg.target_modules
+        explicit = bool(cfg.target_modules.get(tower))  # an empty list asks for the preset, as no entry does
         wanted = cfg.target_modules[tower] if explicit else model.towers[tower].lora_targets()
         targets += _tower_targets(model, tower, wanted, explicit)
     return targets

@@ -44,6 +44,9 @@ from .freeze import freeze_norm_statistics
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_model.safetensors"
 PEFT_SUBDIR = "peft_prompt"
+# what the first saved format called the tensors (it kept peft's files in a folder named after the prompt tower):
+# adapters written by it load as they are
+LEGACY_NAMES = {"text_context": "context", "visual_prompts": "visual_prompts.image"}
 PLACEHOLDER = "X"
 
 
@@ -313,7 +316,7 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
     model = apply_prompts(model, cfg, doc.get("classnames"))
     learner: PromptLearner = model.prompt_learner
     if (adapter_dir / WEIGHTS_FILE).is_file():
-        saved = load_file(str(adapter_dir / WEIGHTS_FILE))
+        saved = {LEGACY_NAMES.get(k, k): v for k, v in load_file(str(adapter_dir / WEIGHTS_FILE)).items()}
         own = dict(learner.named_parameters())
         if set(saved) != set(own):
             raise ConfigError(
@@ -328,7 +331,14 @@ def load_prompts(model, adapter_dir: str | Path, trainable: bool = False):
             with torch.no_grad():
                 own[name].copy_(value)
     if learner.prefix is not None:
-        state = load_file(str(adapter_dir / PEFT_SUBDIR / "adapter_model.safetensors"))
+        found = [adapter_dir / d / "adapter_model.safetensors" for d in (PEFT_SUBDIR, learner.language)]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            raise ConfigError(
+                f"prompt adapter '{adapter_dir}' learned peft prompt tuning, but its "
+                f"{PEFT_SUBDIR}/adapter_model.safetensors is missing"
+            )
+        state = load_file(str(found[0]))
         try:
             peft.set_peft_model_state_dict(getattr(learner.prefix.owner, learner.prefix.attribute), state)
         except RuntimeError as exc:

@@ -436,3 +436,34 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
     reloaded = load_adapter(load_model(aligned_base), out / "adapter").eval()
     again = evaluate_zeroshot(reloaded, val, "image", names, ["a {} shape"], 240)["metrics"]["acc1"]
     assert again == pytest.approx(few_shot, abs=0.03)  # fp32 here, bf16 in the run
+
+
+@pytest.mark.parametrize("which", ["csc+vpt", "hf"])
+def test_adapters_saved_in_the_first_format_still_load(tmp_path, which):
+    """The first format named the tensors `text_context` and `visual_prompts`, and kept peft's files under text/."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cfg, make = {
+        "csc+vpt": (PromptConfig(context=3, class_specific=True, visual_tokens=2), _base),
+        "hf": (PromptConfig(context=3), lambda: _base(HF_MODEL)),
+    }[which]
+    model = apply_prompts(make(), cfg, CLASSES).eval()
+    _randomize(model)
+    save_prompts(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "prompt_model.safetensors"
+    if weights.is_file():
+        old = {"context": "text_context", "visual_prompts.image": "visual_prompts"}
+        save_file({old.get(k, k): v for k, v in load_file(str(weights)).items()}, str(weights))
+    if (tmp_path / "adapter" / "peft_prompt").is_dir():
+        shutil.move(tmp_path / "adapter" / "peft_prompt", tmp_path / "adapter" / "text")
+    loaded = load_adapter(make(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode("image", IMAGES), loaded.encode("image", IMAGES))
+        texts = _tokens(model, CLASSES)
+        assert torch.equal(model.encode("text", texts), loaded.encode("text", texts))
+    if which == "hf":
+        shutil.rmtree(tmp_path / "adapter" / "text")
+        with pytest.raises(ConfigError, match="peft_prompt/adapter_model.safetensors is missing"):
+            load_adapter(make(), tmp_path / "adapter")

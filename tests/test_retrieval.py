@@ -203,3 +203,25 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     tarfile.open(empty, "w").close()
     proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
     assert proc.returncode == 2 and "no sample in" in proc.stderr
+
+
+def test_pairs_the_data_does_not_carry_are_left_out_when_asked(demo_shards):
+    """A joint model scored on image-text shards: with skip_missing, the audio pairs are listed as skipped and the
+    image-text pair is scored; without it, the first missing pair is an error."""
+    from tessera.config import from_dict
+    from tessera.data import parse_sources
+    from tessera.eval.common import NoSamples
+    from tessera.eval.retrieval import evaluate_pairs
+    from tessera.models import ModelConfig, build_model
+
+    from .test_joint import JOINT_MODEL
+
+    model = build_model(from_dict(ModelConfig, JOINT_MODEL, "model"))
+    sources = parse_sources([{"shards": str(demo_shards / "val-000000.tar"), "modalities": ["image", "text"]}], "val")
+    pairs = [("image", "text"), ("text", "audio")]
+    result = evaluate_pairs(model, sources, pairs, 256, skip_missing=True)
+    assert result["skipped"] == ["text-audio"] and list(result["n"]) == ["image-text"]
+    with pytest.raises(NoSamples, match="no evaluation source carries text\\+audio"):
+        evaluate_pairs(model, sources, pairs, 256)
+    with pytest.raises(NoSamples):
+        evaluate_pairs(model, sources, [("text", "audio")], 256, skip_missing=True)

@@ -190,6 +190,7 @@ def test_label_positives_from_cls_members(tmp_path):
         ],
     )
     task = make_task(cfg)
+    torch.manual_seed(0)  # the same initial weights whatever ran before
     model = task.build_model()
     batch = next(task.data(model, DistInfo(0, 1, 0, torch.device("cpu"))).loader)
     assert batch["label"].tolist() == [int(key) % 4 for key in batch["__key__"]]
@@ -199,7 +200,9 @@ def test_label_positives_from_cls_members(tmp_path):
     args = (out["features"]["image"], out["features"]["text"], out["logit_scale"]["image__text"])
     with_labels = contrastive_loss_reference(*args, labels=batch["label"])
     assert losses["loss"].item() == pytest.approx(with_labels.item(), rel=1e-5)
-    assert abs(with_labels.item() - contrastive_loss_reference(*args).item()) > 1e-3
+    # at initialisation the towers map pictures of one colour close together, so labels move the loss by about 2e-3
+    # here; fp32 noise is about 1e-6
+    assert abs(with_labels.item() - contrastive_loss_reference(*args).item()) > 1e-4
 
 
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])

@@ -167,6 +167,11 @@ def test_joint_batch_with_stochastic_depth_and_a_locked_tower():
     TwoPassStep(ContrastiveObjective(model.pairs, LossConfig()), chunked, CHUNK, 1)(PlainEngine(chunked), _batch(model))
     assert len(calls) == B // CHUNK
     _compare(model, _batch(model), LossConfig(tile_size=5), lock=["image"])
+    # a locked batch-norm tower updates its statistics once per chunk too
+    model = _model({"image": BATCHNORM_IMAGE, "text": TEXT})
+    before = {n: b.clone() for n, b in model.towers["image"].named_buffers() if "running_mean" in n}
+    _compare(model, _batch(model), LossConfig(tile_size=5), lock=["image"])
+    assert any(not torch.equal(b, before[n]) for n, b in model.towers["image"].named_buffers() if n in before)
 
 
 def test_gradient_checkpointing():

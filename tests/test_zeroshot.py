@@ -116,3 +116,25 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
         ]
     )
     assert proc.returncode == 2 and "`cls` label" in proc.stderr
+
+
+def test_classifier_from_a_hugging_face_text_tower():
+    """A Hugging Face text tower's tokens are a dict of tensors: the classifier builds from them too."""
+    from tessera.config import from_dict
+    from tessera.eval.zeroshot import build_classifier
+    from tessera.models import ModelConfig, build_model
+
+    from .conftest import TINY_MODEL
+
+    hf = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+    }
+    towers = {"image": TINY_MODEL["towers"]["image"], "text": {"encoder": "hf_text", "config": hf, "max_length": 16}}
+    model = build_model(from_dict(ModelConfig, {"embed_dim": 16, "towers": towers}, "model"))
+    weights = build_classifier(model, ["circle", "star", "cross"], ["a {}", "a picture of a {}"])
+    assert weights.shape == (16, 3) and torch.allclose(weights.norm(dim=0), torch.ones(3), atol=1e-5)

@@ -4,11 +4,13 @@ class prompts when eval.classes is set, as metrics.jsonl lines and, at the end, 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tessera.eval.common import NoSamples
 from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
 from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 
@@ -16,6 +18,7 @@ from .config import PretrainConfig
 from .distributed import DistInfo
 from .metrics import MetricsLogger
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -27,9 +30,13 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
     dtype = DTYPES[cfg.train.precision]
     trained = cfg.model.pair_list()
     pairs = cfg.eval.pairs or trained
-    result = evaluate_pairs(model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype)
+    # a pair or a modality the held-out data does not carry is left out with a warning: the run has trained and
+    # exported by now, and the rest of the evaluation still reports
+    result = evaluate_pairs(model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype, skip_missing=True)
     # pairs evaluated that the loss never aligned: their retrieval is emergent, through the shared space
-    result["emergent"] = [f"{a}-{b}" for a, b in pairs if (a, b) not in trained and (b, a) not in trained]
+    result["emergent"] = [
+        f"{a}-{b}" for a, b in pairs if (a, b) not in trained and (b, a) not in trained and f"{a}-{b}" in result["n"]
+    ]
     record = {
         "metrics": result["metrics"],
         "chance": result["chance"],
@@ -38,10 +45,14 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
     }
     if cfg.eval.classes:
         classnames, templates = read_classes(cfg.eval.classes)
-        result["zeroshot"] = {
-            m: evaluate_zeroshot(model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype)
-            for m in cfg.eval.classify
-        }
+        result["zeroshot"] = {}
+        for m in cfg.eval.classify:
+            try:
+                result["zeroshot"][m] = evaluate_zeroshot(
+                    model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype
+                )
+            except NoSamples as exc:
+                log.warning("zero-shot classification of %s left out: %s", m, exc)
         record["zeroshot"] = {
             m: {"metrics": z["metrics"], "chance": z["chance"]} for m, z in result["zeroshot"].items()
         }

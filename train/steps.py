@@ -60,11 +60,13 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-def _norm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, saved copy) of every batch-norm running statistic that a forward in training mode updates."""
+def _norm_statistics(modules: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, saved copy) of every batch-norm running statistic in `modules` that a forward in training mode
+    updates."""
     return [
         (buf, buf.detach().clone())
-        for m in model.modules()
+        for module in modules
+        for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
         for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buf is not None
@@ -136,9 +138,9 @@ class TwoPassStep:
         trained = self._trained_towers()
         # a locked tower (LiT) runs in the first pass only; where its head trains, the head takes its output again
         head_only = {m for m in towers if m not in trained and any(p.requires_grad for p in heads[m].parameters())}
-        # pass 1: features only, and the random state each module of each chunk starts from; batch-norm statistics
-        # put back afterwards
-        statistics = _norm_statistics(self.model)
+        # pass 1: features only, and the random state each module of each chunk starts from; the batch-norm
+        # statistics of what the second pass runs again are put back afterwards (a locked tower keeps its update)
+        statistics = _norm_statistics([*(towers[m] for m in trained), *(heads[m] for m in trained | head_only)])
         states, outputs, encoded = [], [], []
         with torch.no_grad():
             for _, _, chunk in chunks:
@@ -201,8 +203,11 @@ class TwoPassStep:
                         if leaf.grad is not None
                     ]
             surrogate = torch.stack(terms).sum() if terms else None
-            if surrogate is not None and surrogate.requires_grad:
-                engine.backward(surrogate / self.grad_accum, scale_wrt_gas=False)
+            if surrogate is None or not surrogate.requires_grad:
+                # nothing of this chunk trains (a batch of frozen towers' modalities), but the backward must still
+                # run: DeepSpeed reduces gradients across ranks inside the boundary's backward
+                surrogate = 0.0 * next(p for p in self.model.parameters() if p.requires_grad).sum()
+            engine.backward(surrogate / self.grad_accum, scale_wrt_gas=False)
             engine.step()
         _set_rng_state(after)
         return {k: v.detach() for k, v in losses.items()}, report
