@@ -7,13 +7,15 @@ from .config import DataConfig, SourceConfig, parse_sources
 from .decode import BadSample, Decoder, ManifestError, decoders
 from .label import LABEL
 from .loader import TrainLoader, eval_batches, to_device
-from .per_source import PerSourceLoader, train_loader
+from .per_source import ChunkedLoader, Chunks, PerSourceLoader, train_loader
 from .shards import ShardError, expand_shards, shard_sizes
 from .stats import DataQualityError, SampleStats
 
 __all__ = [
     "LABEL",
     "BadSample",
+    "ChunkedLoader",
+    "Chunks",
     "DataConfig",
     "DataQualityError",
     "Decoder",

@@ -63,7 +63,9 @@ class PerSourceLoader:
         rank: int = 0,
         world: int = 1,
         pin_memory: bool = False,
+        group: int = 1,
     ):
+        """`group` consecutive batches come from one source (the chunks of one contrastive batch)."""
         if not cfg.train:
             raise ShardError("no data sources configured (set data.train, e.g. data.train=path/{000..009}.tar)")
         self.seed = seed
@@ -85,7 +87,8 @@ class PerSourceLoader:
             )
             for s in cfg.train
         }
-        self.drawn = 0  # micro-batches handed out: the position in the source schedule
+        self.group = group
+        self.drawn = 0  # batches handed out: the position in the source schedule
         log.info(
             "per-source batching: %s",
             ", ".join(
@@ -95,8 +98,8 @@ class PerSourceLoader:
         )
 
     def source_at(self, i: int) -> str:
-        """The source of micro-batch i: a function of (seed, i) alone, so identical on every rank."""
-        return seeded_rng(self.seed, "source", i).choices(self.names, weights=self.weights)[0]
+        """The source of batch i: a function of (seed, i // group) alone, so identical on every rank."""
+        return seeded_rng(self.seed, "source", i // self.group).choices(self.names, weights=self.weights)[0]
 
     def __iter__(self) -> PerSourceLoader:
         return self
@@ -138,14 +141,49 @@ class PerSourceLoader:
             loader.load_state_dict(state["sources"][name])
 
 
+class Chunks(list):
+    """The chunks of one contrastive batch, in order: each a batch the loader collated on its own (so no worker ever
+    holds the whole batch), left where the loader put it until a step moves one chunk at a time to its device."""
+
+
+class ChunkedLoader:
+    """Groups of `chunks` consecutive batches of `loader`, as `Chunks`. Its position is the inner loader's, which
+    a checkpoint always saves at a group's boundary (after a whole step)."""
+
+    def __init__(self, loader: TrainLoader | PerSourceLoader, chunks: int):
+        self.loader, self.chunks = loader, chunks
+
+    def __iter__(self) -> ChunkedLoader:
+        return self
+
+    def __next__(self) -> Chunks:
+        return Chunks(next(self.loader) for _ in range(self.chunks))
+
+    def __getattr__(self, name: str) -> Any:  # stats, epoch, num_workers, state_dict, load_state_dict
+        return getattr(self.__dict__["loader"], name)
+
+
 def train_loader(
     cfg: DataConfig,
     transforms: dict[str, Callable],
     collators: dict[str, Callable],
     modalities: list[str],
     batch_size: int,
+    chunk_size: int = 0,
     **kwargs: Any,
-) -> TrainLoader | PerSourceLoader:
-    """The training loader data.batching asks for (see `choose_batching`)."""
-    cls = PerSourceLoader if choose_batching(cfg, modalities) == "per_source" else TrainLoader
-    return cls(cfg, transforms, collators, modalities, batch_size, **kwargs)
+) -> TrainLoader | PerSourceLoader | ChunkedLoader:
+    """The training loader data.batching asks for (see `choose_batching`). With a `chunk_size` below
+    `batch_size` (a divisor of it), workers collate chunks and the loader hands out each batch as its `Chunks`;
+    per-source batching draws one source for all chunks of a batch."""
+    per_source = choose_batching(cfg, modalities) == "per_source"
+    if not chunk_size or chunk_size >= batch_size:
+        cls = PerSourceLoader if per_source else TrainLoader
+        return cls(cfg, transforms, collators, modalities, batch_size, **kwargs)
+    if batch_size % chunk_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the chunk size {chunk_size}")
+    group = batch_size // chunk_size
+    if per_source:
+        inner = PerSourceLoader(cfg, transforms, collators, modalities, chunk_size, group=group, **kwargs)
+    else:
+        inner = TrainLoader(cfg, transforms, collators, modalities, chunk_size, **kwargs)
+    return ChunkedLoader(inner, group)

@@ -74,6 +74,12 @@ class Encoder(nn.Module):
         """A picklable callable: one decoded sample value -> one model input item."""
         raise NotImplementedError
 
+    def compact_transform(self, is_train: bool) -> Callable[[Any], Any]:
+        """`transform` for inputs held for a whole contrastive batch (the two-pass step): the same model input in
+        its smallest form, which `forward` also accepts (images as uint8, normalised on the device). By default the
+        transform itself."""
+        return self.transform(is_train)
+
     @staticmethod
     def collate(items: list[Any]) -> Any:
         """Stack transformed items into the batch `forward` takes. A static method: loader workers receive it

@@ -81,8 +81,12 @@ class MultiTowerModel(nn.Module):
             out["logit_bias"] = {key: bias.squeeze(0) for key, bias in self.logit_biases.items()}
         return out
 
-    def transforms(self, is_train: bool) -> dict[str, Any]:
-        return {m: tower.transform(is_train) for m, tower in self.towers.items()}
+    def transforms(self, is_train: bool, compact: bool = False) -> dict[str, Any]:
+        """Each tower's transform; `compact`: its compact form (see `Encoder.compact_transform`)."""
+        return {
+            m: tower.compact_transform(is_train) if compact else tower.transform(is_train)
+            for m, tower in self.towers.items()
+        }
 
     def collators(self) -> dict[str, Any]:
         return {m: tower.collate for m, tower in self.towers.items()}

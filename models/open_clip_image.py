@@ -20,7 +20,7 @@ from tessera.config import closest, require
 from .encoder import Encoder, TokenSite
 from .open_clip_common import TRANSFORMER_TARGETS, check_overrides, load_pretrained, named_config, quick_gelu
 
-__all__ = ["OpenClipImageConfig", "OpenClipImageEncoder", "ToTensorNormalize"]
+__all__ = ["OpenClipImageConfig", "OpenClipImageEncoder", "ToTensorNormalize", "ToUint8", "normalize_uint8"]
 
 # ModifiedResNet: the bottlenecks' (and stem's) convolutions. Its attention pool cannot take LoRA: open_clip passes
 # q/k/v/c_proj's weights straight to F.multi_head_attention_forward, so wrapped modules would never run.
@@ -79,6 +79,23 @@ class ToTensorNormalize:
         return f"ToTensorNormalize({self.to_tensor!r}, {self.normalize!r})"
 
 
+class ToUint8:
+    """open_clip's (Maybe)ToTensor + Normalize left for later: an RGB PIL image -> its uint8 (3, H, W) tensor, a
+    quarter of the float32 one. `normalize_uint8` finishes it on the device with the same numbers."""
+
+    def __call__(self, img):
+        w, h = img.size
+        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1).clone()
+
+
+def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> what ToTensorNormalize makes of them, computed in float32 then cast to `dtype`."""
+    std_C11 = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    mean_C11 = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    out = images.to(torch.float32).mul_(1.0 / (255.0 * std_C11)).add_(-mean_C11 / std_C11)
+    return out.to(dtype)
+
+
 def fuse_to_tensor_normalize(compose):
     """open_clip's transform with its trailing ToTensor + Normalize fused (see `ToTensorNormalize`)."""
     steps = list(getattr(compose, "transforms", []))
@@ -104,11 +121,23 @@ class OpenClipImageEncoder(Encoder):
             load_pretrained(self.tower, cfg.pretrained, prefixes=("visual.",), keep_bare=())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:  # from compact_transform
+            dtype = next(self.tower.parameters()).dtype
+            images = normalize_uint8(images, self.preprocess_cfg.mean, self.preprocess_cfg.std, dtype)
         return self.tower(images)
 
     def transform(self, is_train: bool):
         aug = AugmentationCfg(**self.cfg.augmentation) if is_train else None
         return fuse_to_tensor_normalize(image_transform_v2(self.preprocess_cfg, is_train=is_train, aug_cfg=aug))
+
+    def compact_transform(self, is_train: bool):
+        """The transform up to its ToTensor + Normalize, which `forward` does on the device: uint8 images, a quarter
+        of the memory of float32 ones. A transform with steps after those (timm's random erasing) stays float."""
+        compose = self.transform(is_train)
+        steps = list(getattr(compose, "transforms", []))
+        if steps and isinstance(steps[-1], ToTensorNormalize) and len(steps[-1].scale_C11) == 3:
+            compose.transforms = [*steps[:-1], ToUint8()]
+        return compose
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)

@@ -44,6 +44,7 @@ class Engine:
 
     def __init__(self, model):
         self.model = model
+        self.device = torch.device("cpu")
 
     def __call__(self, batch):
         return self.model(batch)

@@ -234,6 +234,40 @@ def test_per_source_position_resumes_exactly(three_sources):
         other.load_state_dict({"drawn": 3, "sources": {"it": {}}})
 
 
+def test_chunked_batches_are_the_batches_in_chunks_from_one_source_and_resume_exactly(three_sources):
+    """With chunk_size, each batch arrives as its chunks, collated separately: per-source, the chunks of a batch
+    share one source, drawn by the same schedule as whole batches; mixed, they are the whole batches' samples in
+    order. The position resumes exactly at a batch boundary."""
+    from tessera.data import ChunkedLoader, Chunks
+
+    def chunked(root, **extra):
+        data = _data(root, **extra)
+        return train_loader(data, TRANSFORMS, COLLATORS, ["image", "text", "audio"], 6, chunk_size=2, seed=3)
+
+    loader = chunked(three_sources)
+    assert isinstance(loader, ChunkedLoader)
+    groups = list(itertools.islice(loader, 40))
+    whole = list(itertools.islice(_per_source(three_sources), 40))
+    assert [g[0]["__source__"] for g in groups] == [b["__source__"] for b in whole]
+    for group in groups:
+        assert isinstance(group, Chunks) and len(group) == 3
+        assert len({c["__source__"] for c in group}) == 1
+        assert all(len(c["__key__"]) == 2 and c["text"].shape == (2,) for c in group)
+    state = loader.state_dict()
+    expected = list(itertools.islice(loader, 12))
+    resumed = chunked(three_sources)
+    resumed.load_state_dict(state)
+    got = list(itertools.islice(resumed, 12))
+    assert [[c["__key__"] for c in g] for g in got] == [[c["__key__"] for c in g] for g in expected]
+
+    only = from_dict(DataConfig, {"train": [str(three_sources / "it-{000000..000003}.tar")], "num_workers": 0}, "data")
+    in_chunks = train_loader(only, TRANSFORMS, COLLATORS, ["image", "text"], 6, chunk_size=3, seed=3)
+    plain = train_loader(only, TRANSFORMS, COLLATORS, ["image", "text"], 6, seed=3)
+    for group, batch in zip(itertools.islice(in_chunks, 30), itertools.islice(plain, 30)):
+        assert [k for c in group for k in c["__key__"]] == batch["__key__"]
+        torch.testing.assert_close(torch.cat([c["image"] for c in group]), batch["image"])
+
+
 def test_batching_modes(three_sources):
     with pytest.raises(ShardError, match="use data.batching=per_source"):
         _per_source(three_sources, batching="mixed")

@@ -13,11 +13,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
+
 from tessera import modalities
 from tessera.config import ConfigError, from_fields, require
 from tessera.data import DataConfig
 from tessera.models import ModelConfig, read_model_config
 from tessera.models.adapters import AdapterConfig
+
+# train.precision -> the dtype floating inputs are cast to (fp32: left as they are)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass
@@ -30,7 +35,8 @@ class TrainConfig:
         metadata={
             "help": "samples each tower encodes at once; 0: the whole batch in one autograd graph. Below "
             "batch_size, an exact two-pass step (GradCache) trains on batch_size negatives per rank while holding "
-            "one chunk's activations: the same gradients as one graph over the same chunks"
+            "one chunk's activations: the same gradients as one graph over the same chunks. The loader then "
+            "collates chunks, and images are held as uint8 until their chunk runs"
         },
     )
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
@@ -190,11 +196,6 @@ class PretrainConfig:
                     m in towers and language is not None,
                     f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
                 )
-        require(
-            not self.train.chunk_size or self.deepspeed.zero_stage < 2,
-            "train.chunk_size (the two-pass step) runs with deepspeed.zero_stage 0-1: ZeRO-2/3 reduce and "
-            "partition gradients at every backward pass, i.e. once per chunk rather than once per step",
-        )
         has_bias = self.model.init_logit_bias is not None
         require(
             has_bias or self.loss.kind != "siglip",

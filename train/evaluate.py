@@ -8,18 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tessera.eval.common import NoSamples
 from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
 from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 
-from .config import PretrainConfig
+from .config import DTYPES, PretrainConfig
 from .distributed import DistInfo
 from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: MetricsLogger) -> dict | None:

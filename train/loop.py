@@ -17,9 +17,10 @@ from tessera.data import to_device
 from tessera.eval.zeroshot import read_classes
 
 from . import checkpoint
+from .config import DTYPES
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .engine import build_engine
-from .evaluate import DTYPES, evaluate, report
+from .evaluate import evaluate, report
 from .metrics import MetricsLogger, Window, data_counts
 from .recipes import dump_config
 from .tasks import Pretrain

@@ -19,14 +19,17 @@ Shape legend: B micro-batch, C chunk, D embedding width.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from tessera.data import to_device
 from tessera.models.multitower import Encoded
 
+from .config import DTYPES, TrainConfig
 from .objectives import ContrastiveObjective, Losses
 
 
@@ -76,8 +79,17 @@ def _norm_statistics(modules: list[nn.Module]) -> list[tuple[torch.Tensor, torch
 class TwoPassStep:
     """The exact two-pass contrastive step (see the module docstring): `chunk_size` samples per tower forward."""
 
-    def __init__(self, objective: ContrastiveObjective, model: nn.Module, chunk_size: int, grad_accum: int):
+    def __init__(
+        self,
+        objective: ContrastiveObjective,
+        model: nn.Module,
+        chunk_size: int,
+        grad_accum: int,
+        dtype: torch.dtype | None = None,
+    ):
+        """`dtype`: what floating inputs are cast to as a chunk moves to the engine's device (the precision's)."""
         self.objective, self.model, self.chunk_size, self.grad_accum = objective, model, chunk_size, grad_accum
+        self.dtype = dtype
 
     def backwards(self, batch_size: int) -> int:
         return math.ceil(batch_size / self.chunk_size)
@@ -85,9 +97,13 @@ class TwoPassStep:
     def micro_batch(self, batch_size: int) -> int:
         return min(self.chunk_size, batch_size)
 
-    def _chunks(self, batch: dict[str, Any]) -> list[tuple[int, int, dict[str, Any]]]:
-        """(start, stop, chunk) over the micro-batch: towers split their own inputs, per-sample lists and tensors
-        (labels, keys) are sliced, anything else (the source's name) is kept."""
+    def _chunks(self, batch: dict[str, Any] | list[dict[str, Any]]) -> list[tuple[int, int, dict[str, Any]]]:
+        """(start, stop, chunk) over the micro-batch: the loader's `Chunks` as they are, or a collated batch split:
+        towers split their own inputs, per-sample lists and tensors (labels, keys) are sliced, anything else (the
+        source's name) is kept."""
+        if isinstance(batch, list):
+            bounds = itertools.accumulate((len(c["__key__"]) for c in batch), initial=0)
+            return [(start, start + len(c["__key__"]), c) for start, c in zip(bounds, batch)]
         if "__key__" not in batch:
             raise ValueError("a two-pass step needs the batch's `__key__` list to know its size")
         towers, size = self.model.towers, len(batch["__key__"])
@@ -104,6 +120,21 @@ class TwoPassStep:
                     chunk[key] = value
             chunks.append((start, stop, chunk))
         return chunks
+
+    def _whole(self, chunks: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
+        """What the loss reads of the whole micro-batch besides the towers' inputs: per-sample lists and tensors
+        (keys, labels) joined, anything else (the source's name) from the first chunk."""
+        whole = {}
+        for key, value in chunks[0][2].items():
+            if key in self.model.towers:
+                continue
+            if isinstance(value, torch.Tensor):
+                whole[key] = torch.cat([c[key] for _, _, c in chunks])
+            elif isinstance(value, list):
+                whole[key] = [x for _, _, c in chunks for x in c[key]]
+            else:
+                whole[key] = value
+        return to_device(whole, self.device)
 
     def _hooks(self, modalities, states: dict, replay: bool) -> list:
         """Forward pre-hooks on each tower and head of `modalities` that record the random state each starts from
@@ -132,7 +163,8 @@ class TwoPassStep:
             return set(model.towers)
         return towers
 
-    def __call__(self, engine, batch: dict[str, Any]) -> Losses:
+    def __call__(self, engine, batch: dict[str, Any] | list[dict[str, Any]]) -> Losses:
+        self.device = engine.device
         chunks = self._chunks(batch)
         towers, heads = self.model.towers, self.model.heads
         trained = self._trained_towers()
@@ -156,7 +188,7 @@ class TwoPassStep:
                     if m in chunk
                 ]
                 try:
-                    outputs.append(engine(chunk))
+                    outputs.append(engine(to_device(chunk, self.device, self.dtype)))
                 finally:
                     for hook in hooks:
                         hook.remove()
@@ -175,7 +207,7 @@ class TwoPassStep:
         }
         if "logit_bias" in first:
             leaves["logit_bias"] = {k: v.detach().float().requires_grad_() for k, v in first["logit_bias"].items()}
-        losses, report = self.objective.loss(leaves, batch)
+        losses, report = self.objective.loss(leaves, self._whole(chunks))
         losses["loss"].backward()
         # pass 2: each chunk again with autograd, its random state replayed, its features' cached gradient pushed
         # into the weights; the temperatures' and biases' gradients enter once, with the first chunk. DeepSpeed
@@ -183,6 +215,7 @@ class TwoPassStep:
         # the last chunk of the step's last micro-batch.
         for i, (start, stop, chunk) in enumerate(chunks):
             inputs = {k: v for k, v in chunk.items() if k not in towers or k in trained}
+            inputs = to_device(inputs, self.device, self.dtype)
             inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
             hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
             try:
@@ -213,8 +246,8 @@ class TwoPassStep:
         return {k: v.detach() for k, v in losses.items()}, report
 
 
-def make_step(objective, model: nn.Module, chunk_size: int, grad_accum: int):
+def make_step(objective, model: nn.Module, t: TrainConfig):
     """The two-pass step when towers run in chunks (`train.chunk_size`), else the one-graph step."""
-    if chunk_size:
-        return TwoPassStep(objective, model, chunk_size, grad_accum)
+    if t.chunk_size:
+        return TwoPassStep(objective, model, t.chunk_size, t.grad_accum, DTYPES[t.precision])
     return OneGraphStep(objective)

@@ -70,7 +70,7 @@ class Pretrain:
     def build_model(self) -> nn.Module:
         self.model = prepare(build_model(self.cfg.model), self.cfg)
         self.objective = self.make_objective(self.model)
-        self.step = make_step(self.objective, self.model, self.cfg.train.chunk_size, self.cfg.train.grad_accum)
+        self.step = make_step(self.objective, self.model, self.cfg.train)
         return self.model
 
     def make_objective(self, model: nn.Module):
@@ -78,7 +78,9 @@ class Pretrain:
 
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
-        transforms, collators, keys = model.transforms(is_train=True), model.collators(), list(model.modalities)
+        # in chunks, a step holds its whole batch's inputs: in their compact form (images as uint8)
+        compact = bool(self.cfg.train.chunk_size)
+        transforms, collators, keys = model.transforms(True, compact), model.collators(), list(model.modalities)
         if self.cfg.loss.positives == "label":  # every sample also carries its `cls` id
             transforms[LABEL], collators[LABEL] = keep, collate_labels
             keys.append(LABEL)
@@ -93,6 +95,7 @@ class Pretrain:
             collators,
             keys,
             cfg.train.batch_size,
+            chunk_size=cfg.train.chunk_size,
             seed=cfg.seed,
             rank=dist.rank,
             world=dist.world,
@@ -148,7 +151,7 @@ class ContrastiveFinetune(Pretrain):
             100 * counts["trainable"] / counts["total"],
         )
         self.objective = self.make_objective(self.model)
-        self.step = make_step(self.objective, self.model, cfg.train.chunk_size, cfg.train.grad_accum)
+        self.step = make_step(self.objective, self.model, cfg.train)
         return self.model
 
     def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
