@@ -88,12 +88,10 @@ class ToUint8:
         return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1).clone()
 
 
-def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> what ToTensorNormalize makes of them, computed in float32 then cast to `dtype`."""
-    std_C11 = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    mean_C11 = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    out = images.to(torch.float32).mul_(1.0 / (255.0 * std_C11)).add_(-mean_C11 / std_C11)
-    return out.to(dtype)
+def normalize_uint8(images: torch.Tensor, scale_C11: torch.Tensor, offset_C11: torch.Tensor, dtype) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> what ToTensorNormalize (whose `scale_C11` and `offset_C11` these are, on the images'
+    device) makes of them, computed in float32 then cast to `dtype`."""
+    return images.to(torch.float32).mul_(scale_C11).add_(offset_C11).to(dtype)
 
 
 def fuse_to_tensor_normalize(compose):
@@ -117,13 +115,19 @@ class OpenClipImageEncoder(Encoder):
         self.tower = _build_vision_tower(self.output_dim, vision_cfg, quick_gelu=quick_gelu(cfg))
         size = vision_cfg.get("image_size", 224)
         self.preprocess_cfg = PreprocessCfg(**{"size": size, **cfg.preprocess})
+        self._normalize: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # uint8 input's scale, offset
         if cfg.pretrained:
             load_pretrained(self.tower, cfg.pretrained, prefixes=("visual.",), keep_bare=())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:  # from compact_transform
+            device = images.device
+            if device not in self._normalize:  # made once per device: no host-to-device copy per step
+                std = torch.tensor(self.preprocess_cfg.std, dtype=torch.float32).view(-1, 1, 1)
+                mean = torch.tensor(self.preprocess_cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+                self._normalize[device] = ((1.0 / (255.0 * std)).to(device), (-mean / std).to(device))
             dtype = next(self.tower.parameters()).dtype
-            images = normalize_uint8(images, self.preprocess_cfg.mean, self.preprocess_cfg.std, dtype)
+            images = normalize_uint8(images, *self._normalize[device], dtype)
         return self.tower(images)
 
     def transform(self, is_train: bool):
