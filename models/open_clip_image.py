@@ -55,6 +55,19 @@ class OpenClipImageConfig:
         return {**named_config(self.model)["vision_cfg"], **self.overrides}
 
 
+def normalize_constants(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalize(mean, std) of ToTensor's output as one multiply-add on uint8 values: (1 / (255 std), -mean / std),
+    float32, shaped (C, 1, 1)."""
+    std, mean = torch.tensor(std, dtype=torch.float32), torch.tensor(mean, dtype=torch.float32)
+    return (1.0 / (255.0 * std)).view(-1, 1, 1), (-mean / std).view(-1, 1, 1)
+
+
+def rgb_uint8(img) -> torch.Tensor:
+    """An RGB PIL image -> its (3, H, W) uint8 tensor, a strided view of one copy of its bytes."""
+    w, h = img.size
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
 class ToTensorNormalize:
     """open_clip's last two steps, (Maybe)ToTensor then Normalize, in one pass over an RGB PIL image:
     uint8 -> float32 times 1/(255 std) plus -mean/std. The same numbers to float rounding (tested to 1e-6),
@@ -63,16 +76,12 @@ class ToTensorNormalize:
 
     def __init__(self, to_tensor, normalize):
         self.to_tensor, self.normalize = to_tensor, normalize
-        std, mean = torch.tensor(normalize.std, dtype=torch.float32), torch.tensor(normalize.mean, dtype=torch.float32)
-        self.scale_C11 = (1.0 / (255.0 * std)).view(-1, 1, 1)
-        self.offset_C11 = (-mean / std).view(-1, 1, 1)
+        self.scale_C11, self.offset_C11 = normalize_constants(normalize.mean, normalize.std)
 
     def __call__(self, img):
         if not isinstance(img, Image.Image) or img.mode != "RGB" or len(self.scale_C11) != 3:
             return self.normalize(self.to_tensor(img))
-        w, h = img.size
-        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
-        chw = hwc.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        chw = rgb_uint8(img).to(torch.float32, memory_format=torch.contiguous_format)
         return chw.mul_(self.scale_C11).add_(self.offset_C11)
 
     def __repr__(self) -> str:
@@ -84,8 +93,7 @@ class ToUint8:
     quarter of the float32 one. `normalize_uint8` finishes it on the device with the same numbers."""
 
     def __call__(self, img):
-        w, h = img.size
-        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1).clone()
+        return rgb_uint8(img).contiguous()
 
 
 def normalize_uint8(images: torch.Tensor, scale_C11: torch.Tensor, offset_C11: torch.Tensor, dtype) -> torch.Tensor:
@@ -123,9 +131,8 @@ class OpenClipImageEncoder(Encoder):
         if images.dtype == torch.uint8:  # from compact_transform
             device = images.device
             if device not in self._normalize:  # made once per device: no host-to-device copy per step
-                std = torch.tensor(self.preprocess_cfg.std, dtype=torch.float32).view(-1, 1, 1)
-                mean = torch.tensor(self.preprocess_cfg.mean, dtype=torch.float32).view(-1, 1, 1)
-                self._normalize[device] = ((1.0 / (255.0 * std)).to(device), (-mean / std).to(device))
+                constants = normalize_constants(self.preprocess_cfg.mean, self.preprocess_cfg.std)
+                self._normalize[device] = tuple(c.to(device) for c in constants)
             dtype = next(self.tower.parameters()).dtype
             images = normalize_uint8(images, *self._normalize[device], dtype)
         return self.tower(images)

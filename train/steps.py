@@ -121,20 +121,23 @@ class TwoPassStep:
             chunks.append((start, stop, chunk))
         return chunks
 
-    def _whole(self, chunks: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
-        """What the loss reads of the whole micro-batch besides the towers' inputs: per-sample lists and tensors
-        (keys, labels) joined, anything else (the source's name) from the first chunk."""
+    def _whole(self, batch: dict[str, Any] | list[dict[str, Any]], device) -> dict[str, Any]:
+        """What the loss reads of the whole micro-batch besides the towers' inputs: a collated batch as it is; of
+        the loader's `Chunks`, per-sample lists and tensors (keys, labels) joined, anything else (the source's name)
+        from the first chunk."""
+        if not isinstance(batch, list):
+            return batch
         whole = {}
-        for key, value in chunks[0][2].items():
+        for key, value in batch[0].items():
             if key in self.model.towers:
                 continue
             if isinstance(value, torch.Tensor):
-                whole[key] = torch.cat([c[key] for _, _, c in chunks])
+                whole[key] = torch.cat([c[key] for c in batch])
             elif isinstance(value, list):
-                whole[key] = [x for _, _, c in chunks for x in c[key]]
+                whole[key] = [x for c in batch for x in c[key]]
             else:
                 whole[key] = value
-        return to_device(whole, self.device)
+        return to_device(whole, device)
 
     def _hooks(self, modalities, states: dict, replay: bool) -> list:
         """Forward pre-hooks on each tower and head of `modalities` that record the random state each starts from
@@ -164,7 +167,7 @@ class TwoPassStep:
         return towers
 
     def __call__(self, engine, batch: dict[str, Any] | list[dict[str, Any]]) -> Losses:
-        self.device = engine.device
+        device = engine.device
         chunks = self._chunks(batch)
         towers, heads = self.model.towers, self.model.heads
         trained = self._trained_towers()
@@ -188,7 +191,7 @@ class TwoPassStep:
                     if m in chunk
                 ]
                 try:
-                    outputs.append(engine(to_device(chunk, self.device, self.dtype)))
+                    outputs.append(engine(to_device(chunk, device, self.dtype)))
                 finally:
                     for hook in hooks:
                         hook.remove()
@@ -207,7 +210,7 @@ class TwoPassStep:
         }
         if "logit_bias" in first:
             leaves["logit_bias"] = {k: v.detach().float().requires_grad_() for k, v in first["logit_bias"].items()}
-        losses, report = self.objective.loss(leaves, self._whole(chunks))
+        losses, report = self.objective.loss(leaves, self._whole(batch, device))
         losses["loss"].backward()
         # pass 2: each chunk again with autograd, its random state replayed, its features' cached gradient pushed
         # into the weights; the temperatures' and biases' gradients enter once, with the first chunk. DeepSpeed
@@ -215,7 +218,7 @@ class TwoPassStep:
         # the last chunk of the step's last micro-batch.
         for i, (start, stop, chunk) in enumerate(chunks):
             inputs = {k: v for k, v in chunk.items() if k not in towers or k in trained}
-            inputs = to_device(inputs, self.device, self.dtype)
+            inputs = to_device(inputs, device, self.dtype)
             inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
             hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
             try:
