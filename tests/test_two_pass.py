@@ -17,7 +17,7 @@ from tessera.train.config import LossConfig
 from tessera.train.objectives import ContrastiveObjective
 from tessera.train.steps import TwoPassStep
 
-from .conftest import TINY_MODEL
+from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
 B, CHUNK = 12, 4
 # dropout everywhere a tower has it: patch dropout and head dropout (image), stochastic depth (audio)
@@ -297,6 +297,48 @@ def test_two_ranks_through_the_ring_chunked_equal_unchunked_and_resume_exactly(d
     assert all(torch.equal(final[k], chunked[k]) for k in chunked)
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (1, "fp32")])
+def test_two_ranks_reduce_gradients_once_per_step_at_zero_0_and_1(demo_shards, tmp_path, stage, precision):
+    """2 gloo ranks, 3 steps of 2 micro-batches of 16 samples per rank, in chunks of 4: every chunk's backward
+    runs through DeepSpeed (3 x 2 x 4 = 24 per rank), but gradients cross ranks only at the step's boundary: 3
+    reductions, 3 optimizer steps."""
+    from .test_train import tiny_run_args
+
+    counts = tmp_path / "counts"
+    args = tiny_run_args(
+        demo_shards,
+        tmp_path / "run",
+        f"deepspeed.zero_stage={stage}",
+        f"train.precision={precision}",
+        "train.steps=3",
+        "train.grad_accum=2",
+        "train.chunk_size=4",
+        "train.ckpt_every=-1",
+        "train.export=false",
+        "data.val=[]",
+    )
+    proc = run_cli(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "count_reductions.py"),
+            str(counts),
+            *args,
+        ],
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        got = json.loads((counts / f"rank{rank}.json").read_text())
+        assert got == {"backward": 24, "reductions": 3, "optimizer_steps": 3}, (rank, got)
+
+
 def test_chunk_size_config_errors(tmp_path):
     from tessera.config import ConfigError
     from tessera.models import save_model
@@ -347,7 +389,6 @@ def test_adapters_train_the_same_in_chunks(adapter):
 def test_memory_holds_one_chunk_of_activations_whatever_the_batch():
     """At a fixed chunk, four times the batch adds only its features and their gradients (O(B·D)); one graph over
     the smaller batch needs several times the chunked step's memory."""
-    from .conftest import PY, ROOT, run_cli
 
     def peak(batch_size, chunk):
         proc = run_cli(
