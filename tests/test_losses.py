@@ -17,6 +17,8 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from tessera.train.losses import contrastive_loss, contrastive_loss_reference
 
+from . import strict_p2p
+
 # (kind, use labels, dcl, label smoothing): every option, alone and combined where the combination is allowed
 OPTIONS = [
     ("infonce", False, False, 0.0),
@@ -229,11 +231,19 @@ RING_CASES = [
     for option in OPTIONS
     for sizes, tile, impl in [("equal", 2, "tiled"), ("unequal", 1024, "tiled"), ("equal", 3, "full")]
     if not (impl == "full" and sizes == "unequal")
+] + [  # blocks and travelling accumulators of 2,050-2,120 x 512 fp64: above 8 MB, far beyond NCCL's buffered size
+    (option, "large", 1024, "tiled")
+    for option in OPTIONS
+    if option in [("infonce", False, False, 0.0), ("siglip", False, False, 0.0)]
 ]
 
 
 def _local_sizes(world, which):
-    return [5] * world if which == "equal" else [4, 1, 6][:world]
+    return {"equal": [5] * world, "unequal": [4, 1, 6][:world], "large": [2100, 2050, 2120][:world]}[which]
+
+
+def _dim(which):
+    return 512 if which == "large" else 8
 
 
 def _free_port():
@@ -245,11 +255,12 @@ def _free_port():
 def _ring_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    strict_p2p.install()  # a send completes only when its peer runs the group that receives it, as under NCCL
     try:
         out = []
         for (kind, use_labels, dcl, smoothing), sizes, tile, impl in RING_CASES:
             n = _local_sizes(world, sizes)
-            (a, b, s, bias), kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=8, seed=3)
+            (a, b, s, bias), kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=_dim(sizes), seed=3)
             rows = slice(sum(n[:rank]), sum(n[: rank + 1]))
             if kw["labels"] is not None:
                 kw["labels"] = kw["labels"][rows]
@@ -260,6 +271,9 @@ def _ring_worker(rank, world, port, queue):
                 got[i] /= world
             out.append([t.numpy() for t in got])  # by value: torch's shared-memory tensors die with the process
         queue.put((rank, out))
+    except Exception as e:  # reported, so that the test fails at once with the reason
+        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -267,6 +281,7 @@ def _ring_worker(rank, world, port, queue):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
+    """Every option, equal and unequal sizes, and blocks above 8 MB, under NCCL's point-to-point rules."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -276,11 +291,13 @@ def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
     results = dict(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+    failed = [r for r in results.values() if isinstance(r, str)]
+    assert not failed, "\n".join(failed)
+    assert [p.exitcode for p in procs] == [0] * world
 
     for case_index, ((kind, use_labels, dcl, smoothing), sizes, _, _) in enumerate(RING_CASES):
         n = _local_sizes(world, sizes)
-        args, kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=8, seed=3)
+        args, kw = _case(sum(n), kind, use_labels, dcl, smoothing, d=_dim(sizes), seed=3)
         want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
         for rank in range(world):
             got = [torch.from_numpy(x) for x in results[rank][case_index]]
@@ -288,3 +305,39 @@ def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
             # every rank returns the global loss; its feature gradients are W x the global loss's (DDP / W)
             expected = [want[0], want[1][rows] * world, want[2][rows] * world] + want[3:]
             _assert_close(got, expected, rtol=1e-10, atol=1e-13)
+
+
+def _send_then_receive_worker(rank, world, port, queue):
+    """The pattern NCCL deadlocks on: each rank sends to the next in a group of its own, then receives."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    strict_p2p.install(timeout=3)
+    try:
+        x, y = torch.ones(2**20 + 1), torch.empty(2**20 + 1)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, (rank + 1) % world)])
+        works += dist.batch_isend_irecv([dist.P2POp(dist.irecv, y, (rank - 1) % world)])
+        try:
+            for work in works:
+                work.wait()
+            queue.put((rank, "completed"))
+        except strict_p2p.P2PDeadlock as e:
+            queue.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world", [2, 3])
+def test_strict_mode_reports_a_send_that_waits_for_a_later_group(world):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_send_then_receive_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in range(world):
+        assert "under NCCL this ring deadlocks" in results[rank], results[rank]
+        assert f"{rank}>{(rank + 1) % world}#0" in results[rank]  # the send no receive met

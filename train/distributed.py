@@ -52,6 +52,11 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        if dist.get_backend() != dist.Backend.GLOO and dist.get_world_size() > 1:
+            from tessera.train.losses import register_host_group
+
+            # the loss exchanges its per-rank sizes on the CPU, not through a device-to-host copy
+            register_host_group(None, dist.new_group(backend="gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

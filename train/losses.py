@@ -173,6 +173,8 @@ class _Ring:
         return (self.rank - step) % self.world
 
     def post(self, sends: list[torch.Tensor], recvs: list[torch.Tensor], tag: int) -> list:
+        """One `batch_isend_irecv` group: sends to the next rank, receives from the previous one. The i-th send
+        and the i-th receive carry tag + i; NCCL ignores tags and pairs messages between two ranks by order."""
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(sends)]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recvs)]
         return dist.batch_isend_irecv(ops) if ops else []
@@ -188,41 +190,45 @@ class _Ring:
     ) -> torch.Tensor | None:
         """Visit every column block once. `compute(block, payload)` returns this rank's contribution to the
         block's travelling accumulator, which `merge(contribution, received)` folds into what earlier ranks
-        sent (in place). Returns the accumulator of this rank's own block once it has been round the ring."""
-        W, current, pending_sends = self.world, payload, []
+        sent (in place). Returns the accumulator of this rank's own block once it has been round the ring.
+
+        Safe under NCCL by construction: at step k every rank posts one group that sends the payload of step k
+        and the accumulator of step k - 1 to the next rank, and receives the same two from the previous one, so
+        each send is in the same group as the receive its peer posts at that step (NCCL blocks a large send until
+        its receive is posted; a send in a group of its own, ahead of the group holding the peer's receive,
+        deadlocks the ring). The group is waited for after the step's tiles, which it overlaps; then its sent
+        buffers are dropped. The last group returns each accumulator home."""
+        W = self.world
+        if W == 1:
+            contribution = compute(self.block(0), payload)
+            return contribution if acc_shape is not None else None
+        current, outgoing = payload, None
         for step in range(W):
             block = self.block(step)
-            incoming, acc_in, transfers, acc_wait = None, None, [], []
-            # Posted in the order the previous rank sends (its last accumulator, then its next block): NCCL
-            # matches point-to-point messages by order, not by tag.
-            if acc_shape is not None and step > 0:
-                acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
-                acc_wait = self.post([], [acc_in], tag=8 * step + 4)
+            sends, recvs, incoming, acc_in = [], [], [], None
             if step < W - 1:  # start moving the next block while this one is computed
                 incoming = [
                     torch.empty(shape, dtype=t.dtype, device=t.device)
                     for shape, t in zip(payload_shapes(self.block(step + 1)), current)
                 ]
-                transfers = self.post(current, incoming, tag=8 * step)
+                sends, recvs = list(current), list(incoming)
+            if outgoing is not None:  # the previous step's accumulator, on to the rank that visits its block next
+                sends.append(outgoing)
+            if acc_shape is not None and step > 0:
+                acc_in = torch.empty(acc_shape(block), dtype=acc_dtype, device=current[0].device)
+                recvs.append(acc_in)
+            transfers = self.post(sends, recvs, tag=8 * step)
             contribution = compute(block, current)
-            if acc_shape is not None:
-                for work in acc_wait:
-                    work.wait()
-                if acc_in is not None:
-                    contribution = merge(contribution, acc_in)
-                if W > 1:
-                    pending_sends += self.post([contribution], [], tag=8 * step + 12)
-                else:
-                    return contribution
             for work in transfers:
                 work.wait()
+            outgoing = None  # sent: freed
+            if acc_shape is not None:
+                outgoing = contribution if acc_in is None else merge(contribution, acc_in)
             current = incoming
-        result = None
-        if acc_shape is not None:
-            result = torch.empty(acc_shape(self.rank), dtype=acc_dtype, device=payload[0].device)
-            for work in self.post([], [result], tag=8 * (W - 1) + 12):
-                work.wait()
-        for work in pending_sends:
+        if acc_shape is None:
+            return None
+        result = torch.empty(acc_shape(self.rank), dtype=acc_dtype, device=payload[0].device)
+        for work in self.post([outgoing], [result], tag=8 * W):
             work.wait()
         return result
 
@@ -251,15 +257,30 @@ def _spans(n: int, tile: int) -> list[tuple[int, int]]:
     return [(s, min(s + tile, n)) for s in range(0, n, tile)]
 
 
+_HOST_GROUPS: dict = {}
+
+
+def register_host_group(group, host_group) -> None:
+    """A gloo group over the same ranks as `group` (None: the world), for the loss's one size exchange per call:
+    on an NCCL group that exchange would copy device to host, a sync of the GPU stream."""
+    _HOST_GROUPS[group] = host_group
+
+
+def _exchange_sizes(local_size: int, group, device) -> list[int]:
+    """Every rank's batch size, in rank order: on the CPU through a gloo group where there is one, else through
+    the group's own device (one device-to-host copy)."""
+    host = _HOST_GROUPS.get(group)
+    if host is None and dist.get_backend(group) == dist.Backend.GLOO:
+        host = group
+    mine = torch.tensor([local_size], dtype=torch.int64, device="cpu" if host is not None else device)
+    return _gather_no_grad(mine, host if host is not None else group).tolist()
+
+
 class _Layout:
     """Who owns which rows of the global batch, and the labels of all of them."""
 
     def __init__(self, ring: _Ring, local_size: int, labels: torch.Tensor | None, device, acc: torch.dtype):
-        if ring.world > 1:
-            sizes = torch.tensor([local_size], dtype=torch.int64, device=device)
-            sizes = _gather_no_grad(sizes, ring.group).tolist()
-        else:
-            sizes = [local_size]
+        sizes = _exchange_sizes(local_size, ring.group, device) if ring.world > 1 else [local_size]
         self.sizes = sizes
         self.offsets = [sum(sizes[:r]) for r in range(len(sizes))]
         self.total = sum(sizes)
@@ -472,16 +493,18 @@ class _TiledContrastive(torch.autograd.Function):
                 row_lse,
                 col_lse,
                 sums_ab,
-                float(grad_out) / ctx.norm,
+                1.0 / ctx.norm,
+                upstream=_wide(grad_out),  # a device scalar, applied at the end: no host sync
             )
             + (None,) * 4
         )
 
 
 def _gradients(
-    opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_lse, sums_ab, coef, totals=None
+    opts, layout, ring, tile, needs, a, b, scale, bias, row_lse, col_lse, sums_ab, coef, totals=None, upstream=None
 ) -> tuple:
-    """d(a), d(b), d(scale), d(bias) of coef * (the loss's numerator), as the ranks' convention wants them."""
+    """d(a), d(b), d(scale), d(bias) of coef * (the loss's numerator), as the ranks' convention wants them, times
+    `upstream` (the gradient reaching the loss: a device scalar, multiplied in last, so no host sync reads it)."""
     a_s = (_wide(a) * _wide(scale)).to(a.dtype)  # recomputed rather than kept from forward: B x D less held
     tc = _TileContext(opts, layout, ring.rank, bias)
     need_b = needs[1]
@@ -530,7 +553,7 @@ def _gradients(
         grad_as.sub_(w * sums_ab[1])
         if need_b:
             grad_b.sub_(w * sums_ab[0])
-    W = ring.world  # see the module docstring: DeepSpeed/DDP divide by W
+    W = ring.world if upstream is None else upstream * ring.world  # see the module docstring: DeepSpeed/DDP divide by W
     grad_s = ((grad_as.view(-1) @ _wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
     grad_a = grad_as.mul_(_wide(scale) * W).to(a.dtype) if needs[0] else None
     grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
@@ -631,4 +654,5 @@ __all__ = [
     "KINDS",
     "DEFAULT_TILE",
     "count_flops",
+    "register_host_group",
 ]
