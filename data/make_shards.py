@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = f"{args.out}/{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
     print(f"wrote {counts.get('written', 0)} samples into {len(sizes)} shard(s); skipped {counts.get('skipped', 0)}")
-    print(f"use: data.train={spec}")
+    print(f"use: {shlex.quote(f'data.train={spec}')}")  # quoted: a shell would expand the {a..b} braces
     return 0
 
 

@@ -7,7 +7,6 @@ emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circl
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import yaml
 
 from tessera.config import ConfigError, from_dict
+from tessera.durable import publish_dir
 
 from .config import ModelConfig
 from .multitower import MultiTowerModel
@@ -32,7 +32,8 @@ def save_model(
     metadata: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` to `out_dir` atomically: a crash leaves either the old export or the new one.
+    """Write `model` to `out_dir` atomically and durably: a crash leaves either the old export or the new one,
+    fsynced, with the permissions the umask gives.
 
     `state_dict` (e.g. fp32 master weights gathered from a DeepSpeed engine) replaces the module's own
     tensors when given.
@@ -54,12 +55,7 @@ def save_model(
         else:
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
             safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ from tessera.models import ConfigError, ModelConfig, build_model, load_model, sa
 from tessera.models.adapters import load_adapter, merge_adapter, parameter_counts, save_adapter
 from tessera.models.lora import LoraConfig, apply_lora, lora_targets
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, with_overrides
 from .test_joint import JOINT_MODEL
 
 BATCH = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 400, (3, 16))}
@@ -282,21 +282,23 @@ def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
 
 
 def _finetune_args(base, out, demo_shards, *extra):
-    return [
-        f"base={base}",
-        f"output_dir={out}",
-        f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar",
-        f"data.val={demo_shards}/val-000000.tar",
-        "data.num_workers=1",
-        "train.batch_size=16",
-        "train.lr=0.003",
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.weight_decay=0.0",
-        "eval.batch_size=160",
-        "adapter.lora.rank=4",
-        *extra,
-    ]
+    return with_overrides(
+        [
+            f"base={base}",
+            f"output_dir={out}",
+            f"data.train={demo_shards}/train-txt-{{000000..000003}}.tar",
+            f"data.val={demo_shards}/val-000000.tar",
+            "data.num_workers=1",
+            "train.batch_size=16",
+            "train.lr=0.003",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "train.weight_decay=0.0",
+            "eval.batch_size=160",
+            "adapter.lora.rank=4",
+        ],
+        extra,
+    )
 
 
 def test_finetune_config_errors(tmp_path):

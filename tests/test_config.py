@@ -88,6 +88,14 @@ def test_override_syntax_errors():
         apply_overrides({}, ["train.steps"])
     with pytest.raises(ConfigError, match="not a mapping"):
         apply_overrides({"seed": 3}, ["seed.x=1"])
+    with pytest.raises(ConfigError, match="'train.steps' is given twice"):
+        apply_overrides({}, ["train.steps=3", "train.steps=4"])
+    # what bash makes of an unquoted brace pattern: one override per shard, and a hint to quote it
+    with pytest.raises(ConfigError, match="expanded by the shell .* quote it"):
+        apply_overrides({}, [f"data.train=s/train-{i:06d}.tar" for i in range(4)])
+    # a key may still refine one set before it
+    tree = apply_overrides({}, ['model={"embed_dim": 32, "towers": {}}', "model.embed_dim=64"])
+    assert tree["model"] == {"embed_dim": 64, "towers": {}}
 
 
 def test_recipe_inheritance(tmp_path):

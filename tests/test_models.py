@@ -142,6 +142,34 @@ def test_export_round_trip_gives_identical_embeddings(tiny_model_cfg, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_export_permissions_follow_the_umask_and_an_existing_export_is_swapped_in_one_step(
+    tiny_model_cfg, tmp_path, monkeypatch, umask
+):
+    import os
+
+    from tessera import durable
+
+    model = build_model(tiny_model_cfg).eval()
+    previous = os.umask(umask)
+    try:
+        save_model(model, tmp_path / "model")
+        out = tmp_path / "model"
+        assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+        for f in out.iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+        # over an existing export: one atomic exchange where the filesystem has it, never a moment without
+        swaps = []
+        exchange = durable._exchange
+        monkeypatch.setattr(durable, "_exchange", lambda a, b: swaps.append(exchange(a, b)) or swaps[-1])
+        save_model(model, out, metadata={"again": True})
+        assert swaps in ([True], [False])  # False: this filesystem has no RENAME_EXCHANGE; two renames instead
+        assert "again" in (out / "config.yaml").read_text()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    finally:
+        os.umask(previous)
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(ConfigError, match="no config.yaml"):
         load_model(tmp_path)

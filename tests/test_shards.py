@@ -33,7 +33,7 @@ def _manifest(tmp_path: Path, n: int = 5) -> Path:
     return path
 
 
-def test_make_shards_round_trip(tmp_path):
+def test_make_shards_round_trip(tmp_path, capsys):
     manifest = _manifest(tmp_path, 5)
     assert (
         make_shards_main(
@@ -41,6 +41,8 @@ def test_make_shards_round_trip(tmp_path):
         )
         == 0
     )
+    # the override it suggests is quoted, so that a shell pastes it as one argument, braces unexpanded
+    assert f"use: 'data.train={tmp_path}/out/shard-{{000000..000002}}.tar'" in capsys.readouterr().out
     urls = expand_shards(str(tmp_path / "out" / "shard-{000000..000002}.tar"))
     assert sum(shard_sizes(urls).values()) == 5
     sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())

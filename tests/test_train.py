@@ -13,23 +13,25 @@ import yaml
 from tessera.models import load_model
 from tessera.train.checkpoint import resolve
 
-from .conftest import PY, TINY_MODEL, run_cli
+from .conftest import PY, TINY_MODEL, run_cli, with_overrides
 
 
 def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"model={json.dumps(TINY_MODEL)}",
-        f"data.train=[{{shards: '{shards}/train-txt-{{000000..000003}}.tar', weight: 2}},"
-        f" {{shards: '{shards}/train-json-{{000000..000003}}.tar', weight: 1}}]",
-        f"data.val={shards}/val-000000.tar",
-        "data.num_workers=1",
-        "train.batch_size=16",
-        "train.log_every=2",
-        "train.warmup_steps=2",
-        "eval.batch_size=160",
-        *extra,
-    ]
+    return with_overrides(
+        [
+            f"output_dir={out}",
+            f"model={json.dumps(TINY_MODEL)}",
+            f"data.train=[{{shards: '{shards}/train-txt-{{000000..000003}}.tar', weight: 2}},"
+            f" {{shards: '{shards}/train-json-{{000000..000003}}.tar', weight: 1}}]",
+            f"data.val={shards}/val-000000.tar",
+            "data.num_workers=1",
+            "train.batch_size=16",
+            "train.log_every=2",
+            "train.warmup_steps=2",
+            "eval.batch_size=160",
+        ],
+        extra,
+    )
 
 
 @pytest.mark.slow

@@ -57,11 +57,24 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted `key=value` in order (a key may refine one set before it: `model={...} model.embed_dim=64`);
+    the same key twice is an error, not a silent last-one-wins."""
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
         key, _, text = item.partition("=")
-        set_dotted(tree, key.strip(), parse_value(text))
+        key = key.strip()
+        if key in given:
+            hint = (
+                " (an unquoted {000000..000003} pattern is expanded by the shell into one override per shard: "
+                "quote it, e.g. 'data.train=shards/train-{000000..000003}.tar')"
+                if text.endswith(".tar") and given[key].endswith(".tar")
+                else ""
+            )
+            raise ConfigError(f"override key '{key}' is given twice ('{given[key]}' and '{text}'){hint}")
+        given[key] = text
+        set_dotted(tree, key, parse_value(text))
     return tree
 
 

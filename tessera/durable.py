@@ -1,0 +1,86 @@
+"""Writing directories that must survive a crash and a power cut: permissions that follow the umask, fsync of
+everything written, and an atomic swap of a finished directory into place."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle_tree(root: Path) -> None:
+    """Give every file and folder under `root` (itself included) the mode a plain open/mkdir would under the
+    umask (tempfile.mkdtemp makes 0700, and some writers 0600), then fsync them, deepest first."""
+    mask = current_umask()
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder) / name
+            os.chmod(path, 0o666 & ~mask)
+            fsync_path(path)
+        for name in dirs:
+            os.chmod(Path(folder) / name, 0o777 & ~mask)
+            fsync_path(Path(folder) / name)
+    os.chmod(root, 0o777 & ~mask)
+    fsync_path(root)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem
+    cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap '{a}' into '{b}': {os.strerror(err)}")
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Put the finished folder `tmp` at `out_dir`, replacing what is there: settled and fsynced first, then
+    swapped in one atomic step, so a reader or a crash sees the old folder or the new one, never neither (on
+    filesystems without an atomic swap, two renames leave a moment with neither). The parent is fsynced after."""
+    settle_tree(tmp)
+    if out_dir.exists():
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now at tmp's name
+        else:
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
