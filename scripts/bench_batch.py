@@ -408,7 +408,7 @@ def main() -> int:
                     break
 
     # the second pass's cost: chunked against unchunked steps at a batch that fits both, steady state
-    ratio_batch, ratio_chunk, ratio_steps = 1024, 256, 5
+    ratio_batch, ratio_chunk, ratio_steps = 1024, 256, 8
     shards = make_shards(out / f"shards_64px_{ratio_batch * ratio_steps}", ratio_batch * ratio_steps, 64)
     ratio = {}
     for chunk in (ratio_batch, ratio_chunk):

@@ -34,20 +34,25 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, itself included, deepest first."""
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in (*files, *dirs):
+            fsync_path(Path(folder) / name)
+    fsync_path(root)
+
+
 def settle_tree(root: Path) -> None:
     """Give every file and folder under `root` (itself included) the mode a plain open/mkdir would under the
-    umask (tempfile.mkdtemp makes 0700, and some writers 0600), then fsync them, deepest first."""
+    umask (tempfile.mkdtemp makes 0700, and some writers 0600), then fsync them."""
     mask = current_umask()
-    for folder, dirs, files in os.walk(root, topdown=False):
+    for folder, dirs, files in os.walk(root):
         for name in files:
-            path = Path(folder) / name
-            os.chmod(path, 0o666 & ~mask)
-            fsync_path(path)
+            os.chmod(Path(folder) / name, 0o666 & ~mask)
         for name in dirs:
             os.chmod(Path(folder) / name, 0o777 & ~mask)
-            fsync_path(Path(folder) / name)
     os.chmod(root, 0o777 & ~mask)
-    fsync_path(root)
+    fsync_tree(root)
 
 
 def _exchange(a: Path, b: Path) -> bool:

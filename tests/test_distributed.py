@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -104,3 +106,88 @@ def test_tiled_ring_loss_trains_as_the_full_matrix_loss_under_deepspeed(demo_sha
         assert t["grad_norm"] == pytest.approx(f["grad_norm"], rel=1e-4)
     for k in full_w:
         assert torch.allclose(tiled_w[k], full_w[k], rtol=0, atol=1e-5), k
+
+
+def _nodes(port: int, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Two torchrun "nodes" of one rank each, over loopback, node n running with the overrides runs[n]."""
+    procs = [
+        subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(n),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "tessera.train.pretrain",
+                *args,
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, args in enumerate(runs)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_nodes_with_node_local_disks_checkpoint_and_resume_each_from_its_own(demo_shards, tmp_path):
+    """Two nodes whose output_dir roots differ (standing for local disks): each keeps a complete checkpoint,
+    DeepSpeed's model states included; both resume from their own copy and continue exactly; a node without the
+    chosen checkpoint stops the run with a message naming it."""
+    from tessera.train.checkpoint import complete_world
+
+    from .test_losses import _free_port
+
+    common = [
+        "deepspeed.zero_stage=1",
+        "train.precision=fp32",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "data.val=[]",
+    ]
+
+    def run(name, *extra, nodes=(0, 1)):
+        return _nodes(
+            _free_port(), [tiny_run_args(demo_shards, tmp_path / f"node{n}" / name, *common, *extra) for n in nodes]
+        )
+
+    procs = run("full")
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-3000:] + procs[1].stderr[-3000:]
+    for n in (0, 1):
+        ckpt = tmp_path / f"node{n}" / "full" / "checkpoints"
+        assert (ckpt / "latest").read_text() == "step00000004"
+        assert complete_world(ckpt / "step00000004") == 2
+        assert list((ckpt / "step00000004").glob("*model_states.pt")), n  # the weights are on every node's disk
+
+    for n in (0, 1):  # each node resumes from its own disk's step-2 checkpoint
+        resumed = tmp_path / f"node{n}" / "resumed" / "checkpoints"
+        resumed.mkdir(parents=True)
+        shutil.copytree(tmp_path / f"node{n}" / "full" / "checkpoints" / "step00000002", resumed / "step00000002")
+        (resumed / "latest").write_text("step00000002")
+    procs = run("resumed", "resume=latest")
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-3000:] + procs[1].stderr[-3000:]
+    assert _train_losses(tmp_path / "node0" / "resumed") == _train_losses(tmp_path / "node0" / "full")[2:]
+
+    lacking = tmp_path / "node0" / "lacking" / "checkpoints"  # node 1's disk has no checkpoint at all
+    shutil.copytree(tmp_path / "node0" / "full" / "checkpoints", lacking)
+    procs = run("lacking", "resume=latest")
+    assert all(p.returncode != 0 for p in procs)
+    for p in procs:
+        assert "rank 0 resumes from 'step00000004', but rank 1" in p.stderr and "has no complete copy" in p.stderr

@@ -243,7 +243,7 @@ def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
         task(model, {k: v for k, v in batch.items() if k != "label"})
 
 
-def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+def test_incomplete_checkpoints_are_never_resumed(tmp_path, caplog):
     from tessera.config import ConfigError
 
     ckpt = tmp_path / "checkpoints"
@@ -256,6 +256,18 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
         resolve(ckpt, "step00000008")
     with pytest.raises(ConfigError, match="does not exist"):
         resolve(ckpt, "step00000012")
+    # a 0-byte COMPLETE (a crash before its data reached the disk) does not make a checkpoint complete; latest
+    # naming it falls back to the newest complete one, with a warning
+    (ckpt / "step00000008" / "COMPLETE").write_text("")
+    (ckpt / "latest").write_text("step00000008")
+    with caplog.at_level("WARNING"):
+        assert resolve(ckpt, "latest") == ckpt / "step00000004"
+    assert "newest complete" in caplog.text
+    with pytest.raises(ConfigError, match="incomplete"):
+        resolve(ckpt, "step00000008")
+    shutil.rmtree(ckpt / "step00000004")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve(ckpt, "latest")
     shutil.rmtree(ckpt)
     assert resolve(ckpt, "latest") is None  # resume=latest on a fresh run starts from step 0
 

@@ -9,6 +9,12 @@ Layout under OUTPUT_DIR/checkpoints:
 
 DeepSpeed's own `latest` file is not used: it is written by rank 0 without waiting for the other ranks
 and without an atomic rename, so a crash mid-save could leave it naming a partial checkpoint.
+
+Every file is fsynced before `COMPLETE` is written, and `COMPLETE` before `latest`. The output directory may be
+shared by all nodes or local to each (`shared_storage` finds out at start): on node-local disks the first rank of
+every node writes `COMPLETE` and `latest` in its own copy, and DeepSpeed writes the model's states there too. On
+resume the ranks agree on rank 0's checkpoint through a collective, and a rank whose disk lacks it stops the run
+with a message naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +33,53 @@ import numpy as np
 import torch
 
 from tessera.config import ConfigError
+from tessera.durable import fsync_path, fsync_tree
 
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, barrier, gather_objects
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write `path` whole or not at all, durably: a temporary file, fsynced, renamed over it, the folder fsynced."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
+
+
+def shared_storage(out_dir: Path, dist: DistInfo) -> bool:
+    """Whether every rank sees one output directory (a shared filesystem), or nodes have their own disks: rank 0
+    leaves a file of a fresh name there, and every rank looks for it."""
+    if dist.world == 1:
+        return True
+    probe = None
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".storage-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+    name = gather_objects(probe.name if probe else None)[0]
+    seen = gather_objects((out_dir / name).exists())
+    if probe is not None:
+        probe.unlink()
+    if not all(seen) and any(seen[1:]):
+        log.warning(
+            "ranks %s see rank 0's output directory and ranks %s do not: treating it as node-local",
+            [r for r, x in enumerate(seen) if x],
+            [r for r, x in enumerate(seen) if not x],
+        )
+    return all(seen)
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,15 +116,20 @@ def save(
     dist: DistInfo,
     keep: int,
     trainable_only: bool = False,
+    shared: bool = True,
 ) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
-    `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base)."""
+    `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
+    `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if dist.is_main:
+    writer = dist.is_main if shared else dist.local_rank == 0  # of this disk's COMPLETE, latest and pruning
+    if writer:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # left by a crashed save of the same step
             shutil.rmtree(tag_dir)
+        for stray in ckpt_dir.glob(".latest.tmp-*"):  # left by a kill between write and rename
+            stray.unlink(missing_ok=True)
     barrier()
     engine.save_checkpoint(
         str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=trainable_only
@@ -97,9 +137,10 @@ def save(
     atomic_torch_save(
         {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
     )
+    fsync_tree(tag_dir)  # what DeepSpeed wrote too: on disk before COMPLETE says so
     barrier()
-    if dist.is_main:
-        (tag_dir / "COMPLETE").write_text(f"{dist.world}\n")
+    if writer:
+        atomic_write_bytes(tag_dir / "COMPLETE", f"{dist.world}\n".encode())
         atomic_write_bytes(ckpt_dir / "latest", tag.encode())
         _prune(ckpt_dir, keep, protect=tag)
     barrier()
@@ -113,29 +154,80 @@ def _prune(ckpt_dir: Path, keep: int, protect: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
+def complete_world(tag_dir: Path) -> int | None:
+    """The rank count `COMPLETE` records, or None where the checkpoint is not complete (no file, empty, garbage)."""
+    try:
+        text = (tag_dir / "COMPLETE").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def resolve(ckpt_dir: Path, which: str) -> Path | None:
-    """The tag directory `which` names ('latest', a tag, or a path); None when 'latest' has nothing yet."""
+    """The tag directory `which` names ('latest', a tag, or a path); None when 'latest' has nothing yet. Where
+    `latest` names a checkpoint that is missing or incomplete, the newest complete one is taken, with a warning;
+    a checkpoint named explicitly must be complete."""
     if which == "latest":
         latest = ckpt_dir / "latest"
         if not latest.is_file():
             return None
         tag_dir = ckpt_dir / latest.read_text().strip()
-    elif os.sep in which or Path(which).is_dir():
+        if complete_world(tag_dir) is None:
+            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+            done = [p for p in tags if complete_world(p) is not None]
+            if not done:
+                raise ConfigError(
+                    f"resume=latest: '{tag_dir}' is incomplete and {ckpt_dir} holds no complete checkpoint"
+                )
+            log.warning(
+                "resume=latest: '%s' is incomplete; resuming from '%s', the newest complete one", tag_dir, done[-1]
+            )
+            return done[-1]
+        return tag_dir
+    if os.sep in which or Path(which).is_dir():
         tag_dir = Path(which)
     else:
         tag_dir = ckpt_dir / which
     if not tag_dir.is_dir():
         raise ConfigError(f"resume={which}: checkpoint '{tag_dir}' does not exist")
-    if not (tag_dir / "COMPLETE").is_file():
+    if complete_world(tag_dir) is None:
         raise ConfigError(
             f"resume={which}: checkpoint '{tag_dir}' is incomplete (a save was interrupted); resume from an earlier tag"
         )
     return tag_dir
 
 
+def agree(ckpt_dir: Path, which: str, dist: DistInfo) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0's choice, sent to all through a collective (each rank's own
+    `latest` may differ, or be missing, on node-local disks). A rank whose disk lacks a complete copy of it stops
+    the run on every rank, with a message naming it."""
+    try:
+        mine, error = resolve(ckpt_dir, which), None
+    except ConfigError as exc:
+        mine, error = None, str(exc)
+    if dist.world == 1:
+        if error:
+            raise ConfigError(error)
+        return mine
+    named = None if mine is None else mine.name if mine.parent == ckpt_dir else str(mine)
+    chosen, chosen_error = gather_objects((named, error))[0]
+    if chosen_error:
+        raise ConfigError(chosen_error)
+    here = None if chosen is None else Path(chosen) if os.sep in chosen else ckpt_dir / chosen
+    views = gather_objects((socket.gethostname(), here is None or complete_world(here) is not None))
+    lacking = [f"rank {r} on {host}" for r, (host, ok) in enumerate(views) if not ok]
+    if lacking:
+        raise ConfigError(
+            f"resume={which}: rank 0 resumes from '{chosen}', but {', '.join(lacking)} has no complete copy of it "
+            f"under its {ckpt_dir}: every node must hold the checkpoint (copy it there, or resume from a tag all "
+            "nodes hold)"
+        )
+    return here
+
+
 def load(engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return its saved extras."""
-    saved_world = int((tag_dir / "COMPLETE").read_text().strip() or 0)
+    saved_world = complete_world(tag_dir) or 0
     extras_path = tag_dir / f"tessera_rank{dist.rank}.pt"
     if not extras_path.is_file():
         raise ConfigError(f"'{tag_dir}' was saved by {saved_world} rank(s) and has no state for rank {dist.rank}")

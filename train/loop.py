@@ -18,7 +18,7 @@ from tessera.eval.zeroshot import read_classes
 
 from . import checkpoint
 from .config import DTYPES
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
 from .evaluate import evaluate, report
 from .metrics import MetricsLogger, Window, data_counts
@@ -34,12 +34,13 @@ def train(task: Pretrain) -> dict[str, Any]:
     _setup_logging(dist)
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    if not cfg.resume and (ckpt_dir / "latest").is_file():
+    shared = checkpoint.shared_storage(out_dir, dist)  # else node-local disks: each node keeps its own checkpoints
+    if not cfg.resume and any(gather_objects((ckpt_dir / "latest").is_file())):
         raise ConfigError(
             f"{out_dir} already holds checkpoints of an earlier run: pass resume=latest to continue "
             "it, or choose another output_dir"
         )
-    tag_dir = checkpoint.resolve(ckpt_dir, cfg.resume) if cfg.resume else None
+    tag_dir = checkpoint.agree(ckpt_dir, cfg.resume, dist) if cfg.resume else None
     if cfg.eval.classes:  # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
 
@@ -55,6 +56,7 @@ def train(task: Pretrain) -> dict[str, Any]:
         step_fn.micro_batch(data.batch_size),
         task.lr_scales,
         step_fn.backwards(data.batch_size),
+        node_local=not shared,
     )
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
     step = 0
@@ -112,11 +114,13 @@ def train(task: Pretrain) -> dict[str, Any]:
                 evaluate(cfg, engine.module, dist, step, logger)
         if t.ckpt_every > 0 and step % t.ckpt_every == 0:
             with window.paused():
-                checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only)
+                checkpoint.save(
+                    engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared
+                )
             last_ckpt = step
 
     if last_ckpt != step and t.ckpt_every >= 0:
-        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only)
+        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
     summary.update(task.export(engine, out_dir, dist, step))
     result = evaluate(cfg, engine.module, dist, step, logger)
