@@ -73,11 +73,13 @@ class _Stream:
                 try:
                     self.store.wait(waiting, timedelta(seconds=self.timeout))
                 except Exception:  # the store's timeout: some peer never reached the matching operation
-                    missing = [k for k in waiting if not self.store.check([k])]
+                    try:
+                        missing = ", ".join(k.split("/", 1)[1] for k in waiting if not self.store.check([k]))
+                    except Exception:  # the store has gone (its host rank gave up first)
+                        missing = "the store is gone"
                     self.error = (
                         f"rank {self.rank}: point-to-point group {index} waited {self.timeout:.0f} s for its peers' "
-                        f"matching operations ({', '.join(k.split('/', 1)[1] for k in missing)}): under NCCL this "
-                        "ring deadlocks"
+                        f"matching operations ({missing}): under NCCL this ring deadlocks"
                     )
             done.set()
 
@@ -87,7 +89,9 @@ class _Work:
         self.work, self.done, self.stream = work, done, stream
 
     def wait(self, timeout=None) -> bool:
-        self.done.wait()  # first: a peer that gave up on a deadlock closes its side of gloo's transfer
+        # first: a peer that gave up on a deadlock closes its side of gloo's transfer
+        if not self.done.wait(self.stream.timeout + 60):
+            raise P2PDeadlock(f"rank {self.stream.rank}: the strict point-to-point stream stopped")
         if self.stream.error is not None:
             raise P2PDeadlock(self.stream.error)
         return self.work.wait()

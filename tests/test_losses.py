@@ -322,6 +322,7 @@ def _send_then_receive_worker(rank, world, port, queue):
             queue.put((rank, "completed"))
         except strict_p2p.P2PDeadlock as e:
             queue.put((rank, str(e)))
+        dist.barrier()  # rank 0 hosts the store: it stays until every rank has its verdict
     finally:
         dist.destroy_process_group()
 

@@ -300,9 +300,13 @@ def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
             PY,
             "-m",
             "tessera.train.pretrain",
-            *tiny_run_args(demo_shards, tmp_path / "run", "train.steps=2"),
-            f"data.train={tmp_path}/bad/bad-000000.tar",
-            "data.bad_check_after=20",
+            *tiny_run_args(
+                demo_shards,
+                tmp_path / "run",
+                "train.steps=2",
+                f"data.train={tmp_path}/bad/bad-000000.tar",
+                "data.bad_check_after=20",
+            ),
         ]
     )
     assert proc.returncode != 0

@@ -137,6 +137,7 @@ def save(
     atomic_torch_save(
         {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
     )
+    barrier()  # every rank's files are in place (no rank's temporary file is renamed under another's walk)
     fsync_tree(tag_dir)  # what DeepSpeed wrote too: on disk before COMPLETE says so
     barrier()
     if writer:

@@ -11,6 +11,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from .losses import register_host_group
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -53,8 +55,6 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         if dist.get_backend() != dist.Backend.GLOO and dist.get_world_size() > 1:
-            from tessera.train.losses import register_host_group
-
             # the loss exchanges its per-rank sizes on the CPU, not through a device-to-host copy
             register_host_group(None, dist.new_group(backend="gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
