@@ -61,19 +61,23 @@ def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
 
 
 def ours_first_step(args, out_dir: Path, log: Path, config: str | None, overrides: list[str]) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        args.module,
-        *(["--config", config] if config else []),
-        f"output_dir={out_dir}",
-        *overrides,
+    fixed = [
         "train.steps=2",
         "train.log_every=1",
         "train.ckpt_every=-1",
         "train.export=false",
         "data.val=[]",
         "eval.classes=null",
+    ]
+    keys = {x.partition("=")[0] for x in fixed}  # the CLI refuses a key given twice
+    cmd = [
+        sys.executable,
+        "-m",
+        args.module,
+        *(["--config", config] if config else []),
+        f"output_dir={out_dir}",
+        *(x for x in overrides if x.partition("=")[0] not in keys),
+        *fixed,
     ]
     for stale in ("metrics.jsonl", "checkpoints"):
         subprocess.run(["rm", "-rf", str(out_dir / stale)], check=True)

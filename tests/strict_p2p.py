@@ -109,7 +109,8 @@ def install(timeout: float = 10.0) -> None:
     _STREAM = _Stream(timeout)
 
     def strict_batch_isend_irecv(ops: list) -> list:
+        works = _original(ops)  # first: a group gloo refuses raises here, before the stream waits on its peers
         done = _STREAM.post(ops)
-        return [_Work(w, done, _STREAM) for w in _original(ops)]
+        return [_Work(w, done, _STREAM) for w in works]
 
     dist.batch_isend_irecv = strict_batch_isend_irecv

@@ -182,6 +182,21 @@ def test_bf16_features_within_stated_bound():
         assert (x.double() - y).abs().max() / y.abs().max() < 2e-2
 
 
+def test_fp16_features_keep_their_gradients_under_a_loss_scale():
+    """fp16 training backpropagates a scaled loss (DeepSpeed's dynamic loss scale, here 2^16): the scale must
+    reach the tiles before their fp16 cast, or entries of about 1/(2 G^2) (3e-8 at G = 4096) underflow. Features
+    that share a direction, as trained ones do, make those entries add up to a large part of each gradient."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randn(16, generator=g)
+    a, b = (F.normalize(torch.randn(4096, 16, generator=g) + 2 * shared, dim=-1).half() for _ in range(2))
+    for scale in (1.0, 10.0):
+        got = [t.clone().requires_grad_() for t in (a, b)]
+        (contrastive_loss(*got, torch.tensor(scale), tile_size=1024) * 2**16).backward()
+        want = _loss_and_grads(contrastive_loss_reference, a.double(), b.double(), torch.tensor(scale).double(), None)
+        for x, y in zip(got, want[1:3]):
+            assert (x.grad.double() / 2**16 - y).abs().max() / y.abs().max() < 1e-2  # 6-8% when they underflow
+
+
 def test_memory_saved_for_backward_is_linear_in_the_batch():
     """What autograd keeps between forward and backward: features and LSE vectors, never a B x B matrix."""
     n, d = 4096, 32
@@ -252,6 +267,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _spawned(procs, queue, timeout: float) -> dict:
+    """Start the workers and collect one (rank, result) each; whatever happens, none outlives the test."""
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+
 def _ring_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -286,11 +316,7 @@ def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_ring_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _spawned(procs, queue, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
     assert not failed, "\n".join(failed)
     assert [p.exitcode for p in procs] == [0] * world
@@ -334,11 +360,7 @@ def test_strict_mode_reports_a_send_that_waits_for_a_later_group(world):
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_send_then_receive_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _spawned(procs, queue, 120)
     for rank in range(world):
         assert "under NCCL this ring deadlocks" in results[rank], results[rank]
         assert f"{rank}>{(rank + 1) % world}#0" in results[rank]  # the send no receive met

@@ -64,22 +64,24 @@ def shared_storage(out_dir: Path, dist: DistInfo) -> bool:
     leaves a file of a fresh name there, and every rank looks for it."""
     if dist.world == 1:
         return True
-    probe = None
+    probe, error = None, None
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".storage-probe-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-    name = gather_objects(probe.name if probe else None)[0]
-    seen = gather_objects((out_dir / name).exists())
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".storage-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+        except OSError as exc:  # told to every rank, so none waits for the others in a collective
+            error = f"cannot write to output_dir '{out_dir}': {exc}"
+    name, error = gather_objects((probe.name if probe else None, error))[0]
+    if error:
+        raise ConfigError(error)
+    views = gather_objects((socket.gethostname(), (out_dir / name).exists()))
     if probe is not None:
         probe.unlink()
-    if not all(seen) and any(seen[1:]):
-        log.warning(
-            "ranks %s see rank 0's output directory and ranks %s do not: treating it as node-local",
-            [r for r, x in enumerate(seen) if x],
-            [r for r, x in enumerate(seen) if not x],
-        )
-    return all(seen)
+    elsewhere = [seen for host, seen in views if host != views[0][0]]  # rank 0's node-mates see it on any disk
+    if any(elsewhere) and not all(elsewhere):
+        log.warning("some nodes see rank 0's output directory and some do not: treating it as node-local")
+    return all(seen for _, seen in views)
 
 
 def rng_state() -> dict[str, Any]:
@@ -127,7 +129,7 @@ def save(
     if writer:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # left by a crashed save of the same step
-            shutil.rmtree(tag_dir)
+            shutil.rmtree(tag_dir, ignore_errors=True)
         for stray in ckpt_dir.glob(".latest.tmp-*"):  # left by a kill between write and rename
             stray.unlink(missing_ok=True)
     barrier()
@@ -161,7 +163,7 @@ def complete_world(tag_dir: Path) -> int | None:
         text = (tag_dir / "COMPLETE").read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def resolve(ckpt_dir: Path, which: str) -> Path | None:
@@ -204,24 +206,25 @@ def agree(ckpt_dir: Path, which: str, dist: DistInfo) -> Path | None:
     the run on every rank, with a message naming it."""
     try:
         mine, error = resolve(ckpt_dir, which), None
-    except ConfigError as exc:
-        mine, error = None, str(exc)
+    except Exception as exc:  # told to every rank: none may wait in a collective for one that has raised
+        mine, error = None, str(exc) if isinstance(exc, ConfigError) else f"resume={which}: {exc}"
     if dist.world == 1:
         if error:
             raise ConfigError(error)
         return mine
-    named = None if mine is None else mine.name if mine.parent == ckpt_dir else str(mine)
+    named = None if mine is None else mine.name if mine.parent == ckpt_dir else str(mine.resolve())
     chosen, chosen_error = gather_objects((named, error))[0]
     if chosen_error:
         raise ConfigError(chosen_error)
     here = None if chosen is None else Path(chosen) if os.sep in chosen else ckpt_dir / chosen
-    views = gather_objects((socket.gethostname(), here is None or complete_world(here) is not None))
+    ok = here is None or (complete_world(here) is not None and (here / f"tessera_rank{dist.rank}.pt").is_file())
+    views = gather_objects((socket.gethostname(), ok))
     lacking = [f"rank {r} on {host}" for r, (host, ok) in enumerate(views) if not ok]
     if lacking:
         raise ConfigError(
             f"resume={which}: rank 0 resumes from '{chosen}', but {', '.join(lacking)} has no complete copy of it "
-            f"under its {ckpt_dir}: every node must hold the checkpoint (copy it there, or resume from a tag all "
-            "nodes hold)"
+            f"(COMPLETE and its rank's tessera_rank file) under its {ckpt_dir}: every node must hold the "
+            "checkpoint (copy it there, or resume from a tag all nodes hold)"
         )
     return here
 

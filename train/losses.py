@@ -373,7 +373,7 @@ def _backward_tiles(
     col_block: int,
     tile: int,
     row_lse,
-    coef: float,
+    coef: float | torch.Tensor,
     grad_a: torch.Tensor,
     grad_bias: torch.Tensor,
     need_b: bool,
@@ -479,6 +479,7 @@ class _TiledContrastive(torch.autograd.Function):
         if ctx.fused is not None:  # computed in forward for a loss of 1; scale by what came back
             return tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.fused) + (None,) * 4
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
+        coef, upstream = _coefficients(_wide(grad_out), ctx.norm, a.dtype)
         return (
             _gradients(
                 ctx.opts,
@@ -493,11 +494,20 @@ class _TiledContrastive(torch.autograd.Function):
                 row_lse,
                 col_lse,
                 sums_ab,
-                1.0 / ctx.norm,
-                upstream=_wide(grad_out),  # a device scalar, applied at the end: no host sync
+                coef,
+                upstream=upstream,
             )
             + (None,) * 4
         )
+
+
+def _coefficients(upstream: torch.Tensor, norm: int, dtype: torch.dtype) -> tuple:
+    """(coef, upstream) for `_gradients`, with the gradient reaching the loss kept on the device (no host sync).
+    It is multiplied in last (the same numbers as 1/norm when it is 1.0), except for fp16 inputs: their 5 exponent
+    bits need the loss scale inside the tiles, before the cast, or the ~1/(2 G^2) entries underflow."""
+    if dtype == torch.float16:
+        return upstream / norm, None
+    return 1.0 / norm, upstream
 
 
 def _gradients(
@@ -543,9 +553,9 @@ def _gradients(
     # The positives' linear term, where there are no labels: the diagonal, which is all on this rank.
     if layout.labels is None:
         w = (1 - opts.label_smoothing) * 2 * coef if infonce else coef
-        grad_as.add_(_wide(b), alpha=-w)
+        _sub_scaled(grad_as, _wide(b), w)
         if need_b:
-            grad_b.add_(_wide(a_s), alpha=-w)
+            _sub_scaled(grad_b, _wide(a_s), w)
         if grad_bias is not None:
             grad_bias -= w * a.shape[0]
     if opts.label_smoothing:
@@ -559,6 +569,14 @@ def _gradients(
     grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
     grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) if bias is not None and needs[3] else None
     return grad_a, grad_b, grad_s, grad_bias
+
+
+def _sub_scaled(y: torch.Tensor, x: torch.Tensor, w: float | torch.Tensor) -> None:
+    """y -= w * x, in one fused op where w is a number."""
+    if isinstance(w, torch.Tensor):
+        y.sub_(x * w)
+    else:
+        y.add_(x, alpha=-w)
 
 
 def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.Tensor:
