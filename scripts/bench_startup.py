@@ -33,6 +33,8 @@ from pathlib import Path
 
 from bench_train import ensure_peer_venv, make_shards, ours_overrides, peer_command
 
+from tessera.train.recipes import merge_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 PEER_FIRST_STEP = re.compile(r"Train Epoch: 0 \[")
 
@@ -61,23 +63,14 @@ def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
 
 
 def ours_first_step(args, out_dir: Path, log: Path, config: str | None, overrides: list[str]) -> float:
-    fixed = [
-        "train.steps=2",
-        "train.log_every=1",
-        "train.ckpt_every=-1",
-        "train.export=false",
-        "data.val=[]",
-        "eval.classes=null",
-    ]
-    keys = {x.partition("=")[0] for x in fixed}  # the CLI refuses a key given twice
+    fixed = ["train.steps=2", "train.log_every=1", "train.ckpt_every=-1", "train.export=false", "data.val=[]"]
     cmd = [
         sys.executable,
         "-m",
         args.module,
         *(["--config", config] if config else []),
         f"output_dir={out_dir}",
-        *(x for x in overrides if x.partition("=")[0] not in keys),
-        *fixed,
+        *merge_overrides(overrides, [*fixed, "eval.classes=null"]),
     ]
     for stale in ("metrics.jsonl", "checkpoints"):
         subprocess.run(["rm", "-rf", str(out_dir / stale)], check=True)

@@ -66,13 +66,6 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
 PY = sys.executable
 
 
-def with_overrides(defaults: list[str], extra: tuple[str, ...] | list[str]) -> list[str]:
-    """A test helper's default overrides with `extra` in place of those it sets again (the CLI refuses a key given
-    twice), then the rest of `extra`."""
-    keys = {x.partition("=")[0] for x in extra}
-    return [x for x in defaults if x.partition("=")[0] not in keys] + list(extra)
-
-
 @pytest.fixture(scope="session")
 def unlabelled_shard(tmp_path_factory) -> Path:
     """Image-text pairs with no `cls` member: what classification tools must refuse with a clear error."""

@@ -12,8 +12,9 @@ from tessera.config import from_dict
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
 from tessera.models.adapters import load_adapter, merge_adapter, parameter_counts, save_adapter
 from tessera.models.lora import LoraConfig, apply_lora, lora_targets
+from tessera.train.recipes import merge_overrides
 
-from .conftest import TINY_MODEL, with_overrides
+from .conftest import TINY_MODEL
 from .test_joint import JOINT_MODEL
 
 BATCH = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 400, (3, 16))}
@@ -282,7 +283,7 @@ def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
 
 
 def _finetune_args(base, out, demo_shards, *extra):
-    return with_overrides(
+    return merge_overrides(
         [
             f"base={base}",
             f"output_dir={out}",

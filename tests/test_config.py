@@ -9,7 +9,7 @@ import yaml
 
 from tessera.config import ConfigError
 from tessera.train.config import PretrainConfig
-from tessera.train.recipes import apply_overrides, load_config, read_recipe
+from tessera.train.recipes import apply_overrides, load_config, merge_overrides, read_recipe
 
 from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
@@ -93,6 +93,8 @@ def test_override_syntax_errors():
     # what bash makes of an unquoted brace pattern: one override per shard, and a hint to quote it
     with pytest.raises(ConfigError, match="expanded by the shell .* quote it"):
         apply_overrides({}, [f"data.train=s/train-{i:06d}.tar" for i in range(4)])
+    # a tool's defaults, with the keys its caller sets again replaced
+    assert merge_overrides(["train.steps=3", "seed=1"], ["seed=2"]) == ["train.steps=3", "seed=2"]
     # a key may still refine one set before it
     tree = apply_overrides({}, ['model={"embed_dim": 32, "towers": {}}', "model.embed_dim=64"])
     assert tree["model"] == {"embed_dim": 64, "towers": {}}

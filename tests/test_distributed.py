@@ -15,19 +15,10 @@ from .conftest import PY, run_cli
 from .test_train import tiny_run_args
 
 
-def torchrun(*args: str):
+def torchrun(*args: str, target: tuple[str, ...] = ("-m", "tessera.train.pretrain")):
+    """2 ranks on this machine running `target` (pretraining by default, or a script) with `args`."""
     return run_cli(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "tessera.train.pretrain",
-            *args,
-        ],
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target, *args],
         env={"OMP_NUM_THREADS": "1"},
     )
 

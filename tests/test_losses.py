@@ -267,15 +267,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawned(procs, queue, timeout: float) -> dict:
-    """Start the workers and collect one (rank, result) each; whatever happens, none outlives the test."""
+def _spawned(worker, world: int, timeout: float) -> tuple[dict, list]:
+    """`world` spawned processes running worker(rank, world, port, queue), each putting one (rank, result); the
+    results by rank, and the processes. Whatever happens, none outlives the test."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
     try:
         results = dict(queue.get(timeout=timeout) for _ in procs)
         for p in procs:
             p.join(timeout=60)
-        return results
+        return results, procs
     finally:
         for p in procs:
             if p.is_alive():
@@ -312,11 +317,7 @@ def _ring_worker(rank, world, port, queue):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_loss_on_every_rank_equals_the_global_batch_loss(world):
     """Every option, equal and unequal sizes, and blocks above 8 MB, under NCCL's point-to-point rules."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ring_worker, args=(r, world, port, queue)) for r in range(world)]
-    results = _spawned(procs, queue, 300)
+    results, procs = _spawned(_ring_worker, world, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
     assert not failed, "\n".join(failed)
     assert [p.exitcode for p in procs] == [0] * world
@@ -356,11 +357,7 @@ def _send_then_receive_worker(rank, world, port, queue):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 3])
 def test_strict_mode_reports_a_send_that_waits_for_a_later_group(world):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_send_then_receive_worker, args=(r, world, port, queue)) for r in range(world)]
-    results = _spawned(procs, queue, 120)
+    results, _ = _spawned(_send_then_receive_worker, world, 120)
     for rank in range(world):
         assert "under NCCL this ring deadlocks" in results[rank], results[rank]
         assert f"{rank}>{(rank + 1) % world}#0" in results[rank]  # the send no receive met

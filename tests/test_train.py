@@ -12,12 +12,13 @@ import yaml
 
 from tessera.models import load_model
 from tessera.train.checkpoint import resolve
+from tessera.train.recipes import merge_overrides
 
-from .conftest import PY, TINY_MODEL, run_cli, with_overrides
+from .conftest import PY, TINY_MODEL, run_cli
 
 
 def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return with_overrides(
+    return merge_overrides(
         [
             f"output_dir={out}",
             f"model={json.dumps(TINY_MODEL)}",

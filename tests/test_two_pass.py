@@ -304,6 +304,7 @@ def test_two_ranks_reduce_gradients_once_per_step_at_zero_0_and_1(demo_shards, t
     """2 gloo ranks, 3 steps of 2 micro-batches of 16 samples per rank, in chunks of 4: every chunk's backward
     runs through DeepSpeed (3 x 2 x 4 = 24 per rank), but gradients cross ranks only at the step's boundary: 3
     reductions, 3 optimizer steps."""
+    from .test_distributed import torchrun
     from .test_train import tiny_run_args
 
     counts = tmp_path / "counts"
@@ -319,20 +320,7 @@ def test_two_ranks_reduce_gradients_once_per_step_at_zero_0_and_1(demo_shards, t
         "train.export=false",
         "data.val=[]",
     )
-    proc = run_cli(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "tests" / "count_reductions.py"),
-            str(counts),
-            *args,
-        ],
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    proc = torchrun(str(counts), *args, target=(str(ROOT / "tests" / "count_reductions.py"),))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         got = json.loads((counts / f"rank{rank}.json").read_text())

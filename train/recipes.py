@@ -78,6 +78,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def merge_overrides(defaults: list[str], extra: list[str] | tuple[str, ...]) -> list[str]:
+    """`defaults` less the keys `extra` sets again, then `extra`: for tools that build a command line on top of
+    their own defaults (apply_overrides refuses a key given twice)."""
+    keys = {x.partition("=")[0].strip() for x in extra}
+    return [x for x in defaults if x.partition("=")[0].strip() not in keys] + list(extra)
+
+
 def load_config(config_path: str | Path | None, overrides: list[str] = (), cls: type = PretrainConfig):
     tree = read_recipe(config_path) if config_path else {}
     return from_dict(cls, apply_overrides(tree, list(overrides)))
