@@ -30,6 +30,10 @@ class Encoded:
 
 
 class MultiTowerModel(nn.Module):
+    # towers and heads compute in this dtype under autocast (None: in the weights' own dtype); training sets it
+    # from train.precision, and the weights, their gradients and the temperatures stay as they are
+    autocast_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -60,8 +64,10 @@ class MultiTowerModel(nn.Module):
         return self.cfg.pair_list()
 
     def encode(self, modality: str, inputs: Any, normalize: bool = True) -> torch.Tensor:
-        encoded = inputs.features if isinstance(inputs, Encoded) else self.towers[modality](inputs)
-        z_BD = self.heads[modality](encoded)
+        dtype = self.autocast_dtype
+        with torch.autocast(next(self.parameters()).device.type, dtype, enabled=dtype is not None):
+            encoded = inputs.features if isinstance(inputs, Encoded) else self.towers[modality](inputs)
+            z_BD = self.heads[modality](encoded)
         return F.normalize(z_BD, dim=-1) if normalize else z_BD
 
     def logit_scale(self, a: str, b: str) -> torch.Tensor:

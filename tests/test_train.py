@@ -116,6 +116,25 @@ def test_export_holds_the_trained_fp32_weights(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_trains_fp32_temperatures_whose_steps_are_below_a_bf16_spacing(demo_shards, tmp_path):
+    """bf16 is autocast over fp32 parameters: 3 steps at lr 1e-4 move the log-scale (2.66) by at most 3e-4, less
+    than half the spacing of bf16 numbers there (2^-7), so a bf16 temperature would not have moved at all. The
+    checkpoint's module (what forward reads) holds the temperature, and every weight, in fp32."""
+    out = tmp_path / "run"
+    args = ["train.steps=3", "train.lr=1e-4", "train.precision=bf16", "data.val=[]"]
+    proc = run_cli([PY, "-m", "tessera.train.pretrain", *tiny_run_args(demo_shards, out, *args)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init = load_model(out / "model").cfg.init_logit_scale
+    module = torch.load(
+        resolve(out / "checkpoints", "latest") / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
+    assert {v.dtype for v in module.values() if v.is_floating_point()} == {torch.float32}
+    trained = module["logit_scales.image__text"].item()
+    assert 0 < abs(trained - init) < 2**-7
+    assert torch.tensor(trained).bfloat16() == torch.tensor(init).bfloat16()  # what bf16 would have kept
+
+
+@pytest.mark.slow
 def test_siglip_pretraining_learns_its_bias_and_exports_it(demo_shards, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(
@@ -190,6 +209,7 @@ def test_label_positives_from_cls_members(tmp_path):
             "train.batch_size=16",
             "loss.positives=label",
             "loss.tile_size=4",
+            "train.precision=fp32",  # exact against the reference
         ],
     )
     task = make_task(cfg)

@@ -21,8 +21,14 @@ from tessera.data import DataConfig
 from tessera.models import ModelConfig, read_model_config
 from tessera.models.adapters import AdapterConfig
 
-# train.precision -> the dtype floating inputs are cast to (fp32: left as they are)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# train.precision -> the dtype floating inputs are cast to: the weights' dtype where DeepSpeed holds them in half
+# precision (fp16, with its loss scaler); fp32 and bf16 leave inputs as they are
+DTYPES = {"bf16": None, "fp16": torch.float16, "fp32": None}
+# train.precision -> the dtype the towers compute in under autocast. bf16 is mixed precision, as open_clip's
+# amp_bf16: weights, gradients, their accumulation and reduction across ranks, and the optimizer all stay fp32 at
+# every ZeRO stage (DeepSpeed's own bf16 mode accumulates and all-reduces bf16 gradients at stage 0, and turns the
+# temperatures into bf16 parameters whose steps near a scale of 100 are 3% of it)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": None, "fp32": None}
 
 
 @dataclass
@@ -46,7 +52,13 @@ class TrainConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.98), metadata={"help": "AdamW betas"})
     eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="bf16", metadata={"help": "DeepSpeed precision"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="bf16",
+        metadata={
+            "help": "bf16: towers compute in bf16 under autocast, with fp32 weights, gradients, reductions and "
+            "optimizer; fp16 (GPU): DeepSpeed's fp16 with loss scaling; fp32"
+        },
+    )
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     lock: list[str] = field(default_factory=list, metadata={"help": "towers to freeze, e.g. [image] for LiT"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})

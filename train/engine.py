@@ -62,12 +62,13 @@ def deepspeed_config(
         "gradient_accumulation_steps": t.grad_accum * backwards,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": ds_cfg.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 is autocast over fp32 weights (the model's autocast_dtype), so DeepSpeed runs in fp32: gradients
+        # are accumulated, reduced and clipped in fp32 at every ZeRO stage
         "fp16": {"enabled": t.precision == "fp16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: it runs on CPU as well as GPU
-        # Buffers (BatchNorm statistics, attention masks) in the parameters' dtype, as module.bfloat16()
-        # would: DeepSpeed >= 0.19 leaves them fp32, and CPU BatchNorm rejects bf16 input with fp32 stats.
-        "data_types": {"buffer_dtype": t.precision} if t.precision != "fp32" else {},
+        # Buffers (BatchNorm statistics, attention masks) in the parameters' dtype, as module.half() would:
+        # DeepSpeed >= 0.19 leaves them fp32, and BatchNorm rejects half input with fp32 statistics.
+        "data_types": {"buffer_dtype": t.precision} if t.precision == "fp16" else {},
         "checkpoint": {"use_node_local_storage": node_local},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

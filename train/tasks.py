@@ -26,7 +26,7 @@ from tessera.eval.zeroshot import read_classes, templates_for
 from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
-from .config import FinetuneConfig, PretrainConfig
+from .config import AUTOCAST, FinetuneConfig, PretrainConfig
 from .distributed import DistInfo, barrier
 from .export import export_adapter, export_engine
 from .objectives import ClassificationObjective, ContrastiveObjective, Losses
@@ -42,7 +42,9 @@ class TrainData:
 
 
 def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
-    """What training wraps around a model written for one device: locked towers, gradient checkpointing."""
+    """What training wraps around a model written for one device: locked towers, gradient checkpointing, the
+    precision its towers compute in."""
+    model.autocast_dtype = AUTOCAST[cfg.train.precision]
     for modality in cfg.train.lock:
         model.towers[modality].requires_grad_(False)
     if cfg.train.grad_checkpointing:
