@@ -36,6 +36,7 @@ from tessera.config import ConfigError
 from tessera.durable import fsync_path, fsync_tree
 
 from .distributed import DistInfo, barrier, gather_objects
+from .guard import check_weights
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -123,6 +124,7 @@ def save(
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
     `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest)."""
+    check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     writer = dist.is_main if shared else dist.local_rank == 0  # of this disk's COMPLETE, latest and pruning

@@ -59,6 +59,13 @@ class TrainConfig:
             "optimizer; fp16 (GPU): DeepSpeed's fp16 with loss scaling; fp32"
         },
     )
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={
+            "help": "a step whose loss or gradient is not finite is skipped (no update), counted and logged; this "
+            "many in a row stop the run"
+        },
+    )
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     lock: list[str] = field(default_factory=list, metadata={"help": "towers to freeze, e.g. [image] for LiT"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
@@ -70,6 +77,7 @@ class TrainConfig:
         require(self.steps > 0, "train.steps must be positive")
         require(self.batch_size > 0, "train.batch_size must be positive")
         require(self.grad_accum > 0, "train.grad_accum must be positive")
+        require(self.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive")
         require(self.chunk_size >= 0, f"train.chunk_size must be >= 0, got {self.chunk_size}")
         require(
             self.chunk_size == 0 or self.batch_size % self.chunk_size == 0,

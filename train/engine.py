@@ -14,6 +14,7 @@ from tessera.config import ConfigError
 
 from .config import DeepSpeedConfig, TrainConfig
 from .distributed import init_distributed
+from .guard import SkippableAdamW
 
 
 def param_groups(
@@ -103,7 +104,8 @@ def build_engine(
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
     groups = param_groups(model, t.weight_decay, t.lr, lr_scales)
     # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
+    # (a step whose loss or gradient is not finite is withheld from it: `tessera.train.guard`)
+    optimizer = SkippableAdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -21,6 +21,7 @@ from .config import DTYPES
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
 from .evaluate import evaluate, report
+from .guard import Skipped, StepGuard, StopSignals
 from .metrics import MetricsLogger, Window, data_counts
 from .recipes import dump_config
 from .tasks import Pretrain
@@ -82,26 +83,59 @@ def train(task: Pretrain) -> dict[str, Any]:
         )
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
+    with StopSignals() as signals:
+        step, stopped = _steps(task, engine, data, dist, logger, step, signals, shared)
+    summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
+    if stopped:
+        logger.close()
+        barrier()
+        return {**summary, "stopped": stopped}
+    summary.update(task.export(engine, out_dir, dist, step))
+    result = evaluate(cfg, engine.module, dist, step, logger)
+    logger.close()
+    if result is not None and dist.is_main:
+        summary["eval"] = result
+        report(cfg, out_dir, step, result)
+    barrier()
+    return summary
+
+
+def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, step: int, signals, shared: bool):
+    """Train from `step` to train.steps, or until every rank agrees to stop on a signal; checkpoint as configured
+    and at the last step. Returns the last step and what stopped the run early (None if nothing did)."""
+    cfg, t, loader = task.cfg, task.cfg.train, data.loader
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     dtype = DTYPES[t.precision]
     window = Window()
+    # fp16: DeepSpeed's loss scaler skips the steps whose scaled gradients overflow, so only the loss is watched
+    guard = StepGuard(engine, engine.module, gradients=t.precision != "fp16", signals=signals)
+    skipped = Skipped(t.max_nonfinite_steps)
     last_ckpt = step
     engine.train()
-    while step < t.steps:
+    while step < t.steps and not guard.stop:
+        values = []
         for _ in range(t.grad_accum):
             batch = to_device(next(loader), dist.device, dtype)
             losses, report_ = task(engine, batch)  # its forward, backward passes and engine steps
-            window.add({**losses, **report_})
+            values.append({**losses, **report_})
         step += 1
+        if guard.bad:  # the step was skipped: its numbers stay out of the logged means
+            skipped.count(step, guard.bad, values)
+        else:
+            skipped.reset()
+            for v in values:
+                window.add(v)
         logger.progress(step)
 
-        if step % t.log_every == 0 or step == t.steps:
-            means = all_reduce_mean(window.means(), dist.device)
+        if step % t.log_every == 0 or step == t.steps or guard.stop:
+            means = all_reduce_mean(window.means(), dist.device) if window.count else {"loss": float("nan")}
             record = {
                 **means,
                 "lr": engine.get_lr()[0],
                 "epoch": loader.epoch,
                 **_grad_norm(engine),
                 "samples_per_s": window.count * data.batch_size * dist.world / window.seconds(),
+                "nonfinite_steps": skipped.total,
                 "data": data_counts(loader.stats.to_dict()),
             }
             logger.log(step, record)
@@ -109,7 +143,7 @@ def train(task: Pretrain) -> dict[str, Any]:
                 step, loss=means["loss"], sps=record["samples_per_s"], bad=sum(record["data"]["skipped"].values())
             )
             window.reset()
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not guard.stop:
             with window.paused():
                 evaluate(cfg, engine.module, dist, step, logger)
         if t.ckpt_every > 0 and step % t.ckpt_every == 0:
@@ -121,15 +155,15 @@ def train(task: Pretrain) -> dict[str, Any]:
 
     if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared)
-    summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
-    summary.update(task.export(engine, out_dir, dist, step))
-    result = evaluate(cfg, engine.module, dist, step, logger)
-    logger.close()
-    if result is not None and dist.is_main:
-        summary["eval"] = result
-        report(cfg, out_dir, step, result)
-    barrier()
-    return summary
+    guard.close()
+    if not guard.stop:
+        return step, None
+    stopped = signals.requested or "a stop request on another rank"
+    if t.ckpt_every >= 0:
+        log.warning("%s: stopped at step %d with a checkpoint; resume=latest continues from it", stopped, step)
+    else:
+        log.warning("%s: stopped at step %d without a checkpoint (train.ckpt_every=-1)", stopped, step)
+    return step, stopped
 
 
 def _setup_logging(dist: DistInfo) -> None:

@@ -17,6 +17,7 @@ from tessera.data import DataQualityError, ShardError
 from tessera.eval.zeroshot import ClassesError
 
 from .config import PretrainConfig
+from .guard import NonFiniteError
 from .loop import train
 from .recipes import dump_config, help_text, load_config
 from .tasks import make_task
@@ -50,6 +51,9 @@ def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
     except (ConfigError, ShardError, DataQualityError, ClassesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
