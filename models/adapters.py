@@ -12,11 +12,15 @@ prompts (`prompts`) behind one config and one save, load and merge.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import peft
+import torch
 
 from tessera.config import ConfigError
 
@@ -24,7 +28,17 @@ from .freeze import parameter_counts
 from .lora import LoraConfig, apply_lora, is_lora_adapter, load_lora, save_lora
 from .prompts import PromptConfig, apply_prompts, is_prompt_adapter, load_prompts, save_prompts
 
-__all__ = ["AdapterConfig", "apply_adapter", "load_adapter", "merge_adapter", "parameter_counts", "save_adapter"]
+__all__ = [
+    "AdapterConfig",
+    "apply_adapter",
+    "fingerprint",
+    "load_adapter",
+    "merge_adapter",
+    "parameter_counts",
+    "save_adapter",
+]
+log = logging.getLogger(__name__)
+BASE_FILE = "base.json"  # in an adapter directory: the base it was trained on (its path and weights' fingerprint)
 
 
 @dataclass
@@ -67,19 +81,56 @@ def carries_prompts(model) -> bool:
     return getattr(model, "prompt_learner", None) is not None
 
 
-def save_adapter(model, out_dir: str | Path) -> list[Path]:
-    """The trained part of an adapted model, in its own format (peft's for LoRA); returns the files written."""
-    return save_prompts(model, out_dir) if carries_prompts(model) else save_lora(model, out_dir)
+def fingerprint(model) -> str:
+    """sha256 of a plain model's state: every parameter's and buffer's name, dtype, shape and value. A re-export of
+    the same weights has the same one; any other base (another seed, more training) has another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_adapter(model, out_dir: str | Path, base: tuple[str, str] | None = None) -> list[Path]:
+    """The trained part of an adapted model, in its own format (peft's for LoRA); returns the files written. `base`:
+    (path, `fingerprint`) of the base it was trained on, recorded so that it only ever loads onto that base."""
+    files = save_prompts(model, out_dir) if carries_prompts(model) else save_lora(model, out_dir)
+    if base is not None:
+        path = Path(out_dir) / BASE_FILE
+        path.write_text(json.dumps({"path": str(base[0]), "fingerprint": base[1]}, indent=2) + "\n")
+        files.append(path)
+    return files
+
+
+def check_base(model, adapter_dir: str | Path) -> None:
+    """ConfigError unless `model` is the base the adapter at `adapter_dir` was trained on (where it says)."""
+    record = Path(adapter_dir) / BASE_FILE
+    if not record.is_file():
+        log.warning("adapter '%s' does not record its base: it cannot be checked against this model", adapter_dir)
+        return
+    try:
+        saved = json.loads(record.read_text())
+        path, expected = saved["path"], saved["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"adapter '{adapter_dir}': {BASE_FILE} cannot be read ({exc})") from None
+    actual = fingerprint(model)
+    if actual != expected:
+        raise ConfigError(
+            f"adapter '{adapter_dir}' was trained on the base '{path}' (weights {expected[:12]}), and this model is "
+            f"another (weights {actual[:12]}): load it onto the base it was trained on"
+        )
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it: LoRA (a PeftModel), or prompts. An adapter
     made for another base (a module it adapts is missing, or has another shape) is a ConfigError naming the
-    difference."""
+    difference, and so is one whose recorded base (`BASE_FILE`) is not `model`."""
+    if not is_prompt_adapter(adapter_dir) and not is_lora_adapter(adapter_dir):
+        raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json or prompt_config.json)")
+    check_base(model, adapter_dir)
     if is_prompt_adapter(adapter_dir):
         return load_prompts(model, adapter_dir, trainable)
-    if not is_lora_adapter(adapter_dir):
-        raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json or prompt_config.json)")
     return load_lora(model, adapter_dir, trainable)
 
 

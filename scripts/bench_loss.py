@@ -18,6 +18,7 @@ batch and each rank holds B/W rows: open_clip's `ClipLoss(local_loss=True, gathe
     python scripts/bench_loss.py                              # B = 1024 ... 65536, D = 512, fp32, infonce
     python scripts/bench_loss.py --batches 1024,4096 --kind siglip
     python scripts/bench_loss.py --world 2 --batches 4096,16384 --out runs/bench_loss_w2
+    python scripts/bench_loss.py --device cuda --dtype bf16 --batches 8192,65536,262144   # one GPU
 
 Writes runs/bench_loss/results.json, runs/bench_loss/memory.png (log-log memory vs B) and time.png.
 """
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPENCLIP_BYTES_PER_LOGIT = 16
 
 
-def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int) -> dict:
+def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int, device: str = "cpu") -> dict:
     """Runs in the subprocess (in each of them, under torchrun)."""
     import torch
     import torch.distributed as dist
@@ -55,10 +56,26 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     local = B // world
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(rank)
-    a = F.normalize(torch.randn(local, D, generator=g), dim=-1).to(dt).requires_grad_(True)
-    b = F.normalize(torch.randn(local, D, generator=g) + a.detach().float(), dim=-1).to(dt).requires_grad_(True)
-    scale = torch.tensor(14.3, requires_grad=True)
-    bias = torch.tensor(-10.0, requires_grad=True) if kind == "siglip" else None
+    cuda = device == "cuda"
+    a = F.normalize(torch.randn(local, D, generator=g), dim=-1).to(device, dt).requires_grad_(True)
+    b = F.normalize(torch.randn(local, D, generator=g).to(device) + a.detach().float(), dim=-1)
+    b = b.to(dt).requires_grad_(True)
+    scale = torch.tensor(14.3, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True) if kind == "siglip" else None
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def start_peak() -> int:  # KiB: the device's allocated memory on GPU, the resident set on CPU
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated() // 1024
+        return reset_peak()
+
+    def peak_kib() -> int:
+        return torch.cuda.max_memory_allocated() // 1024 if cuda else status_kib("VmHWM")
+
     a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
 
     if impl == "open_clip":
@@ -85,14 +102,16 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     for _ in range(repeats):
         if world > 1:
             dist.barrier()
-        before = reset_peak()
+        sync()
+        before = start_peak()
         t0 = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        sync()
         if world > 1:
             dist.barrier()
         times.append(time.perf_counter() - t0)
-        peaks.append(status_kib("VmHWM") - before)
+        peaks.append(peak_kib() - before)
         value = float(loss)
         del loss
     # The first run's peak: later runs reuse what the allocator kept from it and would show less.
@@ -105,12 +124,14 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
 
     # the machine's practical GEMM rate at this size, same dtype
     n = min(B, 8192)
-    x, y = torch.randn(n, D).to(dt), torch.randn(D, n).to(dt)
+    x, y = torch.randn(n, D, device=device).to(dt), torch.randn(D, n, device=device).to(dt)
     x @ y
+    sync()
     t0 = time.perf_counter()
-    mm_reps = max(1, int(2e10 // (2 * n * n * D)))
+    mm_reps = max(1, int((2e12 if cuda else 2e10) // (2 * n * n * D)))
     for _ in range(mm_reps):
         x @ y
+    sync()
     mm_gflops = 2 * n * n * D * mm_reps / (time.perf_counter() - t0) / 1e9
     del x, y
     if world > 1:  # every rank ran its GEMMs at once: the machine's rate is their sum
@@ -137,6 +158,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         "loss": value,
         "features_mib": features_mib,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
@@ -162,7 +184,9 @@ def run_sub(args, impl: str, B: int) -> dict:
         "--dtype",
         args.dtype,
         "--repeats",
-        str(args.repeats if B <= 8192 else 1),
+        str(args.repeats if B <= 8192 or args.device == "cuda" else 1),
+        "--device",
+        args.device,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.world > 1:
@@ -187,17 +211,25 @@ def main(argv=None) -> None:
     )
     p.add_argument("--world", type=int, default=1, help="processes (gloo ranks) sharing the global batch")
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU (peak = its allocated memory)"
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_loss"))
     p.add_argument("--one", choices=["open_clip", "tessera"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     if args.one:
-        result = one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats)
+        result = one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats, args.device)
         if result:
             print(json.dumps(result))
         return
 
-    mem_gib = args.mem_gib or 0.85 * meminfo_gib("MemAvailable")
+    if args.device == "cuda":
+        import torch
+
+        mem_gib = args.mem_gib or 0.85 * torch.cuda.mem_get_info()[1] / 2**30
+    else:
+        mem_gib = args.mem_gib or 0.85 * meminfo_gib("MemAvailable")
     rows = []
     for B in batches:
         for impl in ("open_clip", "tessera"):

@@ -247,6 +247,18 @@ def test_bad_adapters_and_targets_are_clear_errors(tmp_path):
         load_adapter(_base(), tmp_path)
 
 
+def test_an_adapter_loads_only_onto_the_base_it_was_trained_on(tmp_path):
+    """The same architecture with other weights is another base: an adapter that records its base refuses it."""
+    from tessera.models.adapters import fingerprint
+
+    base, other = _base(seed=0), _base(seed=1)
+    assert fingerprint(base) == fingerprint(_base(seed=0)) != fingerprint(other)
+    save_adapter(apply_lora(_base(seed=0), LoraConfig(rank=4)), tmp_path / "a", base=("runs/b", fingerprint(base)))
+    load_adapter(base, tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"trained on the base 'runs/b' \(weights [0-9a-f]{12}\), and this model is"):
+        load_adapter(other, tmp_path / "a")
+
+
 def test_eval_tools_take_an_adapter(demo_shards, tmp_path):
     from tessera.eval.retrieval import main as retrieval_main
 
@@ -354,7 +366,11 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["kind"] == "train"]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
-    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (out / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "base.json",  # the base's identity, checked by every load_adapter below
+    }
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000
     after = load_file(str(tmp_path / "base" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -355,7 +355,11 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
     few_shot = json.loads((out / "eval" / "zeroshot_image.json").read_text())
     assert few_shot["n"] == 240
     assert few_shot["metrics"]["acc1"] > zero_shot + 0.15, (zero_shot, few_shot["metrics"])
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["prompt_config.json", "prompt_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "base.json",
+        "prompt_config.json",
+        "prompt_model.safetensors",
+    ]
     assert not (out / "model").exists()  # prompts are not merged into weights
     # the saved adapter gives the eval tool the classifier the run reported
     assert (

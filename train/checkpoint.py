@@ -4,6 +4,7 @@ Layout under OUTPUT_DIR/checkpoints:
 
     step00000500/            DeepSpeed model/optimizer/scheduler files, and per rank:
         tessera_rank0.pt     RNG states + data loader position (loaded with weights_only=True)
+        MANIFEST.json        every file above and its size: a truncated file is found before it is loaded
         COMPLETE             written after every rank finished writing
     latest                   the newest COMPLETE tag, replaced atomically
 
@@ -14,11 +15,14 @@ Every file is fsynced before `COMPLETE` is written, and `COMPLETE` before `lates
 shared by all nodes or local to each (`shared_storage` finds out at start): on node-local disks the first rank of
 every node writes `COMPLETE` and `latest` in its own copy, and DeepSpeed writes the model's states there too. On
 resume the ranks agree on rank 0's checkpoint through a collective, and a rank whose disk lacks it stops the run
-with a message naming it.
+with a message naming it. A save that fails (a full disk) removes what it wrote and says why; `latest` keeps
+naming the checkpoint before it.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import random
@@ -40,6 +44,11 @@ from .guard import check_weights
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step(\d{8})$")
+MANIFEST = "MANIFEST.json"  # every file of a checkpoint and its size, written just before COMPLETE
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint could not be written (a full disk, a failing filesystem); nothing partial is left."""
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -135,16 +144,34 @@ def save(
         for stray in ckpt_dir.glob(".latest.tmp-*"):  # left by a kill between write and rename
             stray.unlink(missing_ok=True)
     barrier()
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=trainable_only
-    )
-    atomic_torch_save(
-        {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
-    )
+    failure = None
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            client_state={"step": step},
+            save_latest=False,
+            exclude_frozen_parameters=trainable_only,
+        )
+        atomic_torch_save(
+            {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
+        )
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as "unexpected pos ..."
+        failure = _write_failure(exc, ckpt_dir)
+    failures = [f for f in gather_objects(failure) if f]  # every rank learns of any rank's failure
+    if failures:
+        if writer:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        barrier()
+        latest = ckpt_dir / "latest"
+        kept = f"latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint is kept"
+        raise CheckpointError(f"checkpoint at step {step}: {failures[0]}; the partial {tag} was removed, {kept}")
     barrier()  # every rank's files are in place (no rank's temporary file is renamed under another's walk)
     fsync_tree(tag_dir)  # what DeepSpeed wrote too: on disk before COMPLETE says so
     barrier()
     if writer:
+        sizes = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
+        atomic_write_bytes(tag_dir / MANIFEST, json.dumps(sizes, indent=0).encode())
         atomic_write_bytes(tag_dir / "COMPLETE", f"{dist.world}\n".encode())
         atomic_write_bytes(ckpt_dir / "latest", tag.encode())
         _prune(ckpt_dir, keep, protect=tag)
@@ -159,6 +186,24 @@ def _prune(ckpt_dir: Path, keep: int, protect: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """What went wrong writing a checkpoint under `where`, in words: a full disk (or quota) said plainly."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    if not full:
+        try:  # torch's writer loses the errno; a disk left with almost nothing free after the failure is full
+            usage = shutil.disk_usage(where)
+            full = usage.free < min(64 << 20, usage.total // 100)
+        except OSError:
+            pass
+    if full:
+        return f"no space left on {where}"
+    return f"cannot write under {where}: {exc}"
+
+
 def complete_world(tag_dir: Path) -> int | None:
     """The rank count `COMPLETE` records, or None where the checkpoint is not complete (no file, empty, garbage)."""
     try:
@@ -166,6 +211,28 @@ def complete_world(tag_dir: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+
+
+def unusable(tag_dir: Path) -> str | None:
+    """Why the checkpoint in `tag_dir` cannot be resumed (no COMPLETE record, a file missing or not the size it
+    was saved at), or None when it can."""
+    if complete_world(tag_dir) is None:
+        return "it is incomplete (a save was interrupted)"
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return None  # saved before checkpoints listed their files
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST} cannot be read ({exc})"
+    for name, size in sizes.items():
+        try:
+            actual = (tag_dir / name).stat().st_size
+        except OSError:
+            return f"'{tag_dir / name}' is missing"
+        if actual != size:
+            return f"'{tag_dir / name}' is {actual} bytes but was saved with {size} (truncated or overwritten)"
+    return None
 
 
 def resolve(ckpt_dir: Path, which: str) -> Path | None:
@@ -177,15 +244,20 @@ def resolve(ckpt_dir: Path, which: str) -> Path | None:
         if not latest.is_file():
             return None
         tag_dir = ckpt_dir / latest.read_text().strip()
-        if complete_world(tag_dir) is None:
+        problem = unusable(tag_dir)
+        if problem:
             tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-            done = [p for p in tags if complete_world(p) is not None]
+            done = [p for p in tags if unusable(p) is None]
             if not done:
                 raise ConfigError(
-                    f"resume=latest: '{tag_dir}' is incomplete and {ckpt_dir} holds no complete checkpoint"
+                    f"resume=latest: '{tag_dir}' cannot be resumed ({problem}) and {ckpt_dir} holds no complete "
+                    "checkpoint"
                 )
             log.warning(
-                "resume=latest: '%s' is incomplete; resuming from '%s', the newest complete one", tag_dir, done[-1]
+                "resume=latest: '%s' cannot be resumed (%s); resuming from '%s', the newest complete one",
+                tag_dir,
+                problem,
+                done[-1],
             )
             return done[-1]
         return tag_dir
@@ -195,10 +267,9 @@ def resolve(ckpt_dir: Path, which: str) -> Path | None:
         tag_dir = ckpt_dir / which
     if not tag_dir.is_dir():
         raise ConfigError(f"resume={which}: checkpoint '{tag_dir}' does not exist")
-    if complete_world(tag_dir) is None:
-        raise ConfigError(
-            f"resume={which}: checkpoint '{tag_dir}' is incomplete (a save was interrupted); resume from an earlier tag"
-        )
+    problem = unusable(tag_dir)
+    if problem:
+        raise ConfigError(f"resume={which}: checkpoint '{tag_dir}' cannot be resumed: {problem}; resume from another")
     return tag_dir
 
 
@@ -219,7 +290,7 @@ def agree(ckpt_dir: Path, which: str, dist: DistInfo) -> Path | None:
     if chosen_error:
         raise ConfigError(chosen_error)
     here = None if chosen is None else Path(chosen) if os.sep in chosen else ckpt_dir / chosen
-    ok = here is None or (complete_world(here) is not None and (here / f"tessera_rank{dist.rank}.pt").is_file())
+    ok = here is None or (unusable(here) is None and (here / f"tessera_rank{dist.rank}.pt").is_file())
     views = gather_objects((socket.gethostname(), ok))
     lacking = [f"rank {r} on {host}" for r, (host, ok) in enumerate(views) if not ok]
     if lacking:

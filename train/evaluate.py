@@ -8,6 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tessera.config import ConfigError
+from tessera.data import ShardError
+from tessera.data.loader import resolve_sources
 from tessera.eval.common import NoSamples
 from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
 from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
@@ -17,6 +20,26 @@ from .distributed import DistInfo
 from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
+
+
+def check_eval(cfg: PretrainConfig, modalities: list[str]) -> None:
+    """What evaluation will need, checked before the first step rather than after training: data.val's shards
+    exist and carry only modalities the model has, and the pairs and classified modalities are the model's."""
+    if not cfg.data.val:
+        return
+    try:
+        resolve_sources(cfg.data.val, modalities)
+    except ShardError as exc:
+        raise ShardError(f"data.val: {exc}") from None
+    wanted = {m for pair in cfg.eval.pairs or [] for m in pair}
+    if cfg.eval.classes:
+        wanted |= set(cfg.eval.classify or [])
+    missing = sorted(wanted - set(modalities))
+    if missing:
+        raise ConfigError(
+            f"eval: {', '.join(missing)} named in eval.pairs or eval.classify, but the model has "
+            f"towers for {', '.join(modalities)} only"
+        )
 
 
 def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: MetricsLogger) -> dict | None:

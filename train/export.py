@@ -11,7 +11,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from tessera.models import MultiTowerModel, load_model, save_model
-from tessera.models.adapters import carries_prompts, load_adapter, merge_adapter, save_adapter
+from tessera.models.adapters import carries_prompts, fingerprint, load_adapter, merge_adapter, save_adapter
 
 from .distributed import DistInfo, barrier
 
@@ -75,10 +75,12 @@ def export_adapter(
     state = full_fp32_state_dict(engine)
     out = {"adapter": str(out_dir / "adapter")}
     if dist.is_main:
-        fresh = attach(load_model(base))
+        plain = load_model(base)
+        identity = (base, fingerprint(plain))
+        fresh = attach(plain)
         trained = {n for n, p in fresh.named_parameters() if p.requires_grad}
         fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
-        save_adapter(fresh, out_dir / "adapter")
+        save_adapter(fresh, out_dir / "adapter", base=identity)
         if carries_prompts(fresh):
             merged = False  # prompts live in the inputs, not in weights: nothing to merge
         if merged:

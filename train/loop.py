@@ -20,7 +20,7 @@ from . import checkpoint
 from .config import DTYPES
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .engine import build_engine
-from .evaluate import evaluate, report
+from .evaluate import check_eval, evaluate, report
 from .guard import Skipped, StepGuard, StopSignals
 from .metrics import MetricsLogger, Window, data_counts
 from .recipes import dump_config
@@ -47,6 +47,7 @@ def train(task: Pretrain) -> dict[str, Any]:
 
     _seed(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()
+    check_eval(cfg, model.modalities)
     data = task.data(model, dist)
     loader = data.loader
     step_fn = task.step

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check, in one command on a machine with a CUDA GPU (about 5 minutes on one H200):
+#   1. the `gpu`-marked tests: the loss's bf16 GEMMs against fp64 on the GPU, a training run per precision (bf16
+#      autocast; fp16 with DeepSpeed's loss scaler) with checkpoint, export and evaluation on the GPU, pinned loader
+#      batches;
+#   2. scripts/bench_loss.py on the GPU: open_clip's ClipLoss against Tessera's tiled loss, bf16, up to B = 262,144.
+# It installs nothing beyond the project: where the running Python already has Tessera's dependencies (a GPU image
+# with them) it uses that Python, else it makes .venv as scripts/test.sh does. Output goes to runs/gpu_check.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if "$PY" -c 'import open_clip, deepspeed, webdataset, peft, torch_geometric, pytest' 2>/dev/null; then
+    "$PY" -c 'import tessera.train.losses' 2>/dev/null || "$PY" -m pip install --quiet --no-deps -e .
+else
+    export TESSERA_EXTRAS=dev
+    source scripts/setup_env.sh
+    PY=python
+fi
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check: torch sees no CUDA GPU")'
+"$PY" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(), "torch", torch.__version__)'
+OUT="${GPU_CHECK_OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+status=0
+echo "== gpu-marked tests"
+"$PY" -m pytest -q -m gpu -rA tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt" || status=1
+echo "== bench_loss on the GPU (bf16)"
+"$PY" scripts/bench_loss.py --device cuda --dtype bf16 --batches 8192,32768,65536,262144 --repeats 3 \
+    --timeout 240 --out "$OUT/bench_loss" 2>&1 | tee "$OUT/bench_loss.txt" || status=1
+exit $status
