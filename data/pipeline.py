@@ -200,7 +200,7 @@ class ShardStream(IterableDataset):
             try:
                 items.append(self._decode(sample, seeded_rng(spec.seed, self.epoch, spec.rank, worker, cursor)))
             except BadSample as exc:
-                stats.skip(exc.reason)
+                stats.skip(exc.reason, sample.get("__url__"), sample.get("__key__"))
             if len(items) == spec.batch_size:
                 batches += 1
                 batch = self._collate(items)

@@ -134,7 +134,7 @@ def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
         finally:
             stream.close()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        stats.event("shard_read_error")
+        stats.event("shard_read_error", shard=url)
         log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
 
 
@@ -175,10 +175,10 @@ def iter_raw_samples(
                 current = {"__key__": prefix, "__url__": url}
             suffix = suffix.lower()
             if suffix in current:
-                stats.event("duplicate_member")
+                stats.event("duplicate_member", shard=url)
                 continue
             current[suffix] = member["data"]
         expected = sizes.get(url)
         if expected is not None and held < expected:
-            stats.event("samples_missing_from_shard", expected - held)
+            stats.event("samples_missing_from_shard", expected - held, shard=url)
             log.warning("shard %s held %d samples, sizes.json says %d", url, held, expected)

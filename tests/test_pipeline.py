@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 
 import pytest
@@ -74,9 +75,12 @@ def _bad_shard(path, n_good, n_bad):
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tiny_model, tmp_path):
     shard = _bad_shard(tmp_path, 40, 60)
     loader = _loader(tiny_model, shard, batch_size=8, max_bad_fraction=0.2, bad_check_after=50)
-    with pytest.raises(DataQualityError, match=r"above data.max_bad_fraction=0.2.*undecodable_image="):
+    with pytest.raises(DataQualityError, match=r"above data.max_bad_fraction=0.2.*undecodable_image=") as err:
         for _ in range(100):
             next(loader)
+    # where they are: counts by shard, and the first samples by shard, key and reason
+    assert re.search(rf"by shard: {re.escape(shard)} \(\d+\)", str(err.value))
+    assert re.search(rf"e\.g\. {re.escape(shard)}:b\d{{5}} \(undecodable_image\)", str(err.value))
 
 
 def test_all_bad_data_fails_instead_of_hanging(tiny_model, tmp_path):

@@ -332,6 +332,8 @@ def test_bad_data_stops_the_cli_with_a_clear_error(tmp_path, demo_shards):
     )
     assert proc.returncode != 0
     assert "max_bad_fraction" in proc.stderr and "undecodable_image=" in proc.stderr
+    assert f"by shard: {tmp_path}/bad/bad-000000.tar (" in proc.stderr
+    assert f"e.g. {tmp_path}/bad/bad-000000.tar:k" in proc.stderr
 
 
 @pytest.mark.slow

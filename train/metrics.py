@@ -13,6 +13,8 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from tessera.data.stats import MAX_EXAMPLES
+
 from .distributed import gather_objects
 
 
@@ -135,10 +137,11 @@ class Window:
 
 def data_counts(stats: dict[str, Any]) -> dict[str, Any]:
     """Bad-sample counts (a `SampleStats.to_dict()`) summed over ranks (a collective)."""
-    total: dict[str, Any] = {"seen": 0, "skipped": {}, "events": {}}
+    total: dict[str, Any] = {"seen": 0, "skipped": {}, "events": {}, "shards": {}, "examples": []}
     for rank_stats in gather_objects(stats):
         total["seen"] += rank_stats["seen"]
-        for group in ("skipped", "events"):
-            for k, v in rank_stats[group].items():
+        for group in ("skipped", "events", "shards"):
+            for k, v in rank_stats.get(group, {}).items():
                 total[group][k] = total[group].get(k, 0) + v
+        total["examples"] += rank_stats.get("examples", [])[: MAX_EXAMPLES - len(total["examples"])]
     return total
