@@ -152,12 +152,12 @@ class Skipped:
         self.total += 1
         self.in_a_row += 1
         losses = [(k.split("/", 1)[1], v) for micro in values for k, v in micro.items() if k.startswith("loss/")]
-        pairs = sorted({pair for pair, _ in losses})
-        local = sorted({pair for pair, v in losses if not torch.isfinite(v).all()})  # a host sync, on bad steps only
-        failing = sorted({pair for rank_pairs in gather_objects(local) for pair in rank_pairs})
-        if failing:
-            what = f"the loss of {', '.join(failing)} is not finite"
+        if bad["loss"]:  # agreed by every rank, so every rank joins the gather of which pairs it was
+            local = sorted({pair for pair, v in losses if not torch.isfinite(v).all()})  # a host sync, on bad steps
+            failing = sorted({pair for rank_pairs in gather_objects(local) for pair in rank_pairs})
+            what = f"the loss of {', '.join(failing) or 'the step'} is not finite"
         else:
+            pairs = sorted({pair for pair, _ in losses})
             what = f"a gradient is not finite (the loss of {', '.join(pairs) or 'the step'} is)"
         log.warning(
             "step %d skipped: %s (%d in a row, %d in all; %d in a row stop the run)",
