@@ -46,7 +46,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from tessera.train.losses import contrastive_loss, count_flops
+    from tessera.train.losses import contrastive_loss, count_flops, default_tile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
@@ -94,7 +94,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     else:
 
         def loss_fn():
-            return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile)
+            return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile or None)
 
         flops = count_flops(kind, B, D, world)
 
@@ -149,7 +149,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         "world": world,
         "D": D,
         "dtype": dtype,
-        "tile": tile if impl == "tessera" else None,
+        "tile": (tile or default_tile(a.device)) if impl == "tessera" else None,
         "seconds": seconds,
         "peak_mib": peak / 1024,
         "gflops": flops / seconds / 1e9,
@@ -188,7 +188,7 @@ def run_sub(args, impl: str, B: int) -> dict:
         "--device",
         args.device,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.world > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.world)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1024,4096,8192,16384,32768,65536")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--tile", type=int, default=1024, help="Tessera's tile_size")
+    p.add_argument("--tile", type=int, default=0, help="Tessera's tile_size (default: the loss's, per device)")
     p.add_argument("--kind", choices=["infonce", "siglip"], default="infonce")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration up to B=8192 (best kept)")

@@ -4,14 +4,14 @@
 #      autocast; fp16 with DeepSpeed's loss scaler) with checkpoint, export and evaluation on the GPU, pinned loader
 #      batches;
 #   2. scripts/bench_loss.py on the GPU: open_clip's ClipLoss against Tessera's tiled loss, bf16, up to B = 262,144.
-# It installs nothing beyond the project: where the running Python already has Tessera's dependencies (a GPU image
+# It installs nothing beyond the project (offline: no build isolation): where the running Python already has Tessera's dependencies (a GPU image
 # with them) it uses that Python, else it makes .venv as scripts/test.sh does. Output goes to runs/gpu_check.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 if "$PY" -c 'import open_clip, deepspeed, webdataset, peft, torch_geometric, pytest' 2>/dev/null; then
-    "$PY" -c 'import tessera.train.losses' 2>/dev/null || "$PY" -m pip install --quiet --no-deps -e .
+    "$PY" -c 'import tessera.train.losses' 2>/dev/null || "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
 else
     export TESSERA_EXTRAS=dev
     source scripts/setup_env.sh
