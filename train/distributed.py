@@ -60,6 +60,22 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def restart_hazard() -> str | None:
+    """A warning for `torchrun --max-restarts` over the rendezvous TCP store that torchrun shares with its workers by
+    default: that store outlives a restart, and a restarted rank can read a dead peer's address from the attempt
+    before it (pytorch/pytorch#135712), then fail to connect until the process-group timeout (DEEPSPEED_TIMEOUT
+    minutes). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every attempt gets a fresh store."""
+    if (
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        return (
+            "torchrun --max-restarts with its shared rendezvous store: a restarted rank may try a dead peer's address "
+            "(pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that each attempt has a fresh store"
+        )
+    return None
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalars over ranks in one collective (a sync point: call it at log steps only)."""
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:

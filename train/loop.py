@@ -18,7 +18,7 @@ from tessera.eval.zeroshot import read_classes
 
 from . import checkpoint
 from .config import DTYPES
-from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
+from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed, restart_hazard
 from .engine import build_engine
 from .evaluate import check_eval, evaluate, report
 from .guard import Skipped, StepGuard, StopSignals
@@ -33,6 +33,8 @@ def train(task: Pretrain) -> dict[str, Any]:
     cfg, t = task.cfg, task.cfg.train
     dist = init_distributed()
     _setup_logging(dist)
+    if dist.is_main and (hazard := restart_hazard()):
+        log.warning(hazard)
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     shared = checkpoint.shared_storage(out_dir, dist)  # else node-local disks: each node keeps its own checkpoints
