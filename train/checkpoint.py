@@ -29,6 +29,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,8 @@ def save(
         engine.save_checkpoint(
             str(ckpt_dir),
             tag=tag,
-            client_state={"step": step},
+            # universal_checkpoint_info: what DeepSpeed's universal conversion asks of the client (nothing to add)
+            client_state={"step": step, "universal_checkpoint_info": {}},
             save_latest=False,
             exclude_frozen_parameters=trainable_only,
         )
@@ -290,7 +293,7 @@ def agree(ckpt_dir: Path, which: str, dist: DistInfo) -> Path | None:
     if chosen_error:
         raise ConfigError(chosen_error)
     here = None if chosen is None else Path(chosen) if os.sep in chosen else ckpt_dir / chosen
-    ok = here is None or (unusable(here) is None and (here / f"tessera_rank{dist.rank}.pt").is_file())
+    ok = here is None or (unusable(here) is None and extras_path(here, dist.rank).is_file())
     views = gather_objects((socket.gethostname(), ok))
     lacking = [f"rank {r} on {host}" for r, (host, ok) in enumerate(views) if not ok]
     if lacking:
@@ -302,23 +305,94 @@ def agree(ckpt_dir: Path, which: str, dist: DistInfo) -> Path | None:
     return here
 
 
-def load(engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return its saved extras."""
+def extras_path(tag_dir: Path, rank: int) -> Path:
+    """The file of RNG and data position that `rank` resumes from: its own, or rank 0's for a rank the saving run
+    did not have."""
+    saved = complete_world(tag_dir) or 0
+    return tag_dir / f"tessera_rank{rank if rank < saved else 0}.pt"
+
+
+def universal(tag_dir: Path, dist: DistInfo, zero_stage: int, shared: bool = True) -> Path | None:
+    """Where the world size changed at ZeRO 1-3 (each rank's optimizer file holds its partition of the saving run's
+    layout), the checkpoint in DeepSpeed's universal form, made once beside its files (`<tag>/universal`) and kept
+    with it; None where DeepSpeed loads the checkpoint as it is."""
+    saved = complete_world(tag_dir)
+    if zero_stage == 0 or saved is None or saved == dist.world:
+        return None
+    out = tag_dir / "universal"
+    error = None
+    if (dist.is_main if shared else dist.local_rank == 0) and not (out / "COMPLETE").is_file():
+        log.info(
+            "checkpoint saved by %d rank(s), resumed on %d: converting it to DeepSpeed's universal form",
+            saved,
+            dist.world,
+        )
+        tmp = tag_dir / f".universal.tmp-{uuid.uuid4().hex[:8]}"
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir)]
+        cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd += ["--inject_missing_state"]  # checkpoints saved before they recorded universal_checkpoint_info
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            error = (
+                f"'{tag_dir}' was saved by {saved} rank(s) at ZeRO-{zero_stage}; resuming on {dist.world} needs "
+                f"DeepSpeed's universal form, and converting it failed: {last[0]}"
+            )
+        else:
+            (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to its output folder
+            atomic_write_bytes(tmp / "COMPLETE", b"")
+            fsync_tree(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            fsync_path(tag_dir)
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
+    barrier()
+    if not (out / "COMPLETE").is_file():
+        raise ConfigError(f"'{out}' is missing on this node: resuming on another world size needs it on every node")
+    return out
+
+
+def _unshare_steps(engine) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every parameter group one shared `step` tensor; torch's AdamW then
+    advances it once per group at each step, and Adam's bias correction runs ahead. One tensor per group again."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def load(
+    engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False, universal_dir: Path | None = None
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return its saved extras. On another
+    world size the weights and optimizer come from `universal_dir` (see `universal`; ZeRO 0 needs none), and the
+    RNG stays as seeded."""
     saved_world = complete_world(tag_dir) or 0
-    extras_path = tag_dir / f"tessera_rank{dist.rank}.pt"
-    if not extras_path.is_file():
+    extras_file = extras_path(tag_dir, dist.rank)
+    if not extras_file.is_file():
         raise ConfigError(f"'{tag_dir}' was saved by {saved_world} rank(s) and has no state for rank {dist.rank}")
+    source = universal_dir or tag_dir
     load_path, client = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
+        str(source.parent),
+        tag=source.name,
         load_module_strict=not trainable_only,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise ConfigError(f"DeepSpeed could not load the checkpoint in '{tag_dir}'")
-    extras = torch.load(extras_path, map_location="cpu", weights_only=True)
-    set_rng_state(extras["rng"])
-    if saved_world != dist.world:
+        raise ConfigError(f"DeepSpeed could not load the checkpoint in '{source}'")
+    if universal_dir is not None:
+        _unshare_steps(engine)
+    extras = torch.load(extras_file, map_location="cpu", weights_only=True)
+    if saved_world == dist.world:
+        set_rng_state(extras["rng"])
+    else:
         log.warning("checkpoint saved by %d rank(s), resumed on %d", saved_world, dist.world)
     return extras

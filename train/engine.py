@@ -51,13 +51,19 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float):
 
 
 def deepspeed_config(
-    t: TrainConfig, ds_cfg: DeepSpeedConfig, micro_batch: int, backwards: int = 1, node_local: bool = False
+    t: TrainConfig,
+    ds_cfg: DeepSpeedConfig,
+    micro_batch: int,
+    backwards: int = 1,
+    node_local: bool = False,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """DeepSpeed's config from the typed ones. `micro_batch` is the samples per rank of one backward pass, and
     `backwards` the backward passes of one micro-batch (a two-pass step runs one per chunk): DeepSpeed's
     accumulation boundary, and so its one gradient reduction and optimizer step, comes after train.grad_accum
     micro-batches of them. `node_local`: the output directory is not shared between nodes, so the first rank of
-    every node writes the model's states into its own checkpoint (DeepSpeed's use_node_local_storage)."""
+    every node writes the model's states into its own checkpoint (DeepSpeed's use_node_local_storage). `load_universal`:
+    the checkpoint to resume is in DeepSpeed's universal form (saved on another number of ranks)."""
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum * backwards,
@@ -70,7 +76,7 @@ def deepspeed_config(
         # Buffers (BatchNorm statistics, attention masks) in the parameters' dtype, as module.half() would:
         # DeepSpeed >= 0.19 leaves them fp32, and BatchNorm rejects half input with fp32 statistics.
         "data_types": {"buffer_dtype": t.precision} if t.precision == "fp16" else {},
-        "checkpoint": {"use_node_local_storage": node_local},
+        "checkpoint": {"use_node_local_storage": node_local, "load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -90,12 +96,13 @@ def build_engine(
     lr_scales: dict[str, float] | None = None,
     backwards: int = 1,
     node_local: bool = False,
+    load_universal: bool = False,
 ):
     """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule; returns the engine. `micro_batch`
     (default train.batch_size) is what one backward pass covers per rank, `backwards` the backward passes of one
     micro-batch (see `deepspeed_config`); `lr_scales` give parameters whose names contain a key their own learning
-    rate; `node_local` see `deepspeed_config`. Joins (or makes) the process group first: DeepSpeed asserts on a
-    missing LOCAL_RANK rather than saying so."""
+    rate; `node_local` and `load_universal` see `deepspeed_config`. Joins (or makes) the process group first:
+    DeepSpeed asserts on a missing LOCAL_RANK rather than saying so."""
     init_distributed()
     accel = get_accelerator()
     if t.precision == "fp16" and not accel.is_fp16_supported():
@@ -111,7 +118,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size, backwards, node_local),
+        config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size, backwards, node_local, load_universal),
     )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a

@@ -44,6 +44,7 @@ def train(task: Pretrain) -> dict[str, Any]:
             "it, or choose another output_dir"
         )
     tag_dir = checkpoint.agree(ckpt_dir, cfg.resume, dist) if cfg.resume else None
+    universal = checkpoint.universal(tag_dir, dist, cfg.deepspeed.zero_stage, shared) if tag_dir else None
     if cfg.eval.classes:  # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
 
@@ -61,11 +62,12 @@ def train(task: Pretrain) -> dict[str, Any]:
         task.lr_scales,
         step_fn.backwards(data.batch_size),
         node_local=not shared,
+        load_universal=universal is not None,
     )
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
     step = 0
     if tag_dir is not None:
-        extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only)
+        extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal)
         step = int(extras["step"])
         loader.load_state_dict(extras["loader"])
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
