@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from tessera.modalities import MODALITIES
 
 from .config import DataConfig, SourceConfig
+from .consumed import SampleSet
 from .decode import decoders
-from .pipeline import ShardStream, Source, StreamSpec
+from .pipeline import ShardStream, Source, StreamSpec, slot_split
 from .shards import ShardError, expand_shards, shard_sizes
 from .stats import DataQualityError, SampleStats
 
@@ -94,7 +95,8 @@ class TrainLoader:
     the loader workers, whatever order the workers finish them in, so the sequence of batches is a
     function of (seed, rank, world, workers) alone. The position (epoch, the next worker in the
     rotation, and per worker the stream samples behind its last consumed batch) is `state_dict()`;
-    loading it resumes exactly there.
+    loading it resumes exactly there. The state also names the samples consumed in the epoch (`SampleSet`), so
+    that a run on another number of ranks or workers continues the epoch without them (`load_state_dict`).
     """
 
     def __init__(
@@ -139,6 +141,8 @@ class TrainLoader:
         self.stats = SampleStats()
         self.cursors: dict[int, tuple[int, int]] = {}  # worker -> (stream samples, batches) consumed
         self.next_worker = 0
+        self.taken = SampleSet()  # consumed in this epoch
+        self.exclude: dict[int, SampleSet] = {}  # per epoch: consumed by runs on another layout
         self._skip: dict[int, tuple[int, int]] = {}
         self._iter: Iterator | None = None
         self._queues: dict[int, deque] = {}
@@ -150,7 +154,7 @@ class TrainLoader:
         return max(1, self.num_workers)
 
     def _open_epoch(self) -> Iterator[dict[str, Any]]:
-        stream = ShardStream(self.spec, epoch=self.epoch, skip=self._skip)
+        stream = ShardStream(self.spec, epoch=self.epoch, skip=self._skip, exclude=self.exclude.get(self.epoch))
         self._skip = {}
         self._queues = {w: deque() for w in range(self._slots)}
         self._ended = set()
@@ -177,6 +181,7 @@ class TrainLoader:
             return None
         batch = self._queues[w].popleft()
         self.cursors[w] = batch.pop("_cursor")
+        self.taken.add_all(batch.pop("_taken", ()))
         self.next_worker = (w + 1) % self._slots
         self._batches_in_epoch += 1
         return batch
@@ -203,8 +208,10 @@ class TrainLoader:
                         f"rank {self.rank}: epoch {self.epoch} produced no batch of "
                         f"{self.spec.batch_size} usable samples: {self.stats.summary()}"
                     ) from None
+                self.exclude.pop(self.epoch, None)
                 self.epoch += 1
                 self.cursors, self.next_worker, self._batches_in_epoch = {}, 0, 0
+                self.taken = SampleSet()
                 continue
             self.stats.merge(item.pop("_stats"))
             worker, _, cursor, batches = item.pop("_state")
@@ -223,27 +230,70 @@ class TrainLoader:
             "num_workers": self.num_workers,
             "world": self.world,
             "stats": self.stats.to_dict(),
+            "taken": self.taken.to_state(),
+            "exclude": {str(e): s.to_state() for e, s in self.exclude.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], peers: Callable[[], list[dict] | None] | None = None) -> None:
+        """Resume at `state`, this rank's saved position. On the layout it was saved with (ranks x workers), each
+        worker replays its stream to its cursor. On another layout, `peers()` gives every saving rank's state, in
+        rank order (None where some are missing): the epoch continues without the samples they consumed."""
         self.epoch = int(state["epoch"])
         self.stats = SampleStats.from_dict(state.get("stats", {}))
         self._iter = None
-        cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
+        self._batches_in_epoch = 0
         self.next_worker = int(state.get("next_worker", 0))
+        cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
+        self.taken = SampleSet.from_state(state.get("taken"))
+        self.exclude = {int(e): SampleSet.from_state(s) for e, s in state.get("exclude", {}).items()}
         if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
-            log.warning(
-                "resuming with %s ranks x %s workers, saved with %s x %s: restarting epoch %d from its start",
-                self.world,
-                self.num_workers,
-                state.get("world"),
-                state.get("num_workers"),
-                self.epoch,
-            )
             cursors, self.next_worker = {}, 0
+            saved = f"{state.get('world')} x {state.get('num_workers')}"
+            now = f"{self.world} rank(s) x {self.num_workers} worker(s)"
+            states = None if self.spec.resampled or peers is None else peers()
+            if states:
+                self.epoch, self.exclude = self._continue_epoch(states)
+                self.taken = SampleSet()
+                if self.rank >= len(states):
+                    self.stats = SampleStats()  # its saved counts are another rank's
+                log.info(
+                    "data saved on %s, resumed on %s: epoch %d continues without the %d sample(s) already consumed",
+                    saved,
+                    now,
+                    self.epoch,
+                    self.exclude.get(self.epoch, SampleSet()).count(),
+                )
+            else:
+                why = (
+                    "resampled data has no order to continue"
+                    if self.spec.resampled
+                    else "not every rank's data position is here"
+                )
+                log.warning("data saved on %s, resumed on %s (%s): epoch %d starts again", saved, now, why, self.epoch)
+                self.taken, self.exclude = SampleSet(), {}
         self.cursors = dict(cursors)
         self._skip = cursors
-        self._batches_in_epoch = 0
+
+    def _continue_epoch(self, states: list[dict[str, Any]]) -> tuple[int, dict[int, SampleSet]]:
+        """From every saving rank's state: the epoch to continue (the earliest any rank was in) and, per epoch from
+        it, what is consumed: what each rank took, what earlier layouts had taken, and for a rank that had already
+        finished an epoch, all of its share of that epoch's shards."""
+        epoch = min(int(st["epoch"]) for st in states)
+        exclude: dict[int, SampleSet] = {}
+        for rank, st in enumerate(states):
+            for e, consumed in st.get("exclude", {}).items():
+                exclude.setdefault(int(e), SampleSet()).update(SampleSet.from_state(consumed))
+            ahead = int(st["epoch"])
+            exclude.setdefault(ahead, SampleSet()).update(SampleSet.from_state(st.get("taken")))
+            workers = max(1, int(st["num_workers"]))
+            for e in range(epoch, ahead):  # epochs this rank had finished
+                done = exclude.setdefault(e, SampleSet())
+                for src in range(len(self.spec.sources)):
+                    for worker in range(workers):
+                        split = slot_split(self.spec, e, src, rank, int(st["world"]), worker, workers)
+                        for url in split.shards:
+                            done.add_rule(url, split.sample_stride, split.sample_offset)
+        return epoch, {e: s for e, s in exclude.items() if e >= epoch}
 
 
 def eval_batches(
@@ -275,6 +325,7 @@ def eval_batches(
     for item in loader:
         stats.merge(item.pop("_stats"))
         item.pop("_state")
+        item.pop("_taken", None)
         if not (item.pop("_heartbeat", False) or item.pop("_end", False)):
             yield item
 

@@ -130,7 +130,7 @@ class PerSourceLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"drawn": self.drawn, "sources": {n: loader.state_dict() for n, loader in self.loaders.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], peers: Callable[[], list[dict] | None] | None = None) -> None:
         if "sources" not in state or set(state["sources"]) != set(self.loaders):
             raise ShardError(
                 f"the checkpoint's data position is for sources {sorted(state.get('sources', {}))}, "
@@ -138,7 +138,15 @@ class PerSourceLoader:
             )
         self.drawn = int(state["drawn"])
         for name, loader in self.loaders.items():
-            loader.load_state_dict(state["sources"][name])
+            loader.load_state_dict(state["sources"][name], peers and _source_states(peers, name))
+
+
+def _source_states(peers: Callable[[], list[dict] | None], name: str) -> Callable[[], list[dict] | None]:
+    def states() -> list[dict] | None:
+        every = peers()
+        return None if every is None else [st["sources"][name] for st in every]
+
+    return states
 
 
 class Chunks(list):

@@ -1,12 +1,14 @@
 """The per-worker sample stream, as a declarative list of stages.
 
-    shards -(shuffle by seed+epoch, split by rank and worker)-> raw samples -(dedupe)-> sample shuffle
-    -> weighted mix of sources -> skip (resume) -> decode + transform -> batch + collate
+    shards -(shuffle by seed+epoch, split by rank and worker)-> raw samples -(dedupe, leave out the samples a run
+    on another layout consumed)-> sample shuffle -> weighted mix of sources -> skip (resume) -> decode + transform
+    -> batch + collate
 
 Everything before `decode` handles undecoded bytes and is cheap; its order depends only on
 (seed, epoch, rank, worker). So a resumed run replays it exactly and skips what it had consumed,
 without decoding a single skipped sample. Each batch carries `_state` (worker, epoch, cursor: the
-stream samples behind it, and the worker's batch count) and
+stream samples behind it, and the worker's batch count), `_taken` (the (shard, index) of every sample the stream
+consumed since the previous batch, for resuming on another layout: `consumed.SampleSet`) and
 `_stats` (bad-sample counts since the worker's previous item) for the main process. Between batches a
 worker may send `_heartbeat` items (stats only), and it ends its epoch with an `_end` item.
 """
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
+from .consumed import SampleSet
 from .decode import BadSample, Decoder
 from .shards import Split, iter_raw_samples, split_shards
 from .stats import SampleStats
@@ -92,15 +95,33 @@ class StreamSpec:
     all_views: bool = False  # evaluation: keep every view (caption) of a sample; see _collate
 
 
+def slot_split(spec: StreamSpec, epoch: int, src_idx: int, rank: int, world: int, worker: int, workers: int) -> Split:
+    """What worker `worker` of `workers` on rank `rank` of `world` reads of source `src_idx` in `epoch` (not
+    resampled): its shards, in order, and its stride over their samples."""
+    urls = list(spec.sources[src_idx].urls)
+    if spec.train and spec.shard_shuffle:
+        # Same permutation on every rank and worker, so the split partitions it exactly.
+        seeded_rng(spec.seed, epoch, src_idx, "shards").shuffle(urls)
+    return split_shards(urls, rank, world, worker, workers)
+
+
 class ShardStream(IterableDataset):
     """Yields collated batches (dicts keyed by modality) for one epoch of one rank."""
 
-    def __init__(self, spec: StreamSpec, epoch: int = 0, skip: dict[int, tuple[int, int]] | None = None):
-        """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered."""
+    def __init__(
+        self,
+        spec: StreamSpec,
+        epoch: int = 0,
+        skip: dict[int, tuple[int, int]] | None = None,
+        exclude: SampleSet | None = None,
+    ):
+        """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered; `exclude`: the
+        samples of this epoch that runs on another layout consumed, left out before anything else."""
         super().__init__()
         self.spec = spec
         self.epoch = epoch
         self.skip = skip or {}
+        self.exclude = exclude or None
 
     # -- stages before decoding: bytes only, order fixed by (seed, epoch, rank, worker) --------------
 
@@ -109,17 +130,18 @@ class ShardStream(IterableDataset):
         if spec.resampled:
             rng = seeded_rng(spec.seed, self.epoch, spec.rank, worker, src_idx, "resample")
             return (rng.choice(src.urls) for _ in itertools.count()), Split(src.urls)
-        urls = list(src.urls)
-        if spec.train and spec.shard_shuffle:
-            # Same permutation on every rank and worker, so the split below partitions it exactly.
-            seeded_rng(spec.seed, self.epoch, src_idx, "shards").shuffle(urls)
-        split = split_shards(urls, spec.rank, spec.world, worker, num_workers)
+        split = slot_split(spec, self.epoch, src_idx, spec.rank, spec.world, worker, num_workers)
         return iter(split.shards), split
 
     def _source_samples(self, src_idx: int, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
         spec = self.spec
         urls, split = self._shard_urls(src_idx, worker, num_workers)
+        exclude = self.exclude
+        if exclude is not None:
+            urls = (u for u in urls if not exclude.whole(u))
         samples = iter_raw_samples(urls, stats, self.spec.sources[src_idx].sizes)
+        if exclude is not None:
+            samples = (s for s in samples if (s["__url__"], s["__index__"]) not in exclude)
         if split.sample_stride > 1:
             samples = itertools.islice(samples, split.sample_offset, None, split.sample_stride)
         if spec.train and spec.shuffle_buffer > 1:
@@ -184,6 +206,7 @@ class ShardStream(IterableDataset):
         stats = SampleStats()
         skip, batches = self.skip.get(worker, (0, 0))  # resuming: stream samples and batches already consumed
         items: list[dict[str, Any]] = []
+        taken: list[tuple[str, int]] = []  # (shard, index) of the samples consumed since the last batch
         unshipped = 0
 
         def state(cursor: int) -> tuple[int, int, int, int]:
@@ -197,6 +220,7 @@ class ShardStream(IterableDataset):
                 continue
             stats.seen += 1
             unshipped += 1
+            taken.append((sample["__url__"], sample["__index__"]))
             try:
                 items.append(self._decode(sample, seeded_rng(spec.seed, self.epoch, spec.rank, worker, cursor)))
             except BadSample as exc:
@@ -204,8 +228,8 @@ class ShardStream(IterableDataset):
             if len(items) == spec.batch_size:
                 batches += 1
                 batch = self._collate(items)
-                batch.update(_state=state(cursor), _stats=stats.take())
-                items, unshipped = [], 0
+                batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken)
+                items, taken, unshipped = [], [], 0
                 yield batch
                 if spec.batches_per_worker is not None and batches >= spec.batches_per_worker:
                     break
@@ -214,7 +238,7 @@ class ShardStream(IterableDataset):
                 yield {"_state": state(cursor), "_stats": stats.take(), "_heartbeat": True}
         if items and not spec.drop_last:
             batch = self._collate(items)
-            batch.update(_state=state(cursor), _stats=stats.take())
+            batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken)
             yield batch
         elif items:
             stats.event("dropped_partial_batch_samples", len(items))

@@ -141,7 +141,8 @@ def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
 def iter_raw_samples(
     urls: Iterable[str], stats: SampleStats, sizes: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples `{__key__, __url__, suffix: bytes}` from the shards, in order.
+    """Raw samples `{__key__, __url__, __index__, suffix: bytes}` from the shards, in order (`__index__`: the
+    sample's position in its shard).
 
     Members are grouped into samples by key as webdataset does (adjacent members sharing the name up
     to the first dot). Each visit of a shard is grouped on its own, so resampling the same shard twice
@@ -164,9 +165,10 @@ def iter_raw_samples(
             if current is not None and (member is None or prefix != current["__key__"]):
                 held += 1
                 if current["__key__"] in keys:
-                    yield {"__key__": current["__key__"], "__url__": url, "__duplicate__": True}
+                    yield {"__key__": current["__key__"], "__url__": url, "__index__": held - 1, "__duplicate__": True}
                 else:
                     keys.add(current["__key__"])
+                    current["__index__"] = held - 1
                     yield current
                 current = None
             if member is None:

@@ -1,6 +1,6 @@
 """Elastic runs: a rank killed mid-step is restarted by torchrun and resumes from the last complete checkpoint; a
 kill during a checkpoint save leaves `latest` on the previous complete one; a ZeRO checkpoint resumes on another
-number of ranks."""
+number of ranks, its data epoch continuing where it was."""
 
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_ranks(demo_shards, tmp_p
     assert (
         f"saved by {saved} rank(s), resumed on {resumed}" in same.stderr and (tag / "universal" / "COMPLETE").is_file()
     )
+    assert "epoch 0 continues without the" in same.stderr  # the data too (test_pipeline.py checks its samples)
     got = load_file(run / "model" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in got)
     more = run_cli([*_launch(resumed), *args, "train.steps=4"], env=env)

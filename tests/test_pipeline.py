@@ -203,3 +203,61 @@ def test_eval_batches_read_every_sample_of_every_source(tiny_model, demo_shards)
     keys = _keys(eval_batches([small, big], *args))
     assert len(keys) == len(set(keys)) == 60 + 480
     assert keys[:60] == _keys(eval_batches([small], *args))
+
+
+def _epoch_keys(loader, epoch: int) -> tuple[list[str], list[str]]:
+    """The keys of the batches `loader` hands out while it is in `epoch`, and of the batch that opens the next."""
+    keys = []
+    while True:
+        batch = next(loader)
+        if loader.epoch != epoch:
+            return keys, batch["__key__"]
+        keys += batch["__key__"]
+
+
+def _eval_args(model) -> tuple:
+    return model.transforms(False), model.collators(), model.modalities, 100
+
+
+@pytest.mark.parametrize("saved,resumed", [((2, 2), (1, 0)), ((1, 0), (2, 2))], ids=["4to1", "1to4"])
+def test_an_epoch_continues_on_another_layout_with_no_sample_repeated_or_lost(tiny_model, demo_shards, saved, resumed):
+    """Saved on `saved` (ranks, workers) mid-epoch, resumed on `resumed`: the epoch's batches together hold every
+    good sample once, but for the partial batches each stream drops at its end."""
+    from tessera.data import SourceConfig
+
+    shards = str(demo_shards / "train-txt-{000000..000003}.tar")
+    good = set(_keys(eval_batches([SourceConfig(shards)], *_eval_args(tiny_model))))
+    (w0, k0), (w1, k1) = saved, resumed
+    before = [_loader(tiny_model, shards, workers=k0, rank=r, world=w0, seed=5) for r in range(w0)]
+    seen = [k for loader in before for k in _keys([next(loader) for _ in range(2)])]
+    states = [loader.state_dict() for loader in before]
+    after = [_loader(tiny_model, shards, workers=k1, rank=r, world=w1, seed=5) for r in range(w1)]
+    for r, loader in enumerate(after):
+        loader.load_state_dict(states[min(r, w0 - 1)], lambda: states)
+        assert loader.epoch == 0
+    seen += [k for loader in after for k in _epoch_keys(loader, 0)[0]]
+    dropped = sum(loader.stats.events["dropped_partial_batch_samples"] for loader in after)
+    assert len(seen) == len(set(seen)) and set(seen) <= good
+    assert len(good - set(seen)) == dropped < 16 * max(1, k1) * w1
+
+
+def test_ranks_in_different_epochs_resume_on_one_rank_without_repeats(tiny_model, demo_shards):
+    """Rank 0 had finished epoch 0 and begun epoch 1 while rank 1 was still in epoch 0: resumed on one rank, epoch 0
+    gives only what rank 1 had left, and epoch 1 leaves out what rank 0 had taken of it."""
+    from tessera.data import SourceConfig
+
+    shards = str(demo_shards / "train-txt-{000000..000003}.tar")
+    good = set(_keys(eval_batches([SourceConfig(shards)], *_eval_args(tiny_model))))
+    ranks = [_loader(tiny_model, shards, rank=r, world=2, seed=5) for r in range(2)]
+    epoch0, epoch1 = _epoch_keys(ranks[0], 0)  # rank 0's whole epoch 0, and the first batch of its epoch 1
+    epoch0 += _keys([next(ranks[1]) for _ in range(3)])
+    states = [loader.state_dict() for loader in ranks]
+    assert [st["epoch"] for st in states] == [1, 0]
+    one = _loader(tiny_model, shards, seed=5)
+    one.load_state_dict(states[0], lambda: states)
+    assert one.epoch == 0
+    rest, _ = _epoch_keys(one, 0)
+    epoch0 += rest
+    dropped = one.stats.events["dropped_partial_batch_samples"]  # its counts began from rank 0's, which had some
+    assert len(epoch0) == len(set(epoch0)) and len(good - set(epoch0)) == dropped
+    assert not set(epoch1) & set(_epoch_keys(one, 1)[0])

@@ -22,6 +22,7 @@ naming the checkpoint before it.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +355,20 @@ def universal(tag_dir: Path, dist: DistInfo, zero_stage: int, shared: bool = Tru
     if not (out / "COMPLETE").is_file():
         raise ConfigError(f"'{out}' is missing on this node: resuming on another world size needs it on every node")
     return out
+
+
+def loader_states(tag_dir: Path) -> Callable[[], list[dict] | None]:
+    """Every saving rank's data position, in rank order, read when first asked for (a data loader resumed on another
+    layout needs them all); None where a rank's file is not on this disk."""
+
+    @functools.cache
+    def read() -> list[dict] | None:
+        files = [tag_dir / f"tessera_rank{r}.pt" for r in range(complete_world(tag_dir) or 0)]
+        if not all(f.is_file() for f in files):
+            return None
+        return [torch.load(f, map_location="cpu", weights_only=True)["loader"] for f in files]
+
+    return read
 
 
 def _unshare_steps(engine) -> None:

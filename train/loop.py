@@ -69,7 +69,7 @@ def train(task: Pretrain) -> dict[str, Any]:
     if tag_dir is not None:
         extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal)
         step = int(extras["step"])
-        loader.load_state_dict(extras["loader"])
+        loader.load_state_dict(extras["loader"], checkpoint.loader_states(tag_dir))
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
     elif cfg.resume:
         log.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.resume, ckpt_dir)
