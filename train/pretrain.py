@@ -54,6 +54,12 @@ def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the steps, where SIGINT instead stops at a step with a checkpoint
+        print(
+            "interrupted: stopped outside training (setup or final evaluation); checkpoints written are kept",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
