@@ -1,6 +1,7 @@
-"""Text members of shards: `txt` is one caption; `json` carries `caption` (str), `captions` (list) or `text`
-(str or list), as img2dataset and LAION-CLAP write them. A sample's captions are its views: training picks one
-at random, evaluation takes the first (or scores every one)."""
+"""Text members of shards: `txt` holds one caption per line (one line in img2dataset's shards; in CLIP_benchmark's
+retrieval shards, every caption of the image); `json` carries `caption` (str), `captions` (list) or `text` (str or
+list), as img2dataset and LAION-CLAP write them. A sample's captions are its views: training picks one at random,
+evaluation takes the first (or scores every one)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class TextDecoder(Decoder):
         captions: list[Any] = []
         if "txt" in sample:
             try:
-                captions = [sample["txt"].decode("utf-8")]
+                captions = sample["txt"].decode("utf-8").splitlines()
             except UnicodeDecodeError:
                 raise BadSample("bad_text_encoding") from None
         elif "json" in sample:
@@ -51,6 +52,8 @@ class TextDecoder(Decoder):
         if field == "text":
             if not isinstance(value, str) or not value.strip():
                 raise ManifestError("'text' must be a non-empty string")
+            if len(value.splitlines()) > 1:  # a `.txt` line is a caption: keep a multi-line one whole
+                return {"json": {"caption": value}}
             return {"txt": value.encode("utf-8")}
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
             raise ManifestError("'captions' must be a non-empty list of non-empty strings")

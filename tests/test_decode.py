@@ -49,6 +49,11 @@ def test_decompression_bombs_are_refused(monkeypatch):
     "members,expected",
     [
         ({"txt": b"  a red circle \n"}, ["a red circle"]),
+        # CLIP_benchmark's retrieval shards: every caption of the image, one per line
+        (
+            {"txt": b"a red circle\nA circle, red\r\n\n  the red one \n"},
+            ["a red circle", "A circle, red", "the red one"],
+        ),
         ({"json": json.dumps({"caption": "one"}).encode()}, ["one"]),
         ({"json": json.dumps({"captions": ["a", " ", "b"]}).encode()}, ["a", "b"]),
         ({"json": json.dumps({"text": "clap style"}).encode()}, ["clap style"]),
@@ -91,3 +96,12 @@ def test_labels():
     assert decoder("label").decode({"cls": b" 7\n"}) == 7
     with pytest.raises(BadSample, match="bad_label"):
         decoder("label").decode({"cls": b"seven"})
+
+
+def test_a_manifest_caption_of_several_lines_stays_one_caption(tmp_path):
+    """A `.txt` line is a caption, so make-shards writes a multi-line `text` where it is read back whole."""
+    text = decoder("text")
+    written = text.members("text", "a poem\nin two lines", tmp_path)
+    members = {k: json.dumps(v).encode() if isinstance(v, dict) else v for k, v in written.items()}
+    assert text.decode(members) == ["a poem\nin two lines"]
+    assert text.decode(text.members("text", "one line", tmp_path)) == ["one line"]

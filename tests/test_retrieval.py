@@ -225,3 +225,23 @@ def test_pairs_the_data_does_not_carry_are_left_out_when_asked(demo_shards):
         evaluate_pairs(model, sources, pairs, 256)
     with pytest.raises(NoSamples):
         evaluate_pairs(model, sources, [("text", "audio")], 256, skip_missing=True)
+
+
+def test_a_clip_benchmark_shard_gives_every_caption_line_as_a_query(tiny_model_cfg, tmp_path):
+    """CLIP_benchmark writes all captions of an image into one `.txt`, a line each: each line is a query."""
+    from webdataset import TarWriter
+
+    from tessera.data import SourceConfig
+    from tessera.eval.retrieval import embed
+    from tessera.models import build_model
+
+    from .conftest import jpeg_bytes
+
+    shard = tmp_path / "0.tar"
+    with TarWriter(str(shard)) as sink:
+        for i in range(5):
+            captions = "\n".join(f"caption {j} of picture {i}" for j in range(1 + i % 3))
+            sink.write({"__key__": f"s{i:04d}", "jpg": jpeg_bytes(color=(40 * i, 0, 0)), "txt": captions})
+    emb = embed(build_model(tiny_model_cfg), [SourceConfig(str(shard))], ["image", "text"], 4)
+    assert emb.n == 5 and emb.features["image"].shape[0] == 5
+    assert emb.owner["text"].tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 4]
