@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tessera.config import ConfigError
-from tessera.durable import fsync_path, fsync_tree
+from tessera.durable import fsync_path, fsync_tree, publish_dir
 
 from .distributed import DistInfo, barrier, gather_objects
 from .guard import check_weights
@@ -124,6 +124,15 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _disk_writer(dist: DistInfo, shared: bool) -> bool:
+    """Whether this rank writes what there is one of per disk: rank 0 on a shared filesystem, else each node's first."""
+    return dist.is_main if shared else dist.local_rank == 0
+
+
+def _rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"tessera_rank{rank}.pt"
+
+
 def save(
     engine,
     ckpt_dir: Path,
@@ -140,7 +149,7 @@ def save(
     check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    writer = dist.is_main if shared else dist.local_rank == 0  # of this disk's COMPLETE, latest and pruning
+    writer = _disk_writer(dist, shared)  # of this disk's COMPLETE, latest and pruning
     if writer:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # left by a crashed save of the same step
@@ -158,9 +167,7 @@ def save(
             save_latest=False,
             exclude_frozen_parameters=trainable_only,
         )
-        atomic_torch_save(
-            {"step": step, "rng": rng_state(), "loader": loader_state}, tag_dir / f"tessera_rank{dist.rank}.pt"
-        )
+        atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state}, _rank_file(tag_dir, dist.rank))
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as "unexpected pos ..."
         failure = _write_failure(exc, ckpt_dir)
     failures = [f for f in gather_objects(failure) if f]  # every rank learns of any rank's failure
@@ -311,7 +318,7 @@ def extras_path(tag_dir: Path, rank: int) -> Path:
     """The file of RNG and data position that `rank` resumes from: its own, or rank 0's for a rank the saving run
     did not have."""
     saved = complete_world(tag_dir) or 0
-    return tag_dir / f"tessera_rank{rank if rank < saved else 0}.pt"
+    return _rank_file(tag_dir, rank if rank < saved else 0)
 
 
 def universal(tag_dir: Path, dist: DistInfo, zero_stage: int, shared: bool = True) -> Path | None:
@@ -323,7 +330,7 @@ def universal(tag_dir: Path, dist: DistInfo, zero_stage: int, shared: bool = Tru
         return None
     out = tag_dir / "universal"
     error = None
-    if (dist.is_main if shared else dist.local_rank == 0) and not (out / "COMPLETE").is_file():
+    if _disk_writer(dist, shared) and not (out / "COMPLETE").is_file():
         log.info(
             "checkpoint saved by %d rank(s), resumed on %d: converting it to DeepSpeed's universal form",
             saved,
@@ -344,10 +351,7 @@ def universal(tag_dir: Path, dist: DistInfo, zero_stage: int, shared: bool = Tru
         else:
             (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to its output folder
             atomic_write_bytes(tmp / "COMPLETE", b"")
-            fsync_tree(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-            fsync_path(tag_dir)
+            publish_dir(tmp, out)
     errors = [e for e in gather_objects(error) if e]
     if errors:
         raise ConfigError(errors[0])
@@ -363,7 +367,7 @@ def loader_states(tag_dir: Path) -> Callable[[], list[dict] | None]:
 
     @functools.cache
     def read() -> list[dict] | None:
-        files = [tag_dir / f"tessera_rank{r}.pt" for r in range(complete_world(tag_dir) or 0)]
+        files = [_rank_file(tag_dir, r) for r in range(complete_world(tag_dir) or 0)]
         if not all(f.is_file() for f in files):
             return None
         return [torch.load(f, map_location="cpu", weights_only=True)["loader"] for f in files]
