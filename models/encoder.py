@@ -107,6 +107,11 @@ class Encoder(nn.Module):
             params["pretrained"] = None
         return params
 
+    def clip_checkpoint(self) -> str | None:
+        """The CLIP checkpoint this tower was initialised from, if any: two towers of a pair initialised from the
+        same one take its temperature (and logit bias) too."""
+        return None
+
     def lora_targets(self) -> list[str]:
         """Module names (the last name component) LoRA adapts by default, or [ALL_LINEAR]."""
         return [ALL_LINEAR]

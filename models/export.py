@@ -1,12 +1,19 @@
-"""Exported models: `model.safetensors` + `config.yaml`, loadable with one call and without DeepSpeed.
+"""Exported models: `tessera_model.safetensors` + `config.yaml`, loadable with one call and without DeepSpeed, and
+beside them the same model in the formats other tools load (`open_clip/`: see `open_clip_io`).
 
 from tessera.models import load_model
 model = load_model("runs/demo/model")
 emb = model.encode("text", model.transforms(is_train=False)["text"]("a red circle")[None])
+
+The weights file is not called `model.safetensors`: that is the name `transformers` looks for, and its
+`from_pretrained` would quietly build a random model around a file whose keys it does not know. Exports written
+before the rename still load.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +29,14 @@ from tessera.durable import publish_dir
 from .config import ModelConfig
 from .multitower import MultiTowerModel
 
+log = logging.getLogger(__name__)
+
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1
+WEIGHTS_FILE = "tessera_model.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # exports written before Tessera wrote open_clip and HF forms beside
+# formats written beside the Tessera files by default, each in its own subdirectory when the model has that form
+DEFAULT_FORMATS = ("open_clip",)
 
 
 def save_model(
@@ -31,12 +44,14 @@ def save_model(
     out_dir: str | Path,
     metadata: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
 ) -> Path:
     """Write `model` to `out_dir` atomically and durably: a crash leaves either the old export or the new one,
     fsynced, with the permissions the umask gives.
 
     `state_dict` (e.g. fp32 master weights gathered from a DeepSpeed engine) replaces the module's own
-    tensors when given.
+    tensors when given. `formats` ("open_clip", "hf") are also written, into `out_dir/<format>`, where the model
+    has such a form; where it has none, the log says why and the Tessera export stands alone.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +66,41 @@ def save_model(
         (tmp / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         if state_dict is None:
             # save_model (not save_file) handles tensors that share storage, e.g. tied embeddings.
-            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+            safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE))
         else:
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-            safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"))
+            safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
+        _write_formats(tmp, out_dir, formats)
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_format(model_dir: Path, fmt: str, out_dir: Path | None = None) -> tuple[Path, list[str]]:
+    """Write the export `model_dir` in another tool's format (default `model_dir/<fmt>`), atomically. Returns the
+    directory and notes on what that format leaves out; NotRepresentable says why the model has no such form."""
+    writers = {"open_clip": "open_clip_io:export_open_clip", "hf": "hf_clip_io:export_hf"}  # imported when used
+    if fmt not in writers:
+        raise ConfigError(f"unknown export format '{fmt}'; one of {sorted(writers)}")
+    module, func = writers[fmt].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), func)(model_dir, out_dir)
+
+
+def _write_formats(tmp: Path, out_dir: Path, formats: tuple[str, ...]) -> None:
+    """`formats` beside the Tessera files in `tmp` (to be published as `out_dir`), each where the model has it."""
+    from .open_clip_io import NotRepresentable
+
+    for fmt in formats:
+        try:
+            _, notes = write_format(tmp, fmt)
+        except NotRepresentable as exc:
+            log.info("no %s export: %s", fmt, exc)
+        except Exception as exc:  # a converter's bug must not cost the user the Tessera export itself
+            log.error("the %s export failed; %s has the Tessera export without it: %r", fmt, out_dir, exc)
+        else:
+            log.info("%s export: %s%s", fmt, out_dir / fmt, "".join(f"; {n}" for n in notes))
 
 
 def _resolve_relative(node: Any, base: Path) -> Any:
@@ -92,9 +133,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Mul
     """Rebuild an exported model and load its weights (strict: every tensor must match)."""
     model_dir = Path(model_dir)
     model = MultiTowerModel(read_model_config(model_dir))
-    weights = model_dir / "model.safetensors"
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file() and (model_dir / LEGACY_WEIGHTS_FILE).is_file():
+        weights = model_dir / LEGACY_WEIGHTS_FILE
     if not weights.is_file():
-        raise ConfigError(f"'{model_dir}' has config.yaml but no model.safetensors")
+        raise ConfigError(f"'{model_dir}' has config.yaml but no {WEIGHTS_FILE}")
     missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
     if missing or unexpected:
         raise ConfigError(

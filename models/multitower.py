@@ -5,6 +5,7 @@ Shape legend: B batch, D shared embedding width, D_enc an encoder's own output w
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from tessera.config import to_dict
 from .config import ModelConfig, pair_key
 from .encoder import Encoder
 from .heads import build_head
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,38 @@ class MultiTowerModel(nn.Module):
             self.logit_biases = nn.ParameterDict(
                 {pair_key(a, b): nn.Parameter(torch.full((1,), float(cfg.init_logit_bias))) for a, b in cfg.pair_list()}
             )
+        for a, b in cfg.pair_list():
+            source = self.towers[a].clip_checkpoint()
+            if source and source == self.towers[b].clip_checkpoint():
+                self._take_temperature(pair_key(a, b), source)
+
+    @torch.no_grad()
+    def _take_temperature(self, key: str, checkpoint: str) -> None:
+        """The pair `key` starts from the temperature (and logit bias) its towers' CLIP checkpoint learned."""
+        from .open_clip_common import pretrained_temperature
+
+        found = pretrained_temperature(checkpoint)
+        if "logit_scale" in found:
+            scale = float(found["logit_scale"].reshape(-1)[0])
+            if scale > self._max_log_scale + 1e-6:
+                log.warning(
+                    "%s: the checkpoint's logit scale %.1f is above model.max_logit_scale (%g), which clamps it; "
+                    "raise model.max_logit_scale to keep it",
+                    key,
+                    math.exp(scale),
+                    self.cfg.max_logit_scale,
+                )
+            self.logit_scales[key].fill_(scale)
+        if "logit_bias" in found:
+            if self.cfg.init_logit_bias is None:
+                log.warning(
+                    "%s: %s has a logit bias (SigLIP), which this model has no place for; set model.init_logit_bias "
+                    "to train with one",
+                    key,
+                    checkpoint,
+                )
+            else:
+                self.logit_biases[key].fill_(float(found["logit_bias"].reshape(-1)[0]))
 
     @property
     def modalities(self) -> list[str]:

@@ -48,12 +48,24 @@ def quick_gelu(cfg: Any) -> bool:
     return bool(named_config(cfg.model).get("quick_gelu", False))
 
 
+def read_clip_state(path) -> dict[str, torch.Tensor]:
+    """The CLIP state dict in an open_clip checkpoint: a state-dict file, or an `open_clip_train` checkpoint (which
+    wraps it in `state_dict`, with DDP's `module.` prefix)."""
+    state = load_state_dict_file(path)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def pretrained_temperature(path: str) -> dict[str, torch.Tensor]:
+    """The `logit_scale` (and SigLIP's `logit_bias`) of an open_clip checkpoint, as far as it has them."""
+    state = read_clip_state(path)
+    return {k: state[k] for k in ("logit_scale", "logit_bias") if k in state}
+
+
 def load_pretrained(module: torch.nn.Module, path: str, prefixes: tuple[str, ...], keep_bare: tuple[str, ...]):
     """Load the part of an open_clip checkpoint that belongs to one tower."""
-    state = load_state_dict_file(path)
-    if "state_dict" in state:  # open_clip_train checkpoints wrap the weights
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_clip_state(path)
     picked = {}
     for key, value in state.items():
         for prefix in prefixes:

@@ -153,6 +153,9 @@ class OpenClipImageEncoder(Encoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
 
+    def clip_checkpoint(self) -> str | None:
+        return self.cfg.pretrained
+
     def lora_targets(self) -> list[str]:
         return RESNET_TARGETS if isinstance(self.tower, ModifiedResNet) else TRANSFORMER_TARGETS
 

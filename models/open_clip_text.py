@@ -99,6 +99,9 @@ class OpenClipTextEncoder(Encoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
 
+    def clip_checkpoint(self) -> str | None:
+        return self.cfg.pretrained
+
     def lora_targets(self) -> list[str]:
         return TRANSFORMER_TARGETS
 

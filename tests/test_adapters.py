@@ -119,7 +119,7 @@ def test_save_load_round_trip_gives_identical_embeddings_and_merging_needs_no_pe
     files = save_adapter(tuned, tmp_path / "adapter")
     assert {p.name for p in files} == {"adapter_config.json", "adapter_model.safetensors"}
     size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
-    assert size < 0.1 * (tmp_path / "base" / "model.safetensors").stat().st_size
+    assert size < 0.1 * (tmp_path / "base" / "tessera_model.safetensors").stat().st_size
 
     loaded = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_save_load_round_trip_gives_identical_embeddings_and_merging_needs_no_pe
     save_model(merged, tmp_path / "merged")
     from safetensors.torch import load_file
 
-    assert not any("lora" in k for k in load_file(str(tmp_path / "merged" / "model.safetensors")))
+    assert not any("lora" in k for k in load_file(str(tmp_path / "merged" / "tessera_model.safetensors")))
     again = load_model(tmp_path / "merged").eval()
     with torch.no_grad():
         for m, v in again(BATCH)["features"].items():
@@ -342,7 +342,7 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
 
     base = _base()
     save_model(base, tmp_path / "base")
-    before = load_file(str(tmp_path / "base" / "model.safetensors"))
+    before = load_file(str(tmp_path / "base" / "tessera_model.safetensors"))
     out = tmp_path / "ft"
     proc = run_cli(
         [
@@ -372,7 +372,7 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
         "base.json",  # the base's identity, checked by every load_adapter below
     }
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000
-    after = load_file(str(tmp_path / "base" / "model.safetensors"))
+    after = load_file(str(tmp_path / "base" / "tessera_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     tuned = load_adapter(load_model(tmp_path / "base"), out / "adapter").eval()
     exported = load_model(out / "model").eval()
@@ -382,7 +382,7 @@ def test_lora_finetuning_under_two_rank_deepspeed(demo_shards, tmp_path):
     for m in a:
         assert torch.allclose(a[m], b[m], atol=1e-5, rtol=0)
         assert not torch.allclose(a[m], c[m], atol=1e-4)  # the adapter learned something
-    merged = load_file(str(out / "model" / "model.safetensors"))
+    merged = load_file(str(out / "model" / "tessera_model.safetensors"))
     unadapted = [k for k in before if "conv1" in k or "ln_" in k or "token_embedding" in k]
     assert unadapted and all(torch.equal(before[k], merged[k]) for k in unadapted)
 
@@ -410,7 +410,9 @@ def test_tessera_finetune_command_and_full_finetuning(demo_shards, tmp_path):
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "full" / "model" / "model.safetensors").exists() and not (tmp_path / "full" / "adapter").exists()
+    assert (tmp_path / "full" / "model" / "tessera_model.safetensors").exists() and not (
+        tmp_path / "full" / "adapter"
+    ).exists()
     assert "fine-tuning" in proc.stderr and "(full)" in proc.stderr
 
 
@@ -426,7 +428,7 @@ def test_lora_finetuning_resumes_exactly_from_an_adapter_only_checkpoint(demo_sh
     ckpt = tmp_path / "full" / "checkpoints" / "step00000003"
     assert (
         sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-        < 0.5 * (tmp_path / "base" / "model.safetensors").stat().st_size
+        < 0.5 * (tmp_path / "base" / "tessera_model.safetensors").stat().st_size
     )  # the adapter and its optimizer state only
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step00000003")

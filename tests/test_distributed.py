@@ -61,8 +61,8 @@ def test_two_rank_zero2_training_and_exact_resume(demo_shards, tmp_path):
     assert [s for s, _ in after] == list(range(7, 13))
     # the same batches, the same optimizer and schedule state: the same losses and final weights
     assert after == _train_losses(full)[6:]
-    a = load_file(str(full / "model" / "model.safetensors"))
-    b = load_file(str(resumed / "model" / "model.safetensors"))
+    a = load_file(str(full / "model" / "tessera_model.safetensors"))
+    b = load_file(str(resumed / "model" / "tessera_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max().item() == 0.0, k
@@ -89,7 +89,10 @@ def test_tiled_ring_loss_trains_as_the_full_matrix_loss_under_deepspeed(demo_sha
         proc = torchrun(*tiny_run_args(demo_shards, out, *common, *extra))
         assert proc.returncode == 0, proc.stderr[-4000:]
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[impl] = ([x for x in lines if x["kind"] == "train"], load_file(str(out / "model" / "model.safetensors")))
+        runs[impl] = (
+            [x for x in lines if x["kind"] == "train"],
+            load_file(str(out / "model" / "tessera_model.safetensors")),
+        )
     (full_log, full_w), (tiled_log, tiled_w) = runs["full"], runs["tiled"]
     assert len(full_log) == len(tiled_log) == 2
     for f, t in zip(full_log, tiled_log):

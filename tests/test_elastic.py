@@ -49,7 +49,7 @@ def test_torchrun_restarts_a_rank_killed_mid_step_and_resumes_from_the_last_chec
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step00000004 at step 4" in proc.stderr and "pytorch#135712" not in proc.stderr, proc.stderr[-4000:]
     assert sorted(set(_steps(run))) == list(range(1, 9))
-    assert _latest(run) == "step00000008" and (run / "model" / "model.safetensors").is_file()
+    assert _latest(run) == "step00000008" and (run / "model" / "tessera_model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_ranks(demo_shards, tmp_p
         f"saved by {saved} rank(s), resumed on {resumed}" in same.stderr and (tag / "universal" / "COMPLETE").is_file()
     )
     assert "epoch 0 continues without the" in same.stderr  # the data too (test_pipeline.py checks its samples)
-    got = load_file(run / "model" / "model.safetensors")
+    got = load_file(run / "model" / "tessera_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in got)
     more = run_cli([*_launch(resumed), *args, "train.steps=4"], env=env)
     assert more.returncode == 0, more.stderr[-3000:]

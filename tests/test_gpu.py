@@ -55,7 +55,7 @@ def test_a_training_run_on_the_gpu_per_precision(demo_shards, tmp_path, precisio
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["kind"] == "train"]
     assert len(losses) == 6 and all(v == v for v in losses[-3:])  # fp16 may skip its first steps while scaling
-    assert any(x["kind"] == "eval" for x in lines) and (out / "model" / "model.safetensors").is_file()
+    assert any(x["kind"] == "eval" for x in lines) and (out / "model" / "tessera_model.safetensors").is_file()
 
 
 def test_loader_batches_are_pinned_for_the_gpu(demo_shards):

@@ -131,7 +131,11 @@ def test_export_round_trip_gives_identical_embeddings(tiny_model_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg).eval()
     save_model(model, tmp_path / "model", metadata={"step": 3})
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.yaml",
+        "open_clip",
+        "tessera_model.safetensors",
+    ]
     loaded = load_model(tmp_path / "model")
     batch = _batch(model)
     with torch.no_grad():
@@ -156,8 +160,8 @@ def test_export_permissions_follow_the_umask_and_an_existing_export_is_swapped_i
         save_model(model, tmp_path / "model")
         out = tmp_path / "model"
         assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
-        for f in out.iterdir():
-            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+        for f in out.rglob("*"):
+            assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f.name
         # over an existing export: one atomic exchange where the filesystem has it, never a moment without
         swaps = []
         exchange = durable._exchange

@@ -182,7 +182,7 @@ def test_recipe_trains_one_step_shrunk(recipe, recipe_shards, demo_base, tmp_pat
     else:  # one step drew every source: every pair the loss aligns took part
         assert {f"loss/{a}-{b}" for a, b in cfg.model.pair_list()} <= set(lines[0])
     if cfg.task == "pretrain" or cfg.adapter.kind == "full":
-        assert (out / "model" / "model.safetensors").is_file()
+        assert (out / "model" / "tessera_model.safetensors").is_file()
     else:
         assert (out / "adapter").is_dir()
         assert (out / "model").is_dir() == (cfg.adapter.kind == "lora" and cfg.adapter.export_merged)

@@ -282,7 +282,9 @@ def test_two_ranks_through_the_ring_chunked_equal_unchunked_and_resume_exactly(d
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
             a["grad_norm"], rel=1e-4
         )
-    plain, chunked = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("plain", "chunked"))
+    plain, chunked = (
+        load_file(str(tmp_path / n / "model" / "tessera_model.safetensors")) for n in ("plain", "chunked")
+    )
     for k in plain:
         torch.testing.assert_close(chunked[k], plain[k], rtol=0, atol=1e-5, msg=k)
 
@@ -293,7 +295,7 @@ def test_two_ranks_through_the_ring_chunked_equal_unchunked_and_resume_exactly(d
     proc = torchrun(*tiny_run_args(demo_shards, resumed, *common, "train.chunk_size=4", "resume=latest"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _train_losses(resumed) == _train_losses(tmp_path / "chunked")[2:]
-    final = load_file(str(resumed / "model" / "model.safetensors"))
+    final = load_file(str(resumed / "model" / "tessera_model.safetensors"))
     assert all(torch.equal(final[k], chunked[k]) for k in chunked)
 
 

@@ -7,6 +7,8 @@ tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
 tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
 tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
 tessera demo-data --out runs/demo/data
+tessera export --format open_clip runs/demo/model     (or --format hf)
+tessera import open_clip DIR_OR_CHECKPOINT [--model ViT-B-32] --out base/model     (or: import hf DIR)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ COMMANDS = {
     "finetune": "tessera.train.finetune",
     "make-shards": "tessera.data.make_shards",
     "demo-data": "tessera.data.demo",
+    "export": "tessera.models.interop:export_main",
+    "import": "tessera.models.interop:import_main",
 }
 EVAL = {
     "retrieval": "tessera.eval.retrieval",
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__.strip(), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+    module, _, func = COMMANDS[argv[0]].partition(":")
+    return getattr(importlib.import_module(module), func or "main")(argv[1:]) or 0
 
 
 if __name__ == "__main__":

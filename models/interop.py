@@ -1,0 +1,100 @@
+"""`tessera export` and `tessera import`: a Tessera export in other tools' formats, and other tools' models as
+Tessera exports. Paths only: nothing is downloaded.
+
+tessera export --format open_clip runs/demo/model            # -> runs/demo/model/open_clip
+tessera export --format hf runs/vit/model --out hf-model      # transformers CLIPModel directory
+tessera import open_clip ~/ViT-B-32-dir --out base/model      # an open_clip model directory (local-dir: layout)
+tessera import open_clip epoch_32.pt --model ViT-B-32 --out base/model   # open_clip_train checkpoint or state dict
+tessera import hf ~/clip-vit-base-patch32 --out base/model    # a transformers CLIPModel directory
+
+An imported model keeps its temperature (and SigLIP bias); `tessera finetune base=base/model` and `tessera eval`
+take it like any export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tessera.config import ConfigError
+
+from .export import save_model, write_format
+
+FORMATS = ("open_clip", "hf")
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="tessera export",
+        description="Write an exported Tessera model in another tool's format.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("model", help="exported Tessera model directory (RUN_DIR/model)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="open_clip: open_clip_config.json + weights; hf: a transformers CLIPModel directory (save_pretrained)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: MODEL/<format>)")
+    args = p.parse_args(argv)
+    return _run(lambda: _export(args))
+
+
+def _export(args) -> None:
+    out, notes = write_format(Path(args.model), args.format, Path(args.out) if args.out else None)
+    print(f"{args.format} model: {out}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="tessera import",
+        description="Turn an open_clip or transformers CLIP model into a Tessera export.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("format", choices=FORMATS, help="what SOURCE is")
+    p.add_argument(
+        "source",
+        help="open_clip: a model directory (open_clip_config.json + weights, `local-dir:` prefix allowed), an "
+        "open_clip_train checkpoint or a state-dict file; hf: a CLIPModel directory",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="architecture of a checkpoint file: an open_clip config name (ViT-B-32) or a .json",
+    )
+    p.add_argument("--out", required=True, help="where to write the Tessera export")
+    args = p.parse_args(argv)
+    return _run(lambda: _import(args))
+
+
+def _import(args) -> None:
+    if args.format == "open_clip":
+        from .open_clip_io import from_open_clip
+
+        model = from_open_clip(args.source, args.model)
+    else:
+        from .hf_clip_io import from_hf
+
+        if args.model:
+            raise ConfigError("--model names an open_clip config; a transformers directory carries its own")
+        model = from_hf(args.source)
+    out = save_model(model, args.out, metadata={"imported_from": {"format": args.format, "source": args.source}})
+    scales = {k: round(float(v.detach().exp()), 3) for k, v in model.logit_scales.items()}
+    print(f"Tessera model: {out} (logit scale {scales})")
+
+
+def _run(work) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        work()
+    except ConfigError as exc:  # a bad path, a model with no such form, a mismatched checkpoint: the user can fix it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

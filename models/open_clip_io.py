@@ -1,0 +1,363 @@
+"""open_clip interop: a Tessera model's image and text towers as an open_clip model directory, and back.
+
+An open_clip model directory is the layout of open_clip's hub models: `open_clip_config.json` (`model_cfg` and
+`preprocess_cfg`) + `open_clip_model.safetensors` (a CLIP state dict, temperature included), which
+`open_clip.create_model_and_transforms("local-dir:DIR")` loads. Export writes one beside every Tessera export
+whose image and text towers are open_clip towers (`models.export.save_model`); import turns any open_clip model
+directory, `open_clip_train` checkpoint or state-dict file into a Tessera model.
+
+Shape legend: W a tower's own width, O its projection width, D the shared embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+from tessera.config import ConfigError
+from tessera.durable import publish_dir
+
+from .config import ModelConfig
+from .multitower import MultiTowerModel
+from .open_clip_common import named_config, quick_gelu, read_clip_state
+from .open_clip_image import OpenClipImageEncoder
+from .open_clip_text import OpenClipTextEncoder
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+SUBDIR = "open_clip"  # where an export keeps its open_clip form
+# what open_clip itself looks for in a directory, best first
+WEIGHT_NAMES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
+# an image and a text embedding must agree to this (absolute) for an export to be kept
+MATCH_ATOL = 1e-5
+
+
+class NotRepresentable(ConfigError):
+    """The model (or part of it) has no open_clip or Hugging Face form; the message says which part and why."""
+
+
+def clip_pair(model: MultiTowerModel) -> tuple[str, str]:
+    """The (image, text) modalities whose towers are open_clip towers; NotRepresentable when there are none."""
+    image = [m for m, t in model.towers.items() if isinstance(t, OpenClipImageEncoder)]
+    text = [m for m, t in model.towers.items() if isinstance(t, OpenClipTextEncoder)]
+    if not image or not text:
+        kinds = ", ".join(f"{m}: {model.cfg.towers[m].encoder}" for m in model.towers)
+        raise NotRepresentable(
+            f"an open_clip model needs an open_clip_image and an open_clip_text tower; this has {kinds}"
+        )
+    return image[0], text[0]
+
+
+def pair_scale_key(model: MultiTowerModel, a: str, b: str) -> str | None:
+    """The logit-scale name of the pair (a, b) in either order, or None when the model does not align it."""
+    for key in (f"{a}__{b}", f"{b}__{a}"):
+        if key in model.logit_scales:
+            return key
+    return None
+
+
+def head_matrix(head: nn.Module, state: dict[str, torch.Tensor], prefix: str, what: str) -> torch.Tensor | None:
+    """The head as one matrix (D, O), from `state` (the export's weights), or None for an identity head. Dropout
+    is the identity at inference; anything but one bias-free Linear cannot fold into a tower's projection."""
+    if isinstance(head, nn.Identity):
+        return None
+    layers = [(name, m) for name, m in head.named_children() if not isinstance(m, nn.Dropout)]
+    if not layers:
+        return None
+    if len(layers) == 1 and isinstance(layers[0][1], nn.Linear) and layers[0][1].bias is None:
+        return state[f"{prefix}{layers[0][0]}.weight"]
+    raise NotRepresentable(
+        f"the {what} head ({type(layers[-1][1]).__name__} layers: {[n for n, _ in layers]}) is not one linear "
+        "projection, which is all an open_clip tower ends with; train it with head.kind linear or identity"
+    )
+
+
+def fold_projection(tower_state: dict[str, torch.Tensor], W_DO: torch.Tensor, what: str) -> None:
+    """Fold the head W_DO into the tower's final projection, in place: the tower then outputs D directly."""
+    if "proj" in tower_state:  # open_clip ViT: x_W @ proj_WO
+        tower_state["proj"] = tower_state["proj"] @ W_DO.T
+    elif "text_projection" in tower_state:  # open_clip text: x_W @ text_projection_WO
+        tower_state["text_projection"] = tower_state["text_projection"] @ W_DO.T
+    else:  # a Linear: ModifiedResNet's attention pool, a timm head, a text projection with bias
+        for name in ("attnpool.c_proj", "text_projection", "head.proj"):
+            if f"{name}.weight" in tower_state:
+                tower_state[f"{name}.weight"] = W_DO @ tower_state[f"{name}.weight"]
+                if f"{name}.bias" in tower_state:
+                    tower_state[f"{name}.bias"] = W_DO @ tower_state[f"{name}.bias"]
+                return
+        raise NotRepresentable(f"the {what} tower has no final projection to fold its linear head into")
+
+
+def _jsonable(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _jsonable(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_jsonable(v) for v in node]
+    return node
+
+
+def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, list[str]]:
+    """(open_clip_config.json's content, the CLIP state dict, notes) of `model` with weights `state`; the notes
+    name what the open_clip model leaves out. NotRepresentable when the image-text part has no open_clip form."""
+    image, text = clip_pair(model)
+    img_enc, txt_enc = model.towers[image], model.towers[text]
+    if quick_gelu(img_enc.cfg) != quick_gelu(txt_enc.cfg):
+        raise NotRepresentable("the image and text towers differ in quick_gelu; an open_clip model has one setting")
+    cfg: ModelConfig = model.cfg
+    model_cfg: dict[str, Any] = {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": quick_gelu(img_enc.cfg),
+        "vision_cfg": img_enc.cfg.vision_cfg(),
+        "text_cfg": txt_enc.cfg.text_cfg(),
+    }
+    custom_text = bool(named_config(txt_enc.cfg.model).get("custom_text"))
+    if custom_text:
+        model_cfg["custom_text"] = True
+    out: dict[str, torch.Tensor] = {}
+    for m, where in ((image, "visual."), (text, "text." if custom_text else "")):
+        prefix = f"towers.{m}.tower."
+        tower_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        W_DO = head_matrix(model.heads[m], state, f"heads.{m}.", m)
+        if W_DO is not None:
+            fold_projection(tower_state, W_DO, m)
+        out.update({where + k: v for k, v in tower_state.items()})
+    notes = [
+        f"{m} ({cfg.towers[m].encoder}) stays in the Tessera export only"
+        for m in model.towers
+        if m not in (image, text)
+    ]
+    key = pair_scale_key(model, image, text)
+    if key is None:
+        out["logit_scale"] = torch.tensor(cfg.init_logit_scale)
+        notes.append(f"the model does not align {image} with {text}: logit_scale is the initial one")
+    else:
+        out["logit_scale"] = state[f"logit_scales.{key}"].reshape(())
+        if cfg.init_logit_bias is not None:
+            out["logit_bias"] = state[f"logit_biases.{key}"].reshape(())
+            model_cfg["init_logit_bias"] = float(out["logit_bias"])
+    preprocess = {k: v for k, v in dataclasses.asdict(img_enc.preprocess_cfg).items()}
+    doc = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess)}
+    return doc, {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in out.items()}, notes
+
+
+def create_open_clip(model_dir: str | Path):
+    """open_clip's own (model, eval transform, tokenizer) from an open_clip model directory, on the CPU."""
+    name = f"local-dir:{Path(model_dir).resolve()}"
+    logging.disable(logging.INFO)  # open_clip narrates every step at INFO on the root logger
+    try:
+        oc, _, preprocess = open_clip.create_model_and_transforms(name)
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        logging.disable(logging.NOTSET)
+    return oc.eval(), preprocess, tokenizer
+
+
+@torch.no_grad()
+def check_same_embeddings(ours: MultiTowerModel, oc_dir: Path) -> float:
+    """The largest difference between our embeddings and open_clip's (from `oc_dir`) of two random images and
+    two captions; NotRepresentable when it exceeds MATCH_ATOL."""
+    image, text = clip_pair(ours)
+    oc, _, tokenizer = create_open_clip(oc_dir)
+    size = ours.towers[image].preprocess_cfg.size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    tokens = tokenizer(["a photo of a red circle", "two small squares on the left"])
+    worst = 0.0
+    for m, z_ours, z_oc in (
+        (image, ours.encode(image, images), oc.encode_image(images, normalize=True)),
+        (text, ours.encode(text, tokens), oc.encode_text(tokens, normalize=True)),
+    ):
+        diff = float((z_ours.float() - z_oc.float()).abs().max())
+        if not diff <= MATCH_ATOL:
+            raise NotRepresentable(
+                f"open_clip computes other {m} embeddings from the exported weights (max difference {diff:.2e}): "
+                "this tower configuration has no exact open_clip form"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[str]]:
+    """Write the Tessera export `model_dir` as an open_clip model directory (default `model_dir/open_clip`),
+    atomically, and check that open_clip loads it to the same embeddings. Returns (directory, notes)."""
+    from .export import load_model  # export imports this module
+
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
+    ours = load_model(model_dir)
+    doc, state, notes = to_open_clip(ours, ours.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        check_same_embeddings(ours, tmp)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir, notes
+
+
+# ---------------------------------------------------------------------------------------------------------- import
+
+
+def overrides_from(base: dict[str, Any], target: dict[str, Any], cfg_cls: type) -> dict[str, Any]:
+    """The `overrides` that turn the named config `base` into `target`: changed and added fields, and the
+    dataclass default for each field `base` sets and `target` does not."""
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cfg_cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    out = {k: v for k, v in target.items() if base.get(k, defaults.get(k, dataclasses.MISSING)) != v}
+    out.update({k: defaults[k] for k in base if k not in target and k in defaults and base[k] != defaults[k]})
+    return out
+
+
+def base_name(model_cfg: dict[str, Any], hint: str | None) -> str:
+    """The open_clip config name a tower config is written against: `hint`, else a built-in config with exactly
+    this model config, else ViT-B-32 (overrides then carry the difference)."""
+    if hint and not hint.endswith(".json"):
+        named_config(hint)
+        return hint
+    for name in open_clip.list_models():
+        if named_config(name) == model_cfg:
+            return name
+    return "ViT-B-32"
+
+
+def find_weights(src: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (src / name).is_file():
+            return src / name
+    raise ConfigError(f"open_clip directory '{src}' holds no weights (looked for {', '.join(WEIGHT_NAMES)})")
+
+
+def read_open_clip(src: str | Path, model: str | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(model_cfg, preprocess_cfg, CLIP state dict) of an open_clip model directory (`local-dir:` layout), an
+    `open_clip_train` checkpoint or a state-dict file; a file needs `model`, its open_clip config name."""
+    path = Path(str(src).removeprefix("local-dir:"))
+    if path.is_dir():
+        config = path / CONFIG_FILE
+        if not config.is_file():
+            raise ConfigError(f"'{path}' is not an open_clip model directory: no {CONFIG_FILE}")
+        try:
+            doc = json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{config} is not valid JSON: {exc}") from None
+        model_cfg = doc.get("model_cfg")
+        if not isinstance(model_cfg, dict):
+            raise ConfigError(f"{config} has no model_cfg")
+        return model_cfg, doc.get("preprocess_cfg") or {}, read_clip_state(find_weights(path))
+    if not path.is_file():
+        raise ConfigError(f"'{src}' is neither an open_clip model directory nor a checkpoint file")
+    if not model:
+        raise ConfigError(
+            f"'{src}' is a weights file: name its architecture with --model (an open_clip config name such as "
+            "ViT-B-32, or the path of a model config .json)"
+        )
+    model_cfg = config_file_or_name(model)
+    preprocess = {"size": model_cfg["vision_cfg"].get("image_size", 224)}
+    return model_cfg, preprocess, read_clip_state(path)
+
+
+def config_file_or_name(model: str) -> dict[str, Any]:
+    """An open_clip model config: a built-in name, or a .json file as open_clip_train's --model takes (the bare
+    config, or an open_clip_config.json with its model_cfg)."""
+    if not model.endswith(".json"):
+        return named_config(model)
+    try:
+        doc = json.loads(Path(model).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the model config '{model}': {exc}") from None
+    doc = doc.get("model_cfg", doc) if isinstance(doc, dict) else doc
+    if not isinstance(doc, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(doc):
+        raise ConfigError(f"'{model}' is not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
+    return doc
+
+
+def tessera_config(model_cfg: dict[str, Any], preprocess: dict[str, Any], state: dict, hint: str | None) -> dict:
+    """A Tessera model config (as YAML would give it) with the architecture and preprocessing of `model_cfg`."""
+    if model_cfg.get("multimodal_cfg"):
+        raise NotRepresentable("this is a CoCa model (it has a text decoder); Tessera imports CLIP models")
+    vision, text = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
+    if text.get("hf_model_name"):
+        raise NotRepresentable("the text tower is a Hugging Face model; import it as encoder hf_text instead")
+    name = base_name(model_cfg, hint)
+    base = named_config(name)
+    qg = bool(model_cfg.get("quick_gelu", False))
+    towers = {
+        "image": {
+            "encoder": "open_clip_image",
+            "model": name,
+            "overrides": overrides_from(base["vision_cfg"], vision, CLIPVisionCfg),
+            "quick_gelu": qg,
+            "preprocess": {k: v for k, v in preprocess.items() if k in PREPROCESS_KEYS},
+        },
+        "text": {
+            "encoder": "open_clip_text",
+            "model": name,
+            "overrides": overrides_from(base["text_cfg"], text, CLIPTextCfg),
+            "quick_gelu": qg,
+        },
+    }
+    scale = float(state["logit_scale"].reshape(-1)[0]) if "logit_scale" in state else math.log(1 / 0.07)
+    cfg = {"embed_dim": int(model_cfg["embed_dim"]), "towers": towers, "max_logit_scale": max(100.0, math.exp(scale))}
+    if "logit_bias" in state:
+        cfg["init_logit_bias"] = float(state["logit_bias"].reshape(-1)[0])
+    return cfg
+
+
+PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+def from_open_clip(src: str | Path, model: str | None = None) -> MultiTowerModel:
+    """A Tessera model (towers `image` and `text`) holding an open_clip model's weights, temperature and SigLIP
+    bias included. `src`: an open_clip model directory, an `open_clip_train` checkpoint or a state-dict file."""
+    model_cfg, preprocess, state = read_open_clip(src, model)
+    return build_from_open_clip(model_cfg, preprocess, state, model, str(src))
+
+
+def build_from_open_clip(model_cfg: dict, preprocess: dict, state: dict, model: str | None, src: str):
+    """The Tessera model of an open_clip (model_cfg, preprocess_cfg, CLIP state dict) read from `src`."""
+    from tessera.config import from_dict
+
+    cfg = from_dict(ModelConfig, tessera_config(model_cfg, preprocess, state, model), "model")
+    ours = MultiTowerModel(cfg)
+    mapped = {}
+    custom = any(k.startswith("text.") for k in state)
+    for key, value in state.items():
+        if key.startswith("visual."):
+            mapped[f"towers.image.tower.{key[7:]}"] = value
+        elif key in ("logit_scale", "logit_bias"):
+            mapped[f"{key}s.image__text"] = value.reshape(1)
+        elif custom and key.startswith("text."):
+            mapped[f"towers.text.tower.{key[5:]}"] = value
+        elif not custom:
+            mapped[f"towers.text.tower.{key}"] = value
+    try:
+        result = ours.load_state_dict(mapped, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"'{src}' does not match its architecture: {exc}") from None
+    missing = [k for k in result.missing_keys if k != "logit_scales.image__text"]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"'{src}' does not match the architecture {model or 'of its config'}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return ours.eval()
