@@ -112,6 +112,10 @@ class Encoder(nn.Module):
         same one take its temperature (and logit bias) too."""
         return None
 
+    def clip_temperature(self) -> dict[str, torch.Tensor]:
+        """`logit_scale` (and `logit_bias`) of `clip_checkpoint()`, as far as it has them."""
+        return {}
+
     def lora_targets(self) -> list[str]:
         """Module names (the last name component) LoRA adapts by default, or [ALL_LINEAR]."""
         return [ALL_LINEAR]

@@ -31,6 +31,11 @@ from .multitower import MultiTowerModel
 
 log = logging.getLogger(__name__)
 
+
+class NotRepresentable(ConfigError):
+    """The model (or part of it) has no form in another tool's format; the message says which part and why."""
+
+
 FORMAT = "tessera-model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "tessera_model.safetensors"
@@ -90,8 +95,6 @@ def write_format(model_dir: Path, fmt: str, out_dir: Path | None = None) -> tupl
 
 def _write_formats(tmp: Path, out_dir: Path, formats: tuple[str, ...]) -> None:
     """`formats` beside the Tessera files in `tmp` (to be published as `out_dir`), each where the model has it."""
-    from .open_clip_io import NotRepresentable
-
     for fmt in formats:
         try:
             _, notes = write_format(tmp, fmt)

@@ -11,6 +11,7 @@ bias, another tokenizer, ...) is refused with the reason; every export is checke
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -20,13 +21,17 @@ from typing import Any
 
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import VisionTransformer
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from tessera.config import ConfigError
 from tessera.durable import publish_dir
 
+from .export import NotRepresentable, load_model
 from .multitower import MultiTowerModel
-from .open_clip_io import MATCH_ATOL, NotRepresentable, build_from_open_clip, clip_pair, to_open_clip
+from .open_clip_common import quick_gelu
+from .open_clip_io import MATCH_ATOL, build_from_open_clip, clip_pair, to_open_clip
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,6 @@ def _refuse_fields(cfg: Any, fixed: dict[str, Any], what: str) -> None:
 
 def hf_config(model: MultiTowerModel, logit_scale: float):
     """transformers' CLIPConfig of `model`; NotRepresentable when CLIPModel cannot compute it."""
-    from transformers import CLIPConfig
 
     image, text = clip_pair(model)
     tower = model.towers[image].tower
@@ -124,7 +128,7 @@ def hf_config(model: MultiTowerModel, logit_scale: float):
     _refuse_fields(txt, TEXT_FIXED, text)
     if not isinstance(vision.image_size, int) or not isinstance(vision.patch_size, int):
         raise NotRepresentable("the image tower is not square; transformers' CLIPModel takes one image_size")
-    act = "quick_gelu" if model.towers[image].cfg.quick_gelu or _named_quick_gelu(model, image) else "gelu"
+    act = "quick_gelu" if quick_gelu(model.towers[image].cfg) else "gelu"
     return CLIPConfig(
         vision_config={
             "hidden_size": vision.width,
@@ -152,12 +156,6 @@ def hf_config(model: MultiTowerModel, logit_scale: float):
         projection_dim=model.cfg.embed_dim,
         logit_scale_init_value=logit_scale,
     )
-
-
-def _named_quick_gelu(model: MultiTowerModel, modality: str) -> bool:
-    from .open_clip_common import quick_gelu
-
-    return quick_gelu(model.towers[modality].cfg)
 
 
 def clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,8 +222,6 @@ def hf_to_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def clip_tokenizer(context_length: int):
     """transformers' CLIPTokenizer with open_clip's own BPE vocabulary and merges (shipped in its wheel), padded
     and truncated to the text tower's context length."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
 
     bpe = SimpleTokenizer(context_length=context_length)
     vocab = {HF_SPECIAL.get(token, token): i for token, i in bpe.encoder.items()}
@@ -235,7 +231,6 @@ def clip_tokenizer(context_length: int):
 
 def image_processor(model: MultiTowerModel, image: str):
     """transformers' CLIPImageProcessor doing what the image tower's eval transform does."""
-    from transformers import CLIPImageProcessorPil
 
     pre = model.towers[image].preprocess_cfg
     size = pre.size if isinstance(pre.size, int) else pre.size[0]
@@ -278,9 +273,6 @@ def check_hf_embeddings(ours: MultiTowerModel, hf, tokens: torch.Tensor) -> floa
 def export_hf(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[str]]:
     """Write the Tessera export `model_dir` as a transformers CLIPModel directory (default `model_dir/hf`) with
     CLIPProcessor files, atomically, checked against our embeddings. Returns (directory, notes)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from .export import load_model
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
@@ -316,9 +308,6 @@ def export_hf(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple
 
 def from_hf(src: str | Path) -> MultiTowerModel:
     """A Tessera model (towers `image` and `text`) holding a transformers CLIPModel's weights and temperature."""
-    import json
-
-    from transformers import CLIPModel
 
     path = Path(src)
     config_file = path / "config.json"
@@ -359,7 +348,6 @@ def from_hf(src: str | Path) -> MultiTowerModel:
 
 def _preprocess_of(path: Path, image_size: int) -> dict[str, Any]:
     """open_clip's PreprocessCfg fields from the directory's CLIPImageProcessor config, where there is one."""
-    import json
 
     pre: dict[str, Any] = {"size": image_size}
     doc = None
@@ -378,7 +366,6 @@ def _preprocess_of(path: Path, image_size: int) -> dict[str, Any]:
 
 def _check_tokenizer(path: Path, ours: MultiTowerModel) -> None:
     """The directory's tokenizer must give open_clip's token ids, or the imported text tower reads other words."""
-    from transformers import AutoTokenizer
 
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         log.warning("%s has no tokenizer files: the import assumes CLIP's BPE, which open_clip ships", path)

@@ -14,6 +14,7 @@ take it like any export.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from tessera.config import ConfigError
 
 from .export import save_model, write_format
+from .open_clip_io import from_open_clip
 
 FORMATS = ("open_clip", "hf")
 
@@ -76,15 +78,12 @@ def import_main(argv: list[str] | None = None) -> int:
 
 def _import(args) -> None:
     if args.format == "open_clip":
-        from .open_clip_io import from_open_clip
-
         model = from_open_clip(args.source, args.model)
     else:
-        from .hf_clip_io import from_hf
-
         if args.model:
             raise ConfigError("--model names an open_clip config; a transformers directory carries its own")
-        model = from_hf(args.source)
+        # transformers is imported only for this format (it takes seconds)
+        model = importlib.import_module(f"{__package__}.hf_clip_io").from_hf(args.source)
     out = save_model(model, args.out, metadata={"imported_from": {"format": args.format, "source": args.source}})
     scales = {k: round(float(v.detach().exp()), 3) for k, v in model.logit_scales.items()}
     print(f"Tessera model: {out} (logit scale {scales})")

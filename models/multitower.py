@@ -60,14 +60,11 @@ class MultiTowerModel(nn.Module):
         for a, b in cfg.pair_list():
             source = self.towers[a].clip_checkpoint()
             if source and source == self.towers[b].clip_checkpoint():
-                self._take_temperature(pair_key(a, b), source)
+                self._take_temperature(pair_key(a, b), self.towers[a].clip_temperature(), source)
 
     @torch.no_grad()
-    def _take_temperature(self, key: str, checkpoint: str) -> None:
+    def _take_temperature(self, key: str, found: dict[str, torch.Tensor], checkpoint: str) -> None:
         """The pair `key` starts from the temperature (and logit bias) its towers' CLIP checkpoint learned."""
-        from .open_clip_common import pretrained_temperature
-
-        found = pretrained_temperature(checkpoint)
         if "logit_scale" in found:
             scale = float(found["logit_scale"].reshape(-1)[0])
             if scale > self._max_log_scale + 1e-6:

@@ -10,10 +10,12 @@ a local open_clip checkpoint to initialise a tower from.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from safetensors import safe_open
 
 from tessera.config import ConfigError, closest, require
 
@@ -59,8 +61,12 @@ def read_clip_state(path) -> dict[str, torch.Tensor]:
 
 def pretrained_temperature(path: str) -> dict[str, torch.Tensor]:
     """The `logit_scale` (and SigLIP's `logit_bias`) of an open_clip checkpoint, as far as it has them."""
+    names = ("logit_scale", "logit_bias")
+    if str(path).endswith(".safetensors") and Path(path).is_file():  # two scalars, not the whole file
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in names if k in f.keys()}
     state = read_clip_state(path)
-    return {k: state[k] for k in ("logit_scale", "logit_bias") if k in state}
+    return {k: state[k] for k in names if k in state}
 
 
 def load_pretrained(module: torch.nn.Module, path: str, prefixes: tuple[str, ...], keep_bare: tuple[str, ...]):

@@ -18,7 +18,14 @@ from torchvision.transforms import Normalize
 from tessera.config import closest, require
 
 from .encoder import Encoder, TokenSite
-from .open_clip_common import TRANSFORMER_TARGETS, check_overrides, load_pretrained, named_config, quick_gelu
+from .open_clip_common import (
+    TRANSFORMER_TARGETS,
+    check_overrides,
+    load_pretrained,
+    named_config,
+    pretrained_temperature,
+    quick_gelu,
+)
 
 __all__ = ["OpenClipImageConfig", "OpenClipImageEncoder", "ToTensorNormalize", "ToUint8", "normalize_uint8"]
 
@@ -155,6 +162,9 @@ class OpenClipImageEncoder(Encoder):
 
     def clip_checkpoint(self) -> str | None:
         return self.cfg.pretrained
+
+    def clip_temperature(self) -> dict[str, torch.Tensor]:
+        return pretrained_temperature(self.cfg.pretrained) if self.cfg.pretrained else {}
 
     def lora_targets(self) -> list[str]:
         return RESNET_TARGETS if isinstance(self.tower, ModifiedResNet) else TRANSFORMER_TARGETS

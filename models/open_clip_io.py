@@ -26,10 +26,11 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from tessera.config import ConfigError
+from tessera.config import ConfigError, from_dict
 from tessera.durable import publish_dir
 
 from .config import ModelConfig
+from .export import NotRepresentable, load_model
 from .multitower import MultiTowerModel
 from .open_clip_common import named_config, quick_gelu, read_clip_state
 from .open_clip_image import OpenClipImageEncoder
@@ -44,10 +45,6 @@ SUBDIR = "open_clip"  # where an export keeps its open_clip form
 WEIGHT_NAMES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
 # an image and a text embedding must agree to this (absolute) for an export to be kept
 MATCH_ATOL = 1e-5
-
-
-class NotRepresentable(ConfigError):
-    """The model (or part of it) has no open_clip or Hugging Face form; the message says which part and why."""
 
 
 def clip_pair(model: MultiTowerModel) -> tuple[str, str]:
@@ -194,8 +191,6 @@ def check_same_embeddings(ours: MultiTowerModel, oc_dir: Path) -> float:
 def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[str]]:
     """Write the Tessera export `model_dir` as an open_clip model directory (default `model_dir/open_clip`),
     atomically, and check that open_clip loads it to the same embeddings. Returns (directory, notes)."""
-    from .export import load_model  # export imports this module
-
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
     ours = load_model(model_dir)
@@ -335,8 +330,6 @@ def from_open_clip(src: str | Path, model: str | None = None) -> MultiTowerModel
 
 def build_from_open_clip(model_cfg: dict, preprocess: dict, state: dict, model: str | None, src: str):
     """The Tessera model of an open_clip (model_cfg, preprocess_cfg, CLIP state dict) read from `src`."""
-    from tessera.config import from_dict
-
     cfg = from_dict(ModelConfig, tessera_config(model_cfg, preprocess, state, model), "model")
     ours = MultiTowerModel(cfg)
     mapped = {}

@@ -14,7 +14,14 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from tessera.config import require
 
 from .encoder import Encoder, SplicedContext
-from .open_clip_common import TRANSFORMER_TARGETS, check_overrides, load_pretrained, named_config, quick_gelu
+from .open_clip_common import (
+    TRANSFORMER_TARGETS,
+    check_overrides,
+    load_pretrained,
+    named_config,
+    pretrained_temperature,
+    quick_gelu,
+)
 
 __all__ = ["OpenClipTextConfig", "OpenClipTextEncoder", "Tokenize"]
 
@@ -101,6 +108,9 @@ class OpenClipTextEncoder(Encoder):
 
     def clip_checkpoint(self) -> str | None:
         return self.cfg.pretrained
+
+    def clip_temperature(self) -> dict[str, torch.Tensor]:
+        return pretrained_temperature(self.cfg.pretrained) if self.cfg.pretrained else {}
 
     def lora_targets(self) -> list[str]:
         return TRANSFORMER_TARGETS
