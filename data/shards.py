@@ -38,7 +38,9 @@ def _is_local(url: str) -> bool:
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace-expanded (`{000..099}`), '::'-joined, globbed or directory shard specs -> list of shard urls.
+    """Brace-expanded (`{000..099}`), '::'-joined, globbed or directory shard specs -> list of shard urls. A
+    directory of a CLIP_benchmark webdataset (`nshards.txt`) gives the shards that file counts (see
+    `benchmark_shards`).
 
     Local paths must exist; remote urls (`pipe:`, `s3://`, ...) are passed through to webdataset.
     """
@@ -47,7 +49,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     for pattern in patterns:
         for url in expand_urls(pattern):
             if _is_local(url) and os.path.isdir(url):
-                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                found = benchmark_shards(url) or sorted(glob.glob(os.path.join(url, "*.tar")))
                 if not found:
                     raise ShardError(f"directory '{url}' holds no .tar shards")
                 urls.extend(found)
@@ -64,6 +66,29 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if missing:
         raise ShardError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]} (from {spec!r})")
     return urls
+
+
+def benchmark_root(path: str | Path) -> Path | None:
+    """The dataset root of a CLIP_benchmark webdataset (`nshards.txt` in each split folder, `classnames.txt`,
+    `dataset_type.txt` ... at the root) that `path` names: the root itself or one of its splits; else None."""
+    path = Path(path)
+    if (path / "nshards.txt").is_file():
+        return path.parent
+    if (path / "test" / "nshards.txt").is_file():
+        return path
+    return None
+
+
+def benchmark_shards(path: str | Path, split: str = "test") -> list[str]:
+    """The shards of a CLIP_benchmark split, `{0..n-1}.tar` with n from its `nshards.txt`: of `path` itself when it
+    is a split folder, else of its `split` folder (CLIP_benchmark's default, test); [] when it is neither."""
+    folder = Path(path) if (Path(path) / "nshards.txt").is_file() else Path(path) / split
+    if not (folder / "nshards.txt").is_file():
+        return []
+    text = (folder / "nshards.txt").read_text().strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ShardError(f"{folder / 'nshards.txt'} must hold a positive shard count, not {text[:40]!r}")
+    return [str(folder / f"{i}.tar") for i in range(int(text))]
 
 
 def shard_sizes(urls: list[str]) -> dict[str, int]:

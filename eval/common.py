@@ -7,10 +7,12 @@ import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from tessera import modalities
+from tessera.data.shards import benchmark_root
 from tessera.models import ConfigError, load_model
 from tessera.models.adapters import load_adapter, merge_adapter
 
@@ -75,6 +77,28 @@ def sources_with(sources: Sequence, modalities: Sequence[str], extra: Sequence[s
             + ")"
         )
     return picked
+
+
+def benchmark_fields(data: Sequence[str], model, task: str) -> dict[str, str]:
+    """The fields CLIP_benchmark's result JSON starts with (its `build` command reads them): the dataset is
+    `wds/<name>` for a CLIP_benchmark webdataset, else the shard specs; `pretrained` names the checkpoint within a
+    model, which for an export is the export itself."""
+    roots = [benchmark_root(d) if Path(d).is_dir() else None for d in data]
+    dataset = f"wds/{roots[0].name}" if len(roots) == 1 and roots[0] is not None else " ".join(data)
+    return {"dataset": dataset, "model": str(model), "pretrained": "tessera", "task": task, "language": "en"}
+
+
+def output_path(out: str | Path, doc: dict) -> Path:
+    """`out`, or for a directory (existing, or written with a trailing slash) the file in it that CLIP_benchmark
+    would name: {dataset}_{pretrained}_{model}_{language}_{task}.json."""
+    if not (Path(out).is_dir() or str(out).endswith("/")):
+        return Path(out)
+
+    def slug(s: str) -> str:
+        return s.removeprefix("wds/").strip("/").replace("/", "_").replace(" ", "_")
+
+    name = f"{slug(doc['dataset'])}_{doc['pretrained']}_{slug(doc['model'])}_{doc['language']}_{doc['task']}.json"
+    return Path(out) / name
 
 
 def default_classified(model) -> str:

@@ -12,8 +12,11 @@ the top 10), each beside its chance level. Also, per pair, the representation di
 contrastive-learning literature (see `diagnostics`). Similarities are computed in chunks of queries sized so
 that a chunk's similarity matrix stays under ~256 MB: 100k x 100k items fit in bounded memory.
 
-Besides the JSON (CLIP_benchmark's shape: dataset, model, task, metrics, plus chance and diagnostics), --out
-writes R@K curves (K = 1..50) as `<out>_recall.png` and a markdown summary `<out>.md` that links both.
+The JSON has CLIP_benchmark's shape and names (dataset, model, pretrained, task, language, metrics with
+`image_retrieval_recall@k` = text-to-image R@k and `text_retrieval_recall@k` = image-to-text R@k), plus chance and
+diagnostics; `--out DIR/` names it as CLIP_benchmark does. --out also writes R@K curves (K = 1..50) as
+`<out>_recall.png` and a markdown summary `<out>.md` that links both. --data may be a CLIP_benchmark webdataset
+(`nshards.txt`, `{i}.tar`, multi-line `.txt` captions): its test split is read.
 Shape legend: Q query rows, T target rows, N samples, M positives per query, D embedding width.
 """
 
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +235,20 @@ def retrieval_metrics(emb: Embedded, a: str, b: str, ks=KS) -> tuple[dict, dict,
     return metrics, chance, curves
 
 
+def benchmark_names(metrics: dict[str, float], ks=KS) -> dict[str, float]:
+    """CLIP_benchmark's names of our recalls: `{target}_retrieval_recall@k` is `{query}_to_{target}_R@k` (for an
+    image-text pair: image_retrieval_recall is text-to-image), for each direction whose target modality is the
+    target of no other evaluated direction (where two are, the name would be ambiguous)."""
+    directions = sorted({k.rsplit("_R@", 1)[0] for k in metrics if "_R@" in k})
+    targets = Counter(d.split("_to_", 1)[1] for d in directions)
+    return {
+        f"{t}_retrieval_recall@{k}": metrics[f"{d}_R@{k}"]
+        for d in directions
+        if targets[t := d.split("_to_", 1)[1]] == 1
+        for k in ks
+    }
+
+
 def evaluate_pairs(
     model: MultiTowerModel,
     sources: list[SourceConfig],
@@ -264,6 +282,8 @@ def evaluate_pairs(
         result["diagnostics"].update(diagnostics(emb, a, b))
         result["n"][f"{a}-{b}"] = emb.n
         result["rows"][f"{a}-{b}"] = {a: emb.features[a].shape[0], b: emb.features[b].shape[0]}
+    result["metrics"].update(benchmark_names(result["metrics"]))
+    result["chance"].update(benchmark_names(result["chance"]))
     result["data"] = stats.to_dict()
     if skipped:
         result["skipped"] = skipped
@@ -334,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         help="query modality; default (with --target unset): every pair the model was trained on, both directions",
     )
     parser.add_argument("--target", help="target modality")
-    parser.add_argument("--out", type=Path, help="write the result JSON here (and its plot and markdown beside it)")
+    parser.add_argument(
+        "--out",
+        help="write the result JSON here (and its plot and markdown beside it); a directory: under CLIP_benchmark's "
+        "file name, {dataset}_{pretrained}_{model}_{language}_{task}.json",
+    )
     args = parser.parse_args(argv)
 
     if (args.query is None) != (args.target is None):
@@ -362,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    doc = {"dataset": " ".join(args.data), "model": str(args.model), "task": "zeroshot_retrieval", **result}
+    doc = {**common.benchmark_fields(args.data, args.model, "zeroshot_retrieval"), **result}
     print(summary_table(result))
     if args.out:
-        for path in write_report(doc, args.out):
+        for path in write_report(doc, common.output_path(args.out, doc)):
             print(f"wrote {path}")
     return 0
 

@@ -28,6 +28,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tessera import modalities
 from tessera.data import LABEL, SampleStats, SourceConfig, eval_batches, parse_sources, to_device
 from tessera.data.label import collate_labels, keep
+from tessera.data.shards import benchmark_root
 from tessera.models import MultiTowerModel
 
 from . import common
@@ -37,9 +38,29 @@ class ClassesError(ValueError):
     pass
 
 
+def read_benchmark_classes(root: Path) -> tuple[list[str], list[str] | None]:
+    """classnames and templates of a CLIP_benchmark dataset root: `classnames.txt` and
+    `zeroshot_classification_templates.txt`, one per line, templates with `{c}` where the class name goes."""
+    names_file, templates_file = root / "classnames.txt", root / "zeroshot_classification_templates.txt"
+    if not names_file.is_file():
+        raise ClassesError(f"{root}: a CLIP_benchmark dataset for classification needs classnames.txt")
+    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ClassesError(f"{names_file} lists no class")
+    if not templates_file.is_file():
+        return names, None
+    templates = [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
+    for t in templates:
+        if t.count("{c}") != 1 or "{}" in t:
+            raise ClassesError(f"{templates_file}: template {t!r} must contain '{{c}}' exactly once")
+    return names, [t.replace("{c}", "{}") for t in templates] or None
+
+
 def read_classes(path: str | Path) -> tuple[list[str], list[str] | None]:
-    """classnames and templates from classes.json, checked; templates are None where the file gives none (the
-    classified modality's default template applies, see `templates_for`)."""
+    """classnames and templates from classes.json (or a CLIP_benchmark dataset root), checked; templates are None
+    where the file gives none (the classified modality's default template applies, see `templates_for`)."""
+    if Path(path).is_dir():
+        return read_benchmark_classes(benchmark_root(path) or Path(path))
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -228,10 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modality", help="the modality to classify; default: the model's first tower that does not encode the prompts"
     )
-    parser.add_argument("--classes", required=True, type=Path, help="classes.json: classnames and templates")
-    parser.add_argument("--out", type=Path, help="write the result JSON here (and the confusion matrix beside it)")
+    parser.add_argument(
+        "--classes",
+        type=Path,
+        help="classes.json: classnames and templates, or a CLIP_benchmark dataset root (classnames.txt and "
+        "zeroshot_classification_templates.txt); default: the root of --data when it is a CLIP_benchmark dataset",
+    )
+    parser.add_argument(
+        "--out",
+        help="write the result JSON here (and the confusion matrix beside it); a directory: under CLIP_benchmark's "
+        "file name, {dataset}_{pretrained}_{model}_{language}_{task}.json",
+    )
     args = parser.parse_args(argv)
 
+    if args.classes is None:
+        roots = [benchmark_root(d) for d in args.data]
+        if len(roots) != 1 or roots[0] is None:
+            parser.error("--classes is required unless --data is one CLIP_benchmark dataset (with classnames.txt)")
+        args.classes = roots[0]
     try:
         classnames, templates = read_classes(args.classes)
     except ClassesError as exc:
@@ -252,21 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    doc = {
-        "dataset": " ".join(args.data),
-        "model": str(args.model),
-        "task": "zeroshot_classification",
-        "modality": args.modality,
-        **result,
-    }
+    doc = {**common.benchmark_fields(args.data, args.model, "zeroshot_classification"), "modality": args.modality}
+    doc.update(result)
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2))
-        png = args.out.with_name(args.out.stem + "_confusion.png")
+        out = common.output_path(args.out, doc)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+        png = out.with_name(out.stem + "_confusion.png")
         plot_confusion(result["confusion"], classnames, png)
-        print(f"wrote {args.out} and {png}")
+        print(f"wrote {out} and {png}")
     return 0
 
 

@@ -6,4 +6,15 @@ This root holds what all of them build on and nothing heavy: the typed-config ma
 and the table of modalities (`tessera.modalities`).
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+__all__ = ["load"]
+
+
+def __getattr__(name: str):
+    """`tessera.load` (the Python API, `tessera.eval.api`), imported on first use: `import tessera` stays light."""
+    if name == "load":
+        return importlib.import_module("tessera.eval.api").load
+    raise AttributeError(f"module 'tessera' has no attribute {name!r}")

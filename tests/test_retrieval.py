@@ -153,9 +153,15 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     n = doc["n"]["image-text"]
     assert doc["rows"]["image-text"]["image"] == n < doc["rows"]["image-text"]["text"]
     assert set(doc["metrics"]) == set(doc["chance"])
+    # CLIP_benchmark's names of the same recalls: image retrieval is text-to-image
+    for k in (1, 5, 10):
+        assert doc["metrics"][f"image_retrieval_recall@{k}"] == doc["metrics"][f"text_to_image_R@{k}"]
+        assert doc["metrics"][f"text_retrieval_recall@{k}"] == doc["metrics"][f"image_to_text_R@{k}"]
     for key, value in doc["metrics"].items():
         assert (
-            (0 <= value <= 1) if ("_R@" in key or "mAP" in key) else (1 <= value <= doc["rows"]["image-text"]["text"])
+            (0 <= value <= 1)
+            if ("_R@" in key or "mAP" in key or "recall@" in key)
+            else (1 <= value <= doc["rows"]["image-text"]["text"])
         ), key
     assert {
         "image-text_alignment",
