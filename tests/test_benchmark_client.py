@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from tessera.data.demo import COLORS, COMBOS, _encode, caption, render
 from tessera.data.make_shards import write_shards
@@ -121,3 +122,53 @@ def test_a_bad_nshards_is_a_clear_error(tmp_path):
     (tmp_path / "ds" / "test" / "nshards.txt").write_text("two\n")
     proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(model_dir), "--data", str(tmp_path / "ds")])
     assert proc.returncode == 2 and "positive shard count" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mteb_evaluates_our_model_on_a_local_task_with_our_embeddings(tmp_path):
+    import mteb
+
+    import tessera
+    from tessera.eval.mteb import TesseraEncoder, zeroshot_task
+
+    model_dir = save_model(_trained_like(TINY_MODEL), tmp_path / "model")
+    data = tmp_path / "shape_colours"
+    _benchmark_dataset(data, "classification", n=60, shards=1, seed=1)
+    # the documented command: mteb's result JSON, and its accuracy is our acc1 with the same (single) prompt
+    proc = run_cli(
+        [PY, "-m", "tessera.eval.mteb", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((tmp_path / "TesseraShards.json").read_text())["scores"]["test"][0]
+    (tmp_path / "one.json").write_text(
+        json.dumps({"classnames": list(COLORS), "templates": ["a photo of a {} shape."]})
+    )
+    proc = run_cli(
+        [PY, "-m", "tessera.eval.zeroshot", "--model", str(model_dir), "--data", str(data), "--classes",
+         str(tmp_path / "one.json"), "--out", str(tmp_path / "ours.json")]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert scores["accuracy"] == pytest.approx(json.loads((tmp_path / "ours.json").read_text())["metrics"]["acc1"])
+    # mteb's scores for every sample and class come from our similarities of the same pictures and prompts
+    model = tessera.load(model_dir, device="cpu")
+    prompts = [f"a photo of a {c} shape." for c in COLORS]
+    task = zeroshot_task([str(data)], "image", prompts, "TesseraShards")
+    mteb.evaluate(TesseraEncoder(model), task, cache=None, prediction_folder=tmp_path / "pred", show_progress_bar=False)
+    (pred_file,) = (tmp_path / "pred").glob("*.json")
+    pred = json.loads(pred_file.read_text())
+    got = torch.tensor(pred["default"]["test"] if "default" in pred else pred["test"], dtype=torch.float32)
+    task.load_data()
+    want = model.similarity(images=list(task.dataset["test"]["image"]), texts=prompts)
+    assert got.shape in (want.shape, want.T.shape)
+    # mteb stores softmax(100 x cosine), CLIP's fixed scale, per sample
+    assert torch.allclose(got if got.shape == want.shape else got.T, (100 * want).softmax(-1), atol=1e-4)
+    assert want.std(0).min() > 1e-3  # the pictures' scores differ: the check sees which picture is which
+    # an audio batch reaches the audio tower (mteb gives {"array", "sampling_rate"})
+    audio_cfg = {
+        **TINY_MODEL,
+        "towers": {**TINY_MODEL["towers"], "audio": {"encoder": "ast", "width": 32, "depth": 1, "heads": 2}},
+    }
+    joint = tessera.eval.api.Model(_trained_like(audio_cfg))
+    wave = torch.randn(16000, generator=torch.Generator().manual_seed(0)).numpy()
+    batch = {"audio": [{"array": wave, "sampling_rate": 16000}]}
+    encoded = TesseraEncoder(joint).encode([batch], task_metadata=None, hf_split="test", hf_subset="default")
+    assert torch.allclose(torch.as_tensor(encoded), joint.embed(sounds=[(torch.as_tensor(wave), 16000)]), atol=1e-6)
