@@ -66,6 +66,17 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
 PY = sys.executable
 
 
+def call_main(main, args: list[str], capsys) -> tuple[int, str, str]:
+    """Run an entry point's `main(argv)` in this process (no interpreter start, no re-import): its exit status,
+    stdout and stderr. For the error paths of commands whose full run a subprocess test already covers."""
+    try:
+        rc = main(args) or 0
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def unlabelled_shard(tmp_path_factory) -> Path:
     """Image-text pairs with no `cls` member: what classification tools must refuse with a clear error."""

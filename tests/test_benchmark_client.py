@@ -11,9 +11,11 @@ import torch
 
 from tessera.data.demo import COLORS, COMBOS, _encode, caption, render
 from tessera.data.make_shards import write_shards
+from tessera.eval.retrieval import main as retrieval_main
+from tessera.eval.zeroshot import main as zeroshot_main
 from tessera.models import save_model
 
-from .conftest import PY, TINY_MODEL, run_cli
+from .conftest import PY, TINY_MODEL, call_main, run_cli
 from .test_interop import _trained_like
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,7 @@ def _clip_benchmark(model_dir, root, task: str, out) -> dict:
     return json.loads(out.read_text())
 
 
-def test_clip_benchmark_on_our_export_equals_our_evaluation_on_its_own_layout(tmp_path):
+def test_clip_benchmark_on_our_export_equals_our_evaluation_on_its_own_layout(tmp_path, capsys):
     model_dir = save_model(_trained_like(TINY_MODEL), tmp_path / "model")
     retrieval, classification = tmp_path / "shapes_captions", tmp_path / "shape_colours"
     _benchmark_dataset(retrieval, "retrieval", n=90, shards=2)
@@ -88,11 +90,9 @@ def test_clip_benchmark_on_our_export_equals_our_evaluation_on_its_own_layout(tm
 
     theirs = _clip_benchmark(model_dir, retrieval, "zeroshot_retrieval", tmp_path / "cb_retrieval.json")
     (tmp_path / "ours").mkdir()
-    proc = run_cli(
-        [PY, "-m", "tessera.eval.retrieval", "--model", str(model_dir), "--data", str(retrieval), "--out",
-         str(tmp_path / "ours")]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model", str(model_dir), "--data", str(retrieval), "--out", str(tmp_path / "ours")]
+    rc, _, err = call_main(retrieval_main, args, capsys)
+    assert rc == 0, err
     # CLIP_benchmark's file name and fields, with the model's path as its name (slashes made underscores)
     (ours_file,) = (tmp_path / "ours").glob("shapes_captions_tessera_*_en_zeroshot_retrieval.json")
     ours = json.loads(ours_file.read_text())
@@ -105,26 +105,24 @@ def test_clip_benchmark_on_our_export_equals_our_evaluation_on_its_own_layout(tm
 
     theirs = _clip_benchmark(model_dir, classification, "zeroshot_classification", tmp_path / "cb_zeroshot.json")
     out = tmp_path / "ours_zeroshot.json"
-    proc = run_cli(
-        [PY, "-m", "tessera.eval.zeroshot", "--model", str(model_dir), "--data", str(classification / "test"),
-         "--out", str(out)]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model", str(model_dir), "--data", str(classification / "test"), "--out", str(out)]
+    rc, _, err = call_main(zeroshot_main, args, capsys)
+    assert rc == 0, err
     ours = json.loads(out.read_text())
     assert ours["n"] == 120 and ours["classes"] == len(COLORS)
     for name in ("acc1", "acc5", "mean_per_class_recall"):
         assert ours["metrics"][name] == pytest.approx(theirs["metrics"][name], abs=1e-6), name
 
 
-def test_a_bad_nshards_is_a_clear_error(tmp_path):
+def test_a_bad_nshards_is_a_clear_error(tmp_path, capsys):
     model_dir = save_model(_trained_like(TINY_MODEL), tmp_path / "model")
     (tmp_path / "ds" / "test").mkdir(parents=True)
     (tmp_path / "ds" / "test" / "nshards.txt").write_text("two\n")
-    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(model_dir), "--data", str(tmp_path / "ds")])
-    assert proc.returncode == 2 and "positive shard count" in proc.stderr and "Traceback" not in proc.stderr
+    rc, _, err = call_main(retrieval_main, ["--model", str(model_dir), "--data", str(tmp_path / "ds")], capsys)
+    assert rc == 2 and "positive shard count" in err
 
 
-def test_mteb_evaluates_our_model_on_a_local_task_with_our_embeddings(tmp_path):
+def test_mteb_evaluates_our_model_on_a_local_task_with_our_embeddings(tmp_path, capsys):
     import mteb
 
     import tessera
@@ -142,11 +140,9 @@ def test_mteb_evaluates_our_model_on_a_local_task_with_our_embeddings(tmp_path):
     (tmp_path / "one.json").write_text(
         json.dumps({"classnames": list(COLORS), "templates": ["a photo of a {} shape."]})
     )
-    proc = run_cli(
-        [PY, "-m", "tessera.eval.zeroshot", "--model", str(model_dir), "--data", str(data), "--classes",
-         str(tmp_path / "one.json"), "--out", str(tmp_path / "ours.json")]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model", str(model_dir), "--data", str(data), "--classes", str(tmp_path / "one.json")]
+    rc, _, err = call_main(zeroshot_main, [*args, "--out", str(tmp_path / "ours.json")], capsys)
+    assert rc == 0, err
     assert scores["accuracy"] == pytest.approx(json.loads((tmp_path / "ours.json").read_text())["metrics"]["acc1"])
     # mteb's scores for every sample and class come from our similarities of the same pictures and prompts
     model = tessera.load(model_dir, device="cpu")

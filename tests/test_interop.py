@@ -12,11 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tessera.config import from_dict
+from tessera.eval.retrieval import main as retrieval_main
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
 from tessera.models.hf_clip_io import from_hf
 from tessera.models.open_clip_io import NotRepresentable, from_open_clip
+from tessera.train.cli import main as cli
 
-from .conftest import PY, TINY_MODEL, run_cli
+from .conftest import PY, TINY_MODEL, call_main, run_cli
 
 CAPTIONS = ["a big red circle", "Two small squares, on the LEFT!", "tiny " * 40]
 
@@ -89,7 +91,7 @@ def test_linear_heads_fold_into_open_clip_projections_and_hf_refuses_a_resnet(tm
     assert "Traceback" not in r.stderr and not (out / "hf").exists()
 
 
-def test_what_open_clip_cannot_hold_is_named_not_dropped(tmp_path, caplog):
+def test_what_open_clip_cannot_hold_is_named_not_dropped(tmp_path, caplog, capsys):
     mlp = {
         **TINY_MODEL,
         "towers": {**TINY_MODEL["towers"], "text": {**TINY_MODEL["towers"]["text"], "head": {"kind": "mlp"}}},
@@ -98,8 +100,8 @@ def test_what_open_clip_cannot_hold_is_named_not_dropped(tmp_path, caplog):
         out = save_model(_trained_like(mlp), tmp_path / "mlp")
     assert not (out / "open_clip").exists()
     assert any("no open_clip export" in r.message and "text head" in r.message for r in caplog.records)
-    r = run_cli([PY, "-m", "tessera.train.cli", "export", "--format", "open_clip", str(out)])
-    assert r.returncode == 2 and "is not one linear projection" in r.stderr, r.stderr
+    rc, _, err = call_main(cli, ["export", "--format", "open_clip", str(out)], capsys)
+    assert rc == 2 and "is not one linear projection" in err, err
     # a third tower stays in the Tessera export, and the export says so
     joint = {
         **TINY_MODEL,
@@ -115,13 +117,13 @@ def test_what_open_clip_cannot_hold_is_named_not_dropped(tmp_path, caplog):
     assert any("audio (ast) stays in the Tessera export only" in r.message for r in caplog.records)
 
 
-def test_hf_export_gives_the_same_embeddings_through_clip_processor_and_imports_back(tmp_path):
+def test_hf_export_gives_the_same_embeddings_through_clip_processor_and_imports_back(tmp_path, capsys):
     from transformers import CLIPModel, CLIPProcessor
 
     model = _trained_like(TINY_MODEL)
     out = save_model(model, tmp_path / "model")
-    r = run_cli([PY, "-m", "tessera.train.cli", "export", "--format", "hf", str(out)])
-    assert r.returncode == 0, r.stderr
+    rc, _, err = call_main(cli, ["export", "--format", "hf", str(out)], capsys)
+    assert rc == 0, err
     hf = CLIPModel.from_pretrained(str(out / "hf")).eval()
     # the PIL backend resizes as open_clip does; transformers' default torchvision backend resizes tensors with a
     # slightly different bicubic filter (differences up to 1e-4 on noise pictures that need resizing)
@@ -140,8 +142,8 @@ def test_hf_export_gives_the_same_embeddings_through_clip_processor_and_imports_
         z = torch.nn.functional.normalize(hf.get_image_features(**default).pooler_output, dim=-1)
     assert (z - _embed(model, square, CAPTIONS)[0]).abs().max() < 1e-5
     # and back: HF -> Tessera gives the same weights
-    r = run_cli([PY, "-m", "tessera.train.cli", "import", "hf", str(out / "hf"), "--out", str(tmp_path / "back")])
-    assert r.returncode == 0, r.stderr
+    rc, _, err = call_main(cli, ["import", "hf", str(out / "hf"), "--out", str(tmp_path / "back")], capsys)
+    assert rc == 0, err
     a, b = model.state_dict(), load_model(tmp_path / "back").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=0, rtol=0) for k in a)
 
@@ -157,7 +159,9 @@ def test_a_tessera_export_is_never_mistaken_for_a_transformers_model(tmp_path):
     load_model(out)
 
 
-def test_import_an_open_clip_train_checkpoint_keeps_its_temperature_and_trains_and_evaluates(tmp_path, demo_shards):
+def test_import_an_open_clip_train_checkpoint_keeps_its_temperature_and_trains_and_evaluates(
+    tmp_path, demo_shards, capsys, in_process_training
+):
     model = _trained_like(TINY_MODEL)
     out = save_model(model, tmp_path / "model")
     state = load_file(str(out / "open_clip" / "open_clip_model.safetensors"))
@@ -165,42 +169,28 @@ def test_import_an_open_clip_train_checkpoint_keeps_its_temperature_and_trains_a
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "epoch_3.pt")
     model_cfg = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]
     (tmp_path / "tiny.json").write_text(json.dumps(model_cfg))
-    r = run_cli([PY, "-m", "tessera.train.cli", "import", "open_clip", str(tmp_path / "epoch_3.pt"), "--out", "x"])
-    assert r.returncode == 2 and "--model" in r.stderr and "Traceback" not in r.stderr
+    rc, _, err = call_main(cli, ["import", "open_clip", str(tmp_path / "epoch_3.pt"), "--out", "x"], capsys)
+    assert rc == 2 and "--model" in err
     imported = tmp_path / "imported"
-    r = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.train.cli",
-            "import",
-            "open_clip",
-            str(tmp_path / "epoch_3.pt"),
-            "--model",
-            str(tmp_path / "tiny.json"),
-            "--out",
-            str(imported),
-        ]
-    )
-    assert r.returncode == 0, r.stderr
+    args = ["import", "open_clip", str(tmp_path / "epoch_3.pt"), "--model", str(tmp_path / "tiny.json")]
+    rc, _, err = call_main(cli, [*args, "--out", str(imported)], capsys)
+    assert rc == 0, err
     got = load_model(imported)
     assert torch.equal(got.logit_scale("image", "text"), model.logit_scale("image", "text").detach())  # not 1/0.07
     for ours, theirs in zip(_embed(model, _images(), CAPTIONS), _embed(got, _images(), CAPTIONS)):
         assert torch.equal(ours, theirs)
-    r = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.eval.retrieval",
-            "--model",
-            str(imported),
-            "--data",
-            str(demo_shards / "val-000000.tar"),
-            "--out",
-            str(tmp_path / "ret.json"),
-        ]
-    )
-    assert r.returncode == 0, r.stderr
+    data = ["--data", str(demo_shards / "val-000000.tar"), "--out", str(tmp_path / "ret.json")]
+    rc, _, err = call_main(retrieval_main, ["--model", str(imported), *data], capsys)
+    assert rc == 0, err
+    # ... and fine-tunes (LoRA, two steps) with the temperature it brought
+    from tessera.train.finetune import main as finetune_main
+
+    from .test_adapters import _finetune_args
+
+    common = ["train.steps=2", "train.precision=fp32", "data.val=[]", "data.num_workers=0"]
+    assert finetune_main(_finetune_args(imported, tmp_path / "tuned", demo_shards, *common)) == 0
+    tuned = load_model(tmp_path / "tuned" / "model")  # the LoRA merged into the imported base
+    assert torch.equal(tuned.logit_scales["image__text"], got.logit_scales["image__text"])
     # a mismatched architecture is a clear error
     with pytest.raises(ConfigError, match="does not match"):
         from_open_clip(tmp_path / "epoch_3.pt", "RN50")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tessera.eval.linear_probe import fit_logistic, linear_probe
 
-from .conftest import PY, run_cli
+from .conftest import PY, call_main, run_cli
 
 
 def _clusters(n, d, classes, noise, seed, centre_seed=0):
@@ -46,7 +46,8 @@ def test_probe_separates_clusters_and_scores_the_test_split():
 
 
 @pytest.mark.slow
-def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
+def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path, capsys):
+    from tessera.eval.linear_probe import main as probe_main
     from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
@@ -72,17 +73,6 @@ def test_linear_probe_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_pat
     doc = json.loads(out.read_text())
     assert doc["task"] == "linear_probe" and doc["n"] == {"train": 480, "test": 480} and doc["classes"] == 6
     assert all(0 <= v <= 1 for v in doc["metrics"].values())
-    proc = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.eval.linear_probe",
-            "--model",
-            str(tmp_path / "model"),
-            "--train",
-            str(unlabelled_shard),
-            "--test",
-            val,
-        ]
-    )
-    assert proc.returncode == 2 and "`cls` label" in proc.stderr
+    args = ["--model", str(tmp_path / "model"), "--train", str(unlabelled_shard), "--test", val]
+    rc, _, err = call_main(probe_main, args, capsys)  # an error path, in this process
+    assert rc == 2 and "`cls` label" in err

@@ -18,8 +18,9 @@ from tessera.eval.retrieval import (
     positive_positions,
     retrieval_metrics,
 )
+from tessera.eval.retrieval import main as retrieval_main
 
-from .conftest import PY, run_cli
+from .conftest import PY, call_main, run_cli
 
 
 def brute_force(q, q_owner, t, t_owner, k=10):
@@ -124,7 +125,7 @@ def test_diagnostics_match_their_definitions():
 
 
 @pytest.mark.slow
-def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_path):
+def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_path, capsys):
     from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
@@ -173,42 +174,18 @@ def test_retrieval_cli_on_an_exported_model(tiny_model_cfg, demo_shards, tmp_pat
     assert (tmp_path / "res_recall.png").stat().st_size > 0
     assert "res_recall.png" in (tmp_path / "res.md").read_text() and "text_to_image" in proc.stdout
 
-    proc = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.eval.retrieval",
-            "--model",
-            str(tmp_path / "model"),
-            "--data",
-            str(demo_shards / "val-000000.tar"),
-            "--query",
-            "audio",
-            "--target",
-            "image",
-        ]
-    )
-    assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
-    proc = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.eval.retrieval",
-            "--model",
-            str(tmp_path / "model"),
-            "--data",
-            str(demo_shards / "val-000000.tar"),
-            "--query",
-            "text",
-        ]
-    )
-    assert proc.returncode == 2 and "give both --query and --target" in proc.stderr
+    # the error paths, in this process
+    model_args = ["--model", str(tmp_path / "model"), "--data", str(demo_shards / "val-000000.tar")]
+    rc, _, err = call_main(retrieval_main, [*model_args, "--query", "audio", "--target", "image"], capsys)
+    assert rc == 2 and "no 'audio' tower" in err
+    rc, _, err = call_main(retrieval_main, [*model_args, "--query", "text"], capsys)
+    assert rc == 2 and "give both --query and --target" in err
     empty = tmp_path / "empty-000000.tar"
     import tarfile
 
     tarfile.open(empty, "w").close()
-    proc = run_cli([PY, "-m", "tessera.eval.retrieval", "--model", str(tmp_path / "model"), "--data", str(empty)])
-    assert proc.returncode == 2 and "no sample in" in proc.stderr
+    rc, _, err = call_main(retrieval_main, ["--model", str(tmp_path / "model"), "--data", str(empty)], capsys)
+    assert rc == 2 and "no sample in" in err
 
 
 def test_pairs_the_data_does_not_carry_are_left_out_when_asked(demo_shards):

@@ -16,8 +16,9 @@ from tessera.eval.zeroshot import (
     confusion_matrix,
     read_classes,
 )
+from tessera.eval.zeroshot import main as zeroshot_main
 
-from .conftest import PY, run_cli
+from .conftest import PY, call_main, run_cli
 
 
 def test_classes_json_is_checked(tmp_path):
@@ -70,7 +71,7 @@ def test_classifier_is_the_mean_of_normalised_template_embeddings(tiny_model_cfg
 
 
 @pytest.mark.slow
-def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
+def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path, capsys):
     from tessera.models import build_model, save_model
 
     torch.manual_seed(0)
@@ -93,29 +94,24 @@ def test_zeroshot_cli(tiny_model_cfg, demo_shards, unlabelled_shard, tmp_path):
     assert all(0 <= v <= 1 for v in doc["metrics"].values()) and doc["chance"]["acc1"] == pytest.approx(1 / 6)
     assert sum(map(sum, doc["confusion"])) == 480 and (tmp_path / "zs_confusion.png").stat().st_size > 0
 
+    # the error paths, in this process
+    args = base[3:]
     few = tmp_path / "few.json"
     few.write_text(json.dumps({"classnames": ["circle", "square"], "templates": ["a {}"]}))
-    proc = run_cli([*base, "--classes", str(few)])
-    assert proc.returncode == 2 and "outside the 2 classes" in proc.stderr
+    rc, _, err = call_main(zeroshot_main, [*args, "--classes", str(few)], capsys)
+    assert rc == 2 and "outside the 2 classes" in err
     few.write_text(json.dumps({"classnames": ["circle"], "templates": ["a circle"]}))
-    proc = run_cli([*base, "--classes", str(few)])
-    assert proc.returncode == 2 and "must contain '{}'" in proc.stderr
-    proc = run_cli([*base, "--classes", str(demo_shards / "classes.json"), "--modality", "audio"])
-    assert proc.returncode == 2 and "no 'audio' tower" in proc.stderr
-    proc = run_cli(
-        [
-            PY,
-            "-m",
-            "tessera.eval.zeroshot",
-            "--model",
-            str(tmp_path / "model"),
-            "--data",
-            str(unlabelled_shard),
-            "--classes",
-            str(demo_shards / "classes.json"),
-        ]
+    rc, _, err = call_main(zeroshot_main, [*args, "--classes", str(few)], capsys)
+    assert rc == 2 and "must contain '{}'" in err
+    classes = ["--classes", str(demo_shards / "classes.json")]
+    rc, _, err = call_main(zeroshot_main, [*args, *classes, "--modality", "audio"], capsys)
+    assert rc == 2 and "no 'audio' tower" in err
+    rc, _, err = call_main(
+        zeroshot_main, ["--model", str(tmp_path / "model"), "--data", str(unlabelled_shard), *classes], capsys
     )
-    assert proc.returncode == 2 and "`cls` label" in proc.stderr
+    assert rc == 2 and "`cls` label" in err
+    rc, _, err = call_main(zeroshot_main, args, capsys)  # no classes, and the data is no CLIP_benchmark dataset
+    assert rc == 2 and "--classes is required" in err
 
 
 def test_classifier_from_a_hugging_face_text_tower():
