@@ -11,6 +11,7 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import soundfile
 import torch
 
@@ -24,6 +25,16 @@ class AudioDecoder(Decoder):
 
     modality = "audio"
     suffixes = ("flac", "wav", "ogg", "mp3")
+
+    def from_value(self, value: Any) -> tuple[torch.Tensor, int]:
+        """A (waveform, sample_rate) pair, the waveform any array of samples (mono, or channels mixed down) ->
+        (float32 mono tensor, rate), as `decode` gives it."""
+        if not (isinstance(value, tuple | list) and len(value) == 2):
+            raise BadSample("undecodable_audio", "audio is a (waveform, sample_rate) pair or a file path")
+        wave, rate = torch.as_tensor(np.asarray(value[0]), dtype=torch.float32), int(value[1])
+        if wave.ndim == 2:  # (samples, channels) or (channels, samples): the shorter side is the channels
+            wave = wave.mean(1 if wave.shape[1] <= wave.shape[0] else 0)
+        return wave, rate
 
     def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         suffix = next(s for s in self.suffixes if s in sample)

@@ -66,6 +66,20 @@ class Decoder:
     def decode(self, sample: dict[str, Any]) -> Any:
         raise NotImplementedError
 
+    def read_file(self, path: Path) -> Any:
+        """A file of this modality (its name ends in a suffix this decoder reads) -> its value, as `decode` gives it
+        for a shard member; the Python API's file inputs."""
+        name = path.name.lower()
+        suffix = next((s for s in self.suffixes if name.endswith("." + s)), None)
+        if suffix is None:
+            raise BadSample("unknown_suffix", f"{path}: a {self.modality} file ends in one of {list(self.suffixes)}")
+        return self.decode({suffix: path.read_bytes()})
+
+    def from_value(self, value: Any) -> Any:
+        """A value a user has at hand (the Python API's input: a PIL image, a waveform, ...) -> the value `decode`
+        would give for it. Default: the value itself."""
+        return value
+
     def pick(self, value: Any, rng: random.Random) -> Any:
         """Training-time choice among several views of one sample (e.g. captions). Default: the value."""
         return value

@@ -193,6 +193,10 @@ class GraphDecoder(Decoder):
     suffixes = ("graph.npz", "graph.json", "smi")
     manifest_fields = ("smiles",)
 
+    def from_value(self, value: Any) -> Graph:
+        """A graph (PyG Data), or a SMILES string (with RDKit)."""
+        return self.decode({"smi": value.encode("utf-8")}) if isinstance(value, str) else value
+
     def decode(self, sample: dict[str, Any]) -> Graph:
         suffix = next(s for s in self.suffixes if s in sample)
         raw = sample[suffix]

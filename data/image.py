@@ -6,6 +6,7 @@ import io
 import warnings
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from .decode import BadSample, Decoder
@@ -14,6 +15,12 @@ from .decode import BadSample, Decoder
 class ImageDecoder(Decoder):
     modality = "image"
     suffixes = ("jpg", "jpeg", "png", "webp")
+
+    def from_value(self, value: Any) -> Image.Image:
+        """A PIL image of any mode, or an (H, W, 3) uint8 array -> an RGB PIL image."""
+        if not isinstance(value, Image.Image):
+            value = Image.fromarray(np.asarray(value))
+        return value.convert("RGB")
 
     def decode(self, sample: dict[str, Any]) -> Image.Image:
         raw = next(sample[s] for s in self.suffixes if s in sample)

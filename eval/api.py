@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from tessera import modalities
@@ -66,6 +64,7 @@ class Model:
         self.module, self.device = module, torch.device(device)
         self._transforms = module.transforms(is_train=False)
         self._collate = module.collators()
+        self._decoders: dict[str, Any] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -89,18 +88,17 @@ class Model:
         return ", ".join(f"{plural.get(m, m)}=" for m in self.modalities)
 
     def _prepare(self, modality: str, item: Any) -> Any:
-        """One input -> what the tower's transform takes: files through the modality's shard decoder."""
+        """One input -> what the tower's transform takes: a string of the prompt modality is its text, a file goes
+        through the modality's shard decoder, and anything else through its `from_value`."""
         if modality == modalities.language(self.modalities) and isinstance(item, str):
             return item
-        if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file()):
-            return _decode_file(modality, Path(item))
-        if isinstance(item, str) and modality == "graph":
-            return modalities.decoder(modality).decode({"smi": item.encode()})  # SMILES
-        if modality == "image" and not isinstance(item, Image.Image):
-            return Image.fromarray(np.asarray(item)).convert("RGB")  # an (H, W, 3) uint8 array
-        if modality == "image":
-            return item.convert("RGB")
-        return item
+        decoder = self._decoders.setdefault(modality, modalities.decoder(modality))
+        try:
+            if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file()):
+                return decoder.read_file(Path(item))
+            return decoder.from_value(item)
+        except BadSample as exc:
+            raise ConfigError(f"{modality} input: {exc}") from None
 
     @torch.no_grad()
     def embed(self, batch_size: int = 64, progress: bool | None = None, **inputs: Sequence[Any]):
@@ -161,15 +159,3 @@ class Model:
         weights_DC = build_classifier(self.module, list(classnames), templates_for(m, forms), self.device)
         z_ND = self.embed(batch_size=batch_size, **{m: inputs})
         return (self.logit_scale(m, language) * z_ND @ weights_DC).softmax(dim=-1)
-
-
-def _decode_file(modality: str, path: Path) -> Any:
-    decoder = modalities.decoder(modality)
-    name = path.name.lower()
-    suffix = next((s for s in decoder.suffixes if name.endswith("." + s)), None)
-    if suffix is None:
-        raise ConfigError(f"{path}: a {modality} file must end in one of {['.' + s for s in decoder.suffixes]}")
-    try:
-        return decoder.decode({suffix: path.read_bytes()})
-    except BadSample as exc:
-        raise ConfigError(f"{path}: {exc}") from None

@@ -57,7 +57,7 @@ def test_embed_is_the_towers_encoding_whatever_the_batching_and_the_input_form(e
     )
     with pytest.raises(ConfigError, match="images=, texts="):
         model.embed(sounds=[(torch.zeros(16000), 16000)])
-    with pytest.raises(ConfigError, match="must end in one of"):
+    with pytest.raises(ConfigError, match="ends in one of"):
         (tmp_path / "p.txt").write_text("x")
         model.embed(images=[tmp_path / "p.txt"])
 
@@ -95,3 +95,20 @@ def test_a_picture_of_any_mode_is_embedded_as_rgb(export):
     model = tessera.load(export, device="cpu")
     rgb = Image.new("RGB", (40, 40), (120, 120, 120))
     assert torch.allclose(model.embed(images=[rgb.convert("L")]), model.embed(images=[rgb]), atol=1e-6)
+
+
+def test_each_decoder_takes_what_a_user_has_at_hand():
+    import numpy as np
+
+    from tessera import modalities
+
+    picture = modalities.decoder("image").from_value(np.full((8, 6, 3), 200, dtype=np.uint8))
+    assert picture.mode == "RGB" and picture.size == (6, 8)
+    stereo = np.stack([np.ones(100, np.float32), np.zeros(100, np.float32)], axis=1)  # (samples, channels)
+    wave, rate = modalities.decoder("audio").from_value((stereo, 8000))
+    assert wave.shape == (100,) and torch.allclose(wave, torch.full((100,), 0.5)) and rate == 8000
+    with pytest.raises(Exception, match="waveform, sample_rate"):
+        modalities.decoder("audio").from_value(stereo)
+    graphs = modalities.decoder("graph")
+    ethanol = graphs.from_value("CCO")
+    assert torch.equal(ethanol.x, graphs.decode({"smi": b"CCO"}).x) and ethanol.num_nodes == 3
