@@ -29,9 +29,14 @@ class AudioDecoder(Decoder):
     def from_value(self, value: Any) -> tuple[torch.Tensor, int]:
         """A (waveform, sample_rate) pair, the waveform any array of samples (mono, or channels mixed down) ->
         (float32 mono tensor, rate), as `decode` gives it."""
-        if not (isinstance(value, tuple | list) and len(value) == 2):
+        if not (isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[1], int | np.integer)):
             raise BadSample("undecodable_audio", "audio is a (waveform, sample_rate) pair or a file path")
-        wave, rate = torch.as_tensor(np.asarray(value[0]), dtype=torch.float32), int(value[1])
+        array, rate = np.asarray(value[0].cpu() if isinstance(value[0], torch.Tensor) else value[0]), int(value[1])
+        if rate <= 0 or array.ndim not in (1, 2) or array.size == 0:
+            raise BadSample("undecodable_audio", f"a waveform of shape {array.shape} at {rate} Hz")
+        wave = torch.as_tensor(array, dtype=torch.float32)
+        if np.issubdtype(array.dtype, np.integer):  # PCM: full scale is [-1, 1], as soundfile reads files
+            wave = wave / float(np.iinfo(array.dtype).max + 1)
         if wave.ndim == 2:  # (samples, channels) or (channels, samples): the shorter side is the channels
             wave = wave.mean(1 if wave.shape[1] <= wave.shape[0] else 0)
         return wave, rate

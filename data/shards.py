@@ -49,7 +49,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     for pattern in patterns:
         for url in expand_urls(pattern):
             if _is_local(url) and os.path.isdir(url):
-                found = benchmark_shards(url) or sorted(glob.glob(os.path.join(url, "*.tar")))
+                found = sorted(glob.glob(os.path.join(url, "*.tar"))) or benchmark_shards(url)
                 if not found:
                     raise ShardError(f"directory '{url}' holds no .tar shards")
                 urls.extend(found)
@@ -81,10 +81,13 @@ def benchmark_root(path: str | Path) -> Path | None:
 
 def benchmark_shards(path: str | Path, split: str = "test") -> list[str]:
     """The shards of a CLIP_benchmark split, `{0..n-1}.tar` with n from its `nshards.txt`: of `path` itself when it
-    is a split folder, else of its `split` folder (CLIP_benchmark's default, test); [] when it is neither."""
+    is a split folder, else of its `split` folder (CLIP_benchmark's default, test, said in the log); [] when it is
+    neither. A folder with .tar files of its own is read as those (`expand_shards`)."""
     folder = Path(path) if (Path(path) / "nshards.txt").is_file() else Path(path) / split
     if not (folder / "nshards.txt").is_file():
         return []
+    if folder != Path(path):
+        log.info("%s is a CLIP_benchmark dataset: reading its %s split (%s)", path, split, folder)
     text = (folder / "nshards.txt").read_text().strip()
     if not text.isdigit() or int(text) < 1:
         raise ShardError(f"{folder / 'nshards.txt'} must hold a positive shard count, not {text[:40]!r}")

@@ -27,6 +27,7 @@ from tessera import modalities
 from tessera.config import ConfigError
 from tessera.data import BadSample, to_device
 from tessera.models import MultiTowerModel, load_model
+from tessera.models.export import is_tessera_export
 from tessera.models.open_clip_io import from_open_clip
 
 from .common import default_classified, eval_mode
@@ -40,8 +41,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
     """The model in `path`: a Tessera export (or a run directory holding one in model/), an open_clip model
     directory (`open_clip_config.json`, `local-dir:` prefix allowed) or a transformers CLIPModel directory."""
     p = Path(str(path).removeprefix("local-dir:"))
-    if not (p / "config.yaml").is_file() and (p / "model" / "config.yaml").is_file():
-        p = p / "model"  # a run directory
+    if not is_tessera_export(p) and is_tessera_export(p / "model"):
+        p = p / "model"  # a run directory (its own config.yaml is the run's config)
     if (p / "config.yaml").is_file():
         module = load_model(p)
     elif (p / "open_clip_config.json").is_file():
@@ -93,12 +94,15 @@ class Model:
         if modality == modalities.language(self.modalities) and isinstance(item, str):
             return item
         decoder = self._decoders.setdefault(modality, modalities.decoder(modality))
+        names_file = isinstance(item, str) and any(item.lower().endswith("." + s) for s in decoder.suffixes)
         try:
-            if isinstance(item, Path) or (isinstance(item, str) and Path(item).is_file()):
+            if isinstance(item, Path) or names_file or (isinstance(item, str) and Path(item).is_file()):
                 return decoder.read_file(Path(item))
             return decoder.from_value(item)
         except BadSample as exc:
             raise ConfigError(f"{modality} input: {exc}") from None
+        except OSError as exc:  # a missing or unreadable file
+            raise ConfigError(f"{modality} input: cannot read {item}: {exc.strerror or exc}") from None
 
     @torch.no_grad()
     def embed(self, batch_size: int = 64, progress: bool | None = None, **inputs: Sequence[Any]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -97,8 +98,12 @@ def output_path(out: str | Path, doc: dict) -> Path:
     def slug(s: str) -> str:
         return s.removeprefix("wds/").strip("/").replace("/", "_").replace(" ", "_")
 
-    name = f"{slug(doc['dataset'])}_{doc['pretrained']}_{slug(doc['model'])}_{doc['language']}_{doc['task']}.json"
-    return Path(out) / name
+    dataset, model = slug(doc["dataset"]), slug(doc["model"])
+    if len(dataset) > 80:  # many shard paths: a file name has at most 255 bytes
+        dataset = f"{dataset[:60]}-{hashlib.sha1(dataset.encode()).hexdigest()[:12]}"
+    if len(model) > 80:
+        model = f"{model[-60:]}-{hashlib.sha1(model.encode()).hexdigest()[:12]}"
+    return Path(out) / f"{dataset}_{doc['pretrained']}_{model}_{doc['language']}_{doc['task']}.json"
 
 
 def default_classified(model) -> str:

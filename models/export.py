@@ -83,6 +83,26 @@ def save_model(
     return out_dir
 
 
+def check_out_dir(out_dir: Path, is_same_kind, what: str, source: Path | None = None) -> None:
+    """`out_dir` may be replaced only where it is absent, empty, or a previous `what` (`is_same_kind(out_dir)`), and
+    never the source it is made from or a folder holding it: a wrong --out must not delete a user's files."""
+    out_dir = Path(out_dir).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out_dir == src or out_dir in src.parents:
+            raise ConfigError(f"--out {out_dir} is (or holds) the source {src}; choose another folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not is_same_kind(out_dir):
+        raise ConfigError(f"{out_dir} exists and is not {what}; it would be replaced: choose an empty or new folder")
+
+
+def is_tessera_export(path: Path) -> bool:
+    try:
+        doc = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
+
+
 def write_format(model_dir: Path, fmt: str, out_dir: Path | None = None) -> tuple[Path, list[str]]:
     """Write the export `model_dir` in another tool's format (default `model_dir/<fmt>`), atomically. Returns the
     directory and notes on what that format leaves out; NotRepresentable says why the model has no such form."""

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPM
 from tessera.config import ConfigError
 from tessera.durable import publish_dir
 
-from .export import NotRepresentable, load_model
+from .export import NotRepresentable, check_out_dir, load_model
 from .multitower import MultiTowerModel
 from .open_clip_common import quick_gelu
 from .open_clip_io import MATCH_ATOL, build_from_open_clip, clip_pair, to_open_clip
@@ -276,6 +276,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
+    check_out_dir(out_dir, _is_hf_clip_dir, "a transformers CLIP directory", model_dir)
     ours = load_model(model_dir)
     _, clip_state, notes = to_open_clip(ours, ours.state_dict())
     config = hf_config(ours, float(clip_state["logit_scale"]))
@@ -306,6 +307,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple
     return out_dir, notes
 
 
+def _is_hf_clip_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "clip"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def from_hf(src: str | Path) -> MultiTowerModel:
     """A Tessera model (towers `image` and `text`) holding a transformers CLIPModel's weights and temperature."""
 
@@ -313,10 +321,20 @@ def from_hf(src: str | Path) -> MultiTowerModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"'{src}' is not a transformers model directory: no config.json")
-    kind = json.loads(config_file.read_text()).get("model_type")
+    try:
+        kind = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{config_file} is not a transformers config: {exc}") from None
     if kind != "clip":
         raise NotRepresentable(f"'{src}' holds a transformers '{kind}' model; Tessera imports CLIPModel ('clip')")
-    hf = CLIPModel.from_pretrained(str(path), local_files_only=True)
+    try:
+        hf, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"transformers cannot load '{src}': {exc}") from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    if missing:  # transformers fills these with random values and only warns
+        raise ConfigError(f"'{src}' lacks weights {sorted(missing)[:5]} ({len(missing)} in all)")
+    hf.eval()
     v, t = hf.config.vision_config, hf.config.text_config
     if v.hidden_act != t.hidden_act or v.hidden_act not in ("quick_gelu", "gelu"):
         raise NotRepresentable(f"activations {v.hidden_act}/{t.hidden_act}: open_clip towers take quick_gelu or gelu")
@@ -343,6 +361,9 @@ def from_hf(src: str | Path) -> MultiTowerModel:
     preprocess = _preprocess_of(path, v.image_size)
     ours = build_from_open_clip(model_cfg, preprocess, hf_to_clip(hf.state_dict()), None, str(src))
     _check_tokenizer(path, ours)
+    samples = ["a photo of a red circle", "two small squares on the left"]
+    tokenize = ours.towers["text"].transform(False)
+    check_hf_embeddings(ours, hf, torch.stack([tokenize(s) for s in samples]))  # the import computes what it read
     return ours
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tessera.config import ConfigError
 
-from .export import save_model, write_format
+from .export import check_out_dir, is_tessera_export, save_model, write_format
 from .open_clip_io import from_open_clip
 
 FORMATS = ("open_clip", "hf")
@@ -77,6 +77,8 @@ def import_main(argv: list[str] | None = None) -> int:
 
 
 def _import(args) -> None:
+    source = Path(str(args.source).removeprefix("local-dir:"))
+    check_out_dir(Path(args.out), is_tessera_export, "a Tessera export", source)
     if args.format == "open_clip":
         model = from_open_clip(args.source, args.model)
     else:

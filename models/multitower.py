@@ -75,6 +75,7 @@ class MultiTowerModel(nn.Module):
                     math.exp(scale),
                     self.cfg.max_logit_scale,
                 )
+            log.info("%s: starts from the temperature of %s (logit scale %.2f)", key, checkpoint, math.exp(scale))
             self.logit_scales[key].fill_(scale)
         if "logit_bias" in found:
             if self.cfg.init_logit_bias is None:

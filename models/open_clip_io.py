@@ -30,7 +30,7 @@ from tessera.config import ConfigError, from_dict
 from tessera.durable import publish_dir
 
 from .config import ModelConfig
-from .export import NotRepresentable, load_model
+from .export import NotRepresentable, check_out_dir, load_model
 from .multitower import MultiTowerModel
 from .open_clip_common import named_config, quick_gelu, read_clip_state
 from .open_clip_image import OpenClipImageEncoder
@@ -121,6 +121,11 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         "vision_cfg": img_enc.cfg.vision_cfg(),
         "text_cfg": txt_enc.cfg.text_cfg(),
     }
+    if model_cfg["text_cfg"].get("hf_tokenizer_name"):
+        raise NotRepresentable(
+            "the text tower reads a Hugging Face tokenizer from a local folder, which the open_clip form does not "
+            "carry yet"
+        )
     custom_text = bool(named_config(txt_enc.cfg.model).get("custom_text"))
     if custom_text:
         model_cfg["custom_text"] = True
@@ -142,7 +147,8 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         out["logit_scale"] = torch.tensor(cfg.init_logit_scale)
         notes.append(f"the model does not align {image} with {text}: logit_scale is the initial one")
     else:
-        out["logit_scale"] = state[f"logit_scales.{key}"].reshape(())
+        # as Tessera uses it: clamped at max_logit_scale (the parameter itself may lie above the clamp)
+        out["logit_scale"] = state[f"logit_scales.{key}"].reshape(()).clamp(max=math.log(cfg.max_logit_scale))
         if cfg.init_logit_bias is not None:
             out["logit_bias"] = state[f"logit_biases.{key}"].reshape(())
             model_cfg["init_logit_bias"] = float(out["logit_bias"])
@@ -168,16 +174,24 @@ def check_same_embeddings(ours: MultiTowerModel, oc_dir: Path) -> float:
     """The largest difference between our embeddings and open_clip's (from `oc_dir`) of two random images and
     two captions; NotRepresentable when it exceeds MATCH_ATOL."""
     image, text = clip_pair(ours)
-    oc, _, tokenizer = create_open_clip(oc_dir)
     size = ours.towers[image].preprocess_cfg.size
     size = (size, size) if isinstance(size, int) else tuple(size)
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
-    tokens = tokenizer(["a photo of a red circle", "two small squares on the left"])
+    captions = ["a photo of a red circle", "Two small squares, on the LEFT!"]
+    try:  # whatever open_clip cannot build or run from these files is a form it does not have
+        oc, _, tokenizer = create_open_clip(oc_dir)
+        tokens = tokenizer(captions)
+        pairs = [
+            (image, ours.encode(image, images), oc.encode_image(images, normalize=True)),
+            (text, ours.encode(text, tokens), oc.encode_text(tokens, normalize=True)),
+        ]
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:
+        raise NotRepresentable(f"open_clip cannot load or run the exported model: {exc}") from None
+    ours_tokens = torch.stack([ours.towers[text].transform(False)(c) for c in captions])
+    if not torch.equal(ours_tokens, tokens):
+        raise NotRepresentable("open_clip's tokenizer for this text tower gives other token ids than ours")
     worst = 0.0
-    for m, z_ours, z_oc in (
-        (image, ours.encode(image, images), oc.encode_image(images, normalize=True)),
-        (text, ours.encode(text, tokens), oc.encode_text(tokens, normalize=True)),
-    ):
+    for m, z_ours, z_oc in pairs:
         diff = float((z_ours.float() - z_oc.float()).abs().max())
         if not diff <= MATCH_ATOL:
             raise NotRepresentable(
@@ -193,6 +207,7 @@ def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -
     atomically, and check that open_clip loads it to the same embeddings. Returns (directory, notes)."""
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
+    check_out_dir(out_dir, lambda d: (d / CONFIG_FILE).is_file(), "an open_clip model directory", model_dir)
     ours = load_model(model_dir)
     doc, state, notes = to_open_clip(ours, ours.state_dict())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -255,9 +270,7 @@ def read_open_clip(src: str | Path, model: str | None = None) -> tuple[dict, dic
             doc = json.loads(config.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config} is not valid JSON: {exc}") from None
-        model_cfg = doc.get("model_cfg")
-        if not isinstance(model_cfg, dict):
-            raise ConfigError(f"{config} has no model_cfg")
+        model_cfg = checked_model_cfg(doc.get("model_cfg") if isinstance(doc, dict) else None, str(config))
         return model_cfg, doc.get("preprocess_cfg") or {}, read_clip_state(find_weights(path))
     if not path.is_file():
         raise ConfigError(f"'{src}' is neither an open_clip model directory nor a checkpoint file")
@@ -266,24 +279,31 @@ def read_open_clip(src: str | Path, model: str | None = None) -> tuple[dict, dic
             f"'{src}' is a weights file: name its architecture with --model (an open_clip config name such as "
             "ViT-B-32, or the path of a model config .json)"
         )
-    model_cfg = config_file_or_name(model)
-    preprocess = {"size": model_cfg["vision_cfg"].get("image_size", 224)}
+    model_cfg, preprocess = config_file_or_name(model)
+    preprocess = preprocess or {"size": model_cfg["vision_cfg"].get("image_size", 224)}
     return model_cfg, preprocess, read_clip_state(path)
 
 
-def config_file_or_name(model: str) -> dict[str, Any]:
-    """An open_clip model config: a built-in name, or a .json file as open_clip_train's --model takes (the bare
-    config, or an open_clip_config.json with its model_cfg)."""
+def config_file_or_name(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model_cfg, preprocess_cfg) of an open_clip model config: a built-in name, or a .json file as
+    open_clip_train's --model takes (the bare config, or an open_clip_config.json with model_cfg and
+    preprocess_cfg)."""
     if not model.endswith(".json"):
-        return named_config(model)
+        return named_config(model), {}
     try:
         doc = json.loads(Path(model).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read the model config '{model}': {exc}") from None
-    doc = doc.get("model_cfg", doc) if isinstance(doc, dict) else doc
-    if not isinstance(doc, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(doc):
-        raise ConfigError(f"'{model}' is not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
-    return doc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"'{model}' is not an open_clip model config")
+    preprocess = doc.get("preprocess_cfg") or {}
+    return checked_model_cfg(doc.get("model_cfg", doc), model), preprocess
+
+
+def checked_model_cfg(model_cfg: Any, where: str) -> dict[str, Any]:
+    if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
+        raise ConfigError(f"{where}: not an open_clip model config (it needs embed_dim, vision_cfg and text_cfg)")
+    return model_cfg
 
 
 def tessera_config(model_cfg: dict[str, Any], preprocess: dict[str, Any], state: dict, hint: str | None) -> dict:

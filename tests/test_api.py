@@ -60,6 +60,8 @@ def test_embed_is_the_towers_encoding_whatever_the_batching_and_the_input_form(e
     with pytest.raises(ConfigError, match="ends in one of"):
         (tmp_path / "p.txt").write_text("x")
         model.embed(images=[tmp_path / "p.txt"])
+    with pytest.raises(ConfigError, match="cannot read"):
+        model.embed(images=[str(tmp_path / "missing.jpg")])
 
 
 def test_classify_is_prompt_ensembling_over_the_learned_temperature(export):
@@ -81,6 +83,7 @@ def test_classify_is_prompt_ensembling_over_the_learned_temperature(export):
 
 def test_load_takes_open_clip_and_transformers_directories_too(export):
     pictures, captions = _images(), ["a red circle", "two squares"]
+    (export.parent / "config.yaml").write_text("output_dir: runs/x\n")  # a run directory's own config
     ours = tessera.load(export.parent, device="cpu")  # a run directory: its model/
     z = ours.embed(images=pictures, texts=captions)
     for other in (f"local-dir:{export / 'open_clip'}", export / "hf"):
@@ -109,6 +112,8 @@ def test_each_decoder_takes_what_a_user_has_at_hand():
     assert wave.shape == (100,) and torch.allclose(wave, torch.full((100,), 0.5)) and rate == 8000
     with pytest.raises(Exception, match="waveform, sample_rate"):
         modalities.decoder("audio").from_value(stereo)
+    pcm = (np.ones(100) * 16384).astype(np.int16)  # half of full scale, as a WAV reader without soundfile gives it
+    assert torch.allclose(modalities.decoder("audio").from_value((pcm, 8000))[0], torch.full((100,), 0.5))
     graphs = modalities.decoder("graph")
     ethanol = graphs.from_value("CCO")
     assert torch.equal(ethanol.x, graphs.decode({"smi": b"CCO"}).x) and ethanol.num_nodes == 3

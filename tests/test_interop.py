@@ -216,3 +216,24 @@ def test_pretrained_towers_take_the_checkpoint_temperature(tmp_path, caplog):
         from_hf_dir.mkdir()
         (from_hf_dir / "config.json").write_text('{"model_type": "bert"}')
         from_hf(from_hf_dir)
+
+
+def test_a_wrong_out_never_deletes_a_users_files(tmp_path, capsys):
+    out = save_model(_trained_like(TINY_MODEL), tmp_path / "model")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for args in (
+        ["export", "--format", "open_clip", str(out), "--out", str(tmp_path / "mine")],
+        ["export", "--format", "open_clip", str(out), "--out", str(out)],  # the source itself
+        ["export", "--format", "open_clip", str(out), "--out", str(tmp_path)],  # a folder holding the source
+        ["import", "open_clip", str(out / "open_clip"), "--out", str(tmp_path / "mine")],
+    ):
+        rc, _, err = call_main(cli, args, capsys)
+        assert rc == 2 and ("would be replaced" in err or "holds) the source" in err), (args, err)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and load_model(out)
+    # a previous output of the same kind is replaced
+    for _ in range(2):
+        rc, _, err = call_main(
+            cli, ["import", "open_clip", str(out / "open_clip"), "--out", str(tmp_path / "b")], capsys
+        )
+        assert rc == 0, err
