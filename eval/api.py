@@ -26,12 +26,12 @@ from tqdm import tqdm
 from tessera import modalities
 from tessera.config import ConfigError
 from tessera.data import BadSample, to_device
-from tessera.models import MultiTowerModel, load_model
+from tessera.models import MultiTowerModel, load_model, pair_key
 from tessera.models.export import is_tessera_export
 from tessera.models.open_clip_io import from_open_clip
 
 from .common import default_classified, eval_mode
-from .zeroshot import build_classifier, prompt_modality, templates_for
+from .zeroshot import ClassesError, build_classifier, prompt_modality, template_forms, templates_for
 
 # keyword -> modality: the plural a user writes, or the modality's own name
 KEYWORDS = {"images": "image", "texts": "text", "graphs": "graph", "sounds": "audio"}
@@ -65,7 +65,7 @@ class Model:
         self.module, self.device = module, torch.device(device)
         self._transforms = module.transforms(is_train=False)
         self._collate = module.collators()
-        self._decoders: dict[str, Any] = {}
+        self._decoders = {m: modalities.decoder(m) for m in module.modalities}
 
     @property
     def modalities(self) -> list[str]:
@@ -73,10 +73,10 @@ class Model:
 
     def logit_scale(self, a: str, b: str) -> float:
         """The learned inverse temperature of the pair (a, b), in either order."""
-        key = next((k for k in (f"{a}__{b}", f"{b}__{a}") if k in self.module.logit_scales), None)
-        if key is None:
+        name = self.module.pair_name(a, b)
+        if name is None:
             raise ConfigError(f"the model does not align {a} with {b}; its pairs: {self.module.pairs}")
-        return float(self.module.logit_scale(*key.split("__")).detach())
+        return float(self.module.logit_scale(*((a, b) if name == pair_key(a, b) else (b, a))).detach())
 
     def _modality(self, keyword: str) -> str:
         m = KEYWORDS.get(keyword, keyword)
@@ -93,7 +93,7 @@ class Model:
         through the modality's shard decoder, and anything else through its `from_value`."""
         if modality == modalities.language(self.modalities) and isinstance(item, str):
             return item
-        decoder = self._decoders.setdefault(modality, modalities.decoder(modality))
+        decoder = self._decoders[modality]
         names_file = isinstance(item, str) and any(item.lower().endswith("." + s) for s in decoder.suffixes)
         try:
             if isinstance(item, Path) or names_file or (isinstance(item, str) and Path(item).is_file()):
@@ -156,10 +156,10 @@ class Model:
         language = prompt_modality(self.module)
         if not classnames:
             raise ConfigError("classify needs at least one class name")
-        forms = [t.replace("{c}", "{}") for t in templates] if templates is not None else None
-        for t in forms or []:
-            if t.count("{}") != 1:
-                raise ConfigError(f"template {t!r} must have one '{{}}' (or '{{c}}') where the class name goes")
+        try:
+            forms = template_forms(list(templates), "classify") if templates is not None else None
+        except ClassesError as exc:
+            raise ConfigError(str(exc)) from None
         weights_DC = build_classifier(self.module, list(classnames), templates_for(m, forms), self.device)
         z_ND = self.embed(batch_size=batch_size, **{m: inputs})
         return (self.logit_scale(m, language) * z_ND @ weights_DC).softmax(dim=-1)

@@ -39,6 +39,7 @@ except ImportError as exc:
 
 from tessera.config import ConfigError
 from tessera.data import LABEL, eval_batches, parse_sources
+from tessera.data.label import keep
 from tessera.data.shards import benchmark_root
 
 from .api import Model, load
@@ -99,9 +100,7 @@ class TesseraEncoder(AbsEncoder):
 
 def _audio(item: Any):
     """mteb's audio item ({"array", "sampling_rate"}) -> the (waveform, rate) pair our audio towers take."""
-    if isinstance(item, dict):
-        return torch.as_tensor(np.asarray(item["array"], dtype=np.float32)), int(item["sampling_rate"])
-    return item
+    return (item["array"], int(item["sampling_rate"])) if isinstance(item, dict) else item  # from_value converts
 
 
 def zeroshot_task(data: list[str], modality: str, prompts: list[str], name: str):
@@ -111,7 +110,7 @@ def zeroshot_task(data: list[str], modality: str, prompts: list[str], name: str)
     if column is None:
         raise ConfigError(f"mteb has no {modality} modality (it has text, image and audio)")
     inputs, labels = [], []
-    identity = {modality: _keep, LABEL: _keep}
+    identity = {modality: keep, LABEL: keep}  # decoded values as they are
     for batch in eval_batches(parse_sources(data, "--data"), identity, {k: list for k in identity}, list(identity), 64):
         inputs.extend(batch[modality])
         labels.extend(int(x) for x in batch[LABEL])
@@ -141,10 +140,6 @@ def zeroshot_task(data: list[str], modality: str, prompts: list[str], name: str)
             return prompts
 
     return ShardsZeroShot()
-
-
-def _keep(value):
-    return value
 
 
 def _as_mteb(modality: str, value: Any) -> Any:

@@ -50,10 +50,7 @@ def read_benchmark_classes(root: Path) -> tuple[list[str], list[str] | None]:
     if not templates_file.is_file():
         return names, None
     templates = [line.strip() for line in templates_file.read_text().splitlines() if line.strip()]
-    for t in templates:
-        if t.count("{c}") != 1 or "{}" in t:
-            raise ClassesError(f"{templates_file}: template {t!r} must contain '{{c}}' exactly once")
-    return names, [t.replace("{c}", "{}") for t in templates] or None
+    return names, template_forms(templates, templates_file) or None
 
 
 def read_classes(path: str | Path) -> tuple[list[str], list[str] | None]:
@@ -77,10 +74,19 @@ def read_classes(path: str | Path) -> tuple[list[str], list[str] | None]:
         return names, [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if not isinstance(templates, list) or not templates:
         raise ClassesError(f"{path}: 'templates' must be a non-empty list of strings (or \"imagenet\")")
+    return names, template_forms(templates, path)
+
+
+def template_forms(templates: list[Any], where: Any) -> list[str]:
+    """Class-prompt templates with `{}` (ours) or `{c}` (CLIP_benchmark's) where the class name goes, in the `{}`
+    form; a ClassesError names one that has not exactly one of them."""
+    forms = []
     for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise ClassesError(f"{path}: template {t!r} must contain '{{}}' exactly once, where the class name goes")
-    return names, templates
+        form = t.replace("{c}", "{}") if isinstance(t, str) else t
+        if not isinstance(form, str) or form.count("{}") != 1:
+            raise ClassesError(f"{where}: template {t!r} must contain '{{}}' (or '{{c}}') exactly once")
+        forms.append(form)
+    return forms
 
 
 def templates_for(modality: str, templates: list[str] | None) -> list[str]:

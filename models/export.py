@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import torch
 import yaml
 
 from tessera.config import ConfigError, from_dict
-from tessera.durable import publish_dir
+from tessera.durable import staged_dir
 
 from .config import ModelConfig
 from .multitower import MultiTowerModel
@@ -59,9 +57,7 @@ def save_model(
     has such a form; where it has none, the log says why and the Tessera export stands alone.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         doc = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -76,10 +72,6 @@ def save_model(
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
             safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
         _write_formats(tmp, out_dir, formats)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

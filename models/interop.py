@@ -27,13 +27,14 @@ from .open_clip_io import from_open_clip
 FORMATS = ("open_clip", "hf")
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="tessera export",
-        description="Write an exported Tessera model in another tool's format.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = _parser("tessera export", "Write an exported Tessera model in another tool's format.")
     p.add_argument("model", help="exported Tessera model directory (RUN_DIR/model)")
     p.add_argument(
         "--format",
@@ -54,12 +55,7 @@ def _export(args) -> None:
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="tessera import",
-        description="Turn an open_clip or transformers CLIP model into a Tessera export.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    p = _parser("tessera import", "Turn an open_clip or transformers CLIP model into a Tessera export.")
     p.add_argument("format", choices=FORMATS, help="what SOURCE is")
     p.add_argument(
         "source",

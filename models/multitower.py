@@ -103,6 +103,10 @@ class MultiTowerModel(nn.Module):
             z_BD = self.heads[modality](encoded)
         return F.normalize(z_BD, dim=-1) if normalize else z_BD
 
+    def pair_name(self, a: str, b: str) -> str | None:
+        """The name (`a__b` or `b__a`) under which the model aligns a and b, or None when it does not."""
+        return next((k for k in (pair_key(a, b), pair_key(b, a)) if k in self.logit_scales), None)
+
     def logit_scale(self, a: str, b: str) -> torch.Tensor:
         return self.logit_scales[pair_key(a, b)].clamp(max=self._max_log_scale).exp().squeeze(0)
 

@@ -15,8 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from tessera.config import ConfigError, from_dict
-from tessera.durable import publish_dir
+from tessera.durable import staged_dir
 
 from .config import ModelConfig
 from .export import NotRepresentable, check_out_dir, load_model
@@ -57,14 +55,6 @@ def clip_pair(model: MultiTowerModel) -> tuple[str, str]:
             f"an open_clip model needs an open_clip_image and an open_clip_text tower; this has {kinds}"
         )
     return image[0], text[0]
-
-
-def pair_scale_key(model: MultiTowerModel, a: str, b: str) -> str | None:
-    """The logit-scale name of the pair (a, b) in either order, or None when the model does not align it."""
-    for key in (f"{a}__{b}", f"{b}__{a}"):
-        if key in model.logit_scales:
-            return key
-    return None
 
 
 def head_matrix(head: nn.Module, state: dict[str, torch.Tensor], prefix: str, what: str) -> torch.Tensor | None:
@@ -97,14 +87,6 @@ def fold_projection(tower_state: dict[str, torch.Tensor], W_DO: torch.Tensor, wh
                     tower_state[f"{name}.bias"] = W_DO @ tower_state[f"{name}.bias"]
                 return
         raise NotRepresentable(f"the {what} tower has no final projection to fold its linear head into")
-
-
-def _jsonable(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _jsonable(v) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return [_jsonable(v) for v in node]
-    return node
 
 
 def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, list[str]]:
@@ -142,7 +124,7 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         for m in model.towers
         if m not in (image, text)
     ]
-    key = pair_scale_key(model, image, text)
+    key = model.pair_name(image, text)
     if key is None:
         out["logit_scale"] = torch.tensor(cfg.init_logit_scale)
         notes.append(f"the model does not align {image} with {text}: logit_scale is the initial one")
@@ -152,8 +134,8 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         if cfg.init_logit_bias is not None:
             out["logit_bias"] = state[f"logit_biases.{key}"].reshape(())
             model_cfg["init_logit_bias"] = float(out["logit_bias"])
-    preprocess = {k: v for k, v in dataclasses.asdict(img_enc.preprocess_cfg).items()}
-    doc = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess)}
+    preprocess = dataclasses.asdict(img_enc.preprocess_cfg)
+    doc = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}  # json writes tuples as lists
     return doc, {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in out.items()}, notes
 
 
@@ -190,13 +172,19 @@ def check_same_embeddings(ours: MultiTowerModel, oc_dir: Path) -> float:
     ours_tokens = torch.stack([ours.towers[text].transform(False)(c) for c in captions])
     if not torch.equal(ours_tokens, tokens):
         raise NotRepresentable("open_clip's tokenizer for this text tower gives other token ids than ours")
+    return largest_difference(pairs, "open_clip")
+
+
+def largest_difference(pairs, library: str) -> float:
+    """The largest |ours - theirs| over (modality, our embeddings, the library's L2-normalised embeddings) triples;
+    NotRepresentable above MATCH_ATOL: the library computes something else from the converted weights."""
     worst = 0.0
-    for m, z_ours, z_oc in pairs:
-        diff = float((z_ours.float() - z_oc.float()).abs().max())
+    for m, z_ours, z_theirs in pairs:
+        diff = float((z_ours.float() - z_theirs.float()).abs().max())
         if not diff <= MATCH_ATOL:
             raise NotRepresentable(
-                f"open_clip computes other {m} embeddings from the exported weights (max difference {diff:.2e}): "
-                "this tower configuration has no exact open_clip form"
+                f"{library} computes other {m} embeddings from the converted weights (max difference {diff:.2e}): "
+                "this tower configuration has no exact form there"
             )
         worst = max(worst, diff)
     return worst
@@ -210,16 +198,10 @@ def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -
     check_out_dir(out_dir, lambda d: (d / CONFIG_FILE).is_file(), "an open_clip model directory", model_dir)
     ours = load_model(model_dir)
     doc, state, notes = to_open_clip(ours, ours.state_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         check_same_embeddings(ours, tmp)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir, notes
 
 

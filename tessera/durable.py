@@ -7,6 +7,9 @@ import ctypes
 import errno
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -89,3 +92,17 @@ def publish_dir(tmp: Path, out_dir: Path) -> None:
     else:
         os.replace(tmp, out_dir)
     fsync_path(out_dir.parent)
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` to fill; published over `out_dir` (`publish_dir`) when the block ends,
+    removed if it raises."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
