@@ -11,6 +11,7 @@ bias, another tokenizer, ...) is refused with the reason; every export is checke
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -299,26 +300,19 @@ def _is_hf_clip_dir(path: Path) -> bool:
 
 
 def from_hf(src: str | Path) -> MultiTowerModel:
-    """A Tessera model (towers `image` and `text`) holding a transformers CLIPModel's weights and temperature."""
+    """A Tessera model (towers `image` and `text`) holding a transformers CLIPModel's (or SiglipModel's) weights
+    and temperature (and SigLIP bias)."""
 
     path = Path(src)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"'{src}' is not a transformers model directory: no config.json")
-    try:
-        kind = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ConfigError(f"{config_file} is not a transformers config: {exc}") from None
+    kind = hf_model_type(path)
+    if kind == "siglip":  # its own module: timm's SigLIP ViT and a SentencePiece tokenizer
+        return importlib.import_module(f"{__package__}.hf_siglip_io").from_hf_siglip(path)
     if kind != "clip":
-        raise NotRepresentable(f"'{src}' holds a transformers '{kind}' model; Tessera imports CLIPModel ('clip')")
-    try:
-        hf, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"transformers cannot load '{src}': {exc}") from None
-    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
-    if missing:  # transformers fills these with random values and only warns
-        raise ConfigError(f"'{src}' lacks weights {sorted(missing)[:5]} ({len(missing)} in all)")
-    hf.eval()
+        raise NotRepresentable(
+            f"'{src}' holds a transformers '{kind}' model; Tessera imports CLIPModel ('clip') and SiglipModel "
+            "('siglip')"
+        )
+    hf = load_hf(path, CLIPModel)
     v, t = hf.config.vision_config, hf.config.text_config
     if v.hidden_act != t.hidden_act or v.hidden_act not in ("quick_gelu", "gelu"):
         raise NotRepresentable(f"activations {v.hidden_act}/{t.hidden_act}: open_clip towers take quick_gelu or gelu")
@@ -342,7 +336,7 @@ def from_hf(src: str | Path) -> MultiTowerModel:
             "mlp_ratio": t.intermediate_size / t.hidden_size,
         },
     }
-    preprocess = _preprocess_of(path, v.image_size)
+    preprocess = preprocess_of(path, v.image_size)
     ours = build_from_open_clip(model_cfg, preprocess, hf_to_clip(hf.state_dict()), None, str(src))
     _check_tokenizer(path, ours)
     samples = ["a photo of a red circle", "two small squares on the left"]
@@ -351,8 +345,33 @@ def from_hf(src: str | Path) -> MultiTowerModel:
     return ours
 
 
-def _preprocess_of(path: Path, image_size: int) -> dict[str, Any]:
-    """open_clip's PreprocessCfg fields from the directory's CLIPImageProcessor config, where there is one."""
+def hf_model_type(path: Path) -> str | None:
+    """The `model_type` of a transformers model directory; ConfigError when it is none."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"'{path}' is not a transformers model directory: no config.json")
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{config_file} is not a transformers config: {exc}") from None
+
+
+def load_hf(path: Path, cls):
+    """`cls.from_pretrained(path)`, offline, refusing a directory that lacks weights (transformers would fill them
+    with random values and only warn)."""
+    try:
+        hf, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"transformers cannot load '{path}': {exc}") from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    if missing:
+        raise ConfigError(f"'{path}' lacks weights {sorted(missing)[:5]} ({len(missing)} in all)")
+    return hf.eval()
+
+
+def preprocess_of(path: Path, image_size: int, center_crop: bool = True) -> dict[str, Any]:
+    """open_clip's PreprocessCfg fields from the directory's image processor config, where there is one;
+    `center_crop`: whether the processor crops when its config does not say (CLIP's does, SigLIP's does not)."""
 
     pre: dict[str, Any] = {"size": image_size}
     doc = None
@@ -364,7 +383,7 @@ def _preprocess_of(path: Path, image_size: int) -> dict[str, Any]:
         if "image_mean" in doc:
             pre["mean"], pre["std"] = list(doc["image_mean"]), list(doc["image_std"])
         pre["interpolation"] = {2: "bilinear", 3: "bicubic"}.get(doc.get("resample", 3), "bicubic")
-        if doc.get("do_center_crop") is False:
+        if not doc.get("do_center_crop", center_crop):
             pre["resize_mode"] = "squash"
     return pre
 

@@ -6,6 +6,7 @@ tessera export --format hf runs/vit/model --out hf-model      # transformers CLI
 tessera import open_clip ~/ViT-B-32-dir --out base/model      # an open_clip model directory (local-dir: layout)
 tessera import open_clip epoch_32.pt --model ViT-B-32 --out base/model   # open_clip_train checkpoint or state dict
 tessera import hf ~/clip-vit-base-patch32 --out base/model    # a transformers CLIPModel directory
+tessera import hf ~/siglip-base-patch16-224 --out base/model  # or SiglipModel (its tokenizer comes along)
 
 An imported model keeps its temperature (and SigLIP bias); `tessera finetune base=base/model` and `tessera eval`
 take it like any export.
@@ -55,12 +56,12 @@ def _export(args) -> None:
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = _parser("tessera import", "Turn an open_clip or transformers CLIP model into a Tessera export.")
+    p = _parser("tessera import", "Turn an open_clip or transformers CLIP (or SigLIP) model into a Tessera export.")
     p.add_argument("format", choices=FORMATS, help="what SOURCE is")
     p.add_argument(
         "source",
         help="open_clip: a model directory (open_clip_config.json + weights, `local-dir:` prefix allowed), an "
-        "open_clip_train checkpoint or a state-dict file; hf: a CLIPModel directory",
+        "open_clip_train checkpoint or a state-dict file; hf: a CLIPModel or SiglipModel directory",
     )
     p.add_argument(
         "--model",

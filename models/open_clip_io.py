@@ -41,6 +41,10 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 SUBDIR = "open_clip"  # where an export keeps its open_clip form
 # what open_clip itself looks for in a directory, best first
 WEIGHT_NAMES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
+# open_clip's temperature scalars -> Tessera's per-pair parameters
+TEMPERATURE = {"logit_scale": "logit_scales", "logit_bias": "logit_biases"}
+# text_cfg.hf_tokenizer_name of an exported directory that carries its tokenizer files itself
+HF_TOKENIZER_HERE = "."
 # an image and a text embedding must agree to this (absolute) for an export to be kept
 MATCH_ATOL = 1e-5
 
@@ -103,11 +107,10 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         "vision_cfg": img_enc.cfg.vision_cfg(),
         "text_cfg": txt_enc.cfg.text_cfg(),
     }
-    if model_cfg["text_cfg"].get("hf_tokenizer_name"):
-        raise NotRepresentable(
-            "the text tower reads a Hugging Face tokenizer from a local folder, which the open_clip form does not "
-            "carry yet"
-        )
+    if txt_enc.hf_tokenizer_dir():
+        # its files go into the directory itself, where open_clip's local-dir: loading reads them; the name only
+        # needs to be set (a hub model's config names its own repository here)
+        model_cfg["text_cfg"] = {**model_cfg["text_cfg"], "hf_tokenizer_name": HF_TOKENIZER_HERE}
     custom_text = bool(named_config(txt_enc.cfg.model).get("custom_text"))
     if custom_text:
         model_cfg["custom_text"] = True
@@ -201,6 +204,9 @@ def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -
     with staged_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         safetensors.torch.save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        text = ours.towers[clip_pair(ours)[1]]
+        if text.hf_tokenizer_dir():
+            text.build_tokenizer().save_pretrained(tmp)
         check_same_embeddings(ours, tmp)
     return out_dir, notes
 
@@ -253,6 +259,13 @@ def read_open_clip(src: str | Path, model: str | None = None) -> tuple[dict, dic
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config} is not valid JSON: {exc}") from None
         model_cfg = checked_model_cfg(doc.get("model_cfg") if isinstance(doc, dict) else None, str(config))
+        if model_cfg["text_cfg"].get("hf_tokenizer_name"):  # open_clip reads it from the directory itself
+            if not (path / "tokenizer_config.json").is_file():
+                raise ConfigError(
+                    f"'{path}' names a Hugging Face tokenizer but holds no tokenizer files (tokenizer_config.json); "
+                    "Tessera never downloads one"
+                )
+            model_cfg["text_cfg"] = {**model_cfg["text_cfg"], "hf_tokenizer_name": str(path.resolve())}
         return model_cfg, doc.get("preprocess_cfg") or {}, read_clip_state(find_weights(path))
     if not path.is_file():
         raise ConfigError(f"'{src}' is neither an open_clip model directory nor a checkpoint file")
@@ -339,8 +352,8 @@ def build_from_open_clip(model_cfg: dict, preprocess: dict, state: dict, model: 
     for key, value in state.items():
         if key.startswith("visual."):
             mapped[f"towers.image.tower.{key[7:]}"] = value
-        elif key in ("logit_scale", "logit_bias"):
-            mapped[f"{key}s.image__text"] = value.reshape(1)
+        elif key in TEMPERATURE:
+            mapped[f"{TEMPERATURE[key]}.image__text"] = value.reshape(1)
         elif custom and key.startswith("text."):
             mapped[f"towers.text.tower.{key[5:]}"] = value
         elif not custom:

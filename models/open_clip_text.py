@@ -25,6 +25,8 @@ from .open_clip_common import (
 
 __all__ = ["OpenClipTextConfig", "OpenClipTextEncoder", "Tokenize"]
 
+TOKENIZER_DIR = "text_tokenizer"  # where an export keeps a Hugging Face tokenizer
+
 
 @dataclass
 class OpenClipTextConfig:
@@ -89,13 +91,26 @@ class OpenClipTextEncoder(Encoder):
 
     def build_tokenizer(self):
         text_cfg = self.cfg.text_cfg()
-        if text_cfg.get("hf_tokenizer_name"):
+        if self.hf_tokenizer_dir():
             return HFTokenizer(
-                text_cfg["hf_tokenizer_name"],
+                self.hf_tokenizer_dir(),
                 context_length=self.context_length,
                 **(text_cfg.get("tokenizer_kwargs") or {}),
             )
         return SimpleTokenizer(context_length=self.context_length)
+
+    def hf_tokenizer_dir(self) -> str | None:
+        """The local directory of the Hugging Face tokenizer this tower reads, if it reads one."""
+        return self.cfg.text_cfg().get("hf_tokenizer_name") or None
+
+    def export_params(self, out_dir: Path) -> dict[str, Any]:
+        """The config, with a Hugging Face tokenizer copied into the export (`text_tokenizer/`): an export must
+        not depend on the folder a model was imported from."""
+        params = super().export_params(out_dir)
+        if self.hf_tokenizer_dir():
+            self.build_tokenizer().save_pretrained(Path(out_dir) / TOKENIZER_DIR)
+            params["overrides"] = {**params["overrides"], "hf_tokenizer_name": f"./{TOKENIZER_DIR}"}
+        return params
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tower(tokens)

@@ -237,3 +237,94 @@ def test_a_wrong_out_never_deletes_a_users_files(tmp_path, capsys):
             cli, ["import", "open_clip", str(out / "open_clip"), "--out", str(tmp_path / "b")], capsys
         )
         assert rc == 0, err
+
+
+def _siglip_dir(path, vocab_lines):
+    """A transformers SiglipModel directory as google's SigLIP checkpoints are laid out: weights, config, a
+    SentencePiece tokenizer (trained here on a few sentences, so nothing is downloaded), an image processor. The
+    image tower has the shape of timm's `vit_base_patch32_siglip_256`; the text tower is small."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+
+    spm_model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(vocab_lines), model_writer=spm_model, vocab_size=120, model_type="unigram",
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    path.mkdir()
+    (path / "spiece.model").write_bytes(spm_model.getvalue())
+    tokenizer = SiglipTokenizer(vocab_file=str(path / "spiece.model"), model_max_length=16)
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "projection_size": 768, **special}  # fmt: skip
+    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "image_size": 256, "patch_size": 32}  # fmt: skip
+    torch.manual_seed(0)
+    hf = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():  # a trained temperature and bias, not the initial ones
+        hf.logit_scale.fill_(3.1)
+        hf.logit_bias.fill_(-7.5)
+        hf.vision_model.head.probe.normal_()  # (initialised to zeros or not, the import must carry it)
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SiglipImageProcessorPil(size={"height": 256, "width": 256}, resample=3).save_pretrained(path)
+    return hf
+
+
+@pytest.mark.slow
+def test_import_a_transformers_siglip_model_with_its_tokenizer_and_export_it_to_open_clip(tmp_path, capsys):
+    """SiglipModel -> Tessera (timm SigLIP ViT + open_clip text tower + the directory's tokenizer) -> open_clip and
+    back, each with transformers' embeddings, token ids, temperature and bias; the export stands without the
+    source folder."""
+    import shutil
+
+    from transformers import SiglipProcessor
+
+    import tessera
+
+    captions = ["a photo of a red circle", "Two small squares, on the LEFT!", "a blue triangle moving left"]
+    hf = _siglip_dir(tmp_path / "siglip", captions * 20 + ["the quick brown fox jumps over the lazy dog"] * 20)
+    processor = SiglipProcessor.from_pretrained(str(tmp_path / "siglip"), backend="pil")
+    images = [i.resize((256, 256)) for i in _images()]
+    inputs = processor(
+        text=captions, images=images, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        got = hf(**inputs)
+    rc, out, err = call_main(cli, ["import", "hf", str(tmp_path / "siglip"), "--out", str(tmp_path / "model")], capsys)
+    assert rc == 0, err
+    shutil.rmtree(tmp_path / "siglip")  # the export carries the tokenizer: nothing points back at the source
+    model = tessera.load(tmp_path / "model")
+    z = model.embed(images=images, texts=captions)
+    assert (z["images"] - got.image_embeds).abs().max() < 1e-5 and (z["texts"] - got.text_embeds).abs().max() < 1e-5
+    assert torch.allclose(model.module.logit_scale("image", "text"), got.logits_per_text.new_tensor(3.1).exp())
+    assert model.module.logit_biases["image__text"].item() == pytest.approx(-7.5)
+    # the open_clip form beside it: open_clip's own SigLIP layout (timm trunk, custom text, tokenizer files inside)
+    oc_dir = f"local-dir:{tmp_path / 'model/open_clip'}"
+    oc, tokenizer = open_clip.create_model(oc_dir).eval(), open_clip.get_tokenizer(oc_dir)
+    assert torch.equal(tokenizer(captions), inputs["input_ids"])
+    with torch.no_grad():
+        z_oc = oc.encode_text(tokenizer(captions), normalize=True)
+    assert (z_oc - got.text_embeds).abs().max() < 1e-5
+    assert oc.logit_bias.item() == pytest.approx(-7.5)
+    # and back from open_clip: the same weights
+    rc, _, err = call_main(cli, ["import", "open_clip", str(tmp_path / "model/open_clip"), "--out",
+                                 str(tmp_path / "back")], capsys)  # fmt: skip
+    assert rc == 0, err
+    a, b = model.module.state_dict(), load_model(tmp_path / "back").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_siglip_vision_tower_timm_does_not_have_is_refused_by_its_shape():
+    from types import SimpleNamespace
+
+    from tessera.models.hf_siglip_io import timm_vision_name
+
+    base = SimpleNamespace(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16
+    )
+    assert timm_vision_name(SimpleNamespace(**vars(base), image_size=384)) == "vit_base_patch16_siglip_384"
+    with pytest.raises(NotRepresentable, match="no timm SigLIP ViT has this vision tower's shape"):
+        timm_vision_name(SimpleNamespace(**{**vars(base), "num_hidden_layers": 6}, image_size=224))
