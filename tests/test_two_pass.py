@@ -125,7 +125,10 @@ def _compare(model, batch, loss_cfg: LossConfig, lock=(), as_chunks=False):
             assert params[name].grad is None, name
             continue
         assert p.grad is not None and params[name].grad is not None, name
-        torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # fp32 rounding of sums whose order differs (chunks, and the CPU's kernels: AVX2 and AVX512 differ) is
+        # relative to the tensor's scale, not to each element: a small entry of a large gradient may be off by 1e-6
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-5, atol=max(1e-7, 1e-6 * scale), msg=name)
     buffers = dict(chunked.named_buffers())
     for name, buf in reference.named_buffers():  # batch-norm statistics: updated once per chunk, as the reference
         torch.testing.assert_close(buffers[name], buf, rtol=1e-6, atol=1e-7, msg=name)
