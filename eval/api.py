@@ -8,7 +8,8 @@
     model.classify([pil_image], ["circle", "square"], templates=["a photo of a {}."])   # (N, C) probabilities
 
 Inputs are what a user has at hand: PIL images, strings, `(waveform, sample_rate)` pairs, graphs, or paths to
-files of any kind the modality's shard decoder reads (jpg, flac, smi, ...); a graph may also be a SMILES string.
+files of any kind the modality's shard decoder reads (jpg, flac, smi, mp4, ...); a graph may also be a SMILES
+string, a video the bytes of a video file.
 The towers' own eval transforms and tokenizers are applied inside; the model runs on the GPU when there is one,
 in batches, with a progress bar when there is more than one batch.
 """
@@ -33,13 +34,11 @@ from tessera.models.open_clip_io import from_open_clip
 from .common import default_classified, eval_mode
 from .zeroshot import ClassesError, build_classifier, prompt_modality, template_forms, templates_for
 
-# keyword -> modality: the plural a user writes, or the modality's own name
-KEYWORDS = {"images": "image", "texts": "text", "graphs": "graph", "sounds": "audio"}
-
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Model:
     """The model in `path`: a Tessera export (or a run directory holding one in model/), an open_clip model
-    directory (`open_clip_config.json`, `local-dir:` prefix allowed) or a transformers CLIPModel directory."""
+    directory (`open_clip_config.json`, `local-dir:` prefix allowed) or a transformers CLIPModel or SiglipModel
+    directory."""
     p = Path(str(path).removeprefix("local-dir:"))
     if not is_tessera_export(p) and is_tessera_export(p / "model"):
         p = p / "model"  # a run directory (its own config.yaml is the run's config)
@@ -79,14 +78,13 @@ class Model:
         return float(self.module.logit_scale(*((a, b) if name == pair_key(a, b) else (b, a))).detach())
 
     def _modality(self, keyword: str) -> str:
-        m = KEYWORDS.get(keyword, keyword)
+        m = modalities.by_keyword(keyword)
         if m not in self.module.towers:
             raise ConfigError(f"'{keyword}': the model encodes {self.modalities} (as {self._keywords()})")
         return m
 
     def _keywords(self) -> str:
-        plural = {v: k for k, v in KEYWORDS.items()}
-        return ", ".join(f"{plural.get(m, m)}=" for m in self.modalities)
+        return ", ".join(f"{modalities.modality(m).keyword or m}=" for m in self.modalities)
 
     def _prepare(self, modality: str, item: Any) -> Any:
         """One input -> what the tower's transform takes: a string of the prompt modality is its text, a file goes
@@ -107,8 +105,8 @@ class Model:
     @torch.no_grad()
     def embed(self, batch_size: int = 64, progress: bool | None = None, **inputs: Sequence[Any]):
         """L2-normalised embeddings, (N, D) float32 on the CPU, of each keyword's inputs (`images=`, `texts=`,
-        `sounds=` or `audio=`, `graphs=`): a tensor for one keyword, a dict keyed like the keywords for several.
-        `progress`: a progress bar (default: when there is more than one batch)."""
+        `sounds=` or `audio=`, `graphs=`, `videos=`): a tensor for one keyword, a dict keyed like the keywords for
+        several. `progress`: a progress bar (default: when there is more than one batch)."""
         if not inputs:
             raise ConfigError(f"embed what? pass {self._keywords()}")
         out = {}

@@ -28,11 +28,14 @@ with open_clip's default `AugmentationCfg`: scale (0.9, 1.0), bicubic; ToTensor;
 both sides; audio, the AST encoder's `AudioTransform` (resample, random crop, log-mel, SpecAugment) with
 --audio-config (default `demo`: the demo-joint tower, 16 kHz, 1 s, 64 mels, n_fft 400, hop 160); graphs,
 the GIN encoder's `GraphTransform` of the demo-joint config (no positional encoding), and again with
---rw-steps random-walk PE (the `graph_pe` set, same shards).
+--rw-steps random-walk PE (the `graph_pe` set, same shards); videos, the video tower's `VideoTransform` (8 of a
+clip's frames sampled, each through the image train transform at the clips' 32 px), against PyAV decoding every
+frame (the bare decoder; its + transform row samples from those frames).
 
 Data (made once under --out/shards, reused): `tessera.data.demo`'s 64 px jpg+txt pictures, larger photo-like JPEGs
 (256-512 px, noisy, quality 85-95), and `tessera.data.demo_joint`'s sounds (1 s flac/wav/ogg at 16/22.05 kHz) and
-graphs (npz, a quarter json). The demo shards keep their few deliberately broken samples.
+graphs (npz, a quarter json), and `tessera.data.demo_video`'s clips (16 frames, mp4/webm/avi/mkv). The demo shards
+keep their few deliberately broken samples.
 
     python scripts/bench_data.py                  # --samples 512 per set, 5 repeats, 224 px
     python scripts/bench_data.py --samples 256 --repeats 3 --image-size 160 --sets image_photo,audio
@@ -58,6 +61,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-openclip" / "bin" / "python"
 SAMPLES_PER_SHARD = 128
+VIDEO_SIZE = 32  # the video tower's frame size: the demo clips' own
 # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE / _INITIAL); Tessera's stream uses the same
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000
 AUDIO_CONFIGS = {
@@ -121,7 +125,7 @@ def _photos(n: int, seed: int):
 
 def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     """The shards of every set, written once (reused while they hold n samples each)."""
-    from tessera.data import demo, demo_joint
+    from tessera.data import demo, demo_joint, demo_video
     from tessera.data.make_shards import write_shards
 
     def fresh(d: Path) -> Path:  # a set of another size is replaced whole, so no stale shard is left in it
@@ -138,6 +142,9 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     if not (_complete(out / "joint", "sounds", n) and _complete(out / "joint", "graphs", n)):
         demo_joint.build(fresh(out / "joint"), per_source=n, triple=0, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
         made.append("sounds and graphs")
+    if not _complete(out / "video", "videos", n + 3):  # + the demo's three broken clips
+        demo_video.build(fresh(out / "video"), train_clips=n, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
+        made.append("videos")
     if made:
         print(f"[bench] wrote {', '.join(made)} under {out}", flush=True)
     return {
@@ -145,6 +152,7 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
         "image_photo": _urls(out / "photos", "photos"),
         "audio": _urls(out / "joint", "sounds"),
         "graph": _urls(out / "joint", "graphs"),
+        "video": _urls(out / "video", "videos"),
     }
 
 
@@ -174,7 +182,31 @@ def raw_graph(sample):
     return {k: np.asarray(v) for k, v in json.loads(sample["graph.json"]).items()}
 
 
-RAW = {"image": raw_image, "audio": raw_audio, "graph": raw_graph}
+def raw_video(sample):
+    """PyAV alone: every frame of the clip to an RGB array (what a loader without frame sampling decodes)."""
+    import av
+
+    suffix = next(s for s in ("mp4", "webm", "avi", "mkv", "mov") if s in sample)
+    with av.open(io.BytesIO(sample[suffix])) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+class DecodedFrames:
+    """The bare decode's frames, as a `Video` offers them to the video transform (raw decode + transform row)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def window(self, max_seconds):
+        return len(self.arrays)
+
+    def frames(self, indices):
+        from PIL import Image
+
+        return [Image.fromarray(self.arrays[i]) for i in indices]
+
+
+RAW = {"image": raw_image, "audio": raw_audio, "graph": raw_graph, "video": raw_video}
 
 
 def to_input(modality: str, value):
@@ -192,6 +224,8 @@ def to_input(modality: str, value):
         return Graph(
             torch.from_numpy(value["x"].astype(np.float32)), torch.from_numpy(value["edge_index"].astype(np.int64))
         )
+    if modality == "video":
+        return DecodedFrames(value)
     return value
 
 
@@ -206,6 +240,7 @@ def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     from tessera.models.graph import GraphEncoder, GraphEncoderConfig
     from tessera.models.open_clip_image import OpenClipImageConfig, OpenClipImageEncoder
     from tessera.models.open_clip_text import OpenClipTextConfig, OpenClipTextEncoder
+    from tessera.models.video import OpenClipVideoConfig, OpenClipVideoEncoder
 
     image = OpenClipImageEncoder(
         OpenClipImageConfig(
@@ -221,12 +256,15 @@ def tessera_towers(image_size: int, audio_config: str, rw_steps: int) -> dict:
     graph_cfg = {"arch": "gin", "in_dim": 10, "hidden_dim": 64, "layers": 3, "pooling": "sum"}  # demo-joint
     graph = GraphEncoder(GraphEncoderConfig(**graph_cfg), 64)
     graph_pe = GraphEncoder(GraphEncoderConfig(**graph_cfg, rw_steps=rw_steps), 64)
+    video_size = {"image_size": VIDEO_SIZE, "width": 64, "layers": 1, "head_width": 32}
+    video = OpenClipVideoEncoder(OpenClipVideoConfig(model="ViT-B-32", overrides=video_size, frames=8), 64)
     return {
         "image": (image.transform(True), image.collate),
         "text": (text.transform(True), text.collate),
         "audio": (audio.transform(True), audio.collate),
         "graph": (graph.transform(True), graph.collate),
         "graph_pe": (graph_pe.transform(True), graph_pe.collate),
+        "video": (video.transform(True), video.collate),
     }
 
 
@@ -522,6 +560,7 @@ SETS = {  # name: (modality, tower, label)
     "audio": ("audio", "audio", "audio, 1 s clips"),
     "graph": ("graph", "graph", "graph, no PE"),
     "graph_pe": ("graph", "graph_pe", "graph, random-walk PE"),
+    "video": ("video", "video", "video, 16-frame 32 px clips, 8 frames sampled"),
 }
 
 

@@ -7,6 +7,7 @@ everything about itself:
   field of the modality into members.
 - `encoders` (in `tessera.models`), by the name a config's `encoder:` key uses. Each encoder owns its typed
   config, its transform and collate, its LoRA targets and its prompt hooks.
+- `keyword`: what the Python API calls its inputs (`model.embed(images=...)`); the modality's name works too.
 - eval defaults: `template`, the class-prompt template of zero-shot classification when classes.json gives
   none; `language`, whether class prompts are written in this modality (its tower classifies the others).
 
@@ -30,6 +31,7 @@ class Modality:
     name: str
     decoder: str
     encoders: dict[str, str] = field(default_factory=dict)
+    keyword: str = ""
     template: str = "{}"
     language: bool = False
 
@@ -41,6 +43,7 @@ MODALITIES: dict[str, Modality] = {
             "image",
             "tessera.data.image:ImageDecoder",
             {"open_clip_image": "tessera.models.open_clip_image:OpenClipImageEncoder"},
+            keyword="images",
             template="a photo of a {}.",
         ),
         Modality(
@@ -50,15 +53,26 @@ MODALITIES: dict[str, Modality] = {
                 "open_clip_text": "tessera.models.open_clip_text:OpenClipTextEncoder",
                 "hf_text": "tessera.models.hf_text:HFTextEncoder",
             },
+            keyword="texts",
             language=True,
         ),
         Modality(
             "audio",
             "tessera.data.audio:AudioDecoder",
             {"ast": "tessera.models.audio:ASTEncoder", "hf_audio": "tessera.models.audio:HFAudioEncoder"},
+            keyword="sounds",
             template="the sound of a {}.",
         ),
-        Modality("graph", "tessera.data.graph:GraphDecoder", {"gnn": "tessera.models.graph:GraphEncoder"}),
+        Modality(
+            "graph", "tessera.data.graph:GraphDecoder", {"gnn": "tessera.models.graph:GraphEncoder"}, keyword="graphs"
+        ),
+        Modality(
+            "video",
+            "tessera.data.video:VideoDecoder",
+            {"open_clip_video": "tessera.models.video:OpenClipVideoEncoder"},
+            keyword="videos",
+            template="a video of a {}.",
+        ),
         # `cls` members: integer class ids, the targets of label positives and classification; never a tower
         Modality("label", "tessera.data.label:LabelDecoder"),
     )
@@ -97,6 +111,14 @@ def encoder_class(name: str) -> type:
     if name not in names:
         raise ConfigError(f"unknown encoder '{name}'.{closest(str(name), names)} Registered: {sorted(names)}")
     return resolve(MODALITIES[names[name]].encoders[name])
+
+
+def by_keyword(word: str) -> str | None:
+    """The modality a Python API keyword names: its `keyword` (images=) or its own name (image=)."""
+    for m in MODALITIES.values():
+        if word in (m.keyword, m.name):
+            return m.name
+    return None
 
 
 def language(modalities: list[str] | tuple[str, ...] | None = None) -> str | None:

@@ -319,12 +319,14 @@ JOINT_MODEL = {
 @pytest.fixture(scope="module")
 def joint_shards(tmp_path_factory):
     """Demo pictures (image-text), sounds (audio-text), graphs (graph-text) and pictures with sounds
-    (image-audio-text), 120 / 120 / 120 / 60 samples in shards of 30, and the 96-sample joint validation set."""
-    from tessera.data import demo, demo_joint
+    (image-audio-text), 120 / 120 / 120 / 60 samples in shards of 30, 61 moving-shape clips (video-text), and the
+    96-sample joint validation set."""
+    from tessera.data import demo, demo_joint, demo_video
 
     out = tmp_path_factory.mktemp("joint-demo")
     demo.build(out, train_per_source=120, samples_per_shard=30, seed=0)
     demo_joint.build(out, per_source=120, triple=60, samples_per_shard=30, seed=0)
+    demo_video.build(out, train_clips=61, samples_per_shard=16, seed=0)  # + 3 broken: 4 shards, 2 per rank
     return out
 
 
@@ -413,8 +415,20 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     def lines(out):
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
+    # and a fifth modality: the moving-shape clips through a video tower (the image tower's config on 4 frames,
+    # then a temporal transformer), from a source of their own
+    video = {**JOINT_MODEL["towers"]["image"], "encoder": "open_clip_video", "frames": 4, "temporal": "transformer"}
+    model = {**JOINT_MODEL, "towers": {**JOINT_MODEL["towers"], "video": video}}
+    clips = {"name": "clips", "shards": f"{joint_shards}/videos-{{000000..000003}}.tar", "weight": 1,
+             "modalities": ["video", "text"]}  # fmt: skip
+
+    def recipe(out, **over):
+        doc = _joint_recipe(joint_shards, out, model=model, **over)
+        doc["data"]["train"].append(clips)
+        return doc
+
     full = tmp_path / "full"
-    proc = torchrun(_joint_recipe(joint_shards, full))
+    proc = torchrun(recipe(full))
     assert proc.returncode == 0, proc.stderr[-4000:]
     train = [x for x in lines(full) if x["kind"] == "train"]
     assert len(train) == 40
@@ -423,6 +437,7 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
         seen = [x[f"loss/{pair}"] for x in train if f"loss/{pair}" in x]
         assert len(seen) >= 10, (pair, len(seen))  # the schedule is fixed by the seed: 14 to 18 each
         assert sum(seen[-3:]) / 3 < sum(seen[:3]) / 3 - 0.3, (pair, seen)
+    assert len([x for x in train if "loss/text-video" in x]) >= 2  # the schedule is fixed by the seed
     assert not any("loss/image-audio" in x for x in train)  # anchor pairing: image-audio is never a loss
     assert any("loss/image-text" in x and "loss/text-audio" in x for x in train)  # the three-modality source
     bad = train[-1]["data"]["skipped"]  # the demo's broken clips and graphs are counted, on both ranks
@@ -436,6 +451,8 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
         "empty_audio",
         "invalid_graph",
         "undecodable_graph",
+        "undecodable_video",
+        "empty_video",
     }
     result = json.loads((full / "eval" / "retrieval.json").read_text())
     assert result["n"] == {"image-text": 96, "text-audio": 96, "text-graph": 96, "image-audio": 96}
@@ -448,7 +465,7 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
 
     shutil.copytree(full / "checkpoints" / "step00000030", resumed / "checkpoints" / "step00000030")
     (resumed / "checkpoints" / "latest").write_text("step00000030")
-    proc = torchrun(_joint_recipe(joint_shards, resumed, resume="latest", eval={"batch_size": 96}))
+    proc = torchrun(recipe(resumed, resume="latest"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     after = [x for x in lines(resumed) if x["kind"] == "train"]
     assert [x["step"] for x in after] == list(range(31, 41))

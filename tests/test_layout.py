@@ -101,6 +101,9 @@ def test_every_modality_is_one_registry_entry_with_self_contained_parts():
             cls = modalities.encoder_class(enc_name)
             assert issubclass(cls, Encoder) and dataclasses.is_dataclass(cls.config_cls), enc_name
     assert modalities.language() == "text"
+    assert len({m.keyword for m in modalities.MODALITIES.values() if m.encoders}) == len(
+        [m for m in modalities.MODALITIES.values() if m.encoders]
+    ), "every modality with a tower has its own Python API keyword"
     # generic code names no modality and no encoder: they come from the registry
     generic = [
         "data/loader.py",
@@ -116,6 +119,7 @@ def test_every_modality_is_one_registry_entry_with_self_contained_parts():
         "eval/retrieval.py",
         "eval/zeroshot.py",
         "eval/linear_probe.py",
+        "eval/api.py",
         "train/loop.py",
         "train/tasks.py",
         "train/objectives.py",

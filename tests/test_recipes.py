@@ -34,6 +34,7 @@ TINY_CLIP = [
 SHRINK: dict[str, list[str]] = {
     "demo.yaml": [],
     "demo-joint.yaml": [],
+    "demo-video.yaml": [],
     "vit-b-32-cpu.yaml": [],
     "vit-b-32.yaml": TINY_CLIP,
     "siglip-vit-b-32.yaml": TINY_CLIP,
@@ -62,6 +63,7 @@ SOURCES = {
     "molecules": "molecules-000000.tar",
     "pictures-sounds": "pictures-sounds-000000.tar",
     "video-frames": "pictures-sounds-000000.tar",
+    "videos": "videos-{000000..000001}.tar",
 }
 MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)O", "CCN", "C1CCCCC1", "CC(C)O", "c1ccncc1", "OCC(O)CO"]
 
@@ -78,14 +80,15 @@ def test_every_recipe_is_exercised():
 
 @pytest.fixture(scope="module")
 def recipe_shards(tmp_path_factory):
-    """Small demo shards of every layout the recipes read: pictures, sounds, graphs, pictures with sounds, and
-    SMILES molecules; the demo's classes.json."""
-    from tessera.data import demo, demo_joint
+    """Small demo shards of every layout the recipes read: pictures, sounds, graphs, pictures with sounds, SMILES
+    molecules and videos; the demo's classes.json."""
+    from tessera.data import demo, demo_joint, demo_video
     from tessera.data.make_shards import write_shards
 
     out = tmp_path_factory.mktemp("recipes")
     demo.build(out, train_per_source=32, samples_per_shard=16, seed=0)
     demo_joint.build(out, per_source=32, triple=16, samples_per_shard=16, seed=0)
+    demo_video.build(out, train_clips=29, samples_per_shard=16, seed=0)  # + 3 broken: 2 shards
     write_shards(
         [(f"m{i:04d}", {"smi": s.encode(), "txt": f"the molecule {s}".encode()}) for i, s in enumerate(MOLECULES * 2)],
         out,
