@@ -1,0 +1,203 @@
+"""Does the temporal tower read what a frame average cannot? The video tower with the temporal transformer
+(CLIP4Clip's seqTransf) against the frame average (meanP), trained alike on the demo's moving shapes, where every
+caption names the direction of motion.
+
+An average of frames is blind to their order. It can tell the axis of motion (the shape's positions spread across
+or down the canvas) but not its sense: a clip of a shape moving left, played backwards, is a clip of it moving
+right, and averages the same frames. So the sense of motion is where the two towers must part:
+
+- sense: for each eval clip, its own caption with the true direction against the same caption with the opposite
+  sense (left/right, up/down): how often the true one scores higher (chance 50%);
+- reversal: the clip against itself played backwards, scored with its own caption: how often the clip as it is
+  scores higher (ties count half; the frame average ties on every clip, exactly, since the eval frames of a clip
+  and of its reversal are the same frames, written losslessly);
+- direction: the true direction among all four, with the clip's shape and colour in the prompt (chance 25%);
+- axis: whether that pick lies on the true axis (chance 50%);
+- text->video R@1 and zero-shot direction over the averaged prompts, as each run's own final evaluation reports.
+
+Each (temporal, seed) is one `python -m tessera.train.pretrain --config configs/demo-video.yaml` run, in turn,
+alone on the machine; both towers see the same data, steps and seeds.
+
+    python scripts/bench_video.py                      # 2 seeds x 800 steps
+    python scripts/bench_video.py --steps 400 --seeds 0
+
+Writes runs/bench_video/results.json, table.md and sense.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from tessera.data.demo_video import COMBOS, DIRECTIONS, FPS, build
+from tessera.data.video import VideoDecoder
+from tessera.eval.api import load
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+TEMPORALS = ("transformer", "mean")
+CHANCE = {"sense": 0.5, "reversal": 0.5, "direction": 0.25, "axis": 0.5}
+
+
+def lossless_avi(frames: list[np.ndarray]) -> bytes:
+    """(H, W, 3) uint8 frames -> an avi of PNG frames: lossless and each frame coded alone, so a clip and its
+    reversal hold exactly the same frames."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="avi") as f:
+        stream = f.add_stream("png", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "rgb24"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                f.mux(packet)
+        for packet in stream.encode():
+            f.mux(packet)
+    return out.getvalue()
+
+
+def val_clips(shard: Path) -> list[tuple[tuple[str, str, str], bytes, bytes]]:
+    """The eval shard's clips as ((shape, colour, direction), the clip forwards, the clip backwards), decoded and
+    written again losslessly (`lossless_avi`)."""
+    out = []
+    with tarfile.open(shard) as tar:
+        members = {}
+        for m in tar.getmembers():
+            key, _, suffix = m.name.partition(".")
+            if suffix in VideoDecoder.suffixes:
+                members[key] = (suffix, tar.extractfile(m).read())
+    for key in sorted(members):
+        suffix, data = members[key]
+        with av.open(io.BytesIO(data), format={"mkv": "matroska", "webm": "matroska"}.get(suffix)) as f:
+            frames = [frame.to_ndarray(format="rgb24") for frame in f.decode(video=0)]
+        combo = COMBOS[int(key.removeprefix("val"))]
+        out.append((combo, lossless_avi(frames), lossless_avi(frames[::-1])))
+    return out
+
+
+def caption(shape: str, color: str, direction: str) -> str:
+    return f"a {color} {shape} moving {direction}"
+
+
+def probe_run(model_dir: Path, clips) -> dict[str, float]:
+    """The sense, reversal, direction and axis measures of one exported model on the eval clips."""
+    model = load(model_dir)
+    decoder = VideoDecoder()
+    forward = model.embed(videos=[decoder.decode({"avi": f}) for _, f, _ in clips], progress=False)
+    backward = model.embed(videos=[decoder.decode({"avi": b}) for _, _, b in clips], progress=False)
+    names = list(DIRECTIONS)
+    prompts = [caption(shape, color, d) for (shape, color, _), _, _ in clips for d in names]
+    texts = model.embed(texts=prompts, progress=False).view(len(clips), len(names), -1)
+    scores_ND = torch.einsum("nd,nkd->nk", forward, texts)
+    truth = torch.tensor([names.index(d) for (_, _, d), _, _ in clips])
+    opposite = torch.tensor([names.index(OPPOSITE[d]) for (_, _, d), _, _ in clips])
+    rows = torch.arange(len(clips))
+    true_s, opp_s = scores_ND[rows, truth], scores_ND[rows, opposite]
+    own = texts[rows, truth]
+    fwd_s, bwd_s = (forward * own).sum(-1), (backward * own).sum(-1)
+    tie = (fwd_s - bwd_s).abs() <= 1e-6
+    pick = scores_ND.argmax(1)
+    horizontal = torch.tensor([DIRECTIONS[n][0] != 0 for n in names])
+    return {
+        "sense": float(((true_s > opp_s).float() + 0.5 * (true_s == opp_s).float()).mean()),
+        "reversal": float(((fwd_s > bwd_s) & ~tie).float().mean() + 0.5 * tie.float().mean()),
+        "reversal_ties": float(tie.float().mean()),
+        "direction": float((pick == truth).float().mean()),
+        "axis": float((horizontal[pick] == horizontal[truth]).float().mean()),
+    }
+
+
+def train(run: Path, temporal: str, seed: int, steps: int, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "tessera.train.pretrain", "--config", "configs/demo-video.yaml",
+           f"output_dir={run}", f"model.towers.video.temporal={temporal}", f"seed={seed}", f"train.steps={steps}",
+           f"train.ckpt_every={steps}", *extra]  # fmt: skip
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def run_metrics(run: Path) -> dict[str, float]:
+    r = json.loads((run / "eval" / "retrieval.json").read_text())["metrics"]
+    z = json.loads(next((run / "eval").glob("zeroshot_*.json")).read_text())["metrics"]
+    return {"text_to_video_R@1": r["text_to_video_R@1"], "zeroshot_direction": z["acc1"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--data", default="runs/demo/data", help="the demo's data folder (video shards made if missing)")
+    p.add_argument("--out", default="runs/bench_video")
+    p.add_argument("--reuse", action="store_true", help="probe runs already trained under --out")
+    p.add_argument("overrides", nargs="*", help="more config overrides for every run (key=value)")
+    args = p.parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    if not (data / "val-video-000000.tar").exists():
+        build(data)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    clips = val_clips(data / "val-video-000000.tar")
+    results: dict = {"steps": args.steps, "seeds": seeds, "clips": len(clips), "overrides": args.overrides}
+    runs = {}
+    for temporal in TEMPORALS:
+        for seed in seeds:
+            run = out / f"{temporal}-seed{seed}"
+            if not (args.reuse and (run / "model").is_dir()):
+                train(run, temporal, seed, args.steps, args.overrides)
+            runs[f"{temporal}-seed{seed}"] = {"temporal": temporal, "seed": seed,
+                                              **run_metrics(run), **probe_run(run / "model", clips)}  # fmt: skip
+    results["runs"] = runs
+    keys = ["sense", "reversal", "reversal_ties", "direction", "axis", "text_to_video_R@1", "zeroshot_direction"]
+    chance = {**CHANCE, "reversal_ties": None, "text_to_video_R@1": 1 / len(clips), "zeroshot_direction": 0.25}
+    summary = {}
+    for temporal in TEMPORALS:
+        mine = [r for r in runs.values() if r["temporal"] == temporal]
+        summary[temporal] = {k: statistics.mean(r[k] for r in mine) for k in keys}
+    results["mean_over_seeds"], results["chance"] = summary, chance
+    title = f"video tower on moving shapes, {args.steps} steps, seeds {seeds}, {len(clips)} eval clips"
+    header = "| measure | " + " | ".join(TEMPORALS) + " | chance |"
+    lines = [title + " (mean over seeds; each seed in results.json)", "", header, "|---" * (len(TEMPORALS) + 2) + "|"]
+    for k in keys:
+        cells = [f"{100 * summary[t][k]:.1f}%" for t in TEMPORALS]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {'' if chance[k] is None else f'{100 * chance[k]:.1f}%'} |")
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    plot(runs, out / "sense.png", args.steps)
+
+
+def plot(runs: dict, path: Path, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures = ["sense", "reversal", "direction", "axis"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(TEMPORALS)
+    for j, temporal in enumerate(TEMPORALS):
+        mine = [r for r in runs.values() if r["temporal"] == temporal]
+        means = [100 * np.mean([r[m] for r in mine]) for m in measures]
+        ax.bar(np.arange(len(measures)) + j * width, means, width, label=f"temporal={temporal}")
+        for i, m in enumerate(measures):  # each seed as a dot
+            ax.scatter([i + j * width] * len(mine), [100 * r[m] for r in mine], color="k", s=8, zorder=3)
+    for i, m in enumerate(measures):
+        label = "chance" if i == 0 else None
+        ax.plot([i - 0.5 * width, i + 1.5 * width], [100 * CHANCE[m]] * 2, "k--", lw=0.8, label=label)
+    ax.set_xticks(np.arange(len(measures)) + width / 2, measures)
+    ax.set_ylabel("% of eval clips")
+    ax.set_title(f"motion on the demo's moving shapes, {steps} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
