@@ -18,7 +18,7 @@ right, and averages the same frames. So the sense of motion is where the two tow
 Each (temporal, seed) is one `python -m tessera.train.pretrain --config configs/demo-video.yaml` run, in turn,
 alone on the machine; both towers see the same data, steps and seeds.
 
-    python scripts/bench_video.py                      # 2 seeds x 800 steps
+    python scripts/bench_video.py                      # 2 seeds x 600 steps, about 50 minutes on 2 cores
     python scripts/bench_video.py --steps 400 --seeds 0
 
 Writes runs/bench_video/results.json, table.md and sense.png.
@@ -130,7 +130,7 @@ def run_metrics(run: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--data", default="runs/demo/data", help="the demo's data folder (video shards made if missing)")
     p.add_argument("--out", default="runs/bench_video")
