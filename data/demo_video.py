@@ -50,11 +50,15 @@ COMBOS = list(itertools.product(SHAPES, COLORS, DIRECTIONS))  # 6 x 8 x 4 = 192
 
 
 def encode_video(
-    frames: list[np.ndarray], fps: int, container: str, audio: tuple[np.ndarray, int] | None = None
+    frames: list[np.ndarray],
+    fps: int,
+    container: str,
+    audio: tuple[np.ndarray, int] | None = None,
+    codec: tuple[str, str, str] | None = None,
 ) -> bytes:
     """(H, W, 3) uint8 frames (and a mono float waveform with its rate) -> the bytes of a video file of
-    `container` (a key of CODECS), in memory."""
-    fmt, codec, pix_fmt = CODECS[container]
+    `container` (a key of CODECS), in memory; `codec` (PyAV format, codec, pixel format) replaces CODECS'."""
+    fmt, codec, pix_fmt = codec or CODECS[container]
     out = io.BytesIO()
     with av.open(out, mode="w", format=fmt) as f:
         stream = f.add_stream(codec, rate=fps)

@@ -27,7 +27,6 @@ Writes runs/bench_video/results.json, table.md and sense.png.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import subprocess
@@ -35,37 +34,23 @@ import sys
 import tarfile
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
-from tessera.data.demo_video import COMBOS, DIRECTIONS, FPS, build
-from tessera.data.video import VideoDecoder
+from tessera.data.demo_video import COMBOS, DIRECTIONS, FPS, build, encode_video
+from tessera.data.video import VideoDecoder, open_container
 from tessera.eval.api import load
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 TEMPORALS = ("transformer", "mean")
+# PNG frames in avi: lossless and each frame coded alone, so a clip and its reversal hold exactly the same frames
+LOSSLESS = ("avi", "png", "rgb24")
 CHANCE = {"sense": 0.5, "reversal": 0.5, "direction": 0.25, "axis": 0.5}
-
-
-def lossless_avi(frames: list[np.ndarray]) -> bytes:
-    """(H, W, 3) uint8 frames -> an avi of PNG frames: lossless and each frame coded alone, so a clip and its
-    reversal hold exactly the same frames."""
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="avi") as f:
-        stream = f.add_stream("png", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "rgb24"
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                f.mux(packet)
-        for packet in stream.encode():
-            f.mux(packet)
-    return out.getvalue()
 
 
 def val_clips(shard: Path) -> list[tuple[tuple[str, str, str], bytes, bytes]]:
     """The eval shard's clips as ((shape, colour, direction), the clip forwards, the clip backwards), decoded and
-    written again losslessly (`lossless_avi`)."""
+    written again losslessly (`LOSSLESS`)."""
     out = []
     with tarfile.open(shard) as tar:
         members = {}
@@ -75,10 +60,10 @@ def val_clips(shard: Path) -> list[tuple[tuple[str, str, str], bytes, bytes]]:
                 members[key] = (suffix, tar.extractfile(m).read())
     for key in sorted(members):
         suffix, data = members[key]
-        with av.open(io.BytesIO(data), format={"mkv": "matroska", "webm": "matroska"}.get(suffix)) as f:
+        with open_container(data, suffix) as f:
             frames = [frame.to_ndarray(format="rgb24") for frame in f.decode(video=0)]
         combo = COMBOS[int(key.removeprefix("val"))]
-        out.append((combo, lossless_avi(frames), lossless_avi(frames[::-1])))
+        out.append((combo, *(encode_video(f, FPS, "avi", codec=LOSSLESS) for f in (frames, frames[::-1]))))
     return out
 
 
