@@ -23,13 +23,15 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from tessera.config import UserError
+
 from .decode import REJECTED_SUFFIXES
 from .stats import SampleStats
 
 log = logging.getLogger(__name__)
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard specification that names no readable shard."""
 
 

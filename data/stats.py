@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from tessera.config import UserError
 
-class DataQualityError(RuntimeError):
+
+class DataQualityError(UserError, RuntimeError):
     """Too many bad samples, or no usable sample at all: the message says which reasons and where."""
 
 

@@ -26,6 +26,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from tessera import modalities
+from tessera.config import UserError
 from tessera.data import LABEL, SampleStats, SourceConfig, eval_batches, parse_sources, to_device
 from tessera.data.label import collate_labels, keep
 from tessera.data.shards import benchmark_root
@@ -34,7 +35,7 @@ from tessera.models import MultiTowerModel
 from . import common
 
 
-class ClassesError(ValueError):
+class ClassesError(UserError, ValueError):
     pass
 
 

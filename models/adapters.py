@@ -15,18 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import peft
 import torch
 
 from tessera.config import ConfigError
 
+from .adapter_config import AdapterConfig
 from .freeze import parameter_counts
-from .lora import LoraConfig, apply_lora, is_lora_adapter, load_lora, save_lora
-from .prompts import PromptConfig, apply_prompts, is_prompt_adapter, load_prompts, save_prompts
+from .lora import apply_lora, is_lora_adapter, load_lora, save_lora
+from .prompts import apply_prompts, is_prompt_adapter, load_prompts, save_prompts
 
 __all__ = [
     "AdapterConfig",
@@ -39,32 +39,6 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 BASE_FILE = "base.json"  # in an adapter directory: the base it was trained on (its path and weights' fingerprint)
-
-
-@dataclass
-class AdapterConfig:
-    kind: Literal["lora", "prompt", "full"] = field(
-        default="lora",
-        metadata={
-            "help": "lora: train LoRA adapters on the base (peft); prompt: train prompt vectors (CoOp context in the "
-            "class prompts, VPT tokens in a ViT, peft prompt tuning of a Hugging Face text tower); full: train "
-            "every weight of the base"
-        },
-    )
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    export_merged: bool = field(
-        default=True,
-        metadata={
-            "help": "also write OUTPUT_DIR/model: the base with the LoRA adapter merged in (no peft needed to run it); "
-            "prompts cannot be merged into weights"
-        },
-    )
-
-    @property
-    def lr_scales(self) -> dict[str, float]:
-        """Parameter-name substrings that take their own learning rate, as multiples of train.lr."""
-        return {"visual_prompts": self.prompt.visual_lr_scale} if self.kind == "prompt" else {}
 
 
 def apply_adapter(model, cfg: AdapterConfig, classnames: list[str] | None = None):

@@ -1,16 +1,34 @@
-"""Configuration of a multi-tower model: one tower per modality, a shared embedding width, the pairs."""
+"""Configuration of a multi-tower model: one tower per modality, a shared embedding width, the pairs; and reading it
+from an exported model directory (`read_model_config`). Needs no torch."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from tessera import modalities
 from tessera.config import ConfigError, closest, from_dict, require, to_dict
 
-from .heads import HeadConfig
+# an exported model directory: config.yaml names this format and version
+FORMAT = "tessera-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HeadConfig:
+    kind: Literal["auto", "identity", "linear", "mlp"] = field(
+        default="auto", metadata={"help": "auto: identity when the encoder already outputs embed_dim, else linear"}
+    )
+    hidden_dim: int | None = field(default=None, metadata={"help": "mlp hidden width; default: the input width"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout before the projection"})
+
+    def __post_init__(self):
+        require(0.0 <= self.dropout < 1.0, f"head.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -51,6 +69,10 @@ class TowerConfig:
         return {"encoder": self.encoder, **to_dict(self.params), "head": to_dict(self.head)}
 
 
+# the default model: CLIP ViT-B-32 (open_clip's towers)
+DEFAULT_TOWERS = {m: {"encoder": f"open_clip_{m}", "model": "ViT-B-32"} for m in ("image", "text")}
+
+
 def pair_key(a: str, b: str) -> str:
     return f"{a}__{b}"
 
@@ -59,10 +81,12 @@ def pair_key(a: str, b: str) -> str:
 class ModelConfig:
     embed_dim: int = field(default=512, metadata={"help": "width of the shared embedding space"})
     towers: dict[str, TowerConfig] = field(
-        default_factory=lambda: {
-            m: TowerConfig.from_dict({"encoder": f"open_clip_{m}", "model": "ViT-B-32"}, m) for m in ("image", "text")
+        default_factory=lambda: {m: TowerConfig.from_dict(t, m) for m, t in DEFAULT_TOWERS.items()},
+        # `--help` shows the default as written here: building it would import the encoders' libraries
+        metadata={
+            "help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32",
+            "shown": DEFAULT_TOWERS,
         },
-        metadata={"help": "modality -> {encoder: NAME, ...encoder config}; default: CLIP ViT-B-32"},
     )
     pairing: Literal["anchor", "all_pairs"] = field(
         default="anchor",
@@ -138,3 +162,29 @@ class ModelConfig:
     @property
     def init_logit_scale(self) -> float:
         return math.log(1.0 / self.init_temperature)
+
+
+def _resolve_relative(node: Any, base: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_relative(v, base) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_relative(v, base) for v in node]
+    if isinstance(node, str) and node.startswith("./"):
+        return str(base / node[2:])
+    return node
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    model_dir = Path(model_dir)
+    path = model_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"'{model_dir}' is not an exported Tessera model: no config.yaml "
+            "(a run directory keeps its export in RUN_DIR/model)"
+        )
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a Tessera model config (format != {FORMAT!r})")
+    if doc.get("version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path} has format version {doc['version']}; this Tessera reads up to {FORMAT_VERSION}")
+    return from_dict(ModelConfig, _resolve_relative(doc["model"], model_dir.resolve()), "model")

@@ -21,10 +21,10 @@ import safetensors.torch
 import torch
 import yaml
 
-from tessera.config import ConfigError, from_dict
+from tessera.config import ConfigError
 from tessera.durable import staged_dir
 
-from .config import ModelConfig
+from .config import FORMAT, FORMAT_VERSION, read_model_config
 from .multitower import MultiTowerModel
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ class NotRepresentable(ConfigError):
     """The model (or part of it) has no form in another tool's format; the message says which part and why."""
 
 
-FORMAT = "tessera-model"
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "tessera_model.safetensors"
 LEGACY_WEIGHTS_FILE = "model.safetensors"  # exports written before Tessera wrote open_clip and HF forms beside
 # formats written beside the Tessera files by default, each in its own subdirectory when the model has that form
@@ -116,32 +114,6 @@ def _write_formats(tmp: Path, out_dir: Path, formats: tuple[str, ...]) -> None:
             log.error("the %s export failed; %s has the Tessera export without it: %r", fmt, out_dir, exc)
         else:
             log.info("%s export: %s%s", fmt, out_dir / fmt, "".join(f"; {n}" for n in notes))
-
-
-def _resolve_relative(node: Any, base: Path) -> Any:
-    if isinstance(node, dict):
-        return {k: _resolve_relative(v, base) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_relative(v, base) for v in node]
-    if isinstance(node, str) and node.startswith("./"):
-        return str(base / node[2:])
-    return node
-
-
-def read_model_config(model_dir: str | Path) -> ModelConfig:
-    model_dir = Path(model_dir)
-    path = model_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"'{model_dir}' is not an exported Tessera model: no config.yaml "
-            "(a run directory keeps its export in RUN_DIR/model)"
-        )
-    doc = yaml.safe_load(path.read_text())
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a Tessera model config (format != {FORMAT!r})")
-    if doc.get("version", 0) > FORMAT_VERSION:
-        raise ConfigError(f"{path} has format version {doc['version']}; this Tessera reads up to {FORMAT_VERSION}")
-    return from_dict(ModelConfig, _resolve_relative(doc["model"], model_dir.resolve()), "model")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> MultiTowerModel:

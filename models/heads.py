@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from torch import nn
 
 from tessera.config import require
 
-
-@dataclass
-class HeadConfig:
-    kind: Literal["auto", "identity", "linear", "mlp"] = field(
-        default="auto", metadata={"help": "auto: identity when the encoder already outputs embed_dim, else linear"}
-    )
-    hidden_dim: int | None = field(default=None, metadata={"help": "mlp hidden width; default: the input width"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout before the projection"})
-
-    def __post_init__(self):
-        require(0.0 <= self.dropout < 1.0, f"head.dropout must be in [0, 1), got {self.dropout}")
+from .config import HeadConfig
 
 
 def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> nn.Module:

@@ -20,7 +20,6 @@ and the pairs' temperatures and biases (saved beside it, in `tessera_scales.safe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +29,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tessera.config import ConfigError, require
+from tessera.config import ConfigError
 
+from .adapter_config import LoraConfig
 from .encoder import ALL_LINEAR
 from .freeze import freeze_norm_statistics
 
 ADAPTABLE = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)  # Conv2d by name only, never by all-linear
 CONFIG_FILE = "adapter_config.json"  # peft's
 SCALES_FILE = "tessera_scales.safetensors"
-
-
-@dataclass
-class LoraConfig:
-    towers: list[str] | None = field(default=None, metadata={"help": "towers to adapt; default: every tower"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
-    target_modules: dict[str, list[str]] = field(
-        default_factory=dict,
-        metadata={
-            "help": "per tower, module names to adapt (last name component, or all-linear); default: the "
-            "encoder's preset"
-        },
-    )
-    train_heads: bool = field(default=False, metadata={"help": "also train the adapted towers' projection heads"})
-    train_temperatures: bool = field(
-        default=False, metadata={"help": "also train every pair's temperature (and logit bias)"}
-    )
-
-    def __post_init__(self):
-        require(self.rank > 0 and self.alpha > 0, "lora.rank and lora.alpha must be positive")
-        require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 def _tower_targets(model, tower: str, wanted: list[str], explicit: bool) -> list[str]:

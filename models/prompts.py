@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import peft
@@ -38,6 +37,7 @@ from torch import nn
 from tessera import modalities
 from tessera.config import ConfigError, from_dict, require, to_dict
 
+from .adapter_config import PromptConfig
 from .encoder import PrefixContext, SplicedContext
 from .freeze import freeze_norm_statistics
 
@@ -48,55 +48,6 @@ PEFT_SUBDIR = "peft_prompt"
 # adapters written by it load as they are
 LEGACY_NAMES = {"text_context": "context", "visual_prompts": "visual_prompts.image"}
 PLACEHOLDER = "X"
-
-
-@dataclass
-class PromptConfig:
-    context: int = field(
-        default=4,
-        metadata={
-            "help": "learned context tokens in the class prompts of the tower that encodes them (CoOp in open_clip's "
-            "text tower; peft prompt tuning in a Hugging Face text tower); 0: none"
-        },
-    )
-    class_specific: bool = field(
-        default=False,
-        metadata={
-            "help": "one context per class (CoOp's CSC) instead of one shared by all classes; spliced context only"
-        },
-    )
-    init: str | None = field(
-        default=None,
-        metadata={
-            "help": "words whose token embeddings initialise the context, e.g. 'a photo of a' (their token count "
-            "must equal context); default: random, std init_std"
-        },
-    )
-    visual_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "VPT-shallow: prompt tokens inserted into the input of every tower that takes them (open_clip "
-            "ViTs); 0: none"
-        },
-    )
-    init_std: float = field(default=0.02, metadata={"help": "std of randomly initialised prompt vectors"})
-    visual_lr_scale: float = field(
-        default=1.0,
-        metadata={
-            "help": "the VPT tokens' learning rate as a multiple of train.lr (they tolerate a smaller one than the "
-            "context)"
-        },
-    )
-
-    def __post_init__(self):
-        require(self.context >= 0 and self.visual_tokens >= 0, "prompt.context and prompt.visual_tokens must be >= 0")
-        require(
-            self.context > 0 or self.visual_tokens > 0,
-            "prompt tuning needs prompt.context > 0 (text) or prompt.visual_tokens > 0 (image)",
-        )
-        require(self.init is None or self.context > 0, "prompt.init initialises the text context: set prompt.context")
-        require(self.init_std > 0, "prompt.init_std must be positive")
-        require(self.visual_lr_scale > 0, "prompt.visual_lr_scale must be positive")
 
 
 def _encoders(model) -> dict[str, str]:

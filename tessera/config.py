@@ -28,6 +28,7 @@ __all__ = [
     "set_dotted",
     "field_names",
     "require",
+    "UserError",
     "from_fields",
 ]
 
@@ -35,7 +36,14 @@ __all__ = [
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error whose message tells the user what to change (a config, a file, the data, a run's settings): a
+    command prints it as `error: ...`, with no traceback, and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is wrong; the message names the key and what to do."""
 
 
@@ -209,7 +217,9 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp) and "from_dict" not in tp.__dict__:
             lines.extend(describe(tp, key))
             continue
-        if f.default is not dataclasses.MISSING:
+        if "shown" in f.metadata:  # a default that is costly to build, as the recipe would write it
+            default = f.metadata["shown"]
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = to_dict(f.default_factory())

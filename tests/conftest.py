@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,28 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
 
 
 PY = sys.executable
+# C and C++ compilers by name: what a machine without a toolchain lacks
+COMPILERS = re.compile(r"^(cc|c\+\+|clang|clang\+\+|(.*-)?(gcc|g\+\+|cpp)(-\d+)?)$")
+
+
+def no_compiler_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which no C or C++ compiler can be found: PATH is one folder linking every program of the
+    current PATH but the compilers, CC and CXX name nothing, and torch's JIT extensions go to an empty folder
+    (`tmp_path/torch_extensions`, which stays empty when nothing compiles)."""
+    bin_dir = tmp_path / "bin-without-compilers"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for program in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            link = bin_dir / program.name
+            if not COMPILERS.match(program.name) and not link.exists() and os.access(program, os.X_OK):
+                link.symlink_to(program)
+    (tmp_path / "torch_extensions").mkdir()
+    return {
+        "PATH": str(bin_dir),
+        "CC": str(tmp_path / "no-cc"),
+        "CXX": str(tmp_path / "no-cxx"),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
+    }
 
 
 def call_main(main, args: list[str], capsys) -> tuple[int, str, str]:

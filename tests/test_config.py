@@ -162,6 +162,22 @@ def test_help_lists_every_documented_key():
         assert f"  {key} = " in proc.stdout, key
 
 
+@pytest.mark.parametrize("module", ["tessera.train.pretrain", "tessera.train.finetune"])
+def test_help_answers_without_importing_torch(module):
+    """`--help` reads the config classes only: torch, DeepSpeed and the towers' libraries (seconds of imports) load
+    only for a run."""
+    script = f"""
+import contextlib, runpy, sys
+sys.argv = ["{module}", "--help"]
+with contextlib.suppress(SystemExit):
+    runpy.run_module("{module}", run_name="__main__", alter_sys=True)
+print("heavy:", sorted(m for m in ("torch", "deepspeed", "open_clip", "transformers", "peft") if m in sys.modules))
+"""
+    proc = run_cli([PY, "-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.steps" in proc.stdout and "heavy: []" in proc.stdout, proc.stdout[-500:]
+
+
 def test_cli_reports_config_errors_without_traceback():
     proc = run_cli([PY, "-m", "tessera.train.pretrain", "train.stepz=3"])
     assert proc.returncode == 2

@@ -14,7 +14,7 @@ from tessera.models import load_model
 from tessera.train.checkpoint import resolve
 from tessera.train.recipes import merge_overrides
 
-from .conftest import PY, TINY_MODEL, run_cli
+from .conftest import PY, TINY_MODEL, no_compiler_env, run_cli
 
 
 def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -37,6 +37,7 @@ def tiny_run_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
+    """... on a machine without a C++ compiler, compiling nothing and printing no DeepSpeed warning."""
     out = tmp_path / "run"
     proc = run_cli(
         [
@@ -51,9 +52,12 @@ def test_pretrain_cli_leaves_a_complete_run_directory(demo_shards, tmp_path):
                 "train.precision=bf16",
                 f"eval.classes={demo_shards}/classes.json",
             ),
-        ]
+        ],
+        env=no_compiler_env(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any((tmp_path / "torch_extensions").iterdir())
+    assert "[WARNING]" not in proc.stderr and "Setting accelerator" not in proc.stderr, proc.stderr[-3000:]
     assert "zero-shot retrieval on held-out data after 6 steps" in proc.stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["steps"] == 6 and resolved["model"]["embed_dim"] == 32

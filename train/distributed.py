@@ -7,10 +7,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
+from .deepspeed_setup import deepspeed
 from .losses import register_host_group
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from tessera.config import ConfigError
 
 from .config import DeepSpeedConfig, TrainConfig
+from .deepspeed_setup import deepspeed
 from .distributed import init_distributed
 from .guard import SkippableAdamW
 
@@ -104,7 +103,7 @@ def build_engine(
     rate; `node_local` and `load_universal` see `deepspeed_config`. Joins (or makes) the process group first:
     DeepSpeed asserts on a missing LOCAL_RANK rather than saying so."""
     init_distributed()
-    accel = get_accelerator()
+    accel = deepspeed.accelerator.get_accelerator()
     if t.precision == "fp16" and not accel.is_fp16_supported():
         raise ConfigError(f"train.precision=fp16 is not supported by DeepSpeed on {accel.device_name()}; use bf16")
     if t.precision == "bf16" and not accel.is_bf16_supported():

@@ -15,9 +15,10 @@ from tessera.eval.common import NoSamples
 from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
 from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 
-from .config import DTYPES, PretrainConfig
+from .config import PretrainConfig
 from .distributed import DistInfo
 from .metrics import MetricsLogger
+from .precision import input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
     rank 0 reports."""
     if not cfg.data.val:
         return None
-    dtype = DTYPES[cfg.train.precision]
+    dtype = input_dtype(cfg.train.precision)
     trained = cfg.model.pair_list()
     pairs = cfg.eval.pairs or trained
+    if dist.is_main:
+        log.info("step %d: evaluating retrieval on %s", step, ", ".join(map(str, cfg.data.val)))
     # a pair or a modality the held-out data does not carry is left out with a warning: the run has trained and
     # exported by now, and the rest of the evaluation still reports
     result = evaluate_pairs(model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype, skip_missing=True)

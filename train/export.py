@@ -6,13 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
 
 from tessera.models import MultiTowerModel, load_model, save_model
 from tessera.models.adapters import carries_prompts, fingerprint, load_adapter, merge_adapter, save_adapter
 
+from .deepspeed_setup import deepspeed
 from .distributed import DistInfo, barrier
 
 
@@ -31,7 +30,7 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
                 master[id(lp)] = hp
     state = {}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        full = deepspeed.utils.safe_get_full_fp32_param(p) if p.requires_grad else None
         if full is None:
             full = master.get(id(p))
         if full is None:

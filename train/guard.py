@@ -28,13 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.config import UserError
+
 from .distributed import gather_objects
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
+
+    exit_code = 1  # the run, not its input, went wrong
 
 
 class SkippableAdamW(torch.optim.AdamW):

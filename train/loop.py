@@ -17,16 +17,21 @@ from tessera.data import to_device
 from tessera.eval.zeroshot import read_classes
 
 from . import checkpoint
-from .config import DTYPES
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed, restart_hazard
 from .engine import build_engine
 from .evaluate import check_eval, evaluate, report
 from .guard import Skipped, StepGuard, StopSignals
 from .metrics import MetricsLogger, Window, data_counts
+from .precision import input_dtype
 from .recipes import dump_config
-from .tasks import Pretrain
+from .tasks import Pretrain, make_task
 
 log = logging.getLogger("tessera")
+
+
+def run(cfg) -> dict[str, Any]:
+    """Train the task that the resolved run config `cfg` names (what `python -m tessera.train.pretrain` runs)."""
+    return train(make_task(cfg))
 
 
 def train(task: Pretrain) -> dict[str, Any]:
@@ -86,6 +91,7 @@ def train(task: Pretrain) -> dict[str, Any]:
             t.grad_accum,
             loader.num_workers,
         )
+        log.info("starting the loader and the first step")
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
     with StopSignals() as signals:
@@ -95,6 +101,8 @@ def train(task: Pretrain) -> dict[str, Any]:
         logger.close()
         barrier()
         return {**summary, "stopped": stopped}
+    if dist.is_main:
+        log.info("step %d: training done; exporting into %s", step, out_dir)
     summary.update(task.export(engine, out_dir, dist, step))
     result = evaluate(cfg, engine.module, dist, step, logger)
     logger.close()
@@ -110,7 +118,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     and at the last step. Returns the last step and what stopped the run early (None if nothing did)."""
     cfg, t, loader = task.cfg, task.cfg.train, data.loader
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    dtype = DTYPES[t.precision]
+    dtype = input_dtype(t.precision)
     window = Window()
     # fp16: DeepSpeed's loss scaler skips the steps whose scaled gradients overflow, so only the loss is watched
     guard = StepGuard(engine, engine.module, gradients=t.precision != "fp16", signals=signals)
@@ -120,7 +128,9 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     while step < t.steps and not guard.stop:
         values = []
         for _ in range(t.grad_accum):
-            batch = to_device(next(loader), dist.device, dtype)
+            with window.waiting():
+                batch = next(loader)
+            batch = to_device(batch, dist.device, dtype)
             losses, report_ = task(engine, batch)  # its forward, backward passes and engine steps
             values.append({**losses, **report_})
         step += 1
@@ -140,6 +150,8 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
                 "epoch": loader.epoch,
                 **_grad_norm(engine),
                 "samples_per_s": window.count * data.batch_size * dist.world / window.seconds(),
+                # the share of the window's training time this rank's steps waited for a batch from the loader
+                "data_wait": window.waited / window.seconds(),
                 "nonfinite_steps": skipped.total,
                 "data": data_counts(loader.stats.to_dict()),
             }
@@ -177,7 +189,6 @@ def _setup_logging(dist: DistInfo) -> None:
         format=f"%(asctime)s [rank{dist.rank}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("torch.distributed").setLevel(logging.WARNING)
 
 

@@ -101,7 +101,8 @@ class Window:
     Values are summed as detached tensors and turned into numbers only in `means()` (on a GPU `.item()`
     is a sync point). Each key is averaged over the micro-steps that reported it: with per-source batching a
     pair's loss exists only in the steps whose source carries that pair. Time spent in `paused()` blocks (evaluation,
-    checkpoints) is not training time.
+    checkpoints) is not training time; time in `waiting()` blocks (the step waiting for its batch from the loader)
+    is training time, counted apart as `waited`.
     """
 
     def __init__(self) -> None:
@@ -113,6 +114,7 @@ class Window:
         self.count = 0
         self.start = time.perf_counter()
         self.excluded = 0.0
+        self.waited = 0.0
 
     def add(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -125,6 +127,14 @@ class Window:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.excluded
+
+    @contextlib.contextmanager
+    def waiting(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def paused(self):

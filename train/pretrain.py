@@ -10,17 +10,18 @@ Overrides are dotted keys; values use YAML syntax (numbers, true/false, [lists],
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
-from tessera.config import ConfigError
-from tessera.data import DataQualityError, ShardError
-from tessera.eval.zeroshot import ClassesError
+from tessera.config import UserError
 
 from .config import PretrainConfig
-from .guard import NonFiniteError
-from .loop import train
 from .recipes import dump_config, help_text, load_config
-from .tasks import make_task
+
+# What runs a resolved config: torch, DeepSpeed and the towers' libraries come with it, so it is imported only once
+# the command line has been read (`--help` and `--print-config` need none of them and answer at once).
+RUNNER = "tessera.train.loop"
 
 
 def parse_args(
@@ -47,13 +48,12 @@ def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        train(make_task(cfg))
-    except (ConfigError, ShardError, DataQualityError, ClassesError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print("loading torch, DeepSpeed and the towers' libraries ...", file=sys.stderr, flush=True)
+        importlib.import_module(RUNNER).run(cfg)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:  # outside the steps, where SIGINT instead stops at a step with a checkpoint
         print(
             "interrupted: stopped outside training (setup or final evaluation); checkpoints written are kept",

@@ -29,8 +29,9 @@ from torch import nn
 from tessera.data import to_device
 from tessera.models.multitower import Encoded
 
-from .config import DTYPES, TrainConfig
+from .config import TrainConfig
 from .objectives import ContrastiveObjective, Losses
+from .precision import input_dtype
 
 
 class OneGraphStep:
@@ -252,5 +253,5 @@ class TwoPassStep:
 def make_step(objective, model: nn.Module, t: TrainConfig):
     """The two-pass step when towers run in chunks (`train.chunk_size`), else the one-graph step."""
     if t.chunk_size:
-        return TwoPassStep(objective, model, t.chunk_size, t.grad_accum, DTYPES[t.precision])
+        return TwoPassStep(objective, model, t.chunk_size, t.grad_accum, input_dtype(t.precision))
     return OneGraphStep(objective)

@@ -26,10 +26,11 @@ from tessera.eval.zeroshot import read_classes, templates_for
 from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
-from .config import AUTOCAST, FinetuneConfig, PretrainConfig
+from .config import FinetuneConfig, PretrainConfig
 from .distributed import DistInfo, barrier
 from .export import export_adapter, export_engine
 from .objectives import ClassificationObjective, ContrastiveObjective, Losses
+from .precision import autocast_dtype, resolve
 from .steps import make_step
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class TrainData:
 def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
     """What training wraps around a model written for one device: locked towers, gradient checkpointing, the
     precision its towers compute in."""
-    model.autocast_dtype = AUTOCAST[cfg.train.precision]
+    model.autocast_dtype = autocast_dtype(cfg.train.precision)
     for modality in cfg.train.lock:
         model.towers[modality].requires_grad_(False)
     if cfg.train.grad_checkpointing:
@@ -226,5 +227,7 @@ TASKS: dict[str, type[Pretrain]] = {task.name: task for task in (Pretrain, Contr
 
 
 def make_task(cfg: PretrainConfig) -> Pretrain:
-    """The task a run config names."""
+    """The task a run config names. `train.precision: auto` becomes the precision this machine computes natively
+    here, so that the run's config.yaml records what ran."""
+    cfg.train.precision = resolve(cfg.train.precision)
     return TASKS[cfg.task](cfg)
