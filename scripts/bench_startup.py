@@ -24,41 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench_train import ensure_peer_venv, make_shards, ours_overrides, peer_command
+from bench_train import PEER_FIRST_STEP, ensure_peer_venv, make_shards, named_recipe, ours_overrides, peer_command
+from benchlib import first_logged_step, launch
 
 from tessera.train.recipes import merge_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER_FIRST_STEP = re.compile(r"Train Epoch: 0 \[")
 
 
 def peer_first_step(python: Path, shards: str, args, log: Path) -> float:
     cmd = peer_command(python, shards, args.model, args.batch_size, 2 * args.batch_size, 1, "fp32", args.cuda)
-    t0 = time.time()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=log.parent,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    first, lines = None, []
-    for line in proc.stdout:
-        lines.append(line)
-        if first is None and PEER_FIRST_STEP.search(line):
-            first = time.time() - t0
-    proc.wait()
-    log.write_text("".join(lines))
-    if proc.returncode != 0 or first is None:
-        raise RuntimeError(f"open_clip_train did not log a first step (exit {proc.returncode}); see {log}")
+    first = launch(cmd, log, log.parent, first=PEER_FIRST_STEP).first_match
+    if first is None:
+        raise RuntimeError(f"open_clip_train did not log a first step; see {log}")
     return first
 
 
@@ -74,13 +57,7 @@ def ours_first_step(args, out_dir: Path, log: Path, config: str | None, override
     ]
     for stale in ("metrics.jsonl", "checkpoints"):
         subprocess.run(["rm", "-rf", str(out_dir / stale)], check=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-    log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args.module} failed (exit {proc.returncode}); see {log}")
-    first = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
-    return first["time"] - t0
+    return first_logged_step(out_dir / "metrics.jsonl", launch(cmd, log, ROOT).started)
 
 
 def main() -> int:
@@ -107,7 +84,7 @@ def main() -> int:
     image_size = open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
     shards = make_shards(args.out / "shards", 4 * args.batch_size, image_size)
     peer_python = ensure_peer_venv()
-    same = ours_overrides(shards, args.model, args.batch_size, 1, "fp32")
+    same = ours_overrides(shards, named_recipe(args.model), args.batch_size, 1, "fp32")
     rows: dict[str, list[float]] = {"open_clip_train": [], "tessera": []}
     demos = {
         name: config

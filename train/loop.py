@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     skipped = Skipped(t.max_nonfinite_steps)
     last_ckpt = step
     engine.train()
+    started, first_step = time.perf_counter(), step + 1
+    first_record: dict[str, float] = {}
     while step < t.steps and not guard.stop:
         values = []
         for _ in range(t.grad_accum):
@@ -134,6 +137,9 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
             losses, report_ = task(engine, batch)  # its forward, backward passes and engine steps
             values.append({**losses, **report_})
         step += 1
+        if step == first_step:  # the first step of this process: its graphs are built (and compiled: train.compile)
+            first_record["first_step_s"] = time.perf_counter() - started
+            log.info("first step: %.1f s%s", first_record["first_step_s"], " (with torch.compile)" if t.compile else "")
         if guard.bad:  # the step was skipped: its numbers stay out of the logged means
             skipped.count(step, guard.bad, values)
         else:
@@ -154,7 +160,9 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
                 "data_wait": window.waited / window.seconds(),
                 "nonfinite_steps": skipped.total,
                 "data": data_counts(loader.stats.to_dict()),
+                **first_record,
             }
+            first_record = {}
             logger.log(step, record)
             logger.progress(
                 step, loss=means["loss"], sps=record["samples_per_s"], bad=sum(record["data"]["skipped"].values())

@@ -26,6 +26,7 @@ from tessera.eval.zeroshot import read_classes, templates_for
 from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
+from .compiled import compile_towers
 from .config import FinetuneConfig, PretrainConfig
 from .distributed import DistInfo, barrier
 from .export import export_adapter, export_engine
@@ -44,12 +45,14 @@ class TrainData:
 
 def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
     """What training wraps around a model written for one device: locked towers, gradient checkpointing, the
-    precision its towers compute in."""
+    precision its towers compute in, and torch.compile of the towers."""
     model.autocast_dtype = autocast_dtype(cfg.train.precision)
     for modality in cfg.train.lock:
         model.towers[modality].requires_grad_(False)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        compile_towers(model, cfg.train.compile_recompiles)
     return model
 
 

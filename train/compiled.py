@@ -1,0 +1,39 @@
+"""`train.compile`: each tower through `torch.compile` (TorchInductor), with its recompiles bounded and logged.
+
+A tower compiles at its first call, so the first step of a run carries the compile time (the loop logs it apart as
+`first_step_s`). Its graph is specialised to the shapes it saw; a new shape (the other source's batch, the last
+partial batch of an evaluation, eval mode) compiles again, marking the changing sizes dynamic after the first
+change, so a few compiles cover a run. `recompiles` caps them per tower: past it, that tower runs eagerly for the
+new shapes, with torch's warning. Every recompile is logged with the guard that failed.
+
+Module-level compilation (`nn.Module.compile`) keeps parameter names as they are, so checkpoints, exports, LoRA
+and DeepSpeed see the same module tree as an eager run. On a CPU, Inductor writes C++ and needs a compiler: only a
+run that asks for `train.compile` needs one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import torch
+from torch import nn
+
+from tessera.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def compile_towers(model: nn.Module, recompiles: int) -> None:
+    """Compile every tower of `model` in place (its forward; heads and loss stay eager)."""
+    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise ConfigError("train.compile on a CPU needs a C++ compiler (c++, g++ or clang++ on PATH); set it false")
+    torch._dynamo.config.recompile_limit = recompiles
+    torch._logging.set_logs(recompiles=True)
+    for tower in model.towers.values():
+        tower.compile()
+    log.info(
+        "train.compile: towers %s compile at their first call (up to %d recompiles each)",
+        list(model.towers),
+        recompiles,
+    )
