@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,12 @@ from tessera import modalities
 from tessera.data.shards import benchmark_root
 from tessera.models import ConfigError, load_model
 from tessera.models.adapters import load_adapter, merge_adapter
+
+
+def figure(**kwargs):
+    """A matplotlib Figure (no pyplot: no global backend). matplotlib is imported at the first plot, not with the
+    evaluation code that training imports."""
+    return importlib.import_module("matplotlib.figure").Figure(**kwargs)
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from tessera.data import SampleStats, SourceConfig, eval_batches, parse_sources, to_device
@@ -333,7 +332,7 @@ def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[
 
 
 def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path: Path) -> None:
-    fig = Figure(figsize=(6, 4))  # no pyplot: no global backend
+    fig = common.figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, ys in sorted(curves.items()):
         ax.plot(range(1, len(ys) + 1), ys, label=name)

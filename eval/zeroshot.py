@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
@@ -237,7 +236,7 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
     cm = torch.tensor(confusion, dtype=torch.float64)
     cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     C = len(classnames)
-    fig = Figure(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))  # no pyplot: no global backend
+    fig = common.figure(figsize=(min(3 + 0.3 * C, 16), min(2.5 + 0.3 * C, 15)))
     ax = fig.subplots()
     im = ax.imshow(cm.numpy(), vmin=0, vmax=1, cmap="Blues")
     if C <= 40:

@@ -13,20 +13,18 @@ prompts (`prompts`) behind one config and one save, load and merge.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
 
 from tessera.config import ConfigError
 
 from .adapter_config import AdapterConfig
 from .freeze import parameter_counts
-from .lora import apply_lora, is_lora_adapter, load_lora, save_lora
-from .prompts import apply_prompts, is_prompt_adapter, load_prompts, save_prompts
 
 __all__ = [
     "AdapterConfig",
@@ -38,6 +36,9 @@ __all__ = [
     "save_adapter",
 ]
 log = logging.getLogger(__name__)
+# each kind's own module, imported when an adapter of that kind is used: they import peft (seconds), which a
+# pretraining run, an evaluation without --adapter and `--help` never need
+KINDS = {"lora": "tessera.models.lora", "prompt": "tessera.models.prompts"}
 BASE_FILE = "base.json"  # in an adapter directory: the base it was trained on (its path and weights' fingerprint)
 
 
@@ -45,10 +46,14 @@ def apply_adapter(model, cfg: AdapterConfig, classnames: list[str] | None = None
     """The base `model` with the configured adapter on it (LoRA or prompts); unchanged for full fine-tuning.
     `classnames` are those of class-specific prompt context."""
     if cfg.kind == "lora":
-        return apply_lora(model, cfg.lora)
+        return _kind("lora").apply_lora(model, cfg.lora)
     if cfg.kind == "prompt":
-        return apply_prompts(model, cfg.prompt, classnames)
+        return _kind("prompt").apply_prompts(model, cfg.prompt, classnames)
     return model
+
+
+def _kind(kind: str):
+    return importlib.import_module(KINDS[kind])
 
 
 def carries_prompts(model) -> bool:
@@ -69,7 +74,10 @@ def fingerprint(model) -> str:
 def save_adapter(model, out_dir: str | Path, base: tuple[str, str] | None = None) -> list[Path]:
     """The trained part of an adapted model, in its own format (peft's for LoRA); returns the files written. `base`:
     (path, `fingerprint`) of the base it was trained on, recorded so that it only ever loads onto that base."""
-    files = save_prompts(model, out_dir) if carries_prompts(model) else save_lora(model, out_dir)
+    if carries_prompts(model):
+        files = _kind("prompt").save_prompts(model, out_dir)
+    else:
+        files = _kind("lora").save_lora(model, out_dir)
     if base is not None:
         path = Path(out_dir) / BASE_FILE
         path.write_text(json.dumps({"path": str(base[0]), "fingerprint": base[1]}, indent=2) + "\n")
@@ -100,15 +108,17 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """`model` (a MultiTowerModel) with the adapter at `adapter_dir` on it: LoRA (a PeftModel), or prompts. An adapter
     made for another base (a module it adapts is missing, or has another shape) is a ConfigError naming the
     difference, and so is one whose recorded base (`BASE_FILE`) is not `model`."""
-    if not is_prompt_adapter(adapter_dir) and not is_lora_adapter(adapter_dir):
+    lora, prompts = _kind("lora"), _kind("prompt")
+    if not prompts.is_prompt_adapter(adapter_dir) and not lora.is_lora_adapter(adapter_dir):
         raise ConfigError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json or prompt_config.json)")
     check_base(model, adapter_dir)
-    if is_prompt_adapter(adapter_dir):
-        return load_prompts(model, adapter_dir, trainable)
-    return load_lora(model, adapter_dir, trainable)
+    if prompts.is_prompt_adapter(adapter_dir):
+        return prompts.load_prompts(model, adapter_dir, trainable)
+    return lora.load_lora(model, adapter_dir, trainable)
 
 
 def merge_adapter(model) -> Any:
     """The adapted model with LoRA folded into its weights: a plain MultiTowerModel (export it with save_model).
     Prompts cannot be folded into weights: a model carrying them (or no adapter) is returned as it is."""
-    return model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
+    merge = getattr(model, "merge_and_unload", None)  # a peft model's (LoRA); a MultiTowerModel has none
+    return merge() if merge is not None else model

@@ -1,8 +1,8 @@
 """Packages that re-export their modules' names without importing those modules until a name is used (PEP 562).
 
-`tessera.data`, `tessera.models` and `tessera.train` name their public classes and functions at the package level;
-importing the package for one light module (a config dataclass, say) must not import torch, DeepSpeed or open_clip
-with it. That is what keeps `--help`, `--print-config` and reading a recipe fast.
+`tessera.data` and `tessera.models` name their public classes and functions at the package level (and `tessera`
+its `load`); importing the package for one light module (a config dataclass, say) must not import torch, DeepSpeed
+or open_clip with it. That is what lets `--help` answer at once.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ run that asks for `train.compile` needs one.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import shutil
 
 import torch
 from torch import nn
@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 
 
 def compile_towers(model: nn.Module, recompiles: int) -> None:
-    """Compile every tower of `model` in place (its forward; heads and loss stay eager)."""
-    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
-        raise ConfigError("train.compile on a CPU needs a C++ compiler (c++, g++ or clang++ on PATH); set it false")
+    """Compile every tower of `model` in place (its forward; heads and loss stay eager). Sets two process-wide torch
+    settings: dynamo's recompile limit (`recompiles`) and its recompile log."""
+    if not torch.cuda.is_available():
+        try:  # the compiler Inductor would use ($CXX, else g++), found as Inductor finds it
+            importlib.import_module("torch._inductor.cpp_builder").get_cpp_compiler()
+        except RuntimeError as exc:
+            raise ConfigError(f"train.compile on a CPU needs a C++ compiler ({exc}); set it false") from None
     torch._dynamo.config.recompile_limit = recompiles
     torch._logging.set_logs(recompiles=True)
     for tower in model.towers.values():
         tower.compile()
-    log.info(
-        "train.compile: towers %s compile at their first call (up to %d recompiles each)",
-        list(model.towers),
-        recompiles,
-    )
+    towers = list(model.towers)
+    log.info("train.compile: towers %s compile at their first call (up to %d recompiles each)", towers, recompiles)

@@ -15,7 +15,6 @@ hold before DeepSpeed's first line runs:
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 
 import torch
@@ -35,6 +34,7 @@ def _no_shared_memory_op():
 
 # by module path: `deepspeed.comm.torch` as an attribute is the torch library, which deepspeed.comm re-exports
 importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shared_memory_op
-logging.getLogger("DeepSpeed").setLevel(getattr(logging, LOG_LEVEL, logging.ERROR))
+# the level of DeepSpeed's logger and of its handler (which writes to stdout)
+deepspeed.utils.logging.set_log_level_from_string(LOG_LEVEL if LOG_LEVEL in ("DEBUG", "INFO", "WARNING") else "ERROR")
 
 __all__ = ["deepspeed"]

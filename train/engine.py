@@ -119,6 +119,8 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(t, ds_cfg, micro_batch or t.batch_size, backwards, node_local, load_universal),
     )
+    if t.compile and engine.zero_optimization_stage() == 3:  # set through deepspeed.config (zero_stage is checked)
+        raise ConfigError("train.compile does not train exactly under ZeRO stage 3 yet; use stage 0, 1 or 2 with it")
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it and copy it back: about 10% of a ViT-B/32 step on CPU.

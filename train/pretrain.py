@@ -20,7 +20,8 @@ from .config import PretrainConfig
 from .recipes import dump_config, help_text, load_config
 
 # What runs a resolved config: torch, DeepSpeed and the towers' libraries come with it, so it is imported only once
-# the command line has been read (`--help` and `--print-config` need none of them and answer at once).
+# the command line has been read (`--help` needs none of them and answers at once; resolving a recipe imports the
+# modules of the towers it names, which hold their configs).
 RUNNER = "tessera.train.loop"
 
 
