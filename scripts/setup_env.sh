@@ -26,14 +26,6 @@ if [ ! -f "$STAMP" ] || ! grep -q "$PATTERN" "$STAMP"; then
     echo "[setup] installing tessera${EXTRAS:+[$EXTRAS]} into $VENV (first run downloads torch; later runs skip this)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip   # setuptools: torch pins it below 82; builds are isolated
     "$VENV/bin/python" -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
-    # DeepSpeed JIT-compiles a shared-memory comm op on first use; build it once here
-    # so that concurrent ranks never race to compile it.
-    "$VENV/bin/python" - <<'PY'
-import logging
-logging.disable(logging.WARNING)
-from deepspeed.comm.torch import build_shm_op
-build_shm_op()
-PY
     echo "$WANT" >> "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
