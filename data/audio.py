@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile
-import torch
 
-from .decode import BadSample, Decoder
+from .decode import BadSample, Decoder, torch_module
+
+if TYPE_CHECKING:
+    import torch
 
 SILENCE = 1e-5  # peak amplitude below which a clip is silent
 
@@ -29,6 +31,7 @@ class AudioDecoder(Decoder):
     def from_value(self, value: Any) -> tuple[torch.Tensor, int]:
         """A (waveform, sample_rate) pair, the waveform any array of samples (mono, or channels mixed down) ->
         (float32 mono tensor, rate), as `decode` gives it."""
+        torch = torch_module()
         if not (isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[1], int | np.integer)):
             raise BadSample("undecodable_audio", "audio is a (waveform, sample_rate) pair or a file path")
         array, rate = np.asarray(value[0].cpu() if isinstance(value[0], torch.Tensor) else value[0]), int(value[1])
@@ -49,7 +52,7 @@ class AudioDecoder(Decoder):
             raise BadSample("undecodable_audio", str(exc)[:200]) from None
         if wave_SC.shape[0] == 0 or rate <= 0:
             raise BadSample("empty_audio")
-        wave_SC = torch.from_numpy(wave_SC)
+        wave_SC = torch_module().from_numpy(wave_SC)
         wave_S = wave_SC[:, 0] if wave_SC.shape[1] == 1 else wave_SC.mean(1)  # mix down to mono
         peak = float(wave_S.abs().max())  # NaN when any sample is NaN: one pass checks both
         if not math.isfinite(peak):

@@ -9,6 +9,7 @@ Nothing is ever unpickled: pickle-bearing members are never read (see `REJECTED_
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,12 @@ from tessera import modalities
 
 # Members that would need pickle to read. They are dropped unread, and counted.
 REJECTED_SUFFIXES = frozenset({"pyd", "pth", "pt", "pkl", "pickle"})
+
+
+def torch_module():
+    """torch, imported when a decoder makes its first tensor: what the decoders declare (suffixes, manifest fields,
+    `tessera make-shards --help`) is read without it."""
+    return importlib.import_module("torch")
 
 
 class BadSample(Exception):

@@ -17,12 +17,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .decode import BadSample, Decoder, ManifestError, file_suffix, read_member
+from .decode import BadSample, Decoder, ManifestError, file_suffix, read_member, torch_module
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_GRAPH_ELEMENTS = 1 << 24  # per array (x, edge_index or edge_attr): 64 MiB of float32
 MAX_GRAPH_JSON_BYTES = 64 << 20  # a graph.json member is parsed into Python lists, ~10x its size
@@ -112,7 +114,7 @@ def _json_arrays(raw: bytes) -> dict[str, np.ndarray]:
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """float -> float32, integers and bools -> int64; native byte order and C-contiguous for torch."""
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, rejected afterwards
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else np.int64))
+        return torch_module().from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else np.int64))
 
 
 def graph_from_arrays(arrays: dict[str, np.ndarray]) -> Graph:
@@ -148,7 +150,7 @@ def graph_from_arrays(arrays: dict[str, np.ndarray]) -> Graph:
         out["edge_attr"] = _tensor(edge_attr)
     for key in ("x", "edge_attr"):
         t = out.get(key)
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+        if t is not None and t.is_floating_point() and not t.isfinite().all():
             raise BadSample("invalid_graph", f"'{key}' has non-finite values (as float32)")
     return Graph(**out)
 

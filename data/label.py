@@ -4,11 +4,12 @@ and zero-shot classification), never a tower: it has its own transform and colla
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .decode import BadSample, Decoder, ManifestError, torch_module
 
-from .decode import BadSample, Decoder, ManifestError
+if TYPE_CHECKING:
+    import torch
 
 LABEL = "label"  # the batch key of the labels
 
@@ -37,4 +38,5 @@ def keep(value: int) -> int:
 
 
 def collate_labels(labels: list[int]) -> torch.Tensor:
+    torch = torch_module()
     return torch.tensor(labels, dtype=torch.int64)

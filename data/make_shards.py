@@ -23,6 +23,7 @@ One manifest line per sample. Paths are relative to the manifest's directory.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -30,8 +31,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-from webdataset.writer import TarWriter
 
 from tessera.modalities import MODALITIES
 
@@ -56,6 +55,7 @@ def write_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
+    tar_writer = importlib.import_module("webdataset.writer").TarWriter  # webdataset imports torch: not for --help
     writer, tmp_path, name, count = None, None, None, 0
 
     def close() -> None:
@@ -71,7 +71,7 @@ def write_shards(
             close()
             name = f"{prefix}-{len(sizes):06d}.tar"
             tmp_path = out_dir / f".{name}.tmp"
-            writer, count = TarWriter(str(tmp_path), encoder=False), 0
+            writer, count = tar_writer(str(tmp_path), encoder=False), 0
         writer.write({"__key__": key, **members})
         count += 1
     close()

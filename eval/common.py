@@ -25,21 +25,6 @@ def figure(**kwargs):
     return importlib.import_module("matplotlib.figure").Figure(**kwargs)
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser with --model, --batch-size and --workers; the caller adds its own."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0, help="loader workers")
-    p.add_argument(
-        "--adapter",
-        default=None,
-        help="an adapter directory to apply to the model: LoRA (peft's "
-        "adapter_config.json + adapter_model.safetensors; merged in) or prompts (prompt_config.json)",
-    )
-    return p
-
-
 def load(args: argparse.Namespace):
     """(model, device): the exported model (with --adapter merged into it) on the GPU when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

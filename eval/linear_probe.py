@@ -11,9 +11,9 @@ Metrics: `acc1`, `acc5`, `mean_per_class_recall` on the test split, beside chanc
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 from tessera.data import SampleStats, parse_sources
 
-from . import common
+from . import commands, common
 from .zeroshot import classification_metrics, embed_labelled
-
-WEIGHT_DECAYS = (1e-6, 1e-4, 1e-2)
 
 
 def fit_logistic(
@@ -58,7 +56,7 @@ def linear_probe(
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    weight_decays=WEIGHT_DECAYS,
+    weight_decays=commands.WEIGHT_DECAYS,
     seed: int = 0,
 ) -> dict[str, Any]:
     n_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -89,17 +87,8 @@ def linear_probe(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m tessera.eval.linear_probe", __doc__)
-    parser.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
-    parser.add_argument("--test", required=True, nargs="+", help="labelled test shard spec(s)")
-    parser.add_argument(
-        "--modality", help="the modality to probe; default: the model's first tower that does not encode class prompts"
-    )
-    parser.add_argument("--weight-decays", default=",".join(str(w) for w in WEIGHT_DECAYS))
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`tessera eval linear-probe` with its command line read (`tessera.eval.commands`)."""
     model, device = common.load(args)
     args.modality = args.modality or common.default_classified(model)
     stats = SampleStats()
@@ -128,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commands.main("linear-probe", argv)
 
 
 if __name__ == "__main__":

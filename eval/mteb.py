@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tessera.config import ConfigError, MissingExtra
+
 try:  # the optional `mteb` extra
     import mteb
     from datasets import Dataset, DatasetDict
@@ -35,13 +37,13 @@ except ImportError as exc:
     message = f"tessera.eval.mteb needs mteb ({exc.name} is missing): pip install -e '.[mteb]'"
     if __name__ == "__main__":
         raise SystemExit(f"error: {message}") from None
-    raise ImportError(message) from exc
+    raise MissingExtra(message) from exc
 
-from tessera.config import ConfigError
 from tessera.data import LABEL, eval_batches, parse_sources
 from tessera.data.label import keep
 from tessera.data.shards import benchmark_root
 
+from . import commands
 from .api import Model, load
 from .common import default_classified
 from .zeroshot import ClassesError, read_classes, templates_for
@@ -149,16 +151,8 @@ def _as_mteb(modality: str, value: Any) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m tessera.eval.mteb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", required=True, help="a Tessera export, or an open_clip or transformers directory")
-    p.add_argument("--data", required=True, nargs="+", help="labelled shards (with `cls`), or a CLIP_benchmark dataset")
-    p.add_argument("--classes", type=Path, help="classes.json or a CLIP_benchmark root (default: the --data root)")
-    p.add_argument("--modality", help="the modality classified (default: the model's first non-prompt tower)")
-    p.add_argument("--out", type=Path, help="write mteb's result JSON into this folder")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`tessera eval mteb` with its command line read (`tessera.eval.commands`)."""
     try:
         model = load(args.model)
         classes = args.classes or benchmark_root(args.data[0])
@@ -183,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(result.task_results[0].to_dict(), indent=2, default=str))
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commands.main("mteb", argv)
 
 
 if __name__ == "__main__":

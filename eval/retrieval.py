@@ -22,6 +22,7 @@ Shape legend: Q query rows, T target rows, N samples, M positives per query, D e
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from tessera.data import SampleStats, SourceConfig, eval_batches, parse_sources, to_device
 from tessera.models import MultiTowerModel
 
-from . import common
+from . import commands, common
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -345,21 +346,8 @@ def _plot_curves(curves: dict[str, list[float]], chance: dict[str, float], path:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m tessera.eval.retrieval", __doc__)
-    parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
-    parser.add_argument(
-        "--query",
-        help="query modality; default (with --target unset): every pair the model was trained on, both directions",
-    )
-    parser.add_argument("--target", help="target modality")
-    parser.add_argument(
-        "--out",
-        help="write the result JSON here (and its plot and markdown beside it); a directory: under CLIP_benchmark's "
-        "file name, {dataset}_{pretrained}_{model}_{language}_{task}.json",
-    )
-    args = parser.parse_args(argv)
-
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`tessera eval retrieval` with its command line read (`tessera.eval.commands`)."""
     if (args.query is None) != (args.target is None):
         parser.error("give both --query and --target, or neither (every pair the model was trained on)")
     model, device = common.load(args)
@@ -391,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_report(doc, common.output_path(args.out, doc)):
             print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commands.main("retrieval", argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ The classifier is open_clip's: per class, the mean of its L2-normalised template
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from tessera.data.label import collate_labels, keep
 from tessera.data.shards import benchmark_root
 from tessera.models import MultiTowerModel
 
-from . import common
+from . import commands, common
 
 
 class ClassesError(UserError, ValueError):
@@ -249,25 +250,8 @@ def plot_confusion(confusion: list[list[int]], classnames: list[str], path: Path
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("python -m tessera.eval.zeroshot", __doc__)
-    parser.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) with `cls` labels")
-    parser.add_argument(
-        "--modality", help="the modality to classify; default: the model's first tower that does not encode the prompts"
-    )
-    parser.add_argument(
-        "--classes",
-        type=Path,
-        help="classes.json: classnames and templates, or a CLIP_benchmark dataset root (classnames.txt and "
-        "zeroshot_classification_templates.txt); default: the root of --data when it is a CLIP_benchmark dataset",
-    )
-    parser.add_argument(
-        "--out",
-        help="write the result JSON here (and the confusion matrix beside it); a directory: under CLIP_benchmark's "
-        "file name, {dataset}_{pretrained}_{model}_{language}_{task}.json",
-    )
-    args = parser.parse_args(argv)
-
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`tessera eval zeroshot` with its command line read (`tessera.eval.commands`)."""
     if args.classes is None:
         roots = [benchmark_root(d) for d in args.data]
         if len(roots) != 1 or roots[0] is None:
@@ -305,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_confusion(result["confusion"], classnames, png)
         print(f"wrote {out} and {png}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commands.main("zeroshot", argv)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tessera.config import ConfigError
 
-from .export import check_out_dir, is_tessera_export, save_model, write_format
-from .open_clip_io import from_open_clip
-
 FORMATS = ("open_clip", "hf")
+# The modules that do the work (torch, open_clip, transformers) are imported once the command line has been read:
+# `--help` and a mistyped flag answer at once.
+EXPORT = f"{__package__}.export"
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -49,7 +49,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def _export(args) -> None:
-    out, notes = write_format(Path(args.model), args.format, Path(args.out) if args.out else None)
+    export = importlib.import_module(EXPORT)
+    out, notes = export.write_format(Path(args.model), args.format, Path(args.out) if args.out else None)
     print(f"{args.format} model: {out}")
     for note in notes:
         print(f"note: {note}")
@@ -74,16 +75,17 @@ def import_main(argv: list[str] | None = None) -> int:
 
 
 def _import(args) -> None:
+    if args.format == "hf" and args.model:
+        raise ConfigError("--model names an open_clip config; a transformers directory carries its own")
+    export = importlib.import_module(EXPORT)
     source = Path(str(args.source).removeprefix("local-dir:"))
-    check_out_dir(Path(args.out), is_tessera_export, "a Tessera export", source)
+    export.check_out_dir(Path(args.out), export.is_tessera_export, "a Tessera export", source)
     if args.format == "open_clip":
-        model = from_open_clip(args.source, args.model)
-    else:
-        if args.model:
-            raise ConfigError("--model names an open_clip config; a transformers directory carries its own")
-        # transformers is imported only for this format (it takes seconds)
+        model = importlib.import_module(f"{__package__}.open_clip_io").from_open_clip(args.source, args.model)
+    else:  # transformers is imported only for this format (it takes seconds)
         model = importlib.import_module(f"{__package__}.hf_clip_io").from_hf(args.source)
-    out = save_model(model, args.out, metadata={"imported_from": {"format": args.format, "source": args.source}})
+    meta = {"imported_from": {"format": args.format, "source": args.source}}
+    out = export.save_model(model, args.out, metadata=meta)
     scales = {k: round(float(v.detach().exp()), 3) for k, v in model.logit_scales.items()}
     print(f"Tessera model: {out} (logit scale {scales})")
 

@@ -47,6 +47,10 @@ class ConfigError(UserError, ValueError):
     """A configuration value or key is wrong; the message names the key and what to do."""
 
 
+class MissingExtra(UserError, ImportError):
+    """A module needs an optional extra that is not installed; the message says how to install it."""
+
+
 def closest(key: str, options: typing.Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest option, or '' when nothing is close."""
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)

@@ -6,6 +6,7 @@ tessera make-shards --manifest samples.jsonl --out shards/
 tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
 tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
 tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
+tessera eval mteb --model runs/demo/model --data "val-000000.tar" --classes classes.json    (the mteb extra)
 tessera demo-data --out runs/demo/data
 tessera export --format open_clip runs/demo/model     (or --format hf)
 tessera import open_clip DIR_OR_CHECKPOINT [--model ViT-B-32] --out base/model     (or: import hf DIR)
@@ -26,11 +27,7 @@ COMMANDS = {
     "export": "tessera.models.interop:export_main",
     "import": "tessera.models.interop:import_main",
 }
-EVAL = {
-    "retrieval": "tessera.eval.retrieval",
-    "zeroshot": "tessera.eval.zeroshot",
-    "linear-probe": "tessera.eval.linear_probe",
-}
+EVAL = ("retrieval", "zeroshot", "linear-probe", "mteb")  # tessera.eval.commands reads their command lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) < 2 or argv[1] not in EVAL:
             print(f"usage: tessera eval {{{','.join(EVAL)}}} [options]", file=sys.stderr)
             return 2
-        return importlib.import_module(EVAL[argv[1]]).main(argv[2:]) or 0
+        return importlib.import_module("tessera.eval.commands").main(argv[1], argv[2:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__.strip(), file=sys.stdout if asked else sys.stderr)
