@@ -7,4 +7,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 ruff check .
 ruff format --check .
-exec python -m pytest "${@:--q}"
+exec python -m pytest -n auto --dist loadfile "${@:--q}"

@@ -21,6 +21,29 @@ from tessera.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (`scripts/test.sh` runs `-n auto`), each worker gets its share of the cores: torch's
+    OpenMP threads in two workers (and in the runs they start) would otherwise spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with the most slow and multi-process tests first, each file's tests together and in their order:
+    workers taking whole files (`--dist loadfile`) then end together, with no long file started last."""
+    weight: dict[str, int] = {}
+    for item in items:
+        slow = any(item.get_closest_marker(m) for m in ("slow", "multiproc"))
+        weight[item.path] = weight.get(item.path, 0) + (20 if slow else 1)
+    order = {item: i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-weight[item.path], order[item]))
+
+
 # A CLIP small enough to train a step in well under a second on one CPU core.
 TINY_MODEL = {
     "embed_dim": 32,
