@@ -22,11 +22,21 @@ CLIP_BENCHMARK_OUT = (
 
 
 def module_doc(module: str) -> str | None:
-    """A module's docstring, read from its source file without running it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+    """A module's docstring, read from its source without running it; None where the source cannot be read (an
+    install without .py files): the command then has no description, and works."""
+    try:
+        source = importlib.util.find_spec(module).loader.get_source(module)
+        return ast.get_docstring(ast.parse(source), clean=False) if source else None
+    except (AttributeError, ImportError, OSError, SyntaxError, UnicodeDecodeError):
         return None
-    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")), clean=False)
+
+
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (--weight-decays 1e-6,1e-4)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +89,12 @@ def linear_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--modality", help="the modality to probe; default: the model's first tower that does not encode class prompts"
     )
-    p.add_argument("--weight-decays", default=",".join(str(w) for w in WEIGHT_DECAYS))
+    p.add_argument(
+        "--weight-decays",
+        type=_floats,
+        default=",".join(str(w) for w in WEIGHT_DECAYS),  # argparse parses a str default with `type`
+        help="L2 penalties to pick from, comma-separated (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path)
 
 
@@ -100,14 +115,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
 }
 
 
-def main(name: str, argv: list[str] | None = None) -> int:
-    """Read `tessera eval NAME`'s command line, then import the module that runs it and run it."""
+def parse(name: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """`tessera eval NAME`'s command line read: (its arguments, the parser that reports errors in them)."""
     add_args, module = COMMANDS[name]
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}", description=module_doc(module), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv), parser
+
+
+def main(name: str, argv: list[str] | None = None) -> int:
+    """Read `tessera eval NAME`'s command line, then import the module that runs it and run it."""
+    args, parser = parse(name, argv)
+    module = COMMANDS[name][1]
     try:
         runner = importlib.import_module(module)
     except MissingExtra as exc:  # `tessera eval mteb` without the mteb extra

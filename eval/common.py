@@ -1,4 +1,5 @@
-"""What the evaluation entry points share: their common arguments and loading the model to evaluate."""
+"""What the evaluation entry points share: loading the model to evaluate (with its adapter), eval mode, outputs
+named as CLIP_benchmark names them. Their command lines are in `tessera.eval.commands`."""
 
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ from tessera.data import SampleStats, parse_sources
 from . import commands, common
 from .zeroshot import classification_metrics, embed_labelled
 
+WEIGHT_DECAYS = commands.WEIGHT_DECAYS  # the penalties a probe picks from by default (its command line's too)
+
 
 def fit_logistic(
     x_ND: torch.Tensor, y_N: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 200
@@ -56,7 +58,7 @@ def linear_probe(
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    weight_decays=commands.WEIGHT_DECAYS,
+    weight_decays=WEIGHT_DECAYS,
     seed: int = 0,
 ) -> dict[str, Any]:
     n_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
             for spec, name in ((args.train, "--train"), (args.test, "--test"))
         ]
-        result = linear_probe(*splits[0], *splits[1], [float(w) for w in args.weight_decays.split(",")])
+        result = linear_probe(*splits[0], *splits[1], args.weight_decays)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     doc = {
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return commands.main("linear-probe", argv)
+    return run(*commands.parse("linear-probe", argv))
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return commands.main("mteb", argv)
+    return run(*commands.parse("mteb", argv))
 
 
 if __name__ == "__main__":

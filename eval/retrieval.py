@@ -382,7 +382,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return commands.main("retrieval", argv)
+    return run(*commands.parse("retrieval", argv))
 
 
 if __name__ == "__main__":

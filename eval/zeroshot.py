@@ -292,7 +292,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return commands.main("zeroshot", argv)
+    return run(*commands.parse("zeroshot", argv))
 
 
 if __name__ == "__main__":

@@ -7,4 +7,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 ruff check .
 ruff format --check .
-exec python -m pytest -n auto --dist loadfile "${@:--q}"
+# One worker per core (PYTEST_XDIST_AUTO_NUM_WORKERS=N sets how many; pass -n0 for one process, as --pdb needs),
+# whole test files to a worker, in the order tests/conftest.py gives them (the slowest files first).
+exec python -m pytest -n auto --dist loadfile --no-loadscope-reorder "${@:--q}"

@@ -29,6 +29,7 @@ __all__ = [
     "field_names",
     "require",
     "UserError",
+    "MissingExtra",
     "from_fields",
 ]
 

@@ -168,3 +168,15 @@ def test_mteb_evaluates_our_model_on_a_local_task_with_our_embeddings(tmp_path, 
     batch = {"audio": [{"array": wave, "sampling_rate": 16000}]}
     encoded = TesseraEncoder(joint).encode([batch], task_metadata=None, hf_split="test", hf_subset="default")
     assert torch.allclose(torch.as_tensor(encoded), joint.embed(sounds=[(torch.as_tensor(wave), 16000)]), atol=1e-6)
+
+
+def test_tessera_eval_mteb_without_the_extra_says_how_to_install_it(tmp_path):
+    script = """
+import sys
+sys.modules["mteb"] = None  # as if the mteb extra were not installed
+from tessera.train.cli import main
+sys.exit(main(["eval", "mteb", "--model", "m", "--data", "d.tar"]))
+"""
+    proc = run_cli([PY, "-c", script])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pip install -e '.[mteb]'" in proc.stderr and "Traceback" not in proc.stderr

@@ -174,7 +174,7 @@ def test_help_lists_every_documented_key():
         ("eval retrieval", "CLIP_benchmark's convention"),  # the runner's docstring, read from its source
         ("eval zeroshot", "--classes"),
         ("eval linear-probe", "--weight-decays"),
-        ("eval mteb", "mteb"),
+        ("eval mteb", "ZeroShotClassification"),
     ],
 )
 def test_help_answers_without_importing_torch(command, shown):
