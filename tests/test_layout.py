@@ -55,6 +55,12 @@ PACKAGES = {
     "tessera.train": ROOT / "train",
     "tessera.eval": ROOT / "eval",
 }
+# what each layer may not import, at module level or when used
+LAYERS = {
+    "tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
+    "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
+    "tessera.eval": ("tessera.train",),
+}
 # function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
 OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
 
@@ -141,13 +147,8 @@ def test_the_import_graph_is_layered_and_acyclic():
         name: {m for m, _ in _imports(name, path, nested=False) if m in modules and m != name}
         for name, path in modules.items()
     }
-    layers = {
-        "tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
-        "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
-        "tessera.eval": ("tessera.train",),
-    }
     for name, deps in graph.items():
-        for layer, forbidden in layers.items():
+        for layer, forbidden in LAYERS.items():
             if name == layer or name.startswith(layer + "."):
                 bad = sorted(d for d in deps if d.startswith(forbidden))
                 assert not bad, f"{name} imports {bad}"
@@ -160,6 +161,31 @@ def test_the_import_graph_is_layered_and_acyclic():
         assert leaves, f"import cycle among {sorted(left)}"
         for m in leaves:
             del left[m]
+
+
+def test_modules_imported_when_used_keep_the_layers():
+    """A string naming a Tessera module ("tessera.eval.commands", "tessera.data.image:ImageDecoder") is what a module
+    imports when used (importlib, the modality registry): those imports obey the layers too."""
+    modules = _modules()
+    named = {
+        name: {
+            node.value.partition(":")[0]
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.partition(":")[0] in modules
+        }
+        for name, path in modules.items()
+    }
+    assert (
+        "tessera.eval.commands" in named["tessera.train.cli"]
+        and "tessera.train.loop" in named["tessera.train.pretrain"]
+    )
+    for name, deps in named.items():
+        for layer, forbidden in LAYERS.items():
+            if name == layer or name.startswith(layer + "."):
+                bad = sorted(d for d in deps if d.startswith(forbidden))
+                assert not bad, f"{name} imports {bad} when used"
 
 
 def test_no_function_local_imports_but_optional_extras():
