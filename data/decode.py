@@ -9,6 +9,7 @@ Nothing is ever unpickled: pickle-bearing members are never read (see `REJECTED_
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import random
@@ -21,9 +22,10 @@ from tessera import modalities
 REJECTED_SUFFIXES = frozenset({"pyd", "pth", "pt", "pkl", "pickle"})
 
 
+@functools.cache
 def torch_module():
     """torch, imported when a decoder makes its first tensor: what the decoders declare (suffixes, manifest fields,
-    `tessera make-shards --help`) is read without it."""
+    `tessera make-shards --help`) is read without it. Cached: the loader calls it for every sample."""
     return importlib.import_module("torch")
 
 
