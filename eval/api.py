@@ -35,10 +35,11 @@ from .common import default_classified, eval_mode
 from .zeroshot import ClassesError, build_classifier, prompt_modality, template_forms, templates_for
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
+def load(path: str | Path, device: str | torch.device | None = None, truncate_dim: int | None = None) -> Model:
     """The model in `path`: a Tessera export (or a run directory holding one in model/), an open_clip model
     directory (`open_clip_config.json`, `local-dir:` prefix allowed) or a transformers CLIPModel or SiglipModel
-    directory."""
+    directory. `truncate_dim`: embed with the first N features only, renormalised (a model trained with
+    loss.matryoshka keeps its quality at the widths it was trained at)."""
     p = Path(str(path).removeprefix("local-dir:"))
     if not is_tessera_export(p) and is_tessera_export(p / "model"):
         p = p / "model"  # a run directory (its own config.yaml is the run's config)
@@ -53,6 +54,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
             f"'{path}' is not a model directory: no config.yaml (Tessera), open_clip_config.json (open_clip) or "
             "config.json (transformers)"
         )
+    if truncate_dim is not None:
+        module.truncate(truncate_dim)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Model(module.to(device).eval(), device)
 
@@ -123,8 +126,7 @@ class Model:
                         [self._transforms[m](self._prepare(m, x)) for x in items[i : i + batch_size]]
                     )
                     chunks.append(self.module.encode(m, to_device(batch, self.device)).float().cpu())
-            dim = self.module.cfg.embed_dim
-            out[keyword] = torch.cat(chunks) if chunks else torch.empty(0, dim)
+            out[keyword] = torch.cat(chunks) if chunks else torch.empty(0, self.module.output_dim)
         return next(iter(out.values())) if len(out) == 1 else out
 
     def similarity(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None, **inputs) -> torch.Tensor:

@@ -40,7 +40,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --batch-size, --workers and --adapter: what every command that embeds shards with an export takes."""
+    """--model, --batch-size, --workers, --adapter and --truncate-dim: what every command that embeds shards with an
+    export takes."""
     p.add_argument("--model", required=True, help="exported model directory (RUN_DIR/model)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="loader workers")
@@ -49,6 +50,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="an adapter directory to apply to the model: LoRA (peft's "
         "adapter_config.json + adapter_model.safetensors; merged in) or prompts (prompt_config.json)",
+    )
+    p.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        help="evaluate the first N features of the embedding, renormalised (a model trained with loss.matryoshka, "
+        "at one of its widths)",
     )
 
 

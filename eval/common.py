@@ -27,13 +27,16 @@ def figure(**kwargs):
 
 
 def load(args: argparse.Namespace):
-    """(model, device): the exported model (with --adapter merged into it) on the GPU when there is one."""
+    """(model, device): the exported model (with --adapter merged into it, serving --truncate-dim features) on the
+    GPU when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = load_model(args.model, device=device)
         if getattr(args, "adapter", None):
             # prompt vectors are made on the CPU: the adapted model goes to the device as a whole
             model = merge_adapter(load_adapter(model, args.adapter)).to(device).eval()
+        if getattr(args, "truncate_dim", None) is not None:
+            model.truncate(args.truncate_dim)
     except ConfigError as exc:  # a bad model or adapter directory: say which, exit 2 like argparse
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None

@@ -66,7 +66,7 @@ class TesseraEncoder(AbsEncoder):
             n_parameters=sum(p.numel() for p in model.module.parameters()),
             memory_usage_mb=None,
             max_tokens=None,
-            embed_dim=model.module.cfg.embed_dim,
+            embed_dim=model.module.output_dim,
             license=None,
             open_weights=True,
             public_training_code=None,

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from tessera.data import SampleStats, SourceConfig, eval_batches, parse_sources, to_device
-from tessera.models import MultiTowerModel
+from tessera.models import MultiTowerModel, truncate_embeddings
 
 from . import commands, common
 
@@ -259,11 +259,15 @@ def evaluate_pairs(
     num_workers: int = 0,
     progress: bool = False,
     skip_missing: bool = False,
+    widths: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Retrieval metrics, chance levels, diagnostics and R@K curves for each pair, and the eval data's counts. With
     `skip_missing`, a pair no sample carries is left out (listed under `skipped`) instead of an error; at least one
-    pair must have samples."""
+    pair must have samples. `widths`: also the metrics of the embeddings' first `w` features, renormalised, for each
+    w (a Matryoshka model's prefixes; from the same embeddings), under `widths`."""
     result: dict[str, Any] = {"metrics": {}, "chance": {}, "diagnostics": {}, "curves": {}, "n": {}, "rows": {}}
+    if widths:
+        result["widths"] = {str(w): {} for w in widths}
     stats = SampleStats()
     skipped = []
     for a, b in pairs:
@@ -276,6 +280,9 @@ def evaluate_pairs(
             skipped.append(f"{a}-{b}")
             continue
         metrics, chance, curves = retrieval_metrics(emb, a, b)
+        for w in widths:
+            prefix = Embedded({m: truncate_embeddings(f, w) for m, f in emb.features.items()}, emb.owner, emb.n)
+            result["widths"][str(w)].update(retrieval_metrics(prefix, a, b)[0])
         result["metrics"].update(metrics)
         result["chance"].update(chance)
         result["curves"].update(curves)
@@ -293,11 +300,13 @@ def evaluate_pairs(
 def summary_table(result: dict[str, Any], ks=KS) -> str:
     lines = [f"{'direction':<22}" + "".join(f"{'R@' + str(k):>9}" for k in ks) + f"{'mAP@10':>9}{'chance R@1':>12}"]
     directions = sorted({k.rsplit("_R@", 1)[0] for k in result["metrics"] if "_R@" in k})
-    for d in directions:
-        row = "".join(f"{100 * result['metrics'][f'{d}_R@{k}']:>8.1f}%" for k in ks)
-        lines.append(
-            f"{d:<22}{row}{100 * result['metrics'][f'{d}_mAP@10']:>8.1f}%{100 * result['chance'][f'{d}_R@1']:>11.2f}%"
-        )
+    # the full width, then each Matryoshka prefix evaluated (`widths`)
+    tables = [("", result["metrics"])] + [(f" @{w}", m) for w, m in result.get("widths", {}).items()]
+    for suffix, metrics in tables:
+        for d in (d for d in directions if f"{d}_mAP@10" in metrics):
+            row = "".join(f"{100 * metrics[f'{d}_R@{k}']:>8.1f}%" for k in ks)
+            chance = 100 * result["chance"][f"{d}_R@1"]
+            lines.append(f"{d + suffix:<22}{row}{100 * metrics[f'{d}_mAP@10']:>8.1f}%{chance:>11.2f}%")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from tessera.config import UserError
 from tessera.data import LABEL, SampleStats, SourceConfig, eval_batches, parse_sources, to_device
 from tessera.data.label import collate_labels, keep
 from tessera.data.shards import benchmark_root
-from tessera.models import MultiTowerModel
+from tessera.models import MultiTowerModel, truncate_embeddings
 
 from . import commands, common
 
@@ -213,17 +214,29 @@ def evaluate_zeroshot(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    widths: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Metrics, chance levels and the confusion matrix of classifying `modality` by class prompts (`templates`, or
-    the modality's default template when None)."""
+    the modality's default template when None). `widths`: also the metrics of the model truncated to each width w
+    (a Matryoshka model's prefixes: the samples are embedded once), under `widths`."""
     stats = SampleStats()
-    weights_DC = build_classifier(model, classnames, templates_for(modality, templates), device)
+    templates = templates_for(modality, templates)
+    weights_DC = build_classifier(model, classnames, templates, device)
     feats_ND, labels_N = embed_labelled(model, sources, modality, batch_size, device, dtype, num_workers, stats)
     logits = feats_ND @ weights_DC
     metrics = classification_metrics(logits, labels_N)
+    by_width = {}
+    served = model.cfg.truncate_dim
+    try:
+        for w in widths:  # class prompts are few: each width builds its own classifier, as the truncated model would
+            weights_wC = build_classifier(model.truncate(w), classnames, templates, device)
+            by_width[str(w)] = classification_metrics(truncate_embeddings(feats_ND, w) @ weights_wC, labels_N)
+    finally:
+        model.truncate(served)
     C = len(classnames)
     chance = {"acc1": 1 / C, "acc5": min(5, C) / C, "mean_per_class_recall": 1 / C}
     return {
+        **({"widths": by_width} if widths else {}),
         "metrics": metrics,
         "chance": chance,
         "n": len(labels_N),

@@ -106,6 +106,13 @@ class ModelConfig:
         default=None,
         metadata={"help": "explicit modality pairs the loss aligns, each with its own temperature; overrides pairing"},
     )
+    truncate_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve the first N features of the embedding, renormalised: a Matryoshka-trained model "
+            "(loss.matryoshka) at a smaller width; null: all embed_dim"
+        },
+    )
     init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
     init_logit_bias: float | None = field(
@@ -118,6 +125,10 @@ class ModelConfig:
 
     def __post_init__(self):
         require(self.embed_dim > 0, f"model.embed_dim must be positive, got {self.embed_dim}")
+        require(
+            self.truncate_dim is None or 0 < self.truncate_dim <= self.embed_dim,
+            f"model.truncate_dim must be in [1, embed_dim={self.embed_dim}], got {self.truncate_dim}",
+        )
         require(len(self.towers) >= 1, "model.towers is empty: add e.g. image: {encoder: open_clip_image}")
         for name, tower in self.towers.items():
             require(

@@ -93,14 +93,38 @@ def is_tessera_export(path: Path) -> bool:
     return isinstance(doc, dict) and doc.get("format") == FORMAT
 
 
-def write_format(model_dir: Path, fmt: str, out_dir: Path | None = None) -> tuple[Path, list[str]]:
-    """Write the export `model_dir` in another tool's format (default `model_dir/<fmt>`), atomically. Returns the
-    directory and notes on what that format leaves out; NotRepresentable says why the model has no such form."""
+def write_format(
+    model_dir: Path, fmt: str, out_dir: Path | None = None, truncate_dim: int | None = None
+) -> tuple[Path, list[str]]:
+    """Write the export `model_dir` in another tool's format (default `model_dir/<fmt>`), atomically, serving the
+    first `truncate_dim` features of the embedding where given. Returns the directory and notes on what that format
+    leaves out; NotRepresentable says why the model has no such form. Format "tessera": a Tessera export (with
+    its default formats beside it), e.g. a Matryoshka model served at a smaller width."""
+    if fmt == "tessera":
+        return export_truncated(model_dir, out_dir, truncate_dim), []
     writers = {"open_clip": "open_clip_io:export_open_clip", "hf": "hf_clip_io:export_hf"}  # imported when used
     if fmt not in writers:
-        raise ConfigError(f"unknown export format '{fmt}'; one of {sorted(writers)}")
+        raise ConfigError(f"unknown export format '{fmt}'; one of {sorted(writers) + ['tessera']}")
     module, func = writers[fmt].split(":")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), func)(model_dir, out_dir)
+    return getattr(importlib.import_module(f"{__package__}.{module}"), func)(model_dir, out_dir, truncate_dim)
+
+
+def load_truncated(model_dir: Path, truncate_dim: int | None) -> MultiTowerModel:
+    """The export in `model_dir`, serving `truncate_dim` features where given (else as exported)."""
+    model = load_model(model_dir)
+    return model.truncate(truncate_dim) if truncate_dim is not None else model
+
+
+def export_truncated(model_dir: Path, out_dir: Path | None, truncate_dim: int | None) -> Path:
+    """A copy of the export `model_dir` in `out_dir` that serves `truncate_dim` features (its weights are the same:
+    the config says how many features to keep)."""
+    if out_dir is None:
+        raise ConfigError("--format tessera writes a new Tessera export: give it --out")
+    model_dir = Path(model_dir)
+    check_out_dir(Path(out_dir), is_tessera_export, "a Tessera export", model_dir)
+    metadata = (yaml.safe_load((model_dir / "config.yaml").read_text()) or {}).get("metadata") or {}
+    metadata = {**metadata, "truncated_from": str(model_dir)} if truncate_dim is not None else metadata
+    return save_model(load_truncated(model_dir, truncate_dim), out_dir, metadata=metadata)
 
 
 def _write_formats(tmp: Path, out_dir: Path, formats: tuple[str, ...]) -> None:

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPM
 from tessera.config import ConfigError
 from tessera.durable import staged_dir
 
-from .export import NotRepresentable, check_out_dir, load_model
+from .export import NotRepresentable, check_out_dir, load_truncated
 from .multitower import MultiTowerModel
 from .open_clip_common import quick_gelu
 from .open_clip_io import build_from_open_clip, clip_pair, largest_difference, to_open_clip
@@ -133,7 +133,7 @@ def hf_config(model: MultiTowerModel, logit_scale: float):
             "image_size": vision.image_size,
             "patch_size": vision.patch_size,
             "hidden_act": act,
-            "projection_dim": model.cfg.embed_dim,
+            "projection_dim": model.output_dim,
         },
         text_config={
             "vocab_size": txt.vocab_size,
@@ -143,12 +143,12 @@ def hf_config(model: MultiTowerModel, logit_scale: float):
             "num_attention_heads": txt.heads,
             "max_position_embeddings": txt.context_length,
             "hidden_act": act,
-            "projection_dim": model.cfg.embed_dim,
+            "projection_dim": model.output_dim,
             "bos_token_id": SOT,
             "eos_token_id": EOT,
             "pad_token_id": EOT,
         },
-        projection_dim=model.cfg.embed_dim,
+        projection_dim=model.output_dim,
         logit_scale_init_value=logit_scale,
     )
 
@@ -261,14 +261,17 @@ def check_hf_embeddings(ours: MultiTowerModel, hf, tokens: torch.Tensor) -> floa
     return largest_difference(pairs, "transformers")
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[str]]:
+def export_hf(
+    model_dir: str | Path, out_dir: str | Path | None = None, truncate_dim: int | None = None
+) -> tuple[Path, list[str]]:
     """Write the Tessera export `model_dir` as a transformers CLIPModel directory (default `model_dir/hf`) with
-    CLIPProcessor files, atomically, checked against our embeddings. Returns (directory, notes)."""
+    CLIPProcessor files, atomically, checked against our embeddings (the first `truncate_dim` features where given:
+    projection_dim is then that width). Returns (directory, notes)."""
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
     check_out_dir(out_dir, _is_hf_clip_dir, "a transformers CLIP directory", model_dir)
-    ours = load_model(model_dir)
+    ours = load_truncated(model_dir, truncate_dim)
     _, clip_state, notes = to_open_clip(ours, ours.state_dict())
     config = hf_config(ours, float(clip_state["logit_scale"]))
     image, text = clip_pair(ours)

@@ -3,6 +3,7 @@ Tessera exports. Paths only: nothing is downloaded.
 
 tessera export --format open_clip runs/demo/model            # -> runs/demo/model/open_clip
 tessera export --format hf runs/vit/model --out hf-model      # transformers CLIPModel directory
+tessera export --format open_clip runs/mrl/model --truncate-dim 128 --out oc-128   # a Matryoshka model, 128 wide
 tessera import open_clip ~/ViT-B-32-dir --out base/model      # an open_clip model directory (local-dir: layout)
 tessera import open_clip epoch_32.pt --model ViT-B-32 --out base/model   # open_clip_train checkpoint or state dict
 tessera import hf ~/clip-vit-base-patch32 --out base/model    # a transformers CLIPModel directory
@@ -40,17 +41,27 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--format",
         required=True,
-        choices=FORMATS,
-        help="open_clip: open_clip_config.json + weights; hf: a transformers CLIPModel directory (save_pretrained)",
+        choices=(*FORMATS, "tessera"),
+        help="open_clip: open_clip_config.json + weights; hf: a transformers CLIPModel directory (save_pretrained); "
+        "tessera: a Tessera export (with --truncate-dim: one that serves fewer features)",
     )
     p.add_argument("--out", default=None, help="output directory (default: MODEL/<format>)")
+    p.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        help="serve the first N features of the embedding, renormalised (a model trained with loss.matryoshka keeps "
+        "its quality at the widths it was trained at); with --format tessera, a Tessera export that does",
+    )
     args = p.parse_args(argv)
     return _run(lambda: _export(args))
 
 
 def _export(args) -> None:
     export = importlib.import_module(EXPORT)
-    out, notes = export.write_format(Path(args.model), args.format, Path(args.out) if args.out else None)
+    out, notes = export.write_format(
+        Path(args.model), args.format, Path(args.out) if args.out else None, args.truncate_dim
+    )
     print(f"{args.format} model: {out}")
     for note in notes:
         print(f"note: {note}")

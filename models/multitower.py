@@ -5,6 +5,7 @@ Shape legend: B batch, D shared embedding width, D_enc an encoder's own output w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ class Encoded:
     step that runs a locked tower once and its trainable head twice passes the tower's output back this way."""
 
     features: torch.Tensor  # (B, D_enc)
+
+
+def truncate_embeddings(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The first `width` features of each embedding, renormalised: what a model truncated to `width` returns (the
+    prefix of a normalised embedding renormalises to the prefix of the raw one)."""
+    return F.normalize(x[..., :width], dim=-1)
 
 
 class MultiTowerModel(nn.Module):
@@ -96,12 +103,25 @@ class MultiTowerModel(nn.Module):
     def pairs(self) -> list[tuple[str, str]]:
         return self.cfg.pair_list()
 
+    @property
+    def output_dim(self) -> int:
+        """The width of what `encode` returns: model.truncate_dim where set, else embed_dim."""
+        return self.cfg.truncate_dim or self.cfg.embed_dim
+
+    def truncate(self, width: int | None) -> MultiTowerModel:
+        """Serve the first `width` features of the embedding, renormalised (None: all of them); returns self. A
+        Matryoshka-trained model (loss.matryoshka) keeps its quality at the widths it was trained at."""
+        self.cfg = dataclasses.replace(self.cfg, truncate_dim=width)  # checked there
+        return self
+
     def encode(self, modality: str, inputs: Any, normalize: bool = True) -> torch.Tensor:
         dtype = self.autocast_dtype
         with torch.autocast(next(self.parameters()).device.type, dtype, enabled=dtype is not None):
             encoded = inputs.features if isinstance(inputs, Encoded) else self.towers[modality](inputs)
             z_BD = self.heads[modality](encoded)
-        return F.normalize(z_BD, dim=-1) if normalize else z_BD
+        if not normalize:
+            return z_BD[..., : self.output_dim]
+        return truncate_embeddings(z_BD, self.output_dim)
 
     def pair_name(self, a: str, b: str) -> str | None:
         """The name (`a__b` or `b__a`) under which the model aligns a and b, or None when it does not."""

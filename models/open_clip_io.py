@@ -28,7 +28,7 @@ from tessera.config import ConfigError, from_dict
 from tessera.durable import staged_dir
 
 from .config import ModelConfig
-from .export import NotRepresentable, check_out_dir, load_model
+from .export import NotRepresentable, check_out_dir, load_truncated
 from .multitower import MultiTowerModel
 from .open_clip_common import named_config, quick_gelu, read_clip_state
 from .open_clip_image import OpenClipImageEncoder
@@ -77,6 +77,10 @@ def head_matrix(head: nn.Module, state: dict[str, torch.Tensor], prefix: str, wh
     )
 
 
+def tower_state_dtype(tower_state: dict[str, torch.Tensor]) -> torch.dtype:
+    return next(v.dtype for v in tower_state.values() if v.is_floating_point())
+
+
 def fold_projection(tower_state: dict[str, torch.Tensor], W_DO: torch.Tensor, what: str) -> None:
     """Fold the head W_DO into the tower's final projection, in place: the tower then outputs D directly."""
     if "proj" in tower_state:  # open_clip ViT: x_W @ proj_WO
@@ -102,7 +106,7 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         raise NotRepresentable("the image and text towers differ in quick_gelu; an open_clip model has one setting")
     cfg: ModelConfig = model.cfg
     model_cfg: dict[str, Any] = {
-        "embed_dim": cfg.embed_dim,
+        "embed_dim": model.output_dim,
         "quick_gelu": quick_gelu(img_enc.cfg),
         "vision_cfg": img_enc.cfg.vision_cfg(),
         "text_cfg": txt_enc.cfg.text_cfg(),
@@ -119,6 +123,9 @@ def to_open_clip(model: MultiTowerModel, state: dict[str, torch.Tensor]) -> tupl
         prefix = f"towers.{m}.tower."
         tower_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         W_DO = head_matrix(model.heads[m], state, f"heads.{m}.", m)
+        if cfg.truncate_dim:  # the first rows of the head: the tower then outputs the served prefix itself
+            D = cfg.embed_dim
+            W_DO = (torch.eye(D, dtype=tower_state_dtype(tower_state)) if W_DO is None else W_DO)[: cfg.truncate_dim]
         if W_DO is not None:
             fold_projection(tower_state, W_DO, m)
         out.update({where + k: v for k, v in tower_state.items()})
@@ -193,13 +200,16 @@ def largest_difference(pairs, library: str) -> float:
     return worst
 
 
-def export_open_clip(model_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[str]]:
+def export_open_clip(
+    model_dir: str | Path, out_dir: str | Path | None = None, truncate_dim: int | None = None
+) -> tuple[Path, list[str]]:
     """Write the Tessera export `model_dir` as an open_clip model directory (default `model_dir/open_clip`),
-    atomically, and check that open_clip loads it to the same embeddings. Returns (directory, notes)."""
+    atomically, and check that open_clip loads it to the same embeddings (the first `truncate_dim` features where
+    given: open_clip's embed_dim is then that width). Returns (directory, notes)."""
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / SUBDIR
     check_out_dir(out_dir, lambda d: (d / CONFIG_FILE).is_file(), "an open_clip model directory", model_dir)
-    ours = load_model(model_dir)
+    ours = load_truncated(model_dir, truncate_dim)
     doc, state, notes = to_open_clip(ours, ours.state_dict())
     with staged_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")

@@ -127,14 +127,49 @@ class LossConfig:
         },
     )
 
+    matryoshka: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "prefix widths of the embedding to train as well, e.g. [64, 128, 256] (the full width is always "
+            "one): the loss is the weighted sum of the loss at each prefix, every prefix renormalised, all of them "
+            "from the same logit tiles (about the cost of one)"
+        },
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "loss.matryoshka: one weight per prefix, the full width last; default: equal weights summing to "
+            "1 (the loss stays on the plain loss's scale)"
+        },
+    )
+
     def __post_init__(self):
         require(self.tile_size is None or self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
+        widths = self.matryoshka
+        require(
+            all(w > 0 for w in widths) and all(x < y for x, y in zip(widths, widths[1:])),
+            f"loss.matryoshka must list increasing positive widths, got {widths}",
+        )
+        if self.matryoshka_weights is not None:
+            require(widths, "loss.matryoshka_weights is set but loss.matryoshka lists no widths")
+            require(
+                all(w >= 0 for w in self.matryoshka_weights) and sum(self.matryoshka_weights) > 0,
+                f"loss.matryoshka_weights must be non-negative and not all zero, got {self.matryoshka_weights}",
+            )
         require(
             0.0 <= self.label_smoothing < 1.0, f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}"
         )
         if self.kind == "siglip":
             require(not self.dcl and not self.label_smoothing, "loss.dcl and loss.label_smoothing are InfoNCE options")
         require(not (self.dcl and self.label_smoothing), "loss.dcl and loss.label_smoothing: choose one")
+
+    def nested_widths(self, width: int) -> list[int]:
+        """The Matryoshka prefix widths ending at the full `width` ([width] alone without loss.matryoshka)."""
+        return [w for w in self.matryoshka if w != width] + [width]
+
+    def nested_weights(self, width: int) -> list[float]:
+        n = len(self.nested_widths(width))
+        return list(self.matryoshka_weights) if self.matryoshka_weights is not None else [1.0 / n] * n
 
 
 @dataclass
@@ -230,6 +265,17 @@ class PretrainConfig:
                     m in towers and language is not None,
                     f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
                 )
+        width = self.model.embed_dim
+        nested = self.loss.nested_widths(width)
+        require(
+            all(w <= width for w in self.loss.matryoshka),
+            f"loss.matryoshka widths must not exceed model.embed_dim ({width}), got {self.loss.matryoshka}",
+        )
+        require(
+            self.loss.matryoshka_weights is None or len(self.loss.matryoshka_weights) == len(nested),
+            f"loss.matryoshka_weights needs one weight per width, the full {width} included: {len(nested)} of them "
+            f"for {nested}, got {self.loss.matryoshka_weights}",
+        )
         has_bias = self.model.init_logit_bias is not None
         require(
             has_bias or self.loss.kind != "siglip",

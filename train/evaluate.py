@@ -55,7 +55,11 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
         log.info("step %d: evaluating retrieval on %s", step, ", ".join(map(str, cfg.data.val)))
     # a pair or a modality the held-out data does not carry is left out with a warning: the run has trained and
     # exported by now, and the rest of the evaluation still reports
-    result = evaluate_pairs(model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype, skip_missing=True)
+    # a Matryoshka model is evaluated at every prefix it trains, from the same embeddings
+    widths = cfg.loss.nested_widths(cfg.model.embed_dim)[:-1] if cfg.loss.matryoshka else []
+    result = evaluate_pairs(
+        model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype, skip_missing=True, widths=widths
+    )
     # pairs evaluated that the loss never aligned: their retrieval is emergent, through the shared space
     result["emergent"] = [
         f"{a}-{b}" for a, b in pairs if (a, b) not in trained and (b, a) not in trained and f"{a}-{b}" in result["n"]
@@ -65,6 +69,7 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
         "chance": result["chance"],
         "diagnostics": result["diagnostics"],
         "n": result["n"],
+        **({"widths": result["widths"]} if widths else {}),
     }
     if cfg.eval.classes:
         classnames, templates = read_classes(cfg.eval.classes)
@@ -72,12 +77,12 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
         for m in cfg.eval.classify:
             try:
                 result["zeroshot"][m] = evaluate_zeroshot(
-                    model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype
+                    model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype, 0, widths
                 )
             except NoSamples as exc:
                 log.warning("zero-shot classification of %s left out: %s", m, exc)
         record["zeroshot"] = {
-            m: {"metrics": z["metrics"], "chance": z["chance"]} for m, z in result["zeroshot"].items()
+            m: {k: z[k] for k in ("metrics", "chance", "widths") if k in z} for m, z in result["zeroshot"].items()
         }
     logger.log(step, record, kind="eval")
     return result
@@ -137,6 +142,7 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
         print(
             f"zero-shot {m} classification ({z['classes']} classes, {z['n']} samples): "
             f"acc1 {z['metrics']['acc1']:.1%} (chance {z['chance']['acc1']:.1%}), "
-            f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})",
+            f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})"
+            + "".join(f"; @{w}: acc1 {x['acc1']:.1%}" for w, x in z.get("widths", {}).items()),
             flush=True,
         )

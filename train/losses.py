@@ -603,6 +603,22 @@ def _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals) -> torch.
     return local.reshape(())
 
 
+def check_inputs(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Check two (B, D) feature tensors and their (B,) integer labels; return the labels as int64 on a's device."""
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if labels is None:
+        return None
+    if labels.shape != (a.shape[0],) or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be ({a.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
+    return labels.to(device=a.device, dtype=torch.int64)
+
+
+def is_distributed(process_group) -> bool:
+    """Whether the loss spreads over more than one process (`process_group` None: the default group)."""
+    return dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
 def contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -627,17 +643,12 @@ def contrastive_loss(
     """
     opts = LossOptions(kind, dcl, float(label_smoothing))
     opts.check(logit_bias is not None, labels is not None)
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if labels is not None:
-        if labels.shape != (a.shape[0],) or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be ({a.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
-        labels = labels.to(device=a.device, dtype=torch.int64)
+    labels = check_inputs(a, b, labels)
     if tile_size is None:
         tile_size = default_tile(a.device)
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    distributed = dist.is_initialized() and dist.get_world_size(process_group) > 1
+    distributed = is_distributed(process_group)
     if impl == "full":
         if distributed:
             a, b = gather_with_grad(a, process_group), gather_with_grad(b, process_group)

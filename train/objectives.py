@@ -16,6 +16,7 @@ from tessera.models import pair_key
 
 from .config import LossConfig
 from .losses import contrastive_loss
+from .matryoshka import matryoshka_losses
 
 Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -50,11 +51,8 @@ class ContrastiveObjective:
             bias = out.get("logit_bias", {}).get(key)
             # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
             # GEMM outputs would round logits of up to 100 to 1 part in 256.
-            losses[f"loss/{a}-{b}"] = contrastive_loss(
-                features[a].float(),
-                features[b].float(),
-                scale.float(),
-                None if bias is None else bias.float(),
+            args = (features[a].float(), features[b].float(), scale.float(), None if bias is None else bias.float())
+            kw = dict(
                 kind=cfg.kind,
                 tile_size=cfg.tile_size,
                 process_group=self.group,
@@ -63,6 +61,14 @@ class ContrastiveObjective:
                 label_smoothing=cfg.label_smoothing,
                 impl=cfg.impl,
             )
+            if cfg.matryoshka:
+                width = args[0].shape[1]
+                widths, weights = cfg.nested_widths(width), cfg.nested_weights(width)
+                nested = matryoshka_losses(*args, dims=widths, **kw)
+                losses[f"loss/{a}-{b}"] = nested @ nested.new_tensor(weights)
+                report.update({f"loss/{a}-{b}@{w}": x for w, x in zip(widths, nested.detach())})
+            else:
+                losses[f"loss/{a}-{b}"] = contrastive_loss(*args, **kw)
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
             if bias is not None:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
