@@ -127,6 +127,20 @@ class LossConfig:
         },
     )
 
+    weights: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "per-pair loss weights by pair name, e.g. {audio-text: 0.5} (either order; default 1): the "
+            "total loss is the weighted sum of the pairs' losses, so a joint run can balance them"
+        },
+    )
+    temperature_range: dict[str, tuple[float, float]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "per-pair [floor, cap] on the temperature, e.g. {audio-text: [0.02, 0.2]}: the loss clamps the "
+            "pair's logit scale to [1/cap, 1/floor] (and model.max_logit_scale still caps every pair)"
+        },
+    )
     matryoshka: list[int] = field(
         default_factory=list,
         metadata={
@@ -145,6 +159,10 @@ class LossConfig:
 
     def __post_init__(self):
         require(self.tile_size is None or self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
+        for pair, w in self.weights.items():
+            require(w >= 0, f"loss.weights.{pair} must be >= 0, got {w}")
+        for pair, (floor, cap) in self.temperature_range.items():
+            require(0 < floor < cap, f"loss.temperature_range.{pair} needs 0 < floor < cap, got [{floor}, {cap}]")
         widths = self.matryoshka
         require(
             all(w > 0 for w in widths) and all(x < y for x, y in zip(widths, widths[1:])),
@@ -162,6 +180,11 @@ class LossConfig:
         if self.kind == "siglip":
             require(not self.dcl and not self.label_smoothing, "loss.dcl and loss.label_smoothing are InfoNCE options")
         require(not (self.dcl and self.label_smoothing), "loss.dcl and loss.label_smoothing: choose one")
+
+    def per_pair(self, option: str, a: str, b: str, default=None):
+        """The value `option` (weights, temperature_range) gives the pair a-b, named in either order."""
+        values = getattr(self, option)
+        return values.get(f"{a}-{b}", values.get(f"{b}-{a}", default))
 
     def nested_widths(self, width: int) -> list[int]:
         """The Matryoshka prefix widths ending at the full `width` ([width] alone without loss.matryoshka)."""
@@ -264,6 +287,14 @@ class PretrainConfig:
                 require(
                     m in towers and language is not None,
                     f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
+                )
+        names = [f"{a}-{b}" for a, b in self.model.pair_list()]
+        for option in ("weights", "temperature_range"):
+            for pair in getattr(self.loss, option):
+                a, _, b = pair.partition("-")
+                require(
+                    pair in names or f"{b}-{a}" in names,
+                    f"loss.{option}.{pair}: the model aligns no such pair; its pairs are {', '.join(names)}",
                 )
         width = self.model.embed_dim
         nested = self.loss.nested_widths(width)

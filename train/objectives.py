@@ -43,11 +43,16 @@ class ContrastiveObjective:
         losses: dict[str, torch.Tensor] = {}
         report: dict[str, torch.Tensor] = {}
         cfg = self.loss_cfg
+        present = []
         for a, b in self.pairs:
             if a not in features or b not in features:
                 continue
+            present.append((a, b))
             key = pair_key(a, b)
             scale = out["logit_scale"][key]
+            bounds = cfg.per_pair("temperature_range", a, b)
+            if bounds is not None:  # as the model's own max_logit_scale: a clamp in the forward pass
+                scale = scale.clamp(1.0 / bounds[1], 1.0 / bounds[0])
             bias = out.get("logit_bias", {}).get(key)
             # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
             # GEMM outputs would round logits of up to 100 to 1 part in 256.
@@ -74,7 +79,9 @@ class ContrastiveObjective:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
         if not losses:
             raise ValueError(f"batch with {sorted(features)} covers none of the pairs {self.pairs}")
-        losses["loss"] = torch.stack(list(losses.values())).sum()
+        losses["loss"] = torch.stack(
+            [cfg.per_pair("weights", *pair, 1.0) * losses[f"loss/{pair[0]}-{pair[1]}"] for pair in present]
+        ).sum()
         return losses, report
 
 
