@@ -73,8 +73,9 @@ class TowerConfig:
 DEFAULT_TOWERS = {m: {"encoder": f"open_clip_{m}", "model": "ViT-B-32"} for m in ("image", "text")}
 
 
-def pair_key(a: str, b: str) -> str:
-    return f"{a}__{b}"
+def pair_key(a: str, b: str, *more: str) -> str:
+    """The name of a pair's (or a tuple's) temperature: its modalities joined by `__`."""
+    return "__".join((a, b, *more))
 
 
 @dataclass
@@ -113,6 +114,13 @@ class ModelConfig:
             "(loss.matryoshka) at a smaller width; null: all embed_dim"
         },
     )
+    tuples: list[list[str]] = field(
+        default_factory=list,
+        metadata={
+            "help": "modality tuples of three or more that loss.higher_order scores jointly, each with a temperature "
+            "of its own, e.g. [[image, audio, text]]: the sources carrying all of a tuple's modalities add its loss"
+        },
+    )
     init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature (CLIP: 0.07)"})
     max_logit_scale: float = field(default=100.0, metadata={"help": "clamp on 1/temperature"})
     init_logit_bias: float | None = field(
@@ -140,6 +148,13 @@ class ModelConfig:
             for m in (a, b):
                 require(m in self.towers, f"model.pairs: '{m}' has no tower.{closest(m, self.towers)}")
             require(a != b, f"model.pairs: ({a}, {b}) pairs a modality with itself")
+        for group in self.tuples:
+            require(
+                len(group) >= 3 and len(set(group)) == len(group),
+                f"model.tuples: {group} is not three or more different modalities (pairs go in model.pairs)",
+            )
+            for m in group:
+                require(m in self.towers, f"model.tuples: '{m}' has no tower.{closest(m, self.towers)}")
         require(
             self.anchor is None or self.anchor in self.towers,
             f"model.anchor: '{self.anchor}' has no tower.{closest(str(self.anchor), self.towers)}",

@@ -57,7 +57,10 @@ class MultiTowerModel(nn.Module):
         # the clamp also holds when ZeRO-3 partitions the parameter. Shape (1,), not (): DeepSpeed's
         # broadcast of bf16 parameters cannot view a 0-d tensor as bytes.
         self.logit_scales = nn.ParameterDict(
-            {pair_key(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale)) for a, b in cfg.pair_list()}
+            {
+                pair_key(*group): nn.Parameter(torch.full((1,), cfg.init_logit_scale))
+                for group in (*cfg.pair_list(), *cfg.tuples)
+            }
         )
         self._max_log_scale = math.log(cfg.max_logit_scale)
         if cfg.init_logit_bias is not None:
@@ -127,8 +130,9 @@ class MultiTowerModel(nn.Module):
         """The name (`a__b` or `b__a`) under which the model aligns a and b, or None when it does not."""
         return next((k for k in (pair_key(a, b), pair_key(b, a)) if k in self.logit_scales), None)
 
-    def logit_scale(self, a: str, b: str) -> torch.Tensor:
-        return self.logit_scales[pair_key(a, b)].clamp(max=self._max_log_scale).exp().squeeze(0)
+    def logit_scale(self, a: str, b: str, *more: str) -> torch.Tensor:
+        """The multiplier of a pair's (or a model.tuples tuple's) logits, clamped at max_logit_scale."""
+        return self.logit_scales[pair_key(a, b, *more)].clamp(max=self._max_log_scale).exp().squeeze(0)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
         """Normalised embeddings of every modality present in `batch`, every pair's logit scale (and bias).
@@ -138,7 +142,7 @@ class MultiTowerModel(nn.Module):
         """
         out = {
             "features": {m: self.encode(m, batch[m]) for m in self.towers if m in batch},
-            "logit_scale": {pair_key(a, b): self.logit_scale(a, b) for a, b in self.pairs},
+            "logit_scale": {pair_key(*group): self.logit_scale(*group) for group in (*self.pairs, *self.cfg.tuples)},
         }
         if self.cfg.init_logit_bias is not None:
             out["logit_bias"] = {key: bias.squeeze(0) for key, bias in self.logit_biases.items()}

@@ -157,6 +157,7 @@ def test_two_nodes_with_node_local_disks_checkpoint_and_resume_each_from_its_own
         "train.log_every=1",
         "train.ckpt_every=2",
         "data.val=[]",
+        "train.export=false",
     ]
 
     def run(name, *extra, nodes=(0, 1)):

@@ -141,6 +141,14 @@ class LossConfig:
             "pair's logit scale to [1/cap, 1/floor] (and model.max_logit_scale still caps every pair)"
         },
     )
+    higher_order: Literal["none", "symile"] = field(
+        default="none",
+        metadata={
+            "help": "the loss of each model.tuples tuple, added for batches that carry all its modalities: symile "
+            "(the multilinear inner product, O(N) negatives, tiled); none"
+        },
+    )
+    higher_order_weight: float = field(default=1.0, metadata={"help": "weight of each tuple's loss in the total"})
     matryoshka: list[int] = field(
         default_factory=list,
         metadata={
@@ -163,6 +171,7 @@ class LossConfig:
             require(w >= 0, f"loss.weights.{pair} must be >= 0, got {w}")
         for pair, (floor, cap) in self.temperature_range.items():
             require(0 < floor < cap, f"loss.temperature_range.{pair} needs 0 < floor < cap, got [{floor}, {cap}]")
+        require(self.higher_order_weight >= 0, f"loss.higher_order_weight must be >= 0, got {self.higher_order_weight}")
         widths = self.matryoshka
         require(
             all(w > 0 for w in widths) and all(x < y for x, y in zip(widths, widths[1:])),
@@ -288,6 +297,21 @@ class PretrainConfig:
                     m in towers and language is not None,
                     f"eval.classes: classifying '{m}' by text prompts needs both towers (the model has {towers})",
                 )
+        require(
+            self.loss.higher_order == "none" or self.model.tuples,
+            f"loss.higher_order={self.loss.higher_order} scores the model's tuples: set model.tuples, e.g. "
+            "[[image, audio, text]]",
+        )
+        require(
+            self.loss.higher_order != "none" or not self.model.tuples or self.task != "pretrain",
+            f"model.tuples={self.model.tuples} but loss.higher_order=none: their temperatures would never train; "
+            "set loss.higher_order=symile",
+        )
+        require(
+            not (self.model.tuples and self.loss.matryoshka),
+            "loss.matryoshka applies to the pairs' losses; with model.tuples the prefixes would not cover the "
+            "higher-order loss: choose one",
+        )
         names = [f"{a}-{b}" for a, b in self.model.pair_list()]
         for option in ("weights", "temperature_range"):
             for pair in getattr(self.loss, option):

@@ -15,6 +15,7 @@ from tessera.data import LABEL
 from tessera.models import pair_key
 
 from .config import LossConfig
+from .higher_order import symile_loss
 from .losses import contrastive_loss
 from .matryoshka import matryoshka_losses
 
@@ -24,8 +25,11 @@ Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 class ContrastiveObjective:
     """Sum of the contrastive losses of every configured pair present in the batch."""
 
-    def __init__(self, pairs: list[tuple[str, str]], loss_cfg: LossConfig, process_group=None):
+    def __init__(
+        self, pairs: list[tuple[str, str]], loss_cfg: LossConfig, process_group=None, tuples: list[list[str]] = ()
+    ):
         self.pairs = pairs
+        self.tuples = [list(t) for t in tuples]
         self.loss_cfg = loss_cfg
         self.group = process_group
 
@@ -79,9 +83,17 @@ class ContrastiveObjective:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
         if not losses:
             raise ValueError(f"batch with {sorted(features)} covers none of the pairs {self.pairs}")
-        losses["loss"] = torch.stack(
-            [cfg.per_pair("weights", *pair, 1.0) * losses[f"loss/{pair[0]}-{pair[1]}"] for pair in present]
-        ).sum()
+        terms = [cfg.per_pair("weights", *pair, 1.0) * losses[f"loss/{pair[0]}-{pair[1]}"] for pair in present]
+        for group in self.tuples:  # a higher-order loss where the batch carries the whole tuple
+            if all(m in features for m in group):
+                scale = out["logit_scale"][pair_key(*group)]
+                name = "-".join(group)
+                losses[f"loss/{name}"] = symile_loss(
+                    [features[m].float() for m in group], scale.float(), cfg.tile_size, self.group
+                )
+                report[f"temperature/{name}"] = 1.0 / scale.detach()
+                terms.append(cfg.higher_order_weight * losses[f"loss/{name}"])
+        losses["loss"] = torch.stack(terms).sum()
         return losses, report
 
 

@@ -80,7 +80,7 @@ class Pretrain:
         return self.model
 
     def make_objective(self, model: nn.Module):
-        return ContrastiveObjective(model.pairs, self.cfg.loss)
+        return ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples)
 
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
