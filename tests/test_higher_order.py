@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tessera.train.higher_order import symile_loss, symile_reference
+from tessera.train.higher_order import gram_loss, gram_reference, gram_volume, symile_loss, symile_reference
 
 from . import strict_p2p
 from .test_losses import _assert_close, _spawned
@@ -160,3 +160,79 @@ def test_bad_tuple_configs_say_what_is_wrong(over, message):
     model = {**JOINT_MODEL, "tuples": over.pop("model_tuples", [])}
     with pytest.raises(ConfigError, match=message):
         from_dict(PretrainConfig, {"model": model, **over}, "")
+
+
+@pytest.mark.parametrize("n,tile,k", [(2, 1024, 3), (9, 4, 3), (64, 16, 3), (40, 16, 4), (300, 128, 3)])
+def test_tiled_gram_equals_the_whole_matrix_form_fp64(n, tile, k):
+    features, scale = _features(n, k=k, seed=1), torch.tensor(8.0, dtype=torch.float64)
+    got = _grads(lambda f, s: gram_loss(f, s, tile_size=tile), features, scale)
+    _assert_close(got, _grads(gram_reference, features, scale), rtol=1e-9, atol=1e-12)
+
+
+def test_gram_volume_is_the_parallelotopes_and_zero_for_aligned_vectors():
+    e = torch.eye(3, dtype=torch.float64)
+    assert gram_volume(e @ e.T).item() == pytest.approx(1.0)  # the unit cube
+    v = torch.stack([e[0], e[0], F.normalize(e[0] + e[1], dim=0)])
+    assert gram_volume(v @ v.T).item() == pytest.approx(0.0, abs=1e-4)  # two coincide: no volume (eps aside)
+
+
+def _gram_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    strict_p2p.install()
+    try:
+        out = []
+        for sizes in SIZES:
+            features, scale = _features(sum(sizes), d=64, seed=3), torch.tensor(6.0, dtype=torch.float64)
+            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            got = _grads(lambda f, s: gram_loss(f, s, tile_size=256), [f[rows] for f in features], scale)
+            dist.all_reduce(got[-1])
+            got[-1] /= world
+            out.append([t.numpy() for t in got])
+        queue.put((rank, out))
+    except Exception as e:
+        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_ring_gram_on_every_rank_equals_the_global_whole_matrix_form():
+    world = 2
+    results, procs = _spawned(_gram_worker, world, 300)
+    failed = [r for r in results.values() if isinstance(r, str)]
+    assert not failed, "\n".join(failed)
+    for index, sizes in enumerate(SIZES):
+        features, scale = _features(sum(sizes), d=64, seed=3), torch.tensor(6.0, dtype=torch.float64)
+        want = _grads(gram_reference, features, scale)
+        for rank in range(world):
+            got = [torch.from_numpy(x) for x in results[rank][index]]
+            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            expected = [want[0]] + [g[rows] * world for g in want[1:-1]] + [want[-1]]
+            _assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_the_objective_scores_a_tuple_by_gram_with_its_first_modality_as_the_anchor():
+    from tessera.config import from_dict
+    from tessera.models import ModelConfig, build_model
+    from tessera.train.config import LossConfig
+    from tessera.train.objectives import ContrastiveObjective
+
+    from .test_joint import JOINT_MODEL
+
+    tuples = [["text", "image", "audio"]]
+    model = build_model(from_dict(ModelConfig, {**JOINT_MODEL, "tuples": tuples}, "model"))
+    g = torch.Generator().manual_seed(1)
+    sound = model.transforms(False)["audio"]
+    batch = {
+        "image": torch.randn(5, 3, 32, 32, generator=g),
+        "text": torch.randint(1, 400, (5, 16), generator=g),
+        "audio": torch.stack([sound((torch.randn(16000, generator=g) * 0.1, 16000)) for _ in range(5)]),
+    }
+    out = model(batch)
+    losses, report = ContrastiveObjective(model.pairs, LossConfig(higher_order="gram"), None, tuples).loss(out, batch)
+    f = out["features"]
+    want = gram_reference([f["text"], f["image"], f["audio"]], out["logit_scale"]["text__image__audio"])
+    assert losses["loss/text-image-audio"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert "temperature/text-image-audio" in report

@@ -141,11 +141,12 @@ class LossConfig:
             "pair's logit scale to [1/cap, 1/floor] (and model.max_logit_scale still caps every pair)"
         },
     )
-    higher_order: Literal["none", "symile"] = field(
+    higher_order: Literal["none", "symile", "gram"] = field(
         default="none",
         metadata={
             "help": "the loss of each model.tuples tuple, added for batches that carry all its modalities: symile "
-            "(the multilinear inner product, O(N) negatives, tiled); none"
+            "(the multilinear inner product, O(N) shuffled negatives); gram (the volume the tuple's embeddings span, "
+            "the tuple's first modality as the anchor); none. Both tiled"
         },
     )
     higher_order_weight: float = field(default=1.0, metadata={"help": "weight of each tuple's loss in the total"})

@@ -15,7 +15,7 @@ from tessera.data import LABEL
 from tessera.models import pair_key
 
 from .config import LossConfig
-from .higher_order import symile_loss
+from .higher_order import gram_loss, symile_loss
 from .losses import contrastive_loss
 from .matryoshka import matryoshka_losses
 
@@ -88,7 +88,8 @@ class ContrastiveObjective:
             if all(m in features for m in group):
                 scale = out["logit_scale"][pair_key(*group)]
                 name = "-".join(group)
-                losses[f"loss/{name}"] = symile_loss(
+                higher_order = symile_loss if cfg.higher_order == "symile" else gram_loss
+                losses[f"loss/{name}"] = higher_order(
                     [features[m].float() for m in group], scale.float(), cfg.tile_size, self.group
                 )
                 report[f"temperature/{name}"] = 1.0 / scale.detach()
