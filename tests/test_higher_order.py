@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 
 import pytest
 import torch
@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from tessera.train.higher_order import gram_loss, gram_reference, gram_volume, symile_loss, symile_reference
 
-from . import strict_p2p
-from .test_losses import _assert_close, _spawned
+from .test_losses import _assert_close, _spawned, in_gloo_group
 
 
 def _features(n, d=8, k=3, seed=0):
@@ -63,46 +62,51 @@ def test_symile_needs_three_modalities_of_one_shape():
 SIZES = [[5, 4], [700, 650]]
 
 
-def _ring_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    strict_p2p.install()
-    try:
-        out = []
+def _scaled_features(loss, sizes):
+    seed, scale = {"symile": (2, 9.0), "gram": (3, 6.0)}[loss]
+    return _features(sum(sizes), d=64, seed=seed), torch.tensor(scale, dtype=torch.float64)
+
+
+def _ring_losses(rank, world):
+    out = []
+    for loss in ("symile", "gram"):
         for sizes in SIZES:
-            features, scale = _features(sum(sizes), d=64, seed=2), torch.tensor(9.0, dtype=torch.float64)
+            features, scale = _scaled_features(loss, sizes)
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
-            def tiled(f, s):
+            def tiled(f, s, loss=loss):
+                if loss == "gram":
+                    return gram_loss(f, s, tile_size=256)
                 return symile_loss(f, s, tile_size=256, generator=torch.Generator().manual_seed(100 + rank))
 
             got = _grads(tiled, [f[rows] for f in features], scale)
             dist.all_reduce(got[-1])  # DeepSpeed/DDP average the replicated scale's gradient
             got[-1] /= world
             out.append([t.numpy() for t in got])
-        queue.put((rank, out))
-    except Exception as e:
-        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
-        raise
-    finally:
-        dist.destroy_process_group()
+    return out
 
 
 @pytest.mark.multiproc
-def test_ring_symile_on_every_rank_equals_the_global_whole_matrix_form():
+def test_ring_symile_and_gram_on_every_rank_equal_the_global_whole_matrix_forms():
     world = 2
-    results, procs = _spawned(_ring_worker, world, 300)
+    results, procs = _spawned(functools.partial(in_gloo_group, _ring_losses), world, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
     assert not failed, "\n".join(failed)
-    for index, sizes in enumerate(SIZES):
-        features, scale = _features(sum(sizes), d=64, seed=2), torch.tensor(9.0, dtype=torch.float64)
-        perms = _permutations(sizes, 3, [100, 101])
-        want = _grads(lambda f, s, perms=perms: symile_reference(f, s, perms), features, scale)
+    cases = [(loss, sizes) for loss in ("symile", "gram") for sizes in SIZES]
+    for index, (loss, sizes) in enumerate(cases):
+        features, scale = _scaled_features(loss, sizes)
+        if loss == "symile":
+            perms = _permutations(sizes, 3, [100, 101])
+            want = _grads(lambda f, s, perms=perms: symile_reference(f, s, perms), features, scale)
+        else:
+            want = _grads(gram_reference, features, scale)
         for rank in range(world):
             got = [torch.from_numpy(x) for x in results[rank][index]]
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
             expected = [want[0]] + [g[rows] * world for g in want[1:-1]] + [want[-1]]
-            _assert_close(got, expected, rtol=1e-10, atol=1e-13)
+            _assert_close(
+                got, expected, rtol=1e-9 if loss == "gram" else 1e-10, atol=1e-12 if loss == "gram" else 1e-13
+            )
 
 
 def test_the_objective_adds_each_tuples_symile_loss_where_the_batch_carries_the_tuple():
@@ -174,43 +178,6 @@ def test_gram_volume_is_the_parallelotopes_and_zero_for_aligned_vectors():
     assert gram_volume(e @ e.T).item() == pytest.approx(1.0)  # the unit cube
     v = torch.stack([e[0], e[0], F.normalize(e[0] + e[1], dim=0)])
     assert gram_volume(v @ v.T).item() == pytest.approx(0.0, abs=1e-4)  # two coincide: no volume (eps aside)
-
-
-def _gram_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    strict_p2p.install()
-    try:
-        out = []
-        for sizes in SIZES:
-            features, scale = _features(sum(sizes), d=64, seed=3), torch.tensor(6.0, dtype=torch.float64)
-            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            got = _grads(lambda f, s: gram_loss(f, s, tile_size=256), [f[rows] for f in features], scale)
-            dist.all_reduce(got[-1])
-            got[-1] /= world
-            out.append([t.numpy() for t in got])
-        queue.put((rank, out))
-    except Exception as e:
-        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.multiproc
-def test_ring_gram_on_every_rank_equals_the_global_whole_matrix_form():
-    world = 2
-    results, procs = _spawned(_gram_worker, world, 300)
-    failed = [r for r in results.values() if isinstance(r, str)]
-    assert not failed, "\n".join(failed)
-    for index, sizes in enumerate(SIZES):
-        features, scale = _features(sum(sizes), d=64, seed=3), torch.tensor(6.0, dtype=torch.float64)
-        want = _grads(gram_reference, features, scale)
-        for rank in range(world):
-            got = [torch.from_numpy(x) for x in results[rank][index]]
-            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            expected = [want[0]] + [g[rows] * world for g in want[1:-1]] + [want[-1]]
-            _assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_the_objective_scores_a_tuple_by_gram_with_its_first_modality_as_the_anchor():

@@ -287,6 +287,22 @@ def _spawned(worker, world: int, timeout: float) -> tuple[dict, list]:
                 p.terminate()
 
 
+def in_gloo_group(compute, rank, world, port, queue):
+    """A spawned worker's body (bind `compute` with functools.partial): join a gloo group of `world` ranks under
+    NCCL's point-to-point rules and put (rank, compute(rank, world)); on an error put (rank, the reason), so that
+    the test fails at once with it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    strict_p2p.install()
+    try:
+        queue.put((rank, compute(rank, world)))
+    except Exception as e:
+        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
 def _ring_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

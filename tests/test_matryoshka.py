@@ -3,8 +3,8 @@ gradient, on one process and across 2 gloo ranks under NCCL's point-to-point rul
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 
 import pytest
 import torch
@@ -14,8 +14,7 @@ from tessera.models import truncate_embeddings as truncate
 from tessera.train.losses import contrastive_loss
 from tessera.train.matryoshka import matryoshka_losses
 
-from . import strict_p2p
-from .test_losses import OPTIONS, _assert_close, _labels, _params, _spawned
+from .test_losses import OPTIONS, _assert_close, _labels, _params, _spawned, in_gloo_group
 
 WEIGHTS = torch.tensor([0.7, 1.3, 0.4, 2.0], dtype=torch.float64)
 
@@ -109,36 +108,27 @@ def _case(case, seed=5):
     return (a, b, scale, bias), kw
 
 
-def _ring_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    strict_p2p.install()
-    try:
-        out = []
-        for case in RING_CASES:
-            sizes, tile, dims = case[1:]
-            (a, b, scale, bias), kw = _case(case)
-            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            if kw["labels"] is not None:
-                kw["labels"] = kw["labels"][rows]
-            got = _grads(_weighted(dims), a[rows], b[rows], scale, bias, tile_size=tile, **kw)
-            for i in range(3, len(got)):  # DeepSpeed/DDP average the replicated scale's and bias's gradients
-                dist.all_reduce(got[i])
-                got[i] /= world
-            out.append([t.numpy() for t in got])
-        queue.put((rank, out))
-    except Exception as e:
-        queue.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
-        raise
-    finally:
-        dist.destroy_process_group()
+def _ring_losses(rank, world):
+    out = []
+    for case in RING_CASES:
+        sizes, tile, dims = case[1:]
+        (a, b, scale, bias), kw = _case(case)
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        if kw["labels"] is not None:
+            kw["labels"] = kw["labels"][rows]
+        got = _grads(_weighted(dims), a[rows], b[rows], scale, bias, tile_size=tile, **kw)
+        for i in range(3, len(got)):  # DeepSpeed/DDP average the replicated scale's and bias's gradients
+            dist.all_reduce(got[i])
+            got[i] /= world
+        out.append([t.numpy() for t in got])
+    return out
 
 
 @pytest.mark.multiproc
 def test_ring_matryoshka_on_every_rank_equals_the_global_references():
     """Every option, unequal sizes, and a 4.5 MB column block, through the ring under NCCL's rules."""
     world = 2
-    results, procs = _spawned(_ring_worker, world, 300)
+    results, procs = _spawned(functools.partial(in_gloo_group, _ring_losses), world, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
     assert not failed, "\n".join(failed)
     assert [p.exitcode for p in procs] == [0] * world

@@ -32,16 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 
-from .losses import _Layout, _mm, _Ring, _spans, _wide, default_tile, is_distributed
-
-
-def _diagonal(layout: _Layout, rank: int, col_block: int, r, c, device) -> torch.Tensor | None:
-    """The mask of a tile's global-diagonal entries, or None where the tile has none."""
-    row0, col0 = layout.offsets[rank] + r[0], layout.offsets[col_block] + c[0]
-    if row0 >= col0 + (c[1] - c[0]) or col0 >= row0 + (r[1] - r[0]):
-        return None
-    rows = torch.arange(row0, row0 + r[1] - r[0], device=device)
-    return rows[:, None] == torch.arange(col0, col0 + c[1] - c[0], device=device)[None, :]
+from .losses import LossOptions, _Layout, _mm, _Ring, _spans, _TileContext, _wide, is_distributed, resolve_tile
 
 
 class _OneWayWithPositives(torch.autograd.Function):
@@ -52,13 +43,14 @@ class _OneWayWithPositives(torch.autograd.Function):
         ring = _Ring(group)
         acc = _wide(a_s[:0]).dtype
         layout = _Layout(ring, a_s.shape[0], None, a_s.device, acc)
+        diagonal = _TileContext(LossOptions(), layout, ring.rank, None)  # its positives: the diagonal's mask
         lse = torch.full((a_s.shape[0],), float("-inf"), dtype=acc, device=a_s.device)
 
         def compute(blk, payload):
             for r in _spans(a_s.shape[0], tile):
                 for c in _spans(payload[0].shape[0], tile):
                     z = _mm(a_s[r[0] : r[1]], payload[0][c[0] : c[1]].T)
-                    diag = _diagonal(layout, ring.rank, blk, r, c, z.device)
+                    diag = diagonal.positives(blk, r, c, z.device)
                     if diag is not None:
                         z.masked_fill_(diag, float("-inf"))
                     torch.logaddexp(lse[r[0] : r[1]], torch.logsumexp(z, 1), out=lse[r[0] : r[1]])
@@ -76,6 +68,7 @@ class _OneWayWithPositives(torch.autograd.Function):
     def backward(ctx, grad_out):
         a_s, u, p, lse = ctx.saved_tensors
         ring, layout, tile = _Ring(ctx.group), ctx.layout, ctx.tile
+        diagonal = _TileContext(LossOptions(), layout, ring.rank, None)
         acc = lse.dtype
         coef = grad_out.to(acc) * ring.world / layout.total  # W: see `losses` (DeepSpeed/DDP divide by W)
         grad_a = torch.zeros(a_s.shape, dtype=acc, device=a_s.device)
@@ -86,7 +79,7 @@ class _OneWayWithPositives(torch.autograd.Function):
             for r in _spans(a_s.shape[0], tile):
                 for c in _spans(ub.shape[0], tile):
                     z = _mm(a_s[r[0] : r[1]], ub[c[0] : c[1]].T)
-                    diag = _diagonal(layout, ring.rank, blk, r, c, z.device)
+                    diag = diagonal.positives(blk, r, c, z.device)
                     if diag is not None:
                         z.masked_fill_(diag, float("-inf"))
                     g = z.sub_(lse[r[0] : r[1], None]).exp_()
@@ -127,7 +120,7 @@ def symile_loss(
     device); the shuffles stay within a rank."""
     _check_tuple(features, "Symile")
     shape = features[0].shape
-    tile = default_tile(features[0].device) if tile_size is None else int(tile_size)
+    tile = resolve_tile(tile_size, features[0].device)
     group = process_group if is_distributed(process_group) else None
     scale = _wide(logit_scale.reshape(()))
     n = shape[0]
@@ -289,7 +282,7 @@ def gram_loss(
 
     features: k >= 3 (B, D) tensors of this rank (normalised, as GRAM uses them), the anchor first."""
     _check_tuple(features, "GRAM")
-    tile = default_tile(features[0].device) if tile_size is None else int(tile_size)
+    tile = resolve_tile(tile_size, features[0].device)
     distributed = is_distributed(process_group)
     group = process_group if distributed else None
     anchor, rest = features[0], features[1:]

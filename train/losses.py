@@ -49,6 +49,15 @@ def default_tile(device: torch.device) -> int:
     return DEFAULT_TILE if device.type == "cpu" else GPU_TILE
 
 
+def resolve_tile(tile_size: int | None, device: torch.device) -> int:
+    """The tile edge to use: `tile_size`, checked, or the device's default."""
+    if tile_size is None:
+        return default_tile(device)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    return int(tile_size)
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """What changes the loss's value (kept apart from how it is computed)."""
@@ -330,13 +339,16 @@ class _TileContext:
         cols = torch.arange(col0, col0 + c[1] - c[0], device=device)
         return rows[:, None] == cols[None, :]
 
-    def positive_weights(self, col_block: int, r, c) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels only: the loss's numerator holds -(w_row[i] + w_col[j]) z_ij for each positive pair."""
+    def positive_weights(self, col_block: int, r, c, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's numerator holds -(w_row[i] + w_col[j]) z_ij for each positive pair (with labels, or on the
+        diagonal without them: every sample is then its label's only member). `like`: the dtype and device."""
         L, o = self.layout, self.opts
+        n_rows, n_cols = r[1] - r[0], c[1] - c[0]
         if o.kind == "siglip":
-            n_rows = r[1] - r[0]
-            return L.counts.new_ones(n_rows), L.counts.new_zeros(c[1] - c[0])
+            return like.new_ones(n_rows), like.new_zeros(n_cols)
         k = 1 - o.label_smoothing
+        if L.labels is None:
+            return like.new_full((n_rows,), k), like.new_full((n_cols,), k)
         return k / L.counts[L.rows(self.rank, *r)], k / L.counts[L.rows(col_block, *c)]
 
 
@@ -358,7 +370,7 @@ def _forward_tiles(
             z = _mm(a_s[r[0] : r[1]], b[c[0] : c[1]].T)
             pos = ctx.positives(col_block, r, c, z.device) if (o.dcl or ctx.layout.labels is not None) else None
             if ctx.layout.labels is not None:
-                w_row, w_col = ctx.positive_weights(col_block, r, c)
+                w_row, w_col = ctx.positive_weights(col_block, r, c, totals)
                 zp = torch.where(pos, z, 0.0)
                 totals[1] += (zp.sum(1) @ w_row) + (zp.sum(0) @ w_col)
             if o.kind == "siglip":
@@ -411,7 +423,7 @@ def _backward_tiles(
                 g += z.sub_(col_lse[None, c[0] : c[1]]).exp_()
                 g *= coef
             if ctx.layout.labels is not None:
-                w_row, w_col = ctx.positive_weights(col_block, r, c)
+                w_row, w_col = ctx.positive_weights(col_block, r, c, grad_a)
                 g -= torch.where(pos, w_row[:, None] + w_col[None, :], 0.0).mul_(coef)
             if grad_bias is not None:
                 grad_bias += g.sum()
@@ -644,10 +656,7 @@ def contrastive_loss(
     opts = LossOptions(kind, dcl, float(label_smoothing))
     opts.check(logit_bias is not None, labels is not None)
     labels = check_inputs(a, b, labels)
-    if tile_size is None:
-        tile_size = default_tile(a.device)
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    tile_size = resolve_tile(tile_size, a.device)
     distributed = is_distributed(process_group)
     if impl == "full":
         if distributed:

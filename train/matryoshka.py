@@ -40,8 +40,8 @@ from .losses import (
     _wide,
     check_inputs,
     contrastive_loss,
-    default_tile,
     is_distributed,
+    resolve_tile,
 )
 
 _NORM_EPS = 1e-12  # as F.normalize
@@ -66,15 +66,6 @@ def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor
     return parts.cumsum(1).sqrt().clamp_min(_NORM_EPS).reciprocal()
 
 
-def _positive_weights(tc: _TileContext, col_block: int, r, c, like: torch.Tensor):
-    """Each positive's weight in the loss's numerator, split by row and column (labels or the diagonal)."""
-    if tc.layout.labels is not None:
-        return tc.positive_weights(col_block, r, c)
-    siglip = tc.opts.kind == "siglip"
-    w = 1.0 if siglip else 1.0 - tc.opts.label_smoothing
-    return like.new_full((r[1] - r[0],), w), like.new_full((c[1] - c[0],), 0.0 if siglip else w)
-
-
 def _prefix_logits(tc, C, ra, rb, k):
     z = C * ra[:, k, None] * rb[None, :, k]
     if tc.bias is not None:
@@ -90,7 +81,7 @@ def _forward_tiles(tc, a, ra, b, rb, col_block, slices, tile, row_lse, totals):
     for r in _spans(a.shape[0], tile):
         for c in _spans(b.shape[0], tile):
             pos = tc.positives(col_block, r, c, a.device)
-            w_row, w_col = (None, None) if pos is None else _positive_weights(tc, col_block, r, c, totals)
+            w_row, w_col = (None, None) if pos is None else tc.positive_weights(col_block, r, c, totals)
             C = None
             for k, (lo, hi) in enumerate(slices):
                 part = _mm(a[r[0] : r[1], lo:hi], b[c[0] : c[1], lo:hi].T)
@@ -124,7 +115,7 @@ def _backward_tiles(tc, a, ra, b, rb, col_lse, col_block, slices, tile, row_lse,
         for c in _spans(b.shape[0], tile):
             rb_t = rb[c[0] : c[1]]
             pos = tc.positives(col_block, r, c, a.device)
-            w_row, w_col = (None, None) if pos is None else _positive_weights(tc, col_block, r, c, grad_a)
+            w_row, w_col = (None, None) if pos is None else tc.positive_weights(col_block, r, c, grad_a)
             C, H = None, []
             for k, (lo, hi) in enumerate(slices):
                 part = _mm(a[r[0] : r[1], lo:hi], b[c[0] : c[1], lo:hi].T)
@@ -265,9 +256,7 @@ def matryoshka_losses(
         )
     if impl != "tiled":
         raise ValueError(f"impl must be 'tiled' or 'full', got '{impl}'")
-    tile_size = default_tile(a.device) if tile_size is None else int(tile_size)
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    tile_size = resolve_tile(tile_size, a.device)
     ra = prefix_inverse_norms(a, dims) * _wide(logit_scale.reshape(()))
     rb = prefix_inverse_norms(b, dims)
     bias = None if logit_bias is None else logit_bias.reshape(())
