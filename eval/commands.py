@@ -65,9 +65,16 @@ def retrieval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s)")
     p.add_argument(
         "--query",
-        help="query modality; default (with --target unset): every pair the model was trained on, both directions",
+        help="query modality; default (with --target unset): every pair the model was trained on, both directions. "
+        "Several joined by '+' (image+audio) query with all of them at once, scored by --rules",
     )
     p.add_argument("--target", help="target modality")
+    p.add_argument(
+        "--rules",
+        default="sum",
+        help="how a query of several modalities scores a target, comma-separated: sum (of their cosine similarities), "
+        "mip (Symile's multilinear inner product), volume (GRAM's: minus the volume they span with it)",
+    )
     p.add_argument(
         "--out", help=f"write the result JSON here (and its plot and markdown beside it); {CLIP_BENCHMARK_OUT}"
     )

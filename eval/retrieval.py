@@ -28,7 +28,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +111,12 @@ def positive_positions(
     target_TD: torch.Tensor,
     target_owner: torch.Tensor,
     chunk_elements: int = CHUNK_ELEMENTS,
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(Q, M) 1-based positions of each query's positives in its ranking of all targets, ascending, +inf where a
     query has fewer than M. A positive is a target with the query's owner. Ties go to the lower target index
-    (as a stable sort). `target_owner` must be non-decreasing (rows of one sample contiguous)."""
+    (as a stable sort). `target_owner` must be non-decreasing (rows of one sample contiguous). `similarity(queries,
+    targets)` scores a chunk of query rows against every target (default: their dot products)."""
     if target_owner.numel() and not bool((target_owner[1:] >= target_owner[:-1]).all()):
         raise ValueError("target rows must be grouped by sample (owner non-decreasing)")
     n_owners = int(max(query_owner.max(), target_owner.max())) + 1
@@ -126,7 +128,8 @@ def positive_positions(
     cols = torch.arange(T)
     out = torch.full((query_QD.shape[0], max(M, 1)), math.inf)
     for lo in range(0, query_QD.shape[0], chunk):
-        sims_CT = query_QD[lo : lo + chunk] @ target_TD.T
+        chunk_CD = query_QD[lo : lo + chunk]
+        sims_CT = chunk_CD @ target_TD.T if similarity is None else similarity(chunk_CD, target_TD)
         rows = torch.arange(sims_CT.shape[0])
         own = query_owner[lo : lo + chunk]
         for j in range(M):  # the j-th positive of every query in the chunk
@@ -249,6 +252,69 @@ def benchmark_names(metrics: dict[str, float], ks=KS) -> dict[str, float]:
     }
 
 
+JOINT_RULES = ("sum", "mip", "volume")
+
+
+def volume_similarity(parts: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Scores of queries made of `parts` normalised embeddings side by side, (C, parts * D), against targets (T, D):
+    minus the volume the target and the query's parts span, -sqrt(det G) of their Gram matrix (GRAM's score)."""
+
+    def score(query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        q = query.view(query.shape[0], parts, -1)
+        cross = torch.einsum("ckd,td->ctk", q, target)  # each part against each target
+        gram = torch.empty(*cross.shape[:2], parts + 1, parts + 1, dtype=query.dtype)
+        gram[..., 0, 0] = (target * target).sum(1)
+        gram[..., 0, 1:] = cross
+        gram[..., 1:, 0] = cross
+        gram[..., 1:, 1:] = (q @ q.transpose(1, 2))[:, None]
+        return -torch.linalg.det(gram).clamp(min=0).sqrt()
+
+    return score
+
+
+def joint_positions(emb: Embedded, query: Sequence[str], target: str, rule: str = "sum", **kwargs) -> torch.Tensor:
+    """Positions of each sample's `target` among all samples' targets, queried with its `query` modalities at once
+    (one row per sample, `Embedded` of first views). `rule` scores a query against a target: `sum`, the sum of
+    the parts' cosine similarities to it (what a pairwise model offers); `mip`, Symile's multilinear inner product
+    sum_d x_d y_d t_d; `volume`, GRAM's minus the volume they span."""
+    parts = [emb.features[m] for m in query]
+    owner = emb.owner[target]
+    similarity = None
+    if rule == "sum":
+        joint = torch.stack(parts).sum(0)
+    elif rule == "mip":
+        joint = torch.stack(parts).prod(0)
+    elif rule == "volume":
+        joint, similarity = torch.cat(parts, 1), volume_similarity(len(parts))
+        kwargs["chunk_elements"] = kwargs.get("chunk_elements", CHUNK_ELEMENTS) // (len(parts) + 1) ** 2
+    else:
+        raise ValueError(f"joint query rule '{rule}': choose one of {JOINT_RULES}")
+    return positive_positions(joint, owner, emb.features[target], owner, similarity=similarity, **kwargs)
+
+
+def evaluate_joint_query(
+    model: MultiTowerModel,
+    sources: list[SourceConfig],
+    query: Sequence[str],
+    target: str,
+    batch_size: int,
+    rules: Sequence[str] = ("sum",),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Retrieval of `target` by several modalities at once (image + audio -> text), on the samples that carry them
+    all (their first caption), under each scoring rule of `rules` (see `joint_positions`)."""
+    stats = SampleStats()
+    emb = embed(model, sources, (*query, target), batch_size, device, dtype, num_workers, stats, False, progress)
+    name = f"{'+'.join(query)}_to_{target}"
+    metrics, chance = {}, chance_metrics(torch.ones(emb.n, dtype=torch.int64), emb.n, name)
+    for rule in rules:
+        metrics[rule] = metrics_from_positions(joint_positions(emb, query, target, rule), name)
+    return {"metrics": metrics, "chance": chance, "n": emb.n, "data": stats.to_dict()}
+
+
 def evaluate_pairs(
     model: MultiTowerModel,
     sources: list[SourceConfig],
@@ -360,6 +426,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if (args.query is None) != (args.target is None):
         parser.error("give both --query and --target, or neither (every pair the model was trained on)")
     model, device = common.load(args)
+    if args.query is not None and "+" in args.query:
+        return run_joint(args, parser, model, device)
     pairs = [(args.query, args.target)] if args.query else model.pairs
     for m in (m for pair in pairs for m in pair):
         if m not in model.modalities:
@@ -387,6 +455,45 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out:
         for path in write_report(doc, common.output_path(args.out, doc)):
             print(f"wrote {path}")
+    return 0
+
+
+def run_joint(args: argparse.Namespace, parser: argparse.ArgumentParser, model, device) -> int:
+    """`--query image+audio --target text`: one query of several modalities, under each of `--rules`."""
+    query = args.query.split("+")
+    for m in (*query, args.target):
+        if m not in model.modalities:
+            parser.error(f"the model has no '{m}' tower (it has {model.modalities})")
+    if len(set(query)) != len(query) or args.target in query:
+        parser.error("a joint --query names each modality once, and not the --target")
+    rules = args.rules.split(",")
+    if any(r not in JOINT_RULES for r in rules):
+        parser.error(f"--rules {args.rules}: choose from {','.join(JOINT_RULES)}")
+    try:
+        result = evaluate_joint_query(
+            model,
+            parse_sources(args.data, "--data"),
+            query,
+            args.target,
+            args.batch_size,
+            rules,
+            device,
+            num_workers=args.workers,
+            progress=True,
+        )
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    name = f"{args.query}_to_{args.target}"
+    print(f"{name} ({result['n']} samples; chance R@1 {result['chance'][f'{name}_R@1']:.2%})")
+    print("| rule | R@1 | R@5 | R@10 |\n|---|---|---|---|")
+    for rule, m in result["metrics"].items():
+        print(f"| {rule} | {m[f'{name}_R@1']:.2%} | {m[f'{name}_R@5']:.2%} | {m[f'{name}_R@10']:.2%} |")
+    if args.out:
+        doc = {**common.benchmark_fields(args.data, args.model, "zeroshot_retrieval"), "query": query, **result}
+        path = common.output_path(args.out, doc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
 
 

@@ -34,6 +34,7 @@ TINY_CLIP = [
 SHRINK: dict[str, list[str]] = {
     "demo.yaml": [],
     "demo-joint.yaml": [],
+    "demo-triple.yaml": [],
     "demo-video.yaml": [],
     "vit-b-32-cpu.yaml": [],
     "vit-b-32.yaml": TINY_CLIP,

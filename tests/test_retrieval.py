@@ -14,6 +14,7 @@ from tessera.eval.retrieval import (
     Embedded,
     chance_metrics,
     diagnostics,
+    joint_positions,
     metrics_from_positions,
     positive_positions,
     retrieval_metrics,
@@ -228,3 +229,44 @@ def test_a_clip_benchmark_shard_gives_every_caption_line_as_a_query(tiny_model_c
     emb = embed(build_model(tiny_model_cfg), [SourceConfig(str(shard))], ["image", "text"], 4)
     assert emb.n == 5 and emb.features["image"].shape[0] == 5
     assert emb.owner["text"].tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize("rule", ["sum", "mip", "volume"])
+def test_a_query_of_two_modalities_ranks_targets_as_its_rule_scores_them(rule):
+    """image + audio -> text: each sample's caption ranked among all captions by the rule's score, against the score
+    computed one pair at a time in fp64 (sum of cosines, Symile's MIP, minus GRAM's volume)."""
+    torch.manual_seed(0)
+    n = 50
+    shared = torch.randn(n, 6)
+    feats = {m: F.normalize(shared + 0.9 * torch.randn(n, 6), dim=1) for m in ("image", "audio", "text")}
+    emb = Embedded(feats, {m: torch.arange(n) for m in feats}, n)
+    got = joint_positions(emb, ("image", "audio"), "text", rule, chunk_elements=7 * n)[:, 0]
+
+    x, y, t = (feats[m].double() for m in ("image", "audio", "text"))
+
+    def score(i: int, j: int) -> float:
+        if rule == "sum":
+            return float(x[i] @ t[j] + y[i] @ t[j])
+        if rule == "mip":
+            return float((x[i] * y[i] * t[j]).sum())
+        vectors = torch.stack([t[j], x[i], y[i]])
+        return -float(torch.linalg.det(vectors @ vectors.T).clamp(min=0).sqrt())
+
+    for i in range(n):
+        s = [score(i, j) for j in range(n)]
+        assert got[i] == 1 + sum(v > s[i] for v in s)
+    with pytest.raises(ValueError, match="choose one of"):
+        joint_positions(emb, ("image", "audio"), "text", "product")
+
+
+def test_a_joint_query_names_towers_the_model_has(tiny_model_cfg, demo_shards, tmp_path, capsys):
+    from tessera.models import build_model, save_model
+
+    save_model(build_model(tiny_model_cfg), tmp_path / "model", formats=())
+    args = ["--model", str(tmp_path / "model"), "--data", str(demo_shards / "val-000000.tar"), "--target", "text"]
+    rc, _, err = call_main(retrieval_main, [*args, "--query", "image+audio"], capsys)
+    assert rc == 2 and "no 'audio' tower" in err
+    rc, _, err = call_main(retrieval_main, [*args, "--query", "image+text"], capsys)
+    assert rc == 2 and "not the --target" in err
+    rc, out, err = call_main(retrieval_main, [*args, "--query", "image+image"], capsys)
+    assert rc == 2
