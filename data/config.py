@@ -66,6 +66,16 @@ class DataConfig:
     shuffle_buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer per worker (0: off)"})
     shuffle_initial: int = field(default=100, metadata={"help": "samples buffered before the first is drawn"})
     shard_shuffle: bool = field(default=True, metadata={"help": "shuffle shard order each epoch (seed+epoch)"})
+    batch_plan: str | None = field(
+        default=None,
+        metadata={
+            "help": "a batch plan from `tessera plan-batches` (hard-negative batches: each batch drawn from a few "
+            "communities of similar samples); it must index shards of data.train, local and uncompressed"
+        },
+    )
+    batch_plan_random: float = field(
+        default=0.0, metadata={"help": "with data.batch_plan: the fraction of batches filled with random samples"}
+    )
     max_bad_fraction: float = field(
         default=0.1, metadata={"help": "stop with an error when more samples than this are bad"}
     )
@@ -81,5 +91,10 @@ class DataConfig:
         require(
             not self.resampled or (self.train_num_samples or 0) > 0,
             "data.resampled=true needs data.train_num_samples (samples per epoch over all ranks)",
+        )
+        require(0.0 <= self.batch_plan_random <= 1.0, "data.batch_plan_random must be in [0, 1]")
+        require(
+            not (self.batch_plan and self.resampled),
+            "data.batch_plan sets each epoch's samples and order: it cannot be combined with data.resampled",
         )
         require(self.train_num_samples is None or self.train_num_samples > 0, "data.train_num_samples must be > 0")

@@ -113,7 +113,7 @@ class TrainLoader:
     ):
         self.cfg = cfg
         sources = resolve_sources(cfg.train, modalities)
-        self.num_workers = plan_workers(sources, cfg.num_workers, world, cfg.resampled)
+        self.num_workers = self._workers(sources, cfg.num_workers, world)
         per_worker = None
         if cfg.resampled:
             per_worker = math.ceil(cfg.train_num_samples / (world * max(1, self.num_workers) * batch_size))
@@ -149,12 +149,18 @@ class TrainLoader:
         self._ended: set[int] = set()
         self._batches_in_epoch = 0
 
+    def _workers(self, sources: list[Source], requested: int, world: int) -> int:
+        return plan_workers(sources, requested, world, self.cfg.resampled)
+
+    def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: SampleSet | None) -> ShardStream:
+        return ShardStream(self.spec, epoch=epoch, skip=skip, exclude=exclude)
+
     @property
     def _slots(self) -> int:
         return max(1, self.num_workers)
 
     def _open_epoch(self) -> Iterator[dict[str, Any]]:
-        stream = ShardStream(self.spec, epoch=self.epoch, skip=self._skip, exclude=self.exclude.get(self.epoch))
+        stream = self._stream(self.epoch, self._skip, self.exclude.get(self.epoch))
         self._skip = {}
         self._queues = {w: deque() for w in range(self._slots)}
         self._ended = set()

@@ -15,13 +15,17 @@ own epochs, own resumable position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from tessera.config import ConfigError
+
 from .config import DataConfig, SourceConfig
 from .loader import TrainLoader
 from .pipeline import seeded_rng
+from .plan import PlannedLoader
 from .shards import ShardError
 from .stats import SampleStats
 
@@ -184,8 +188,15 @@ def train_loader(
     `batch_size` (a divisor of it), workers collate chunks and the loader hands out each batch as its `Chunks`;
     per-source batching draws one source for all chunks of a batch."""
     per_source = choose_batching(cfg, modalities) == "per_source"
+    cls: Callable[..., TrainLoader | PerSourceLoader] = PerSourceLoader if per_source else TrainLoader
+    if cfg.batch_plan:
+        if per_source:
+            raise ConfigError(
+                "data.batch_plan builds batches across the sources, so they must carry the same modalities "
+                "(data.batching=mixed)"
+            )
+        cls = functools.partial(PlannedLoader, rank_batch=batch_size)
     if not chunk_size or chunk_size >= batch_size:
-        cls = PerSourceLoader if per_source else TrainLoader
         return cls(cfg, transforms, collators, modalities, batch_size, **kwargs)
     if batch_size % chunk_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the chunk size {chunk_size}")
@@ -193,5 +204,5 @@ def train_loader(
     if per_source:
         inner = PerSourceLoader(cfg, transforms, collators, modalities, chunk_size, group=group, **kwargs)
     else:
-        inner = TrainLoader(cfg, transforms, collators, modalities, chunk_size, **kwargs)
+        inner = cls(cfg, transforms, collators, modalities, chunk_size, **kwargs)
     return ChunkedLoader(inner, group)

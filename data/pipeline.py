@@ -170,8 +170,8 @@ class ShardStream(IterableDataset):
     # -- decoding and batching ----------------------------------------------------------------------
 
     def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        if sample.get("__duplicate__"):
-            raise BadSample("duplicate_key")
+        if "__bad__" in sample:  # a marker the reading stage left: a duplicate key, a member that failed to read
+            raise BadSample(sample["__bad__"])
         spec = self.spec
         item = {k: sample[k] for k in spec.extra_keys if k in sample}
         with sample_randomness(rng):

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -168,49 +169,88 @@ def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
         log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
 
 
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, which it skips
+
+
+def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
+    """Members `{fname, data: (offset, size)}` of one local, uncompressed shard: where each member's bytes lie, for
+    reading a sample by seeking to it. The members kept are those `iter_raw_samples` reads (regular files, no
+    webdataset metadata, no pickles); a shard that breaks off is counted as `shard_read_error`, keeping the members
+    before the damage. A remote or compressed shard has no offsets to seek to: ShardError."""
+    if not _is_local(url):
+        raise ShardError(f"'{url}' is not a local file: reading samples by offset needs local shards")
+    try:
+        with open(url, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise ShardError(f"cannot read shard '{url}': {exc.strerror or exc}") from exc
+    kind = next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise ShardError(f"'{url}' is {kind}-compressed: reading samples by offset needs uncompressed tar shards")
+    select = _member_filter(stats)
+    end = os.path.getsize(url)
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for info in tar:
+                if info.offset_data + info.size > end:
+                    raise EOFError(f"member {info.name} runs past the end of the file")
+                if info.isreg() and not META_MEMBER.match(info.name) and select(info.name):
+                    yield {"fname": info.name, "data": (info.offset_data, info.size)}
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        stats.event("shard_read_error", shard=url)
+        log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
+
+
 def iter_raw_samples(
     urls: Iterable[str], stats: SampleStats, sizes: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Raw samples `{__key__, __url__, __index__, suffix: bytes}` from the shards, in order (`__index__`: the
-    sample's position in its shard).
+    sample's position in its shard); see `group_samples`."""
+    sizes = sizes or {}
+    for url in urls:
+        yield from group_samples(url, _shard_members(url, stats), stats, sizes.get(url))
+
+
+def group_samples(
+    url: str, members: Iterable[dict[str, Any]], stats: SampleStats, expected: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The samples of one visit of shard `url`, from its members `{fname, data}` in tar order.
 
     Members are grouped into samples by key as webdataset does (adjacent members sharing the name up
     to the first dot). Each visit of a shard is grouped on its own, so resampling the same shard twice
     in a row yields its samples twice. Within one visit:
-    - a key seen again comes out as a marker `{__key__, __url__, __duplicate__: True}` without its
+    - a key seen again comes out as a marker `{__key__, __url__, __index__, __bad__: "duplicate_key"}` without its
       members, for the consumer to count as a skipped sample;
     - a repeated member of one sample is dropped and counted (`duplicate_member`);
-    - fewer samples than the shard's `sizes` entry (a tar cut at a member boundary reads as a shorter,
+    - fewer samples than `expected` (the shard's `sizes` entry: a tar cut at a member boundary reads as a shorter,
       valid tar) counts the difference as `samples_missing_from_shard`.
     """
-    sizes = sizes or {}
-    for url in urls:
-        keys: set[str] = set()
-        held = 0
-        current: dict[str, Any] | None = None
-        for member in itertools.chain(_shard_members(url, stats), [None]):
-            prefix, suffix = base_plus_ext(member["fname"]) if member is not None else (None, None)
-            if member is not None and prefix is None:
-                continue
-            if current is not None and (member is None or prefix != current["__key__"]):
-                held += 1
-                if current["__key__"] in keys:
-                    yield {"__key__": current["__key__"], "__url__": url, "__index__": held - 1, "__duplicate__": True}
-                else:
-                    keys.add(current["__key__"])
-                    current["__index__"] = held - 1
-                    yield current
-                current = None
-            if member is None:
-                break
-            if current is None:
-                current = {"__key__": prefix, "__url__": url}
-            suffix = suffix.lower()
-            if suffix in current:
-                stats.event("duplicate_member", shard=url)
-                continue
-            current[suffix] = member["data"]
-        expected = sizes.get(url)
-        if expected is not None and held < expected:
-            stats.event("samples_missing_from_shard", expected - held, shard=url)
-            log.warning("shard %s held %d samples, sizes.json says %d", url, held, expected)
+    keys: set[str] = set()
+    held = 0
+    current: dict[str, Any] | None = None
+    for member in itertools.chain(members, [None]):
+        prefix, suffix = base_plus_ext(member["fname"]) if member is not None else (None, None)
+        if member is not None and prefix is None:
+            continue
+        if current is not None and (member is None or prefix != current["__key__"]):
+            held += 1
+            if current["__key__"] in keys:
+                yield {"__key__": current["__key__"], "__url__": url, "__index__": held - 1, "__bad__": "duplicate_key"}
+            else:
+                keys.add(current["__key__"])
+                current["__index__"] = held - 1
+                yield current
+            current = None
+        if member is None:
+            break
+        if current is None:
+            current = {"__key__": prefix, "__url__": url}
+        suffix = suffix.lower()
+        if suffix in current:
+            stats.event("duplicate_member", shard=url)
+            continue
+        current[suffix] = member["data"]
+    if expected is not None and held < expected:
+        stats.event("samples_missing_from_shard", expected - held, shard=url)
+        log.warning("shard %s held %d samples, sizes.json says %d", url, held, expected)

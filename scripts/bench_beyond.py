@@ -8,12 +8,20 @@ Matryoshka (loss.matryoshka), two parts:
   and with loss.matryoshka=[16, 32, 64], then both evaluated at 1/8, 1/4, 1/2 and all of the width (each prefix
   renormalised): retrieval R@1 both ways and zero-shot shape classification, from one embedding pass per model.
 
-    python scripts/bench_beyond.py                        # both parts, about 25 min on 2 cores
+Hard-negative batches (data.batch_plan, B3), part `batches`: the demo recipe at a small batch (--plan-batch 32) for
+--plan-steps with random batches, and from scratch with a batch plan, without and with a --mix fraction of random
+batches. The plan is `tessera plan-batches` on a teacher, the demo recipe as it is (batch 128) for --teacher-steps,
+with communities of plan_batch / per_batch samples and a duplicate guard (--max-similarity: the demo repeats each of
+its 480 combinations ~17 times, and those copies are false negatives). Each evaluated as above at full width.
+
+    python scripts/bench_beyond.py                        # every part, about 40 min on 2 cores
     python scripts/bench_beyond.py --only loss --batch 8192
     python scripts/bench_beyond.py --only train --steps 600
+    python scripts/bench_beyond.py --only batches --plan-batch 32 --plan-steps 600
 
-Writes runs/bench_beyond/results.json, results.md (the tables) and matryoshka.png (R@1 against width). Run it alone:
-two torch processes side by side slow each other down several times.
+Writes runs/bench_beyond/results.json (a part run alone keeps the others' results), results.md (the tables) and
+matryoshka.png (R@1 against width). Run it alone: two torch processes side by side slow each other down several
+times.
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+EMBED_DIM = 128  # configs/demo.yaml
 PREFIXES = (16, 32, 64)  # of the demo's 128: 1/8, 1/4, 1/2
+TRAIN_SHARDS = ("train-txt-{000000..000003}.tar", "train-json-{000000..000003}.tar")
+JOINT_RULES = ("sum", "mip", "volume")
+DIRECTIONS = ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "image_to_audio", "audio_to_image")
 
 
 def time_loss(batch: int, dim: int, repeats: int) -> dict:
@@ -66,34 +78,142 @@ def time_loss(batch: int, dim: int, repeats: int) -> dict:
     return {"batch": batch, "dim": dim, "dims": list(dims), "seconds": out}
 
 
-def train_demo(out: Path, steps: int, matryoshka: bool) -> dict:
+def demo_data(out: Path) -> Path:
     data = out / "data"
     if not (data / "classes.json").is_file():
         subprocess.run([sys.executable, "-m", "tessera.data.demo", "--out", str(data)], check=True, cwd=ROOT)
-    run = out / ("matryoshka" if matryoshka else "plain")
+    return data
+
+
+def train_demo(out: Path, name: str, steps: int, *overrides: str, recipe: str = "demo.yaml", train=None) -> dict:
+    """A demo recipe trained for `steps` into out/name on the demo data (`train`: its data.train, by default the
+    image-text sources), fp32, no checkpoints, no evaluation; and its timing."""
+    data = demo_data(out)
+    train = train or [(TRAIN_SHARDS[0], 0.6, None), (TRAIN_SHARDS[1], 0.4, None)]
+    sources = ", ".join(
+        f"{{shards: '{data}/{shards}', weight: {weight}" + (f", modalities: [{', '.join(m)}]}}" if m else "}")
+        for shards, weight, m in train
+    )
+    run = out / name
     args = [
         sys.executable,
         "-m",
         "tessera.train.pretrain",
         "--config",
-        "configs/demo.yaml",
+        f"configs/{recipe}",
         f"output_dir={run}",
-        f"data.train=[{{shards: '{data}/train-txt-{{000000..000003}}.tar', weight: 0.6}},"
-        f" {{shards: '{data}/train-json-{{000000..000003}}.tar', weight: 0.4}}]",
-        "data.val=[]",  # evaluated below, the same way for both
+        f"data.train=[{sources}]",
+        "data.val=[]",  # evaluated below, the same way for every run
         f"train.steps={steps}",
         "train.precision=fp32",
         "train.ckpt_every=-1",
+        *overrides,
     ]
-    if matryoshka:
-        args.append(f"loss.matryoshka={list(PREFIXES)}")
     t0 = time.time()
     subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    seconds = time.time() - t0
-    return {"seconds": seconds, **evaluate(run / "model", data)}
+    return {"seconds": time.time() - t0, "model": str(run / "model")}
 
 
-def evaluate(model_dir: Path, data: Path) -> dict:
+def compare_tuples(out: Path, steps: int) -> dict:
+    """configs/demo-triple.yaml (pictures, sounds, captions) four ways: pairwise with text the anchor, all pairs,
+    and the anchor pairs plus Symile's or GRAM's term on the pictures-sounds source. Each evaluated on the joint
+    held-out set: retrieval for every pair, and image + audio -> text under each scoring rule."""
+    from tessera.data import SourceConfig
+    from tessera.eval.retrieval import evaluate_joint_query, evaluate_pairs
+    from tessera.models import load_model
+
+    data = demo_data(out)
+    if not (data / "val-joint-000000.tar").is_file():
+        subprocess.run([sys.executable, "-m", "tessera.data.demo_joint", "--out", str(data)], check=True, cwd=ROOT)
+    train = [
+        (TRAIN_SHARDS[0], 0.35, ("image", "text")),
+        ("sounds-{000000..000003}.tar", 0.35, ("audio", "text")),
+        ("pictures-sounds-000000.tar", 0.3, ("image", "audio", "text")),
+    ]
+    val = [SourceConfig(str(data / "val-joint-000000.tar"), modalities=["image", "text", "audio"])]
+    pairwise = ["model.tuples=[]", "loss.higher_order=none"]
+    variants = {
+        "anchor": pairwise,
+        "all_pairs": ["model.pairing=all_pairs", *pairwise],
+        "symile": [],
+        "gram": ["model.tuples=[[text, image, audio]]", "loss.higher_order=gram"],
+    }
+    runs = {}
+    for name, overrides in variants.items():
+        run = train_demo(out, f"tuples-{name}", steps, *overrides, recipe="demo-triple.yaml", train=train)
+        model = load_model(run["model"])
+        pairs = evaluate_pairs(model, val, [("image", "text"), ("audio", "text"), ("image", "audio")], 256)
+        joint = evaluate_joint_query(model, val, ("image", "audio"), "text", 256, rules=JOINT_RULES)
+        run["retrieval"] = {k: v for k, v in pairs["metrics"].items() if k.endswith("_R@1")}
+        run["joint"] = {rule: m["image+audio_to_text_R@1"] for rule, m in joint["metrics"].items()}
+        run["n"] = joint["n"]
+        runs[name] = run
+    return {"steps": steps, "runs": runs}
+
+
+def compare_matryoshka(out: Path, steps: int) -> dict:
+    runs = {
+        "plain": train_demo(out, "plain", steps),
+        "matryoshka": train_demo(out, "matryoshka", steps, f"loss.matryoshka={list(PREFIXES)}"),
+    }
+    for r in runs.values():
+        r.update(evaluate(Path(r.pop("model")), demo_data(out)))
+    return {"steps": steps, **runs}
+
+
+def compare_batches(out: Path, steps: int, batch: int, teacher_steps: int, plan_args: list[str], mix: float) -> dict:
+    """Random batches against a batch plan (B3) at equal steps and batch size, every run from scratch. The plan comes
+    from a teacher: the demo recipe as it is (batch 128) for `teacher_steps`, reported apart."""
+    data = demo_data(out)
+    teacher = train_demo(out, "batches-teacher", teacher_steps)
+    teacher.update(evaluate(Path(teacher["model"]), data, widths=())[str(EMBED_DIM)])
+    plan = out / "batch-plan.json"
+    t0 = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera.train.batch_plan",
+            "--model",
+            teacher["model"],
+            *(arg for shards in TRAIN_SHARDS for arg in ("--data", str(data / shards))),
+            "--out",
+            str(plan),
+            "--batch-size",
+            str(batch),
+            *plan_args,
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    plan_seconds = time.time() - t0
+    runs = {"random": train_demo(out, "batches-random", steps, f"train.batch_size={batch}")}
+    for name, rate in (("plan", 0.0), (f"plan+{mix:g} random", mix)):
+        runs[name] = train_demo(
+            out,
+            f"batches-{name.replace(' ', '-')}",
+            steps,
+            f"train.batch_size={batch}",
+            f"data.batch_plan={plan}",
+            f"data.batch_plan_random={rate}",
+        )
+    for r in runs.values():
+        r.update(evaluate(Path(r["model"]), data, widths=())[str(EMBED_DIM)])
+    doc = json.loads(plan.read_text())
+    return {
+        "steps": steps,
+        "batch": batch,
+        "teacher_steps": teacher_steps,
+        "teacher": teacher,
+        "plan_args": plan_args,
+        "per_batch": doc["per_batch"],
+        "plan_seconds": plan_seconds,
+        "plan": doc["summary"],
+        "runs": runs,
+    }
+
+
+def evaluate(model_dir: Path, data: Path, widths=PREFIXES) -> dict:
     from tessera.data import SourceConfig
     from tessera.eval.retrieval import evaluate_pairs
     from tessera.eval.zeroshot import evaluate_zeroshot, read_classes
@@ -101,19 +221,19 @@ def evaluate(model_dir: Path, data: Path) -> dict:
 
     model = load_model(model_dir)
     val = [SourceConfig(str(data / "val-000000.tar"))]
-    retrieval = evaluate_pairs(model, val, model.pairs, 256, widths=PREFIXES)
+    retrieval = evaluate_pairs(model, val, model.pairs, 256, widths=widths)
     names, templates = read_classes(data / "classes.json")
-    zeroshot = evaluate_zeroshot(model, val, "image", names, templates, 256, widths=PREFIXES)
+    zeroshot = evaluate_zeroshot(model, val, "image", names, templates, 256, widths=widths)
     full = str(model.cfg.embed_dim)
-    by_width = {**retrieval["widths"], full: retrieval["metrics"]}
-    acc = {**zeroshot["widths"], full: zeroshot["metrics"]}
+    by_width = {**retrieval.get("widths", {}), full: retrieval["metrics"]}
+    acc = {**zeroshot.get("widths", {}), full: zeroshot["metrics"]}
     return {
         str(w): {
             "text_to_image_R@1": by_width[str(w)]["text_to_image_R@1"],
             "image_to_text_R@1": by_width[str(w)]["image_to_text_R@1"],
             "zeroshot_acc1": acc[str(w)]["acc1"],
         }
-        for w in (*PREFIXES, int(full))
+        for w in (*widths, int(full))
     }
 
 
@@ -135,7 +255,7 @@ def tables(results: dict) -> str:
     if "train" in results:
         r = results["train"]
         plain, mrl = r["plain"], r["matryoshka"]
-        widths = [w for w in plain if w != "seconds"]
+        widths = [w for w in plain if w.isdigit()]
         lines += [
             f"## Demo recipe, {r['steps']} steps: plain vs loss.matryoshka={list(PREFIXES)}",
             "",
@@ -149,6 +269,52 @@ def tables(results: dict) -> str:
                 f"| {m['image_to_text_R@1']:.1%} | {p['zeroshot_acc1']:.1%} | {m['zeroshot_acc1']:.1%} |"
             )
         lines += ["", f"Training time, Matryoshka / plain: {mrl['seconds'] / plain['seconds']:.2f}x", ""]
+    if "batches" in results:
+        r = results["batches"]
+        base = r["runs"]["random"]
+        lines += [
+            f"## Demo recipe, batch {r['batch']}, {r['steps']} steps: random batches vs a batch plan "
+            f"({r['per_batch']} communities of {r['plan']['community_size']} a batch; {' '.join(r['plan_args'])})",
+            "",
+            "| batches | t2i R@1 | i2t R@1 | zero-shot | training time / random |",
+            "|---|---|---|---|---|",
+        ]
+        for name, run in r["runs"].items():
+            lines.append(
+                f"| {name} | {run['text_to_image_R@1']:.1%} | {run['image_to_text_R@1']:.1%} | "
+                f"{run['zeroshot_acc1']:.1%} | {run['seconds'] / base['seconds']:.2f}x |"
+            )
+        t = r["teacher"]
+        lines += [
+            "",
+            f"The teacher (batch 128, {r['teacher_steps']} steps: t2i R@1 {t['text_to_image_R@1']:.1%}) took "
+            f"{t['seconds'] / base['seconds']:.2f}x a student's time, the plan (embedding {r['plan']['samples']} "
+            f"samples, k-NN, communities) {r['plan_seconds'] / base['seconds']:.2f}x. Under the teacher, two samples "
+            f"of a community have a mean cosine similarity of {r['plan']['cohesion']:.3f}, two of a random group "
+            f"{r['plan']['random_cohesion']:.3f}; {r['plan']['packed_last']} samples were packed last by the "
+            "duplicate guard.",
+            "",
+        ]
+    if "tuples" in results:
+        r = results["tuples"]
+        any_run = next(iter(r["runs"].values()))
+        lines += [
+            f"## Three modalities (configs/demo-triple.yaml), {r['steps']} steps: R@1 on the joint held-out set "
+            f"({any_run['n']} samples)",
+            "",
+            "| objective | "
+            + " | ".join(d.replace("_to_", "→") for d in DIRECTIONS)
+            + " | "
+            + " | ".join(f"image+audio→text ({rule})" for rule in JOINT_RULES)
+            + " | time / anchor |",
+            "|---" * (len(DIRECTIONS) + len(JOINT_RULES) + 2) + "|",
+        ]
+        for name, run in r["runs"].items():
+            cells = [f"{run['retrieval'][f'{d}_R@1']:.1%}" for d in DIRECTIONS]
+            cells += [f"{run['joint'][rule]:.1%}" for rule in JOINT_RULES]
+            cells.append(f"{run['seconds'] / r['runs']['anchor']['seconds']:.2f}x")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -161,7 +327,7 @@ def plot(results: dict, path: Path) -> None:
     r = results["train"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, style in (("plain", "o--"), ("matryoshka", "s-")):
-        widths = [w for w in r[name] if w != "seconds"]
+        widths = [w for w in r[name] if w.isdigit()]
         ax.plot([int(w) for w in widths], [r[name][w]["text_to_image_R@1"] for w in widths], style, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("embedding width used (prefix, renormalised)")
@@ -173,24 +339,42 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("loss", "train"), help="run one part")
+    p.add_argument("--only", choices=("loss", "train", "batches", "tuples"), help="run one part")
+    p.add_argument("--tuple-steps", type=int, default=600, help="tuples part: steps of each run")
     p.add_argument("--batch", type=int, default=4096, help="loss part: global batch")
     p.add_argument("--dim", type=int, default=512, help="loss part: embedding width")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=300, help="train part: steps of each run")
+    p.add_argument("--plan-steps", type=int, default=600, help="batches part: steps of each run")
+    p.add_argument("--plan-batch", type=int, default=32, help="batches part: the batch size of every run")
+    p.add_argument("--teacher-steps", type=int, default=300, help="batches part: steps of the teacher (batch 128)")
+    p.add_argument("--per-batch", type=int, default=4, help="batches part: communities per batch")
+    p.add_argument("--neighbors", type=int, default=30, help="batches part: the plan's k-NN")
+    p.add_argument("--skip-nearest", type=int, default=24, help="batches part: nearest neighbours left out")
+    p.add_argument("--max-similarity", type=float, default=0.9, help="batches part: the plan's duplicate guard")
+    p.add_argument("--mix", type=float, default=0.2, help="batches part: data.batch_plan_random of the mixed run")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_beyond")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
+    saved = args.out / "results.json"
+    results: dict = json.loads(saved.read_text()) if saved.is_file() else {}  # a part run alone keeps the others
     if args.only in (None, "loss"):
         results["loss"] = time_loss(args.batch, args.dim, args.repeats)
     if args.only in (None, "train"):
-        results["train"] = {
-            "steps": args.steps,
-            "plain": train_demo(args.out, args.steps, matryoshka=False),
-            "matryoshka": train_demo(args.out, args.steps, matryoshka=True),
-        }
+        results["train"] = compare_matryoshka(args.out, args.steps)
         plot(results, args.out / "matryoshka.png")
+    if args.only in (None, "batches"):
+        plan_args = [
+            f"--per-batch={args.per_batch}",
+            f"--neighbors={args.neighbors}",
+            f"--skip-nearest={args.skip_nearest}",
+            f"--max-similarity={args.max_similarity}",
+        ]
+        results["batches"] = compare_batches(
+            args.out, args.plan_steps, args.plan_batch, args.teacher_steps, plan_args, args.mix
+        )
+    if args.only in (None, "tuples"):
+        results["tuples"] = compare_tuples(args.out, args.tuple_steps)
     text = tables(results)
     print(text)
     (args.out / "results.md").write_text(text + "\n")

@@ -155,7 +155,7 @@ def test_pickle_members_are_never_read_and_duplicates_are_marked(tmp_path):
     samples = list(iter_raw_samples([str(tmp_path / "a.tar")], stats))
     assert [s["__key__"] for s in samples] == ["k1", "k2", "k1"]
     assert "pth" not in samples[0] and "pyd" not in samples[1]
-    assert samples[2].get("__duplicate__") and "txt" not in samples[2]
+    assert samples[2].get("__bad__") == "duplicate_key" and "txt" not in samples[2]
     assert stats.events["rejected_pickle_member"] == 2
 
 
@@ -180,7 +180,7 @@ def test_a_shard_visited_twice_in_a_row_yields_its_samples_twice(tmp_path):
     _tar(tmp_path / "a.tar", [("k1.txt", b"one"), ("k2.txt", b"two")])
     samples = list(iter_raw_samples([str(tmp_path / "a.tar")] * 2, SampleStats()))
     assert [s["__key__"] for s in samples] == ["k1", "k2", "k1", "k2"]
-    assert not any(s.get("__duplicate__") for s in samples)
+    assert not any("__bad__" in s for s in samples)
 
 
 def test_make_shards_writes_audio_and_graph_entries(tmp_path):

@@ -7,6 +7,7 @@ tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
 tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
 tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
 tessera eval mteb --model runs/demo/model --data "val-000000.tar" --classes classes.json    (the mteb extra)
+tessera plan-batches --model runs/demo/model --data "train-{000..003}.tar" --out plan.json --batch-size 128
 tessera demo-data --out runs/demo/data
 tessera export --format open_clip runs/demo/model     (or --format hf)
 tessera import open_clip DIR_OR_CHECKPOINT [--model ViT-B-32] --out base/model     (or: import hf DIR)
@@ -23,6 +24,7 @@ COMMANDS = {
     "pretrain": "tessera.train.pretrain",
     "finetune": "tessera.train.finetune",
     "make-shards": "tessera.data.make_shards",
+    "plan-batches": "tessera.train.batch_plan",
     "demo-data": "tessera.data.demo",
     "export": "tessera.models.interop:export_main",
     "import": "tessera.models.interop:import_main",
