@@ -14,14 +14,20 @@ batches. The plan is `tessera plan-batches` on a teacher, the demo recipe as it 
 with communities of plan_batch / per_batch samples and a duplicate guard (--max-similarity: the demo repeats each of
 its 480 combinations ~17 times, and those copies are false negatives). Each evaluated as above at full width.
 
-    python scripts/bench_beyond.py                        # every part, about 40 min on 2 cores
+Three modalities, part `tuples`: configs/demo-triple.yaml (pictures, sounds, captions; the joint demo data) for
+--tuple-steps five ways: the text-anchored pairs, the same with loss.weights and loss.temperature_range on the
+sound-caption pair, all pairs, and the anchored pairs plus Symile's or GRAM's tuple term. Each evaluated on the
+joint held-out set: R@1 for every pair both ways, and image + audio -> text under each joint scoring rule.
+
+    python scripts/bench_beyond.py                        # every part, about 2 h on 2 cores
     python scripts/bench_beyond.py --only loss --batch 8192
     python scripts/bench_beyond.py --only train --steps 600
     python scripts/bench_beyond.py --only batches --plan-batch 32 --plan-steps 600
+    python scripts/bench_beyond.py --only tuples --tuple-steps 600   # about 50 min
 
-Writes runs/bench_beyond/results.json (a part run alone keeps the others' results), results.md (the tables) and
-matryoshka.png (R@1 against width). Run it alone: two torch processes side by side slow each other down several
-times.
+Writes runs/bench_beyond/results.json (a part run alone keeps the others' results), results.md (the tables),
+matryoshka.png (R@1 against width) and tuples.png (R@1 per objective). Run it alone: two torch processes side by
+side slow each other down several times.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ def train_demo(out: Path, name: str, steps: int, *overrides: str, recipe: str = 
         f"output_dir={run}",
         f"data.train=[{sources}]",
         "data.val=[]",  # evaluated below, the same way for every run
+        f"eval.classes={data / 'classes.json'}",  # the recipe's names runs/demo/data
         f"train.steps={steps}",
         "train.precision=fp32",
         "train.ckpt_every=-1",
@@ -115,9 +122,10 @@ def train_demo(out: Path, name: str, steps: int, *overrides: str, recipe: str = 
 
 
 def compare_tuples(out: Path, steps: int) -> dict:
-    """configs/demo-triple.yaml (pictures, sounds, captions) four ways: pairwise with text the anchor, all pairs,
-    and the anchor pairs plus Symile's or GRAM's term on the pictures-sounds source. Each evaluated on the joint
-    held-out set: retrieval for every pair, and image + audio -> text under each scoring rule."""
+    """configs/demo-triple.yaml (pictures, sounds, captions) five ways: pairwise with text the anchor (plain, and with
+    the sound-caption pair weighted up and its temperature bounded), all pairs, and the anchor pairs plus Symile's
+    or GRAM's term on the pictures-sounds source. Each evaluated on the joint held-out set: retrieval for every
+    pair, and image + audio -> text under each scoring rule."""
     from tessera.data import SourceConfig
     from tessera.eval.retrieval import evaluate_joint_query, evaluate_pairs
     from tessera.models import load_model
@@ -134,13 +142,21 @@ def compare_tuples(out: Path, steps: int) -> dict:
     pairwise = ["model.tuples=[]", "loss.higher_order=none"]
     variants = {
         "anchor": pairwise,
+        # loss.weights and loss.temperature_range: the sound-caption pair counts double, its temperature in [0.03, 0.2]
+        "anchor, weighted": [
+            *pairwise,
+            "loss.weights={audio-text: 2.0}",
+            "loss.temperature_range={audio-text: [0.03, 0.2]}",
+        ],
         "all_pairs": ["model.pairing=all_pairs", *pairwise],
         "symile": [],
         "gram": ["model.tuples=[[text, image, audio]]", "loss.higher_order=gram"],
     }
     runs = {}
     for name, overrides in variants.items():
-        run = train_demo(out, f"tuples-{name}", steps, *overrides, recipe="demo-triple.yaml", train=train)
+        run = train_demo(
+            out, f"tuples-{name.replace(', ', '-')}", steps, *overrides, recipe="demo-triple.yaml", train=train
+        )
         model = load_model(run["model"])
         pairs = evaluate_pairs(model, val, [("image", "text"), ("audio", "text"), ("image", "audio")], 256)
         joint = evaluate_joint_query(model, val, ("image", "audio"), "text", 256, rules=JOINT_RULES)
@@ -337,6 +353,26 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_tuples(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["tuples"]["runs"]
+    columns = [(d.replace("_to_", "→"), lambda run, d=d: run["retrieval"][f"{d}_R@1"]) for d in DIRECTIONS]
+    columns += [(f"img+aud→txt\n({rule})", lambda run, rule=rule: run["joint"][rule]) for rule in JOINT_RULES]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(runs)
+    for i, (name, run) in enumerate(runs.items()):
+        ax.bar([c + i * width for c in range(len(columns))], [get(run) for _, get in columns], width, label=name)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(columns))], [label for label, _ in columns], fontsize=7)
+    ax.set_ylabel("R@1, joint held-out set")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("loss", "train", "batches", "tuples"), help="run one part")
@@ -375,11 +411,13 @@ def main() -> int:
         )
     if args.only in (None, "tuples"):
         results["tuples"] = compare_tuples(args.out, args.tuple_steps)
+        plot_tuples(results, args.out / "tuples.png")
     text = tables(results)
     print(text)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out / 'results.json'}, results.md" + (", matryoshka.png" if "train" in results else ""))
+    plots = [name for part, name in (("train", "matryoshka.png"), ("tuples", "tuples.png")) if part in results]
+    print(f"wrote {args.out / 'results.json'}, results.md" + "".join(f", {name}" for name in plots))
     return 0
 
 
