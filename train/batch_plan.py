@@ -9,9 +9,10 @@ A sample's embedding is the normalised sum of its modalities' normalised embeddi
 tower the shards carry), so its neighbours are similar on every side of the pair. Each sample links to its
 neighbours ranked skip+1 .. skip+k by cosine similarity (--skip-nearest leaves out the closest, which are the likely
 near-duplicates and false negatives). The graph is cut into communities of batch_size / per_batch samples by greedy
-graph growing: from a random unassigned sample, a breadth-first ball over unassigned samples until the community is
-full (B3 cuts with METIS, whose multilevel refinement this leaves out). A run then fills each global batch from
-`--per-batch` communities. The shards must be local and uncompressed: the run reads samples by offset.
+graph growing: each community starts next to the last full one (at a random unassigned sample where none is left
+there) and fills as a breadth-first ball over unassigned samples (B3 cuts with METIS, whose multilevel refinement
+this leaves out). --max-similarity keeps near-copies of a member out of a community. A run then fills each global
+batch from `--per-batch` communities. The shards must be local and uncompressed: the run reads samples by offset.
 """
 
 from __future__ import annotations
