@@ -12,7 +12,8 @@ Hard-negative batches (data.batch_plan, B3), part `batches`: the demo recipe at 
 --plan-steps with random batches, and from scratch with a batch plan, without and with a --mix fraction of random
 batches. The plan is `tessera plan-batches` on a teacher, the demo recipe as it is (batch 128) for --teacher-steps,
 with communities of plan_batch / per_batch samples and a duplicate guard (--max-similarity: the demo repeats each of
-its 480 combinations ~17 times, and those copies are false negatives). Each evaluated as above at full width.
+its 480 combinations ~17 times, and those copies are false negatives). Each evaluated as above at full width, and
+trained once per --plan-seeds seed (the table gives the means and each seed's t2i R@1).
 
 Three modalities, part `tuples`: configs/demo-triple.yaml (pictures, sounds, captions; the joint demo data) for
 --tuple-steps five ways: the text-anchored pairs, the same with loss.weights and loss.temperature_range on the
@@ -22,7 +23,7 @@ joint held-out set: R@1 for every pair both ways, and image + audio -> text unde
     python scripts/bench_beyond.py                        # every part, about 2 h on 2 cores
     python scripts/bench_beyond.py --only loss --batch 8192
     python scripts/bench_beyond.py --only train --steps 600
-    python scripts/bench_beyond.py --only batches --plan-batch 32 --plan-steps 600
+    python scripts/bench_beyond.py --only batches --plan-batch 32 --plan-steps 600 --plan-seeds 0,1,2
     python scripts/bench_beyond.py --only tuples --tuple-steps 600   # about 50 min
 
 Writes runs/bench_beyond/results.json (a part run alone keeps the others' results), results.md (the tables),
@@ -48,6 +49,7 @@ EMBED_DIM = 128  # configs/demo.yaml
 PREFIXES = (16, 32, 64)  # of the demo's 128: 1/8, 1/4, 1/2
 TRAIN_SHARDS = ("train-txt-{000000..000003}.tar", "train-json-{000000..000003}.tar")
 JOINT_RULES = ("sum", "mip", "volume")
+BATCH_METRICS = ("text_to_image_R@1", "image_to_text_R@1", "zeroshot_acc1")
 DIRECTIONS = ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "image_to_audio", "audio_to_image")
 
 
@@ -177,9 +179,12 @@ def compare_matryoshka(out: Path, steps: int) -> dict:
     return {"steps": steps, **runs}
 
 
-def compare_batches(out: Path, steps: int, batch: int, teacher_steps: int, plan_args: list[str], mix: float) -> dict:
-    """Random batches against a batch plan (B3) at equal steps and batch size, every run from scratch. The plan comes
-    from a teacher: the demo recipe as it is (batch 128) for `teacher_steps`, reported apart."""
+def compare_batches(
+    out: Path, steps: int, batch: int, teacher_steps: int, plan_args: list[str], mix: float, seeds: list[int]
+) -> dict:
+    """Random batches against a batch plan (B3) at equal steps and batch size, every run from scratch, once per seed
+    in `seeds`. The plan comes from a teacher: the demo recipe as it is (batch 128) for `teacher_steps`, reported
+    apart."""
     data = demo_data(out)
     teacher = train_demo(out, "batches-teacher", teacher_steps)
     teacher.update(evaluate(Path(teacher["model"]), data, widths=())[str(EMBED_DIM)])
@@ -203,18 +208,18 @@ def compare_batches(out: Path, steps: int, batch: int, teacher_steps: int, plan_
         cwd=ROOT,
     )
     plan_seconds = time.time() - t0
-    runs = {"random": train_demo(out, "batches-random", steps, f"train.batch_size={batch}")}
-    for name, rate in (("plan", 0.0), (f"plan+{mix:g} random", mix)):
-        runs[name] = train_demo(
-            out,
-            f"batches-{name.replace(' ', '-')}",
-            steps,
-            f"train.batch_size={batch}",
-            f"data.batch_plan={plan}",
-            f"data.batch_plan_random={rate}",
-        )
-    for r in runs.values():
-        r.update(evaluate(Path(r["model"]), data, widths=())[str(EMBED_DIM)])
+    variants = {
+        "random": [],
+        "plan": [f"data.batch_plan={plan}", "data.batch_plan_random=0"],
+        f"plan+{mix:g} random": [f"data.batch_plan={plan}", f"data.batch_plan_random={mix}"],
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for seed in seeds:  # the run's seed: initialisation, augmentation, and the order the plan's batches come in
+        for name, overrides in variants.items():
+            tag = name.replace(" ", "-") + (f"-seed{seed}" if seed else "")
+            run = train_demo(out, f"batches-{tag}", steps, f"train.batch_size={batch}", f"seed={seed}", *overrides)
+            run.update(evaluate(Path(run["model"]), data, widths=())[str(EMBED_DIM)], seed=seed)
+            runs[name].append(run)
     doc = json.loads(plan.read_text())
     return {
         "steps": steps,
@@ -287,25 +292,29 @@ def tables(results: dict) -> str:
         lines += ["", f"Training time, Matryoshka / plain: {mrl['seconds'] / plain['seconds']:.2f}x", ""]
     if "batches" in results:
         r = results["batches"]
-        base = r["runs"]["random"]
+        seeds = [run["seed"] for run in r["runs"]["random"]]
+        base = statistics.mean(run["seconds"] for run in r["runs"]["random"])
         lines += [
             f"## Demo recipe, batch {r['batch']}, {r['steps']} steps: random batches vs a batch plan "
-            f"({r['per_batch']} communities of {r['plan']['community_size']} a batch; {' '.join(r['plan_args'])})",
+            f"({r['per_batch']} communities of {r['plan']['community_size']} a batch; {' '.join(r['plan_args'])}); "
+            f"mean over seeds {seeds}",
             "",
-            "| batches | t2i R@1 | i2t R@1 | zero-shot | training time / random |",
-            "|---|---|---|---|---|",
+            "| batches | t2i R@1 | i2t R@1 | zero-shot | t2i R@1 per seed | training time / random |",
+            "|---|---|---|---|---|---|",
         ]
-        for name, run in r["runs"].items():
+        for name, seeded in r["runs"].items():
+            mean = {k: statistics.mean(run[k] for run in seeded) for k in (*BATCH_METRICS, "seconds")}
+            per_seed = " / ".join(f"{run['text_to_image_R@1']:.1%}" for run in seeded)
             lines.append(
-                f"| {name} | {run['text_to_image_R@1']:.1%} | {run['image_to_text_R@1']:.1%} | "
-                f"{run['zeroshot_acc1']:.1%} | {run['seconds'] / base['seconds']:.2f}x |"
+                f"| {name} | {mean['text_to_image_R@1']:.1%} | {mean['image_to_text_R@1']:.1%} | "
+                f"{mean['zeroshot_acc1']:.1%} | {per_seed} | {mean['seconds'] / base:.2f}x |"
             )
         t = r["teacher"]
         lines += [
             "",
             f"The teacher (batch 128, {r['teacher_steps']} steps: t2i R@1 {t['text_to_image_R@1']:.1%}) took "
-            f"{t['seconds'] / base['seconds']:.2f}x a student's time, the plan (embedding {r['plan']['samples']} "
-            f"samples, k-NN, communities) {r['plan_seconds'] / base['seconds']:.2f}x. Under the teacher, two samples "
+            f"{t['seconds'] / base:.2f}x a student's time, the plan (embedding {r['plan']['samples']} "
+            f"samples, k-NN, communities) {r['plan_seconds'] / base:.2f}x. Under the teacher, two samples "
             f"of a community have a mean cosine similarity of {r['plan']['cohesion']:.3f}, two of a random group "
             f"{r['plan']['random_cohesion']:.3f}; {r['plan']['packed_last']} samples were packed last by the "
             "duplicate guard.",
@@ -389,6 +398,9 @@ def main() -> int:
     p.add_argument("--skip-nearest", type=int, default=24, help="batches part: nearest neighbours left out")
     p.add_argument("--max-similarity", type=float, default=0.9, help="batches part: the plan's duplicate guard")
     p.add_argument("--mix", type=float, default=0.2, help="batches part: data.batch_plan_random of the mixed run")
+    p.add_argument(
+        "--plan-seeds", default="0", help="batches part: comma-separated seeds, each variant trained once per seed"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_beyond")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +419,13 @@ def main() -> int:
             f"--max-similarity={args.max_similarity}",
         ]
         results["batches"] = compare_batches(
-            args.out, args.plan_steps, args.plan_batch, args.teacher_steps, plan_args, args.mix
+            args.out,
+            args.plan_steps,
+            args.plan_batch,
+            args.teacher_steps,
+            plan_args,
+            args.mix,
+            [int(seed) for seed in args.plan_seeds.split(",")],
         )
     if args.only in (None, "tuples"):
         results["tuples"] = compare_tuples(args.out, args.tuple_steps)
