@@ -155,22 +155,28 @@ def _member_filter(stats: SampleStats):
     return select
 
 
-def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
-    """Members `{fname, data}` of one shard. A shard that cannot be opened, or breaks off mid-member,
-    is counted once as `shard_read_error`; the members read before the damage are kept."""
+def _until_damage(url: str, members: Iterator[dict[str, Any]], stats: SampleStats) -> Iterator[dict[str, Any]]:
+    """`members` of shard `url` up to where it fails to read: a shard that cannot be opened, or breaks off
+    mid-member, is counted once as `shard_read_error`, and the members read before the damage are kept."""
     try:
-        stream = gopen(url, "rb")
-        try:
-            yield from tar_file_iterator(stream, select_files=_member_filter(stats))
-        finally:
-            stream.close()
+        yield from members
     except (tarfile.TarError, OSError, EOFError) as exc:
         stats.event("shard_read_error", shard=url)
         log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
 
 
+def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
+    """Members `{fname, data}` of one shard, up to any damage (`_until_damage`)."""
+
+    def read() -> Iterator[dict[str, Any]]:
+        with gopen(url, "rb") as stream:
+            yield from tar_file_iterator(stream, select_files=_member_filter(stats))
+
+    return _until_damage(url, read(), stats)
+
+
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, which it skips
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (tar_file_iterator's skip_meta)
 
 
 def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
@@ -190,16 +196,16 @@ def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
         raise ShardError(f"'{url}' is {kind}-compressed: reading samples by offset needs uncompressed tar shards")
     select = _member_filter(stats)
     end = os.path.getsize(url)
-    try:
+
+    def read() -> Iterator[dict[str, Any]]:
         with tarfile.open(url, mode="r:") as tar:
             for info in tar:
                 if info.offset_data + info.size > end:
                     raise EOFError(f"member {info.name} runs past the end of the file")
                 if info.isreg() and not META_MEMBER.match(info.name) and select(info.name):
                     yield {"fname": info.name, "data": (info.offset_data, info.size)}
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        stats.event("shard_read_error", shard=url)
-        log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
+
+    yield from _until_damage(url, read(), stats)
 
 
 def iter_raw_samples(

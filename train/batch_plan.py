@@ -185,8 +185,7 @@ def grow_communities(
                     assigned[j] = 1
                     queue.append(j)
     left_over = [node for node in range(n) if not assigned[node]]
-    guard = False
-    for node in left_over:
+    for node in left_over:  # what the guard turned away everywhere: packed last, unguarded
         add(node)
     if current:
         out.append(current)
