@@ -1,7 +1,7 @@
 """Beyond the plain objective: each option against its baseline at equal compute, in one run.
 
 Matryoshka (loss.matryoshka), two parts:
-- `loss`: forward + backward time of the loss at every prefix from shared tiles (train/matryoshka.py), against the
+- `loss`: forward + backward time of the loss at every prefix from shared tiles (losses/matryoshka.py), against the
   plain loss at full width and against the obvious alternative, one plain loss per prefix on truncated features.
   One process, median of --repeats, fp32, B x D features.
 - `train`: the demo recipe (configs/demo.yaml, embed_dim 128) trained twice for --steps on the demo data, plainly
@@ -54,9 +54,8 @@ DIRECTIONS = ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio"
 
 
 def time_loss(batch: int, dim: int, repeats: int) -> dict:
+    from tessera.losses import contrastive_loss, matryoshka_losses
     from tessera.models import truncate_embeddings
-    from tessera.train.losses import contrastive_loss
-    from tessera.train.matryoshka import matryoshka_losses
 
     dims = (dim // 8, dim // 4, dim // 2, dim)
     g = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from tessera.train.losses import contrastive_loss, count_flops, default_tile
+    from tessera.losses import contrastive_loss, count_flops, default_tile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0

@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 if "$PY" -c 'import open_clip, deepspeed, webdataset, peft, torch_geometric, pytest' 2>/dev/null; then
-    "$PY" -c 'import tessera.train.losses' 2>/dev/null || "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+    "$PY" -c 'import tessera.losses' 2>/dev/null || "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
 else
     export TESSERA_EXTRAS=dev
     source scripts/setup_env.sh

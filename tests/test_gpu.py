@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tessera.train.losses import contrastive_loss, contrastive_loss_reference
+from tessera.losses import contrastive_loss, contrastive_loss_reference
 
 from .conftest import PY, run_cli
 from .test_losses import _features, _loss_and_grads

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tessera.train.higher_order import gram_loss, gram_reference, gram_volume, symile_loss, symile_reference
+from tessera.losses import gram_loss, gram_reference, gram_volume, symile_loss, symile_reference
 
 from .test_losses import _assert_close, _spawned, in_gloo_group
 
@@ -111,9 +111,9 @@ def test_ring_symile_and_gram_on_every_rank_equal_the_global_whole_matrix_forms(
 
 def test_the_objective_adds_each_tuples_symile_loss_where_the_batch_carries_the_tuple():
     from tessera.config import from_dict
+    from tessera.losses import contrastive_loss_reference
     from tessera.models import ModelConfig, build_model
     from tessera.train.config import LossConfig
-    from tessera.train.losses import contrastive_loss_reference
     from tessera.train.objectives import ContrastiveObjective
 
     from .test_joint import JOINT_MODEL

@@ -16,9 +16,9 @@ import torch
 from tessera.config import ConfigError, from_dict
 from tessera.data import DataConfig, PerSourceLoader, ShardError, TrainLoader, train_loader
 from tessera.data.make_shards import write_shards
+from tessera.losses import contrastive_loss_reference
 from tessera.models import ModelConfig, pair_key
 from tessera.train.config import LossConfig
-from tessera.train.losses import contrastive_loss_reference
 from tessera.train.objectives import ContrastiveObjective
 
 from .conftest import TINY_MODEL, jpeg_bytes

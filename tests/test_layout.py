@@ -52,6 +52,7 @@ PACKAGES = {
     "tessera": ROOT / "tessera",
     "tessera.models": ROOT / "models",
     "tessera.data": ROOT / "data",
+    "tessera.losses": ROOT / "losses",
     "tessera.train": ROOT / "train",
     "tessera.eval": ROOT / "eval",
 }
@@ -59,6 +60,8 @@ PACKAGES = {
 LAYERS = {
     "tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
     "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
+    # the loss is a library of its own: torch only, usable without the loader, the models or the trainer
+    "tessera.losses": ("tessera.data", "tessera.models", "tessera.train", "tessera.eval"),
     "tessera.eval": ("tessera.train",),
 }
 # function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)

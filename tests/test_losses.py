@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from tessera.train.losses import contrastive_loss, contrastive_loss_reference
+from tessera.losses import contrastive_loss, contrastive_loss_reference
 
 from . import strict_p2p
 

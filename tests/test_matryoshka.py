@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tessera.losses import contrastive_loss, matryoshka_losses
 from tessera.models import truncate_embeddings as truncate
-from tessera.train.losses import contrastive_loss
-from tessera.train.matryoshka import matryoshka_losses
 
 from .test_losses import OPTIONS, _assert_close, _labels, _params, _spawned, in_gloo_group
 

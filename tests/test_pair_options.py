@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tessera.config import ConfigError, from_dict
+from tessera.losses import contrastive_loss_reference
 from tessera.models import ModelConfig, build_model
 from tessera.train.config import LossConfig, PretrainConfig
-from tessera.train.losses import contrastive_loss_reference
 from tessera.train.objectives import ContrastiveObjective
 
 from .conftest import TINY_MODEL

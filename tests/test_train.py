@@ -182,8 +182,8 @@ def test_label_positives_from_cls_members(tmp_path):
     from PIL import Image
 
     from tessera.data.make_shards import write_shards
+    from tessera.losses import contrastive_loss_reference
     from tessera.train.distributed import DistInfo
-    from tessera.train.losses import contrastive_loss_reference
     from tessera.train.recipes import load_config
     from tessera.train.tasks import make_task
 
@@ -239,9 +239,9 @@ def test_label_positives_from_cls_members(tmp_path):
 def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     """ContrastiveObjective passes scale, bias, labels and options through: its loss is the reference's."""
     from tessera.config import from_dict
+    from tessera.losses import contrastive_loss_reference
     from tessera.models import ModelConfig, build_model
     from tessera.train.config import LossConfig
-    from tessera.train.losses import contrastive_loss_reference
     from tessera.train.objectives import ContrastiveObjective
 
     bias = -10.0 if kind == "siglip" else None

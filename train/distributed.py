@@ -10,8 +10,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tessera.losses import register_host_group
+
 from .deepspeed_setup import deepspeed
-from .losses import register_host_group
 
 
 @dataclass(frozen=True)

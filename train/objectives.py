@@ -12,12 +12,10 @@ import torch.nn.functional as F
 from tessera import modalities
 from tessera.config import ConfigError
 from tessera.data import LABEL
+from tessera.losses import contrastive_loss, gram_loss, matryoshka_losses, symile_loss
 from tessera.models import pair_key
 
 from .config import LossConfig
-from .higher_order import gram_loss, symile_loss
-from .losses import contrastive_loss
-from .matryoshka import matryoshka_losses
 
 Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 

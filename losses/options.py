@@ -1,0 +1,56 @@
+"""What a contrastive loss is asked to compute, checked before any tile is: its kind and options, its inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("infonce", "siglip")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What changes the loss's value (kept apart from how it is computed)."""
+
+    kind: str = "infonce"
+    dcl: bool = False
+    label_smoothing: float = 0.0
+
+    def check(self, has_bias: bool, has_labels: bool) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"loss kind '{self.kind}' is not one of {KINDS}")
+        if self.kind == "siglip":
+            if not has_bias:
+                raise ValueError("the siglip loss needs logit_bias (a learnable scalar; SigLIP starts it at -10)")
+            if self.dcl or self.label_smoothing:
+                raise ValueError("dcl and label_smoothing are InfoNCE options; the siglip loss takes neither")
+        elif has_bias:
+            raise ValueError("logit_bias is a siglip parameter; InfoNCE is invariant to it, so it would never train")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dcl and self.label_smoothing:
+            raise ValueError(
+                "dcl removes the positives from the denominator; label smoothing puts them back: choose one"
+            )
+
+    def check_batch(self, distinct: int) -> None:
+        """`distinct`: how many distinct labels (or samples) the global batch holds."""
+        if self.dcl and distinct < 2:
+            raise ValueError("dcl=True needs at least one negative for every sample: this batch has none")
+
+
+def check_inputs(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Check two (B, D) feature tensors and their (B,) integer labels; return the labels as int64 on a's device."""
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"features must be two (B, D) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if labels is None:
+        return None
+    if labels.shape != (a.shape[0],) or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be ({a.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
+    return labels.to(device=a.device, dtype=torch.int64)
+
+
+def check_impl(impl: str) -> None:
+    if impl not in ("tiled", "full"):
+        raise ValueError(f"impl must be 'tiled' or 'full', got '{impl}'")
