@@ -1,7 +1,7 @@
 """Batch plans: training batches filled from communities of similar samples, so that a batch's negatives are hard
 without any labels (B3, 2025), read from local uncompressed shards by member offset.
 
-`tessera plan-batches` (tessera.train.batch_plan) writes a plan: a JSON file with the shards it indexed (path and
+`tessera plan-batches` (tessera.tools.plan_batches) writes a plan: a JSON file with the shards it indexed (path and
 byte size, checked whenever the plan is used), per sample its shard, position, key and members' (offset, size), and
 the communities, lists of samples that a previous model embeds close together. A run with `data.batch_plan` then
 builds each epoch's global batches from the plan (`epoch_batches`): the communities in an order drawn from

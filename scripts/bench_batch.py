@@ -110,9 +110,9 @@ def gradient_check(recipe: str, batch: int = 256, chunk: int = 64) -> float:
 
     from tessera.config import from_dict
     from tessera.models import ModelConfig, build_model
-    from tessera.train.config import LossConfig
-    from tessera.train.objectives import ContrastiveObjective
-    from tessera.train.steps import TwoPassStep
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.components.steps import TwoPassStep
+    from tessera.train.recipes.config import LossConfig
 
     torch.manual_seed(0)
     model = build_model(from_dict(ModelConfig, tessera_model(recipe), "model")).train()

@@ -128,7 +128,8 @@ def compare_tuples(out: Path, steps: int) -> dict:
     or GRAM's term on the pictures-sounds source. Each evaluated on the joint held-out set: retrieval for every
     pair, and image + audio -> text under each scoring rule."""
     from tessera.data import SourceConfig
-    from tessera.eval.retrieval import evaluate_joint_query, evaluate_pairs
+    from tessera.eval.joint import evaluate_joint_query
+    from tessera.eval.retrieval import evaluate_pairs
     from tessera.models import load_model
 
     data = demo_data(out)
@@ -193,7 +194,7 @@ def compare_batches(
         [
             sys.executable,
             "-m",
-            "tessera.train.batch_plan",
+            "tessera.tools.plan_batches",
             "--model",
             teacher["model"],
             *(arg for shards in TRAIN_SHARDS for arg in ("--data", str(data / shards))),

@@ -36,7 +36,7 @@ def one(impl: str, n: int, dim: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tessera.eval.retrieval import metrics_from_positions, positive_positions
+    from tessera.eval.ranking import metrics_from_positions, positive_positions
 
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(n, dim, generator=g), dim=-1)

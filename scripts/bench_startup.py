@@ -32,7 +32,7 @@ from pathlib import Path
 from bench_train import PEER_FIRST_STEP, ensure_peer_venv, make_shards, named_recipe, ours_overrides, peer_command
 from benchlib import first_logged_step, launch
 
-from tessera.train.recipes import merge_overrides
+from tessera.train.recipes.load import merge_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -445,7 +445,7 @@ def main() -> int:
         parser.error("--steps must exceed --warmup")
     import torch
 
-    from tessera.train.precision import native_precision
+    from tessera.train.components.precision import native_precision
 
     args.cuda = torch.cuda.is_available()
     native_bf16 = native_precision() == "bf16"

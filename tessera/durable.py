@@ -37,6 +37,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write `path` whole or not at all, durably: a temporary file, fsynced, renamed over it, the folder fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under `root`, itself included, deepest first."""
     for folder, dirs, files in os.walk(root, topdown=False):

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 
-from tessera.train import checkpoint, objectives, pretrain
+from tessera.train import pretrain
+from tessera.train.components import checkpoint, objectives
 
 
 def _die() -> None:

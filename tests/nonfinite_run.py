@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from tessera.train import objectives, pretrain
+from tessera.train import pretrain
+from tessera.train.components import objectives
 
 
 class InfGradient(torch.autograd.Function):

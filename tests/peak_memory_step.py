@@ -17,9 +17,9 @@ import torch
 
 from tessera.config import from_dict
 from tessera.models import ModelConfig, build_model
-from tessera.train.config import LossConfig
-from tessera.train.objectives import ContrastiveObjective
-from tessera.train.steps import OneGraphStep, TwoPassStep
+from tessera.train.components.objectives import ContrastiveObjective
+from tessera.train.components.steps import OneGraphStep, TwoPassStep
+from tessera.train.recipes.config import LossConfig
 
 WIDE = {"width": 128, "layers": 4}
 TOWERS = {

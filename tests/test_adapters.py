@@ -12,7 +12,7 @@ from tessera.config import from_dict
 from tessera.models import ConfigError, ModelConfig, build_model, load_model, save_model
 from tessera.models.adapters import load_adapter, merge_adapter, parameter_counts, save_adapter
 from tessera.models.lora import LoraConfig, apply_lora, lora_targets
-from tessera.train.recipes import merge_overrides
+from tessera.train.recipes.load import merge_overrides
 
 from .conftest import TINY_MODEL
 from .test_joint import JOINT_MODEL
@@ -315,8 +315,8 @@ def _finetune_args(base, out, demo_shards, *extra):
 
 
 def test_finetune_config_errors(tmp_path):
-    from tessera.train.config import FinetuneConfig
-    from tessera.train.recipes import load_config
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.runs import FinetuneConfig
 
     with pytest.raises(ConfigError, match="needs base=RUN_DIR/model"):
         load_config(None, [], FinetuneConfig)

@@ -15,7 +15,7 @@ from tessera.data import DataConfig, SampleStats, ShardError, SourceConfig, eval
 from tessera.data.plan import BatchPlan, ShardReader, epoch_batches, index_shards
 from tessera.data.shards import iter_raw_samples
 from tessera.models import build_model, save_model
-from tessera.train.batch_plan import grow_communities, main, nearest_neighbors
+from tessera.tools.plan_batches import grow_communities, main, nearest_neighbors
 
 from .conftest import call_main
 

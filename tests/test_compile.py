@@ -14,8 +14,8 @@ import torch
 
 from tessera.config import ConfigError, from_dict
 from tessera.models import ModelConfig, build_model, load_model, save_model
-from tessera.train.compiled import compile_towers
-from tessera.train.recipes import load_config
+from tessera.train.components.compiled import compile_towers
+from tessera.train.recipes.load import load_config
 
 from .conftest import PY, ROOT, TINY_MODEL, no_compiler_env, run_cli
 from .test_adapters import _base, _finetune_args

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tessera.config import ConfigError
-from tessera.train.config import PretrainConfig
-from tessera.train.recipes import apply_overrides, load_config, merge_overrides, read_recipe
+from tessera.train.recipes.load import apply_overrides, load_config, merge_overrides, read_recipe
+from tessera.train.recipes.runs import PretrainConfig
 
 from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
@@ -121,7 +121,7 @@ PRETRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("finetune-")]
 def test_every_recipe_loads_and_round_trips(recipe: Path):
     cfg = load_config(recipe)
     assert isinstance(cfg, PretrainConfig)
-    from tessera.train.recipes import dump_config
+    from tessera.train.recipes.load import dump_config
 
     again = load_config(
         None,
@@ -206,8 +206,8 @@ def test_cli_reports_config_errors_without_traceback():
 )
 def test_finetune_recipes_load_onto_an_exported_base(recipe: Path, tiny_model_cfg, tmp_path):
     from tessera.models import build_model, load_model, save_model
-    from tessera.train.config import FinetuneConfig
-    from tessera.train.tasks import make_task
+    from tessera.train.recipes.runs import FinetuneConfig
+    from tessera.train.recipes.tasks import make_task
 
     save_model(build_model(tiny_model_cfg), tmp_path / "base")
     classes = tmp_path / "classes.json"  # stands in for the demo's

@@ -146,7 +146,7 @@ def test_two_nodes_with_node_local_disks_checkpoint_and_resume_each_from_its_own
     """Two nodes whose output_dir roots differ (standing for local disks): each keeps a complete checkpoint,
     DeepSpeed's model states included; both resume from their own copy and continue exactly; a node without the
     chosen checkpoint stops the run with a message naming it."""
-    from tessera.train.checkpoint import complete_world
+    from tessera.train.components.checkpoint import complete_world
 
     from .test_losses import _free_port
 

@@ -13,7 +13,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
-from tessera.train.checkpoint import unusable
+from tessera.train.components.checkpoint import unusable
 
 from .conftest import PY, ROOT, run_cli
 from .test_train import tiny_run_args

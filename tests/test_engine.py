@@ -7,8 +7,8 @@ import math
 import pytest
 
 from tessera.models import build_model
-from tessera.train.engine import cosine_schedule, deepspeed_config, param_groups
-from tessera.train.recipes import load_config
+from tessera.train.distributed.engine import cosine_schedule, deepspeed_config, param_groups
+from tessera.train.recipes.load import load_config
 
 
 def test_no_weight_decay_on_norms_biases_and_temperatures(tiny_model_cfg):
@@ -78,9 +78,9 @@ def test_fp16_on_cpu_trains_where_deepspeed_supports_it_and_is_a_clear_error_els
     from deepspeed.accelerator import get_accelerator
 
     from tessera.config import ConfigError
-    from tessera.train.engine import build_engine
-    from tessera.train.export import full_fp32_state_dict
-    from tessera.train.objectives import ContrastiveObjective
+    from tessera.train.components.export import full_fp32_state_dict
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.distributed.engine import build_engine
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
     cfg = load_config(None, ["train.precision=fp16", "train.batch_size=4", "train.warmup_steps=0"])

@@ -61,7 +61,7 @@ def test_a_training_run_on_the_gpu_per_precision(demo_shards, tmp_path, precisio
 def test_loader_batches_are_pinned_for_the_gpu(demo_shards):
     from tessera.data import DataConfig, train_loader
     from tessera.models import build_model
-    from tessera.train.recipes import load_config
+    from tessera.train.recipes.load import load_config
 
     from .conftest import TINY_MODEL
 

@@ -113,8 +113,8 @@ def test_the_objective_adds_each_tuples_symile_loss_where_the_batch_carries_the_
     from tessera.config import from_dict
     from tessera.losses import contrastive_loss_reference
     from tessera.models import ModelConfig, build_model
-    from tessera.train.config import LossConfig
-    from tessera.train.objectives import ContrastiveObjective
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.recipes.config import LossConfig
 
     from .test_joint import JOINT_MODEL
 
@@ -157,7 +157,7 @@ def test_the_objective_adds_each_tuples_symile_loss_where_the_batch_carries_the_
 )
 def test_bad_tuple_configs_say_what_is_wrong(over, message):
     from tessera.config import ConfigError, from_dict
-    from tessera.train.config import PretrainConfig
+    from tessera.train.recipes.runs import PretrainConfig
 
     from .test_joint import JOINT_MODEL
 
@@ -183,8 +183,8 @@ def test_gram_volume_is_the_parallelotopes_and_zero_for_aligned_vectors():
 def test_the_objective_scores_a_tuple_by_gram_with_its_first_modality_as_the_anchor():
     from tessera.config import from_dict
     from tessera.models import ModelConfig, build_model
-    from tessera.train.config import LossConfig
-    from tessera.train.objectives import ContrastiveObjective
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.recipes.config import LossConfig
 
     from .test_joint import JOINT_MODEL
 

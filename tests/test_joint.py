@@ -18,8 +18,8 @@ from tessera.data import DataConfig, PerSourceLoader, ShardError, TrainLoader, t
 from tessera.data.make_shards import write_shards
 from tessera.losses import contrastive_loss_reference
 from tessera.models import ModelConfig, pair_key
-from tessera.train.config import LossConfig
-from tessera.train.objectives import ContrastiveObjective
+from tessera.train.components.objectives import ContrastiveObjective
+from tessera.train.recipes.config import LossConfig
 
 from .conftest import TINY_MODEL, jpeg_bytes
 
@@ -510,7 +510,7 @@ def test_eval_tools_cover_audio_graph_and_emergent_pairs(joint_shards, tmp_path)
 
 
 def test_a_source_that_covers_no_trained_pair_is_a_config_error():
-    from tessera.train.recipes import load_config
+    from tessera.train.recipes.load import load_config
 
     towers = {"towers": {**JOINT_MODEL["towers"]}, "embed_dim": 32}
     src = "{name: clips, shards: 'x-{0..1}.tar', modalities: [audio, image]}"

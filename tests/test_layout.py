@@ -16,7 +16,7 @@ from .conftest import PY, ROOT, jpeg_bytes, run_cli
 
 def test_commands_work_from_a_folder_holding_data_models_train_and_eval_folders(tmp_path):
     """A user's project folder with its own data/, models/, train/ and eval/ packages shadows none of Tessera's."""
-    for name in ("data", "models", "train", "eval"):
+    for name in ("data", "models", "losses", "train", "eval", "tools"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package')\n")
     (tmp_path / "pic.jpg").write_bytes(jpeg_bytes())
@@ -55,14 +55,32 @@ PACKAGES = {
     "tessera.losses": ROOT / "losses",
     "tessera.train": ROOT / "train",
     "tessera.eval": ROOT / "eval",
+    "tessera.tools": ROOT / "tools",
 }
+_ASSEMBLY = (
+    "tessera.train.recipes.tasks",
+    "tessera.train.loop",
+    "tessera.train.pretrain",
+    "tessera.train.finetune",
+    "tessera.train.cli",
+)
 # what each layer may not import, at module level or when used
 LAYERS = {
     "tessera.data": ("tessera.models", "tessera.train", "tessera.eval"),
     "tessera.models": ("tessera.data", "tessera.train", "tessera.eval"),
     # the loss is a library of its own: torch only, usable without the loader, the models or the trainer
     "tessera.losses": ("tessera.data", "tessera.models", "tessera.train", "tessera.eval"),
-    "tessera.eval": ("tessera.train",),
+    "tessera.eval": ("tessera.train", "tessera.tools"),
+    # offline tools prepare runs from models and shards; they never need the training runtime
+    "tessera.tools": ("tessera.train",),
+    # the loop's components never reach up to the tasks that assemble them, the loop or the entry points
+    "tessera.train.components": _ASSEMBLY,
+    "tessera.train.distributed": _ASSEMBLY,
+    # a recipe is read (and --help printed) without the runtime: no DeepSpeed, no engine, no loop
+    **{
+        f"tessera.train.recipes.{m}": ("tessera.train.components", "tessera.train.distributed", *_ASSEMBLY)
+        for m in ("config", "runs", "load")
+    },
 }
 # function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
 OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
@@ -71,8 +89,9 @@ OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
 def _modules() -> dict[str, Path]:
     out = {}
     for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            name = ".".join([package, *path.relative_to(folder).with_suffix("").parts])
+            out[name.removesuffix(".__init__")] = path
     return out
 
 
@@ -126,15 +145,17 @@ def test_every_modality_is_one_registry_entry_with_self_contained_parts():
         "models/multitower.py",
         "eval/common.py",
         "eval/retrieval.py",
+        "eval/ranking.py",
+        "eval/joint.py",
         "eval/zeroshot.py",
         "eval/linear_probe.py",
         "eval/api.py",
         "train/loop.py",
-        "train/tasks.py",
-        "train/objectives.py",
-        "train/engine.py",
-        "train/export.py",
-        "train/evaluate.py",
+        "train/recipes/tasks.py",
+        "train/components/objectives.py",
+        "train/distributed/engine.py",
+        "train/components/export.py",
+        "train/components/evaluate.py",
     ]
     names = [*(m for m, entry in modalities.MODALITIES.items() if entry.encoders), *modalities.encoder_names()]
     for rel in generic:

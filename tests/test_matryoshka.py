@@ -145,8 +145,8 @@ def test_ring_matryoshka_on_every_rank_equals_the_global_references():
 def test_objective_weighs_every_prefix_of_every_pair_and_reports_each():
     from tessera.config import from_dict
     from tessera.models import ModelConfig, build_model
-    from tessera.train.config import LossConfig
-    from tessera.train.objectives import ContrastiveObjective
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.recipes.config import LossConfig
 
     from .conftest import TINY_MODEL
 
@@ -179,7 +179,7 @@ def test_objective_weighs_every_prefix_of_every_pair_and_reports_each():
 )
 def test_bad_matryoshka_configs_say_what_is_wrong(loss, message):
     from tessera.config import ConfigError, from_dict
-    from tessera.train.config import PretrainConfig
+    from tessera.train.recipes.runs import PretrainConfig
 
     from .conftest import TINY_MODEL
 

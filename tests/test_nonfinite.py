@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tessera.train.guard import NonFiniteError, check_weights
+from tessera.train.components.guard import NonFiniteError, check_weights
 
 from .conftest import PY, ROOT, run_cli
 from .test_distributed import torchrun

@@ -8,8 +8,9 @@ import torch
 from tessera.config import ConfigError, from_dict
 from tessera.losses import contrastive_loss_reference
 from tessera.models import ModelConfig, build_model
-from tessera.train.config import LossConfig, PretrainConfig
-from tessera.train.objectives import ContrastiveObjective
+from tessera.train.components.objectives import ContrastiveObjective
+from tessera.train.recipes.config import LossConfig
+from tessera.train.recipes.runs import PretrainConfig
 
 from .conftest import TINY_MODEL
 

@@ -251,8 +251,8 @@ def test_eval_zeroshot_takes_a_prompt_adapter(colour_shards, tmp_path):
 
 
 def test_finetune_prompt_config_errors(tmp_path):
-    from tessera.train.config import FinetuneConfig
-    from tessera.train.recipes import load_config
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.runs import FinetuneConfig
 
     save_model(_base(), tmp_path / "base")
     common = [f"base={tmp_path / 'base'}", "adapter.kind=prompt"]

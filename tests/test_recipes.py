@@ -14,10 +14,10 @@ from tessera import modalities
 from tessera.config import from_dict
 from tessera.data.pipeline import seeded_rng
 from tessera.models import build_model, save_model
-from tessera.train.config import FinetuneConfig, PretrainConfig
 from tessera.train.loop import train
-from tessera.train.recipes import apply_overrides, read_recipe
-from tessera.train.tasks import make_task
+from tessera.train.recipes.load import apply_overrides, read_recipe
+from tessera.train.recipes.runs import FinetuneConfig, PretrainConfig
+from tessera.train.recipes.tasks import make_task
 
 from .conftest import ROOT
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.eval.retrieval import (
+from tessera.eval.joint import joint_positions
+from tessera.eval.ranking import (
     Embedded,
     chance_metrics,
     diagnostics,
-    joint_positions,
     metrics_from_positions,
     positive_positions,
     retrieval_metrics,
@@ -216,7 +216,7 @@ def test_a_clip_benchmark_shard_gives_every_caption_line_as_a_query(tiny_model_c
     from webdataset import TarWriter
 
     from tessera.data import SourceConfig
-    from tessera.eval.retrieval import embed
+    from tessera.eval.ranking import embed
     from tessera.models import build_model
 
     from .conftest import jpeg_bytes

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from tessera.models import load_model
-from tessera.train.checkpoint import resolve
-from tessera.train.recipes import merge_overrides
+from tessera.train.components.resume import resolve
+from tessera.train.recipes.load import merge_overrides
 
 from .conftest import PY, TINY_MODEL, no_compiler_env, run_cli
 
@@ -183,9 +183,9 @@ def test_label_positives_from_cls_members(tmp_path):
 
     from tessera.data.make_shards import write_shards
     from tessera.losses import contrastive_loss_reference
-    from tessera.train.distributed import DistInfo
-    from tessera.train.recipes import load_config
-    from tessera.train.tasks import make_task
+    from tessera.train.distributed.groups import DistInfo
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.tasks import make_task
 
     colours = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
     rng = np.random.default_rng(0)
@@ -241,8 +241,8 @@ def test_task_loss_is_the_reference_loss_of_the_model_features(kind):
     from tessera.config import from_dict
     from tessera.losses import contrastive_loss_reference
     from tessera.models import ModelConfig, build_model
-    from tessera.train.config import LossConfig
-    from tessera.train.objectives import ContrastiveObjective
+    from tessera.train.components.objectives import ContrastiveObjective
+    from tessera.train.recipes.config import LossConfig
 
     bias = -10.0 if kind == "siglip" else None
     model = build_model(from_dict(ModelConfig, {**TINY_MODEL, "init_logit_bias": bias}, "model"))

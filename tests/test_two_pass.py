@@ -13,9 +13,9 @@ import torch
 from tessera.config import from_dict
 from tessera.data import Chunks
 from tessera.models import ModelConfig, build_model
-from tessera.train.config import LossConfig
-from tessera.train.objectives import ContrastiveObjective
-from tessera.train.steps import TwoPassStep
+from tessera.train.components.objectives import ContrastiveObjective
+from tessera.train.components.steps import TwoPassStep
+from tessera.train.recipes.config import LossConfig
 
 from .conftest import PY, ROOT, TINY_MODEL, run_cli
 
@@ -217,8 +217,8 @@ def test_deepspeed_run_with_chunks_equals_the_unchunked_run(demo_shards, tmp_pat
     chunks form one optimizer step."""
     from tessera.models import load_model
     from tessera.train.loop import train
-    from tessera.train.recipes import load_config
-    from tessera.train.tasks import make_task
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.tasks import make_task
 
     def run(name, *extra):
         cfg = load_config(
@@ -336,8 +336,8 @@ def test_two_ranks_reduce_gradients_once_per_step_at_zero_0_and_1(demo_shards, t
 def test_chunk_size_config_errors(tmp_path):
     from tessera.config import ConfigError
     from tessera.models import save_model
-    from tessera.train.config import FinetuneConfig
-    from tessera.train.recipes import load_config
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.runs import FinetuneConfig
 
     with pytest.raises(ConfigError, match=r"batch_size \(16\) must be a multiple of train.chunk_size \(5\)"):
         load_config(None, ["train.batch_size=16", "train.chunk_size=5"])

@@ -24,7 +24,7 @@ COMMANDS = {
     "pretrain": "tessera.train.pretrain",
     "finetune": "tessera.train.finetune",
     "make-shards": "tessera.data.make_shards",
-    "plan-batches": "tessera.train.batch_plan",
+    "plan-batches": "tessera.tools.plan_batches",
     "demo-data": "tessera.data.demo",
     "export": "tessera.models.interop:export_main",
     "import": "tessera.models.interop:import_main",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import FinetuneConfig
 from .pretrain import run
+from .recipes.runs import FinetuneConfig
 
 
 def main(argv: list[str] | None = None) -> int:

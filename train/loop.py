@@ -1,5 +1,5 @@
 """The training loop, top to bottom: build, (resume), train, checkpoint, export, evaluate. It runs any task
-(`tessera.train.tasks`) and knows none of them: the task says what the model, data, objective, checkpoint and
+(`tessera.train.recipes.tasks`) and knows none of them: the task says what the model, data, objective, checkpoint and
 export are."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from tessera.config import ConfigError
 from tessera.data import to_device
 from tessera.eval.zeroshot import read_classes
 
-from . import checkpoint
-from .distributed import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed, restart_hazard
-from .engine import build_engine
-from .evaluate import check_eval, evaluate, report
-from .guard import Skipped, StepGuard, StopSignals
-from .metrics import MetricsLogger, Window, data_counts
-from .precision import input_dtype
-from .recipes import dump_config
-from .tasks import Pretrain, make_task
+from .components import checkpoint, resume
+from .components.evaluate import check_eval, evaluate, report
+from .components.guard import Skipped, StepGuard, StopSignals
+from .components.metrics import MetricsLogger, Window, data_counts
+from .components.precision import input_dtype
+from .distributed.engine import build_engine
+from .distributed.groups import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed, restart_hazard
+from .recipes.load import dump_config
+from .recipes.tasks import Pretrain, make_task
 
 log = logging.getLogger("tessera")
 
@@ -49,8 +49,8 @@ def train(task: Pretrain) -> dict[str, Any]:
             f"{out_dir} already holds checkpoints of an earlier run: pass resume=latest to continue "
             "it, or choose another output_dir"
         )
-    tag_dir = checkpoint.agree(ckpt_dir, cfg.resume, dist) if cfg.resume else None
-    universal = checkpoint.universal(tag_dir, dist, cfg.deepspeed.zero_stage, shared) if tag_dir else None
+    tag_dir = resume.agree(ckpt_dir, cfg.resume, dist) if cfg.resume else None
+    universal = resume.universal(tag_dir, dist, cfg.deepspeed.zero_stage, shared) if tag_dir else None
     if cfg.eval.classes:  # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
 

@@ -16,8 +16,8 @@ import sys
 
 from tessera.config import UserError
 
-from .config import PretrainConfig
-from .recipes import dump_config, help_text, load_config
+from .recipes.load import dump_config, help_text, load_config
+from .recipes.runs import PretrainConfig
 
 # What runs a resolved config: torch, DeepSpeed and the towers' libraries come with it, so it is imported only once
 # the command line has been read (`--help` needs none of them and answers at once; resolving a recipe imports the

@@ -33,9 +33,8 @@ from tessera.config import ConfigError, UserError
 from tessera.data import SampleStats, ShardError, decoders, expand_shards, to_device
 from tessera.data.pipeline import Source, StreamSpec, seeded_rng
 from tessera.data.plan import BatchPlan, PlannedStream, index_shards
+from tessera.durable import atomic_write_bytes
 from tessera.eval import common
-
-from .checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 KNN_ROWS = 1024  # query rows per similarity block of the k-NN search

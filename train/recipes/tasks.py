@@ -4,7 +4,7 @@ A task declares
 - its model: built from scratch, or an exported base with its model transform (an adapter) on it (`build_model`);
 - its data: the training loader and the micro-batch it feeds per rank (`data`);
 - its objective: one forward of a batch, returning losses and a report, and the step that trains a micro-batch
-  with it: one autograd graph, or the two-pass step when towers run in chunks (`step`, `tessera.train.steps`);
+  with it: one autograd graph, or the two-pass step when towers run in chunks (`step`, `components.steps`);
 - what a checkpoint holds (`trainable_only`) and what it exports at the end (`export`).
 
 Tasks are registered by name in `TASKS`; a run config names its task (`task`).
@@ -26,13 +26,13 @@ from tessera.eval.zeroshot import read_classes, templates_for
 from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
-from .compiled import compile_towers
-from .config import FinetuneConfig, PretrainConfig
-from .distributed import DistInfo, barrier
-from .export import export_adapter, export_engine
-from .objectives import ClassificationObjective, ContrastiveObjective, Losses
-from .precision import autocast_dtype, resolve
-from .steps import make_step
+from ..components.compiled import compile_towers
+from ..components.export import export_adapter, export_engine
+from ..components.objectives import ClassificationObjective, ContrastiveObjective, Losses
+from ..components.precision import autocast_dtype, resolve
+from ..components.steps import make_step
+from ..distributed.groups import DistInfo, barrier
+from .runs import FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
 

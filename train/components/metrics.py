@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from tessera.data.stats import MAX_EXAMPLES
 
-from .distributed import gather_objects
+from ..distributed.groups import gather_objects
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:

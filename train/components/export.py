@@ -11,8 +11,8 @@ import torch
 from tessera.models import MultiTowerModel, load_model, save_model
 from tessera.models.adapters import carries_prompts, fingerprint, load_adapter, merge_adapter, save_adapter
 
-from .deepspeed_setup import deepspeed
-from .distributed import DistInfo, barrier
+from ..distributed.deepspeed_setup import deepspeed
+from ..distributed.groups import DistInfo, barrier
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ from torch import nn
 
 from tessera.config import ConfigError
 
-from .config import DeepSpeedConfig, TrainConfig
+from ..components.guard import SkippableAdamW
+from ..recipes.config import DeepSpeedConfig, TrainConfig
 from .deepspeed_setup import deepspeed
-from .distributed import init_distributed
-from .guard import SkippableAdamW
+from .groups import init_distributed
 
 
 def param_groups(
@@ -110,7 +110,7 @@ def build_engine(
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
     groups = param_groups(model, t.weight_decay, t.lr, lr_scales)
     # The fused kernel (CPU and CUDA) updates a ViT-B/32 about 7x faster than the per-tensor loop on CPU.
-    # (a step whose loss or gradient is not finite is withheld from it: `tessera.train.guard`)
+    # (a step whose loss or gradient is not finite is withheld from it: `tessera.train.components.guard`)
     optimizer = SkippableAdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(t.warmup_steps, t.steps, t.min_lr / t.lr))
     engine, _, _, _ = deepspeed.initialize(

@@ -15,8 +15,8 @@ from tessera.eval.common import NoSamples
 from tessera.eval.retrieval import evaluate_pairs, summary_table, write_report
 from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classes
 
-from .config import PretrainConfig
-from .distributed import DistInfo
+from ..distributed.groups import DistInfo
+from ..recipes.runs import PretrainConfig
 from .metrics import MetricsLogger
 from .precision import input_dtype
 

@@ -13,7 +13,7 @@ import yaml
 
 from tessera.config import ConfigError, describe, from_dict, set_dotted, to_dict
 
-from .config import PretrainConfig
+from .runs import PretrainConfig
 
 INHERIT = "inherit"
 

@@ -1,6 +1,7 @@
 """What `train.precision` means on this machine: the dtypes a run casts inputs to and computes in, and `auto`.
 
-The run config (`tessera.train.config`) holds the name only, so that reading a recipe (and `--help`) needs no torch.
+The run config (`tessera.train.recipes.config`) holds the name only, so that reading a recipe (and `--help`)
+needs no torch.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch import nn
 from tessera.data import to_device
 from tessera.models.multitower import Encoded
 
-from .config import TrainConfig
+from ..recipes.config import TrainConfig
 from .objectives import ContrastiveObjective, Losses
 from .precision import input_dtype
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from tessera.config import UserError
 
-from .distributed import gather_objects
+from ..distributed.groups import gather_objects
 
 log = logging.getLogger(__name__)
 

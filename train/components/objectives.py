@@ -15,7 +15,7 @@ from tessera.data import LABEL
 from tessera.losses import contrastive_loss, gram_loss, matryoshka_losses, symile_loss
 from tessera.models import pair_key
 
-from .config import LossConfig
+from ..recipes.config import LossConfig
 
 Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
