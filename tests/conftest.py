@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,36 @@ from tessera.models import ModelConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ZYGOTE = Path(__file__).with_name("zygote.py")
+_zygote: subprocess.Popen | None = None
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`scripts/test.sh` runs `-n auto`), each worker gets its share of the cores: torch's
-    OpenMP threads in two workers (and in the runs they start) would otherwise spin against each other."""
+    OpenMP threads in two workers (and in the runs they start) would otherwise spin against each other. Each
+    process that runs tests starts its warm interpreter (`tests/zygote.py`), which its command runs fork from once
+    it has imported everything (TESSERA_TEST_ZYGOTE=0 runs every command in a fresh interpreter)."""
+    global _zygote
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
+    controller = workers > 1 and "PYTEST_XDIST_WORKER" not in os.environ
+    if os.environ.get("TESSERA_TEST_ZYGOTE") == "0" or controller:
+        os.environ.pop("TESSERA_TEST_ZYGOTE", None)
+        return
+    path = Path(tempfile.mkdtemp(prefix="tessera-zygote-")) / "socket"
+    os.environ["TESSERA_TEST_ZYGOTE"] = str(path)
+    os.environ["TESSERA_TEST_PYTHON"] = sys.executable
+    _zygote = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", str(path)], stdin=subprocess.DEVNULL)
+
+
+def pytest_unconfigure(config):
+    if _zygote is not None:
+        _zygote.kill()
+        _zygote.wait()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -80,13 +102,34 @@ def jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
     return buf.getvalue()
 
 
+PY = sys.executable
+# what a run's environment may change and still fork from the warm interpreter: nothing read at process start or
+# at import (glibc's MALLOC_* tunables, for one, are read when the process starts)
+WARM_ENV = {"OMP_NUM_THREADS", "PYTHONUNBUFFERED", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "DEEPSPEED_TIMEOUT"}
+
+
+def command(args: list[str], env: dict | None = None) -> list[str]:
+    """`args` as the suite starts it: a Python run (`python -m X ...`, `python script.py ...`, torchrun and each of
+    its ranks) through the warm interpreter (`tests/zygote.py`) where there is one and `env` changes only what no
+    import reads; anything else as it is."""
+    if "TESSERA_TEST_ZYGOTE" not in os.environ or set(env or ()) - WARM_ENV or args[:1] != [PY] or args[1] == "-c":
+        return list(args)
+    rest = list(args[1:])
+    if rest[:2] == ["-m", "torch.distributed.run"]:  # its ranks too: --no-python, with the client as their program
+        at = next(i for i in range(2, len(rest)) if rest[i] in ("-m", "--module") or rest[i].endswith(".py"))
+        if rest[at].endswith(".py"):
+            rest[at : at + 1] = ["--no-python", PY, str(ZYGOTE), rest[at]]
+        else:
+            rest[at : at + 2] = ["--no-python", PY, str(ZYGOTE), "-m", rest[at + 1]]
+    return [PY, str(ZYGOTE), *rest]
+
+
 def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
     """Run a command with the test interpreter's environment; return the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command(args, env), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-PY = sys.executable
 # C and C++ compilers by name: what a machine without a toolchain lacks
 COMPILERS = re.compile(r"^(cc|c\+\+|clang|clang\+\+|(.*-)?(gcc|g\+\+|cpp)(-\d+)?)$")
 

@@ -1,14 +1,16 @@
 """Peak memory of one training step of a small CLIP (4 layers of width 128 per tower), in a process of its own.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python tests/peak_memory_step.py B CHUNK
+    python tests/peak_memory_step.py B CHUNK
 
 prints, as JSON, how far the resident set's peak rises over one step of batch B in chunks of CHUNK (the two-pass
-step), or in one graph (CHUNK 0). The batch is made before the measurement starts. The malloc setting sends freed
-activations back to the system, so that the peak measures live memory and not what the C heap keeps cached.
+step), or in one graph (CHUNK 0). The batch is made before the measurement starts. It sets glibc's mmap threshold
+to 64 KiB first (as MALLOC_MMAP_THRESHOLD_=65536 would at process start), so that freed activations go back to the
+system and the peak measures live memory, not what the C heap keeps cached.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 from pathlib import Path
@@ -56,7 +58,12 @@ class Engine:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the threshold's dynamic growth
+
+
 def main(batch_size: int, chunk: int) -> dict:
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536):
+        raise OSError("mallopt(M_MMAP_THRESHOLD) failed")
     torch.set_num_threads(1)
     model = build_model(from_dict(ModelConfig, {"embed_dim": 64, "towers": TOWERS}, "model")).train()
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import PY, no_compiler_env, run_cli
+from .conftest import PY, command, no_compiler_env, run_cli
 from .test_train import tiny_run_args
 
 
@@ -104,29 +104,35 @@ def test_tiled_ring_loss_trains_as_the_full_matrix_loss_under_deepspeed(demo_sha
         assert torch.allclose(tiled_w[k], full_w[k], rtol=0, atol=1e-5), k
 
 
+NODE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def _nodes(port: int, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
     """Two torchrun "nodes" of one rank each, over loopback, node n running with the overrides runs[n]."""
     procs = [
         subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(n),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "-m",
-                "tessera.train.pretrain",
-                *args,
-            ],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+            command(
+                [
+                    PY,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes",
+                    "2",
+                    "--node_rank",
+                    str(n),
+                    "--nproc_per_node",
+                    "1",
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(port),
+                    "-m",
+                    "tessera.train.pretrain",
+                    *args,
+                ],
+                env=NODE_ENV,
+            ),
+            env={**os.environ, **NODE_ENV},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

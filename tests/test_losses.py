@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -268,9 +269,12 @@ def _free_port():
 
 
 def _spawned(worker, world: int, timeout: float) -> tuple[dict, list]:
-    """`world` spawned processes running worker(rank, world, port, queue), each putting one (rank, result); the
-    results by rank, and the processes. Whatever happens, none outlives the test."""
-    ctx = mp.get_context("spawn")
+    """`world` fresh processes running worker(rank, world, port, queue), each putting one (rank, result); the
+    results by rank, and the processes. Whatever happens, none outlives the test. They fork from a server that
+    imported torch and the test modules once (multiprocessing's forkserver), not from this process: it may have
+    run OpenMP threads, which a forked child cannot use."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", *(m for m in sys.modules if m.startswith("tests."))])  # the first call's
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=worker, args=(r, world, port, queue)) for r in range(world)]

@@ -17,7 +17,7 @@ from torch import nn
 
 from tessera.train.components.guard import NonFiniteError, check_weights
 
-from .conftest import PY, ROOT, run_cli
+from .conftest import PY, ROOT, command, run_cli
 from .test_distributed import torchrun
 from .test_train import tiny_run_args
 
@@ -121,7 +121,11 @@ def test_ctrl_c_checkpoints_the_step_and_exits_0_and_the_run_resumes(demo_shards
     run = tmp_path / "run"
     args = _args(demo_shards, run, "train.steps=100000")
     proc = subprocess.Popen(
-        [PY, "-m", "tessera.train.pretrain", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command([PY, "-m", "tessera.train.pretrain", *args]),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for_steps(proc, run, 3)
