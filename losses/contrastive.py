@@ -184,7 +184,6 @@ class _TiledContrastive(torch.autograd.Function):
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         engine = ctx.engine
-        engine.reset_ring()
         coef, upstream = _coefficients(wide(grad_out), ctx.norm, a.dtype)
         a_s = (wide(a) * wide(scale)).to(a.dtype)  # recomputed rather than kept from forward: B x D less held
         obj = _Contrastive(ctx.opts, engine.layout, a_s, bias, row_lse)

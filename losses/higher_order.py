@@ -89,7 +89,6 @@ class _OneWayWithPositives(torch.autograd.Function):
     def backward(ctx, grad_out):
         a_s, u, p, lse = ctx.saved_tensors
         engine = ctx.engine
-        engine.reset_ring()
         coef = grad_out.to(lse.dtype) * engine.ring.world / engine.layout.total  # W: the convention of `contrastive`
         obj = _OffDiagonal(engine.layout, a_s, lse, torch.zeros(a_s.shape, dtype=lse.dtype, device=a_s.device))
         grad_u = engine.backward(obj, [u], (u.shape[1],))
@@ -221,7 +220,6 @@ class _TiledGram(torch.autograd.Function):
     def backward(ctx, grad_out):
         anchor, others, anchor_sq, cross, scale, row_lse, col_lse = ctx.saved_tensors
         engine = ctx.engine
-        engine.reset_ring()
         m, D = others.shape[1], others.shape[2]
         coef = grad_out.to(row_lse.dtype) * engine.ring.world  # W: the convention of `contrastive`
         obj = _Gram(anchor, anchor_sq, scale, row_lse, m)

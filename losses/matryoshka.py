@@ -180,7 +180,6 @@ class _TiledMatryoshka(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, b, ra, rb, bias, row_lse, col_lse = ctx.saved_tensors
         engine, K, D = ctx.engine, len(ctx.dims), a.shape[1]
-        engine.reset_ring()
         infonce, need_b = ctx.opts.kind == "infonce", ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         bias = bias if ctx.has_bias else None
         obj = _Matryoshka(ctx.opts, engine.layout, a, ra, bias, _slices(ctx.dims), row_lse)

@@ -141,16 +141,13 @@ def _add_product(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
 
 
 class TileEngine:
-    """The ring, the layout of the global batch and the tile edge of one loss call."""
+    """The ring, the layout of the global batch and the tile edge of one loss call (kept from forward for backward:
+    none of them holds a transfer)."""
 
     def __init__(self, group, local_size: int, labels: torch.Tensor | None, device, acc: torch.dtype, tile: int):
         self.ring = Ring(group)
         self.layout = Layout(self.ring, local_size, labels, device, acc)
         self.tile, self.acc = tile, acc
-
-    def reset_ring(self) -> None:
-        """A fresh ring for backward (the group is the same; nothing of forward's transfers is kept)."""
-        self.ring = Ring(self.ring.group)
 
     def _shapes(self, payload: list[torch.Tensor]):
         return lambda blk: [(self.layout.sizes[blk], *t.shape[1:]) for t in payload]

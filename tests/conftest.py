@@ -65,6 +65,28 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -weight[item.path])  # stable: each file keeps its tests' order
 
 
+# The seed the learning tests add to their runs' (TESSERA_TEST_SEED; scripts/learning_margins.py varies it).
+SEED = int(os.environ.get("TESSERA_TEST_SEED", "0"))
+
+
+def learned(value: float, bound: float, what: str) -> None:
+    """A learning test's verdict: `value` (an accuracy, a loss's fall) must exceed `bound`. With
+    TESSERA_LEARNING_REPORT naming a file, the result is also appended there as a JSON line, with the margin, for
+    `scripts/learning_margins.py` to set beside the CPU kind, threads and seed it ran under."""
+    report = os.environ.get("TESSERA_LEARNING_REPORT")
+    if report:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        row = {"test": test, "what": what, "value": value, "bound": bound, "margin": value - bound}
+        with open(report, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    assert value > bound, f"{what}: {value:.4f} does not exceed its bound {bound:.4f}"
+
+
+def loss_fall(losses: list[float], n: int = 3) -> float:
+    """How far a run's loss fell: the mean of its first n logged losses less the mean of its last n."""
+    return sum(losses[:n]) / n - sum(losses[-n:]) / n
+
+
 # A CLIP small enough to train a step in well under a second on one CPU core.
 TINY_MODEL = {
     "embed_dim": 32,

@@ -385,12 +385,13 @@ def _joint_recipe(shards, out, **over) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
+@pytest.mark.learning
 def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exactly(joint_shards, tmp_path):
     import json
 
     import yaml
 
-    from .conftest import PY, run_cli
+    from .conftest import PY, SEED, learned, loss_fall, run_cli
 
     def torchrun(recipe, *extra):
         path = tmp_path / f"{len(list(tmp_path.glob('*.yaml')))}.yaml"
@@ -423,7 +424,7 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
              "modalities": ["video", "text"]}  # fmt: skip
 
     def recipe(out, **over):
-        doc = _joint_recipe(joint_shards, out, model=model, **over)
+        doc = _joint_recipe(joint_shards, out, model=model, seed=1 + SEED, **over)
         doc["data"]["train"].append(clips)
         return doc
 
@@ -436,7 +437,10 @@ def test_two_rank_deepspeed_run_mixing_sources_trains_every_pair_and_resumes_exa
     for pair in pairs:  # every pair was trained, and its loss fell
         seen = [x[f"loss/{pair}"] for x in train if f"loss/{pair}" in x]
         assert len(seen) >= 10, (pair, len(seen))  # the schedule is fixed by the seed: 14 to 18 each
-        assert sum(seen[-3:]) / 3 < sum(seen[:3]) / 3 - 0.3, (pair, seen)
+        # measured over seeds 1-4: a trained pair's loss falls by 0.22-1.5 (the text-graph pair least), and by
+        # 0.04-0.05 where the pair is left untrained (loss.weights {text-graph: 0}); most of the fall is the first
+        # steps' way down to chance, ln(32), from the above-chance start of random towers at temperature 0.07
+        learned(loss_fall(seen), 0.12, f"the {pair} loss's fall")
     assert len([x for x in train if "loss/text-video" in x]) >= 2  # the schedule is fixed by the seed
     assert not any("loss/image-audio" in x for x in train)  # anchor pairing: image-audio is never a loss
     assert any("loss/image-text" in x and "loss/text-audio" in x for x in train)  # the three-modality source

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tessera.eval.linear_probe import fit_logistic, linear_probe
 
-from .conftest import PY, call_main, run_cli
+from .conftest import PY, SEED, call_main, learned, run_cli
 
 
 def _clusters(n, d, classes, noise, seed, centre_seed=0):
@@ -30,14 +30,16 @@ def test_logistic_regression_reaches_the_optimum():
     assert W.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4  # a stationary point of a convex loss
 
 
+@pytest.mark.learning
 def test_probe_separates_clusters_and_scores_the_test_split():
-    train_x, train_y = _clusters(300, 16, 5, 0.4, 1)
-    test_x, test_y = _clusters(200, 16, 5, 0.4, 2)  # the same classes, other samples
+    train_x, train_y = _clusters(300, 16, 5, 0.4, 1 + 2 * SEED)
+    test_x, test_y = _clusters(200, 16, 5, 0.4, 2 + 2 * SEED)  # the same classes, other samples
     result = linear_probe(train_x, train_y, test_x, test_y)
     # the Bayes-optimal rule here is the nearest true centre: the probe must come close to it
     centres = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     optimal = ((test_x @ centres.T).argmax(1) == test_y).float().mean().item()
-    assert result["metrics"]["acc1"] >= optimal - 0.05 and optimal > 0.8
+    assert optimal > 0.8
+    learned(result["metrics"]["acc1"], optimal - 0.05, "test acc1 over the Bayes-optimal rule's - 0.05")
     assert result["chance"]["acc1"] == pytest.approx(0.2)
     assert result["weight_decay"] in (1e-6, 1e-4, 1e-2) and result["classes"] == 5
     noise_x = F.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(5)), dim=-1)

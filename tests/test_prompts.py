@@ -12,7 +12,7 @@ from tessera.models import ConfigError, load_model, save_model
 from tessera.models.adapters import load_adapter, parameter_counts
 from tessera.models.prompts import PromptConfig, apply_prompts, load_prompts, prompt_parameters, save_prompts
 
-from .conftest import TINY_MODEL
+from .conftest import SEED, TINY_MODEL, learned
 from .test_adapters import RESNET_MODEL, _base
 
 CLASSES = ["red circle", "blue square", "green star"]
@@ -91,9 +91,9 @@ def test_coop_context_is_spliced_where_the_placeholder_words_were():
     'a photo of a <class>.': the vectors go at positions 1..M and open_clip's forward does the rest."""
     model = apply_prompts(_base(), PromptConfig(context=4, init="a photo of a"), CLASSES).eval()
     with torch.no_grad():
-        learned = model.prompt_learner.class_features(model, CLASSES)
+        spliced = model.prompt_learner.class_features(model, CLASSES)
         written = model.encode("text", _tokens(model, [f"a photo of a {c}." for c in CLASSES]))
-        assert torch.allclose(learned, written, atol=1e-6)
+        assert torch.allclose(spliced, written, atol=1e-6)
         # captions encoded for retrieval do not get the context
         plain = _tokens(model, CLASSES)
         assert torch.allclose(model.encode("text", plain), _base().encode("text", plain), atol=1e-6)
@@ -197,6 +197,8 @@ def test_bad_prompt_configs_and_adapters_are_clear_errors(tmp_path):
         PromptConfig(context=0)
     with pytest.raises(ConfigError, match="is 4 tokens .* prompt.context is 3"):
         apply_prompts(_base(), PromptConfig(context=3, init="a photo of a"))
+    with pytest.raises(ConfigError, match="context is 16 tokens, but the text tower's prompts hold only 14"):
+        apply_prompts(_base(), PromptConfig(context=16), CLASSES)
     with pytest.raises(ConfigError, match="needs a tower that takes input tokens.*'image': 'open_clip_image'"):
         apply_prompts(_base(RESNET_MODEL), PromptConfig(context=0, visual_tokens=4))
     with pytest.raises(ConfigError, match="class_specific needs spliced context"):
@@ -270,8 +272,11 @@ def test_finetune_prompt_config_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def aligned_base(colour_shards, tmp_path_factory):
-    """The tiny model pretrained for 600 steps on the colour pictures and their captions (about 30 s): prompts
-    steer an aligned model; on a random one there is nothing for them to steer."""
+    """The tiny model pretrained for 400 steps on the colour pictures and their captions (about 25 s): prompts
+    steer an aligned model; on a random one there is nothing for them to steer. Measured, zero-shot colour acc1 with
+    the true colour names: 84-93% over seeds 0-3 at lr 0.001. At the lr 0.005 this fixture once used, the tiny
+    model sits at the edge of collapse: 45% at seed 0 and 9% (every picture one class) at seed 1, and the prompt
+    tests above it reached 32-54% at seed 0 depending on the CPU kind and threads, and 12% at seed 1."""
     import yaml
 
     from .conftest import PY, run_cli
@@ -288,21 +293,26 @@ def aligned_base(colour_shards, tmp_path_factory):
             f"output_dir={out / 'run'}",
             f"data.train={colour_shards}/train-{{000000..000003}}.tar",
             "data.num_workers=0",
-            "train.steps=600",
+            "train.steps=400",
             "train.batch_size=32",
-            "train.lr=0.005",
+            "train.lr=0.001",
             "train.warmup_steps=10",
             "train.precision=fp32",
             "train.log_every=100",
             "train.ckpt_every=-1",
             "deepspeed.zero_stage=0",
+            f"seed={SEED}",
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "run" / "model"
 
 
+FEWSHOT_PROMPT = ["adapter.prompt.context=4", "adapter.prompt.class_specific=true"]
+
+
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("prompt", [[], ["adapter.prompt.visual_tokens=4"]], ids=["coop-csc", "coop-csc+vpt"])
 def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
     colour_shards,
@@ -313,7 +323,8 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
 ):
     """The classes are called "class 0" ... "class 7", names the base never saw, so its zero-shot classifier is at
     chance. One learned context per class (CoOp's CSC), from 8 shots each, finds where each colour sits in the
-    text tower's input space. Measured: 14.6% zero-shot -> 41.7% (CSC), 45.8% (CSC + VPT) held-out acc1."""
+    text tower's input space. Measured (AMD EPYC; AVX2 and scalar kernels, 1 and 2 threads, seeds 0 and 1):
+    2-26% zero-shot -> 90.4-92.1% held-out acc1, CSC and CSC + VPT alike (scripts/learning_margins.py)."""
     from tessera.data import SourceConfig
     from tessera.eval.zeroshot import evaluate_zeroshot, read_classes
     from tessera.eval.zeroshot import main as zeroshot_main
@@ -333,8 +344,7 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
                 "task=fewshot",
                 "fewshot.k=8",
                 "adapter.kind=prompt",
-                "adapter.prompt.context=4",
-                "adapter.prompt.class_specific=true",
+                *FEWSHOT_PROMPT,
                 f"data.train={colour_shards}/train-{{000000..000003}}.tar",
                 f"data.val={colour_shards}/val-000000.tar",
                 f"eval.classes={classes}",
@@ -347,6 +357,8 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
                 "train.precision=fp32",
                 "train.log_every=50",
                 "eval.batch_size=240",
+                f"seed={SEED}",
+                f"fewshot.seed={SEED}",
                 *prompt,
             ]
         )
@@ -354,7 +366,7 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
     )
     few_shot = json.loads((out / "eval" / "zeroshot_image.json").read_text())
     assert few_shot["n"] == 240
-    assert few_shot["metrics"]["acc1"] > zero_shot + 0.15, (zero_shot, few_shot["metrics"])
+    learned(few_shot["metrics"]["acc1"], zero_shot + 0.3, "held-out acc1 over zero-shot + 0.3")
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "base.json",
         "prompt_config.json",
@@ -385,10 +397,12 @@ def test_few_shot_prompt_tuning_learns_classes_its_base_cannot_name(
 
 @pytest.mark.slow
 @pytest.mark.multiproc
+@pytest.mark.learning
 def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp_path):
     """torchrun + DeepSpeed ZeRO-2 in bf16: the class-specific context and the VPT tokens train on both ranks
     (the class prompts are encoded outside the engine's forward), and the adapter the run saves reproduces its
-    evaluation. Measured: 14.6% zero-shot -> 46.7%."""
+    evaluation. Measured (AMD EPYC, bf16 emulated; AVX2 and scalar kernels, 1 and 2 threads, seeds 0 and 1): 2-26%
+    zero-shot -> 90.4-91.7%."""
     from .conftest import PY, run_cli
 
     classes = tmp_path / "coded.json"
@@ -409,8 +423,7 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
             "task=fewshot",
             "fewshot.k=8",
             "adapter.kind=prompt",
-            "adapter.prompt.context=4",
-            "adapter.prompt.class_specific=true",
+            *FEWSHOT_PROMPT,
             "adapter.prompt.visual_tokens=4",
             f"data.train={colour_shards}/train-{{000000..000003}}.tar",
             f"data.val={colour_shards}/val-000000.tar",
@@ -425,6 +438,8 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
             "train.log_every=50",
             "eval.batch_size=240",
             "deepspeed.zero_stage=2",
+            f"seed={SEED}",
+            f"fewshot.seed={SEED}",
         ],
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -436,7 +451,7 @@ def test_prompt_tuning_under_two_rank_deepspeed(colour_shards, aligned_base, tmp
     val, names = [SourceConfig(str(colour_shards / "val-000000.tar"))], [f"class {i}" for i in range(8)]
     zero_shot = evaluate_zeroshot(load_model(aligned_base), val, "image", names, ["a {} shape"], 240)["metrics"]["acc1"]
     few_shot = json.loads((out / "eval" / "zeroshot_image.json").read_text())["metrics"]["acc1"]
-    assert few_shot > zero_shot + 0.15, (zero_shot, few_shot)
+    learned(few_shot, zero_shot + 0.3, "held-out acc1 over zero-shot + 0.3")
     reloaded = load_adapter(load_model(aligned_base), out / "adapter").eval()
     again = evaluate_zeroshot(reloaded, val, "image", names, ["a {} shape"], 240)["metrics"]["acc1"]
     assert again == pytest.approx(few_shot, abs=0.03)  # fp32 here, bf16 in the run
