@@ -120,6 +120,12 @@ class PromptLearner(nn.Module):
             "prompt.class_specific needs the class names (fewshot.classes or eval.classes)",
         )
         self._spliced = site
+        room = len(site.tokenize("")) - site.offset - 1  # the tower's context length less <BOS> and <EOT>
+        if cfg.context > room:
+            raise ConfigError(
+                f"prompt.context is {cfg.context} tokens, but the text tower's prompts hold only {room} "
+                "(and the class name needs some of them): lower prompt.context"
+            )
         self.context_words = cfg.init if cfg.init is not None else " ".join([PLACEHOLDER] * cfg.context)
         ids = site.word_ids(self.context_words)
         _check_init_length(cfg, ids)
