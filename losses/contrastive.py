@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .options import LossOptions, check_impl, check_inputs
+from .options import LossOptions, check_impl, check_inputs, fused_kernel
 from .reference import contrastive_loss_reference
 from .ring import Layout, gather_batch, is_distributed
 from .tiles import Tile, TiledObjective, TileEngine, resolve_tile, wide
@@ -58,12 +58,19 @@ class _Contrastive(TiledObjective):
     Payload of a column block: [b] in forward; [b, its column LSEs] in InfoNCE's backward. `totals` holds [the
     softplus terms (SigLIP), the weighted positive logits (labels)]."""
 
-    def __init__(self, opts: LossOptions, layout: Layout, a_s, bias, row_lse=None, totals=None):
+    def __init__(self, opts: LossOptions, layout: Layout, a_s, bias, row_lse=None, totals=None, fused=False):
         self.opts, self.layout, self.a_s, self.row_lse, self.totals = opts, layout, a_s, row_lse, totals
         self.bias = None if bias is None else wide(bias)
         self.col_state_shape = () if opts.kind == "infonce" else None
         self.masked = opts.dcl or layout.labels is not None  # tiles need their positives' mask
         self.coef = self.grad_as = self.grad_bias = None
+        self.fused = fused
+        if fused:
+            from . import kernels
+
+            self.kernels = kernels
+            self.kind = kernels.INFONCE if opts.kind == "infonce" else kernels.SIGLIP
+            self.tf32 = torch.get_float32_matmul_precision() != "highest"
 
     def start_backward(self, coef, need_bias: bool) -> None:
         """The coefficient of the numerator, and zeroed d(a_s) and d(bias) buffers for the backward sweep."""
@@ -131,10 +138,37 @@ class _Contrastive(TiledObjective):
             self.grad_bias += g.sum()
         return [g]
 
+    # --- the fused kernel (kernels.py): no labels, so the positives are the diagonal of this rank's own block ---
+    def _shift(self, tile: Tile) -> int | None:
+        """Where DCL's mask lies in the tile: column = row + shift; None: nothing to mask."""
+        return tile.r[0] - tile.c[0] if self.opts.dcl and tile.block == self.layout.rank else None
+
+    def forward_fused(self, tile, rows, cols):
+        k = self.kernels
+        if self.kind == k.SIGLIP:
+            self.totals[0] += k.forward(rows[0], cols[0], k.SIGLIP, self.bias, None, self.tf32)
+            return
+        row, col = k.forward(rows[0], cols[0], k.INFONCE, None, self._shift(tile), self.tf32)
+        torch.logaddexp(self.row_lse[tile.rows], row, out=self.row_lse[tile.rows])
+        torch.logaddexp(tile.col_state[tile.cols], col, out=tile.col_state[tile.cols])
+
+    def backward_fused(self, tile, rows, cols, row_grads, col_grads):
+        k, shift = self.kernels, self._shift(tile)
+        lse_row = lse_col = None
+        if self.kind == k.INFONCE:
+            lse_row, lse_col = self.row_lse[tile.rows], tile.payload[1][tile.cols]
+        args = (self.kind, self.coef)
+        g_sum = k.backward_rows(rows[0], cols[0], row_grads[0], *args, lse_row, lse_col, self.bias, shift, self.tf32)
+        if col_grads is not None:  # the transposed tile: z^T, with the row and column statistics swapped
+            back = None if shift is None else -shift
+            k.backward_rows(cols[0], rows[0], col_grads[0], *args, lse_col, lse_row, self.bias, back, self.tf32)
+        if self.grad_bias is not None:
+            self.grad_bias += g_sum
+
 
 class _TiledContrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, tile: int, group):
+    def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, tile: int, group, fused: bool):
         acc = wide(a[:0]).dtype
         engine = TileEngine(group, a.shape[0], labels, a.device, acc, tile)
         layout, world = engine.layout, engine.ring.world
@@ -146,13 +180,13 @@ class _TiledContrastive(torch.autograd.Function):
         row_lse = torch.full((a.shape[0],), float("-inf"), dtype=acc, device=a.device) if infonce else None
         norm = 2 * G if infonce else G
         ctx.fused = None
-        if not infonce and world == 1 and any(ctx.needs_input_grad[:4]):
+        if not infonce and world == 1 and not fused and any(ctx.needs_input_grad[:4]):
             # SigLIP needs no global statistic before its gradient: on one process, take the loss and the
             # gradients from the same tiles (3 GEMMs, not 4), and let backward only scale them.
             obj = _Contrastive(opts, layout, a_s, bias, totals=totals)
             ctx.fused = _gradients(engine, obj, ctx.needs_input_grad, a, b, scale, bias, None, None, 1.0 / norm)
             return _local_terms(opts, layout, a_s, b, bias, None, None, totals) / norm
-        obj = _Contrastive(opts, layout, a_s, bias, row_lse, totals)
+        obj = _Contrastive(opts, layout, a_s, bias, row_lse, totals, fused)
         col_lse = engine.forward(obj, [b])
         local = _local_terms(opts, layout, a_s, b, bias, row_lse, col_lse, totals)
         sums_ab = None
@@ -174,21 +208,21 @@ class _TiledContrastive(torch.autograd.Function):
             empty if col_lse is None else col_lse,
             empty if sums_ab is None else sums_ab,
         )
-        ctx.opts, ctx.engine, ctx.norm, ctx.has_bias = opts, engine, norm, bias is not None
+        ctx.opts, ctx.engine, ctx.norm, ctx.has_bias, ctx.kernel = opts, engine, norm, bias is not None, fused
         return local / norm
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.fused is not None:  # computed in forward for a loss of 1; scale by what came back
-            return tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.fused) + (None,) * 4
+            return tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.fused) + (None,) * 5
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         engine = ctx.engine
         coef, upstream = _coefficients(wide(grad_out), ctx.norm, a.dtype)
         a_s = (wide(a) * wide(scale)).to(a.dtype)  # recomputed rather than kept from forward: B x D less held
-        obj = _Contrastive(ctx.opts, engine.layout, a_s, bias, row_lse)
+        obj = _Contrastive(ctx.opts, engine.layout, a_s, bias, row_lse, fused=ctx.kernel)
         needs = ctx.needs_input_grad
-        return _gradients(engine, obj, needs, a, b, scale, bias, col_lse, sums_ab, coef, upstream) + (None,) * 4
+        return _gradients(engine, obj, needs, a, b, scale, bias, col_lse, sums_ab, coef, upstream) + (None,) * 5
 
 
 def _coefficients(upstream: torch.Tensor, norm: int, dtype: torch.dtype) -> tuple:
@@ -265,6 +299,7 @@ def contrastive_loss(
     dcl: bool = False,
     label_smoothing: float = 0.0,
     impl: str = "tiled",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Mean contrastive loss over the global batch (see the module docstring for the exact definition and the
     gradient convention across ranks).
@@ -273,7 +308,8 @@ def contrastive_loss(
     loss accumulates in fp32). logit_scale: the multiplier s (already exponentiated), a scalar or shape (1,).
     logit_bias: SigLIP's bias. labels: (B,) integer ids; samples sharing an id are positives for each other.
     impl="full" gathers the features and builds the whole matrix (the reference: G^2 memory, and every rank
-    must pass the same B).
+    must pass the same B). kernel: "auto" (the fused Triton kernel on CUDA where it covers the options), "triton"
+    or "torch" (see options.fused_kernel).
     """
     opts = LossOptions(kind, dcl, float(label_smoothing))
     opts.check(logit_bias is not None, labels is not None)
@@ -288,7 +324,10 @@ def contrastive_loss(
     scale = logit_scale.reshape(())
     bias = None if logit_bias is None else logit_bias.reshape(())
     group = process_group if distributed else None
-    return _TiledContrastive.apply(a.contiguous(), b.contiguous(), scale, bias, labels, opts, int(tile_size), group)
+    not_covered = "label positives need a mask per tile (loss.positives=label)" if labels is not None else None
+    fused = fused_kernel(kernel, a, f"the {kind} loss", not_covered)
+    a, b = a.contiguous(), b.contiguous()
+    return _TiledContrastive.apply(a, b, scale, bias, labels, opts, int(tile_size), group, fused)
 
 
 def count_flops(kind: str, global_batch: int, dim: int, world: int = 1) -> int:

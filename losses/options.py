@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("infonce", "siglip")
+KERNELS = ("auto", "triton", "torch")  # how the tiles are computed: see fused_kernel
+
+log = logging.getLogger("tessera.losses")
+_told: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -54,3 +61,33 @@ def check_inputs(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None) 
 def check_impl(impl: str) -> None:
     if impl not in ("tiled", "full"):
         raise ValueError(f"impl must be 'tiled' or 'full', got '{impl}'")
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1: on CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_kernel(kernel: str, x: torch.Tensor, what: str, not_covered: str | None = None) -> bool:
+    """Whether `what` (an objective) runs the fused Triton kernel for features like `x`. auto: on CUDA, where the
+    kernel covers the objective and its options; triton: wherever it can run (a CUDA tensor, or any under the
+    interpreter); torch: never. Where the kernel is wanted but cannot run (`not_covered`: why the objective's
+    options are not fused), the torch path runs and the log says why, once per reason."""
+    if kernel not in KERNELS:
+        raise ValueError(f"loss.kernel must be one of {KERNELS}, got '{kernel}'")
+    if kernel == "torch" or (kernel == "auto" and not x.is_cuda):
+        return False
+    reason = not_covered
+    if reason is None and importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed"
+    if reason is None and not (x.is_cuda or interpreted()):
+        reason = "the kernel runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
+    if reason is None and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reason = f"it takes bf16, fp16 or fp32 features, not {x.dtype}"
+    if reason is None:
+        return True
+    message = f"loss.kernel={kernel}: {what} runs the torch path: {reason}"
+    if message not in _told:
+        _told.add(message)
+        log.warning(message)
+    return False

@@ -18,9 +18,10 @@ The engine then adds dL/dP_m @ cols_m to the rows' gradient and dL/dP_m^T @ rows
 `products` is an iterator that computes each GEMM when it is taken, so an objective that folds them one by one
 (Matryoshka's running prefix sums) holds one T x T product at a time.
 
-The two walks over a block's tiles (`_walk_forward`, `_walk_backward`) are the one place where tiles are visited:
-a fused GPU kernel that keeps the tiles on chip replaces them for the objectives it covers, and the ring, the
-layout and every objective's bookkeeping stay as they are.
+The two walks over a block's tiles (`_walk_forward`, `_walk_backward`) are the one place where tiles are visited.
+An objective that runs a fused kernel (`fused` true: `kernels.py`, which keeps the logits on chip) takes each tile
+whole instead, as its operands' row and column slices, and adds the gradients itself; the ring, the layout and its
+bookkeeping stay as they are.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class TiledObjective:
 
     # the trailing shape of a block's column log-sum-exps ((): one per column); None: the objective keeps none
     col_state_shape: tuple[int, ...] | None = None
+    # True: the tiles go to forward_fused/backward_fused (a fused kernel) instead of forward_tile/backward_tile
+    fused = False
 
     def rows(self) -> list[torch.Tensor]:
         """This rank's row operands, (B, d_m) each."""
@@ -125,10 +128,22 @@ class TiledObjective:
     def backward_tile(self, tile: Tile, products: Iterator[torch.Tensor]) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
+    def forward_fused(self, tile: Tile, rows: list[torch.Tensor], cols: list[torch.Tensor]) -> None:
+        """forward_tile, given the tile's operand slices rather than their products."""
+        raise NotImplementedError
+
+    def backward_fused(self, tile: Tile, rows, cols, row_grads, col_grads) -> None:
+        """Add the tile's gradients into the slices row_grads and col_grads (None: the columns need none)."""
+        raise NotImplementedError
+
 
 def _products(rows: list[torch.Tensor], cols: list[torch.Tensor], r: tuple, c: tuple) -> Iterator[torch.Tensor]:
     for x, y in zip(rows, cols):
         yield mm(x[r[0] : r[1]], y[c[0] : c[1]].T)
+
+
+def _slices(tensors: list[torch.Tensor], span: tuple[int, int]) -> list[torch.Tensor]:
+    return [t[span[0] : span[1]] for t in tensors]
 
 
 def _add_product(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
@@ -201,7 +216,11 @@ class TileEngine:
         rows, cols = obj.rows(), obj.cols(block)
         for r in spans(rows[0].shape[0], self.tile):
             for c in spans(block[0].shape[0], self.tile):
-                obj.forward_tile(Tile(blk, r, c, block, col_state=col_state), _products(rows, cols, r, c))
+                tile = Tile(blk, r, c, block, col_state=col_state)
+                if obj.fused:
+                    obj.forward_fused(tile, _slices(rows, r), _slices(cols, c))
+                else:
+                    obj.forward_tile(tile, _products(rows, cols, r, c))
 
     def _walk_backward(self, obj: TiledObjective, blk: int, block: list[torch.Tensor], grad) -> None:
         rows, cols, row_grads = obj.rows(), obj.cols(block), obj.row_grads()
@@ -209,6 +228,10 @@ class TileEngine:
         for r in spans(rows[0].shape[0], self.tile):
             for c in spans(block[0].shape[0], self.tile):
                 tile = Tile(blk, r, c, block, col_grad=grad)
+                if obj.fused:
+                    column_grads = None if col_grads is None else _slices(col_grads, c)
+                    obj.backward_fused(tile, _slices(rows, r), _slices(cols, c), _slices(row_grads, r), column_grads)
+                    continue
                 coefficients = obj.backward_tile(tile, _products(rows, cols, r, c))
                 for m, g in enumerate(coefficients):
                     if g is None:

@@ -11,6 +11,15 @@ cannot flatter or hurt the next. Reported per configuration:
   (capped at 8192) timed in the same subprocess: the machine's practical limit.
 open_clip runs are skipped (and the table says so) where its B x B matrices would not fit in --mem-gib.
 
+Implementations (--impls): open_clip (its `ClipLoss`/`SigLipLoss`), tessera (the tiled loss's torch path:
+loss.kernel=torch), triton (its fused kernel: loss.kernel=triton, CUDA only), inf_cl (Inf-CL's `cal_inf_loss`,
+both directions, InfoNCE on CUDA only, where it is installed). The table compares each against open_clip and
+gives its share of the torch.mm rate, counted at 8 B^2 D FLOPs for Tessera's kernel (5 GEMMs of the tile run).
+
+--precision measures instead the error of the loss and of every gradient (features, scale) against fp64, at the
+given --dtype, for open_clip's `ClipLoss` fed that dtype's features (its logits then come out in that dtype, as
+under amp_bf16), Tessera's torch path and its kernel.
+
 With --world W, every configuration runs as W gloo processes (torchrun, one thread each), B is the global
 batch and each rank holds B/W rows: open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` (or its
 `SigLipLoss` neighbour exchange) against Tessera's ring. Time and peak memory are the worst rank's.
@@ -19,6 +28,7 @@ batch and each rank holds B/W rows: open_clip's `ClipLoss(local_loss=True, gathe
     python scripts/bench_loss.py --batches 1024,4096 --kind siglip
     python scripts/bench_loss.py --world 2 --batches 4096,16384 --out runs/bench_loss_w2
     python scripts/bench_loss.py --device cuda --dtype bf16 --batches 8192,65536,262144   # one GPU
+    python scripts/bench_loss.py --device cuda --dtype bf16 --precision --batches 65536
 
 Writes runs/bench_loss/results.json, runs/bench_loss/memory.png (log-log memory vs B) and time.png.
 """
@@ -38,6 +48,7 @@ from benchlib import meminfo_gib, reset_peak, status_kib
 ROOT = Path(__file__).resolve().parents[1]
 # open_clip's peak is about 15 bytes per logit (fp32 logits, their transpose's softmax, the gradients), measured
 OPENCLIP_BYTES_PER_LOGIT = 16
+IMPLS = ("open_clip", "tessera", "triton", "inf_cl")
 
 
 def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: int, device: str = "cpu") -> dict:
@@ -91,12 +102,25 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
             return peer(a, b, scale) if kind == "infonce" else peer(a, b, scale, bias)
 
         flops = 6 * B * B * D
+    elif impl == "inf_cl":
+        if kind != "infonce" or not cuda:
+            raise SystemExit("inf_cl: Inf-CL computes InfoNCE, on CUDA only")
+        try:
+            from inf_cl import cal_inf_loss
+        except ImportError:
+            raise SystemExit("inf_cl: not installed (pip install inf_cl)") from None
+
+        def loss_fn():  # both directions, as CLIP's loss
+            return (cal_inf_loss(a, b, scale=scale) + cal_inf_loss(b, a, scale=scale)) / 2
+
+        flops = 8 * B * B * D  # its sweeps run about 10 B^2 D; counted as ours, for a like-for-like rate
     else:
+        kernel = "triton" if impl == "triton" else "torch"
 
         def loss_fn():
-            return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile or None)
+            return contrastive_loss(a, b, scale, bias, kind=kind, tile_size=tile or None, kernel=kernel)
 
-        flops = count_flops(kind, B, D, world)
+        flops = count_flops(kind, B, D, world) if kernel == "torch" else 8 * B * B * D
 
     times, peaks, value = [], [], None
     for _ in range(repeats):
@@ -149,7 +173,7 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         "world": world,
         "D": D,
         "dtype": dtype,
-        "tile": (tile or default_tile(a.device)) if impl == "tessera" else None,
+        "tile": (tile or default_tile(a.device)) if impl in ("tessera", "triton") else None,
         "seconds": seconds,
         "peak_mib": peak / 1024,
         "gflops": flops / seconds / 1e9,
@@ -160,6 +184,46 @@ def one(impl: str, kind: str, B: int, D: int, tile: int, dtype: str, repeats: in
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
+
+
+def precision(B: int, D: int, dtype: str, device: str, tile: int) -> list[dict]:
+    """The error of the loss and of d(a), d(b), d(scale) against fp64, for each implementation fed `dtype`
+    features: max |x - x64| / max |x64| per output."""
+    import torch
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from tessera.losses import contrastive_loss
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device, dt)
+    b = F.normalize(torch.randn(B, D, generator=g).to(device) + a.float(), dim=-1).to(dt)
+    scale = torch.tensor(100.0, device=device)  # CLIP's cap: where rounding of the logits hurts most
+
+    def outputs(fn, x, y, s):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, y, s)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach().double()] + [t.grad.double() for t in leaves]
+
+    tile = tile or None
+    want = outputs(lambda x, y, s: contrastive_loss(x, y, s, tile_size=tile, kernel="torch"), a.double(), b.double(),
+                   scale.double())  # fmt: skip
+    peers = {
+        "open_clip": lambda x, y, s: ClipLoss()(x, y, s),
+        "tessera": lambda x, y, s: contrastive_loss(x, y, s, tile_size=tile, kernel="torch"),
+    }
+    if device == "cuda":
+        peers["triton"] = lambda x, y, s: contrastive_loss(x, y, s, tile_size=tile, kernel="triton")
+    rows = []
+    for impl, fn in peers.items():
+        got = outputs(fn, a, b, scale)
+        errors = [float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(got, want)]
+        rows.append(dict(zip(["impl", "loss", "d_a", "d_b", "d_scale"], [impl, *errors])) | {"B": B, "D": D})
+        print(f"{impl:>9} B={B}: relative error loss {errors[0]:.2e}, d(a) {errors[1]:.2e}, d(b) {errors[2]:.2e}, "
+              f"d(scale) {errors[3]:.2e}", flush=True)  # fmt: skip
+    return rows
 
 
 def run_sub(args, impl: str, B: int) -> dict:
@@ -215,9 +279,23 @@ def main(argv=None) -> None:
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU (peak = its allocated memory)"
     )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_loss"))
-    p.add_argument("--one", choices=["open_clip", "tessera"], help=argparse.SUPPRESS)
+    p.add_argument("--impls", default="open_clip,tessera,triton", help="comma-separated: " + ",".join(IMPLS))
+    p.add_argument("--precision", action="store_true", help="measure errors against fp64 instead of time")
+    p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
+    impls = [x for x in args.impls.split(",") if x]
+    if unknown := sorted(set(impls) - set(IMPLS)):
+        p.error(f"--impls: unknown {unknown}; choose from {','.join(IMPLS)}")
+    if args.device == "cpu" and "triton" in impls:
+        impls.remove("triton")  # the kernel runs on CUDA (on CPU only in Triton's interpreter, for the tests)
+    out = Path(args.out)
+    if args.precision:
+        rows = [r for B in batches for r in precision(B, args.dim, args.dtype, args.device, args.tile)]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "precision.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+        print(f"wrote {out}/precision.json")
+        return
     if args.one:
         result = one(args.one, args.kind, batches[0], args.dim, args.tile, args.dtype, args.repeats, args.device)
         if result:
@@ -232,7 +310,7 @@ def main(argv=None) -> None:
         mem_gib = args.mem_gib or 0.85 * meminfo_gib("MemAvailable")
     rows = []
     for B in batches:
-        for impl in ("open_clip", "tessera"):
+        for impl in impls:
             need = OPENCLIP_BYTES_PER_LOGIT * B * B / 2**30  # W ranks x (B/W x B) logits each
             if impl == "open_clip" and need > mem_gib:
                 row = {"impl": impl, "B": B, "skipped": f"needs about {need:.0f} GiB, {mem_gib:.0f} GiB available"}
@@ -243,7 +321,6 @@ def main(argv=None) -> None:
 
     table = _table(rows)
     print("\n" + table)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     (out / "table.md").write_text(table + "\n")
@@ -261,27 +338,27 @@ def _line(r: dict) -> str:
 
 
 def _table(rows: list[dict]) -> str:
+    """One line per (B, implementation): time and memory against open_clip's, rates against torch.mm's."""
     by = {(r["impl"], r["B"]): r for r in rows}
-    head = (
-        "| B | open_clip time | Tessera time | time ratio | open_clip peak | Tessera peak | memory ratio | "
-        "open_clip GFLOP/s | Tessera GFLOP/s | torch.mm GFLOP/s | Tessera / torch.mm |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
+    lines = [
+        "| B | implementation | time | time / open_clip | peak | memory / open_clip | GFLOP/s | share of torch.mm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for B in sorted({r["B"] for r in rows}):
-        o, t = by.get(("open_clip", B), {}), by.get(("tessera", B), {})
-
-        def cell(r, key, fmt):
-            return "skipped" if "skipped" in r or not r else fmt.format(r[key])
-
-        ratio_t = f"{t['seconds'] / o['seconds']:.2f}x" if "seconds" in o and "seconds" in t else "-"
-        ratio_m = f"1/{o['peak_mib'] / max(t['peak_mib'], 1e-3):.0f}" if "peak_mib" in o and "peak_mib" in t else "-"
-        lines.append(
-            f"| {B} | {cell(o, 'seconds', '{:.3f} s')} | {cell(t, 'seconds', '{:.3f} s')} | {ratio_t} | "
-            f"{cell(o, 'peak_mib', '{:.0f} MiB')} | {cell(t, 'peak_mib', '{:.0f} MiB')} | {ratio_m} | "
-            f"{cell(o, 'gflops', '{:.0f}')} | {cell(t, 'gflops', '{:.0f}')} | "
-            f"{cell(t, 'mm_gflops', '{:.0f}')} | {cell(t, 'mm_fraction', '{:.0%}')} |"
-        )
+        o = by.get(("open_clip", B), {})
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            r = by.get((impl, B))
+            if r is None:
+                continue
+            if "skipped" in r:
+                lines.append(f"| {B} | {impl} | skipped: {r['skipped']} | | | | | |")
+                continue
+            ratio_t = f"{r['seconds'] / o['seconds']:.2f}x" if "seconds" in o else "-"
+            ratio_m = f"1/{o['peak_mib'] / max(r['peak_mib'], 1e-3):.0f}" if "peak_mib" in o else "-"
+            lines.append(
+                f"| {B} | {impl} | {r['seconds']:.3f} s | {ratio_t} | {r['peak_mib']:.0f} MiB | {ratio_m} | "
+                f"{r['gflops']:.0f} | {r['mm_fraction']:.0%} |"
+            )
     return "\n".join(lines)
 
 
@@ -296,7 +373,7 @@ def _plot(rows: list[dict], out: Path) -> None:
         ("seconds", "forward + backward (s)", "time.png"),
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for impl, style in [("open_clip", "o--"), ("tessera", "s-")]:
+        for impl, style in [("open_clip", "o--"), ("tessera", "s-"), ("triton", "^-"), ("inf_cl", "d:")]:
             pts = sorted((r["B"], r[key]) for r in rows if r["impl"] == impl and key in r)
             if pts:
                 ax.plot(*zip(*pts), style, label=impl)

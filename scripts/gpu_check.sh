@@ -3,7 +3,8 @@
 #   1. the `gpu`-marked tests: the loss's bf16 GEMMs against fp64 on the GPU, a training run per precision (bf16
 #      autocast; fp16 with DeepSpeed's loss scaler) with checkpoint, export and evaluation on the GPU, pinned loader
 #      batches;
-#   2. scripts/bench_loss.py on the GPU: open_clip's ClipLoss against Tessera's tiled loss, bf16, up to B = 262,144.
+#   2. scripts/bench_loss.py on the GPU: open_clip's ClipLoss against Tessera's tiled loss (its torch path and its
+#      fused Triton kernel; Inf-CL where installed), bf16, up to B = 262,144; then the errors against fp64 at 65,536.
 # It installs nothing beyond the project (offline: no build isolation): where the running Python already has Tessera's dependencies (a GPU image
 # with them) it uses that Python, else it makes .venv as scripts/test.sh does. Output goes to runs/gpu_check.
 set -euo pipefail
@@ -26,5 +27,9 @@ echo "== gpu-marked tests"
 "$PY" -m pytest -q -m gpu -rA tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt" || status=1
 echo "== bench_loss on the GPU (bf16)"
 "$PY" scripts/bench_loss.py --device cuda --dtype bf16 --batches 8192,32768,65536,262144 --repeats 3 \
+    --impls open_clip,tessera,triton,inf_cl \
     --timeout 240 --out "$OUT/bench_loss" 2>&1 | tee "$OUT/bench_loss.txt" || status=1
+echo "== the loss's error against fp64 (bf16 features)"
+"$PY" scripts/bench_loss.py --device cuda --dtype bf16 --precision --batches 65536 \
+    --out "$OUT/bench_loss" 2>&1 | tee "$OUT/precision.txt" || status=1
 exit $status

@@ -12,13 +12,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-from PIL import Image
+# Without a GPU, Triton's kernels run in its interpreter (tests/test_kernels.py). It must be on before triton is
+# first imported: triton's own library functions (tl.sum, tl.max) are jitted then, and only those jitted under the
+# interpreter run in it. On a machine with an NVIDIA GPU the kernels run on it (tests/test_gpu.py).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tessera.config import from_dict
-from tessera.data.demo import COLORS, COMBOS, _encode, build, caption, render
-from tessera.data.make_shards import write_shards
-from tessera.models import ModelConfig
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tessera.config import from_dict  # noqa: E402
+from tessera.data.demo import COLORS, COMBOS, _encode, build, caption, render  # noqa: E402
+from tessera.data.make_shards import write_shards  # noqa: E402
+from tessera.models import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

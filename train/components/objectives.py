@@ -13,11 +13,13 @@ from tessera import modalities
 from tessera.config import ConfigError
 from tessera.data import LABEL
 from tessera.losses import contrastive_loss, gram_loss, matryoshka_losses, symile_loss
+from tessera.losses.options import fused_kernel
 from tessera.models import pair_key
 
 from ..recipes.config import LossConfig
 
 Losses = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+NOT_FUSED = "the fused kernel covers InfoNCE and SigLIP"
 
 
 class ContrastiveObjective:
@@ -33,6 +35,14 @@ class ContrastiveObjective:
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
         return self.loss(engine(batch), batch)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """A tower's features as the loss takes them (loss.precision): as they come on a GPU, whose GEMMs take
+        bf16/fp16 and accumulate and write fp32; fp32 on CPU, where a bf16 GEMM would round its logits (of up to
+        100) to 1 part in 256, and wherever loss.precision is fp32."""
+        if self.loss_cfg.precision == "fp32" or x.device.type == "cpu":
+            return x.float()
+        return x
 
     def loss(self, out: dict[str, Any], batch: dict[str, Any]) -> Losses:
         """The losses of a model output (features, logit scales and biases) over `batch` (its labels)."""
@@ -56,9 +66,8 @@ class ContrastiveObjective:
             if bounds is not None:  # as the model's own max_logit_scale: a clamp in the forward pass
                 scale = scale.clamp(1.0 / bounds[1], 1.0 / bounds[0])
             bias = out.get("logit_bias", {}).get(key)
-            # fp32 features whatever the model's precision: the loss accumulates in fp32 either way, but bf16
-            # GEMM outputs would round logits of up to 100 to 1 part in 256.
-            args = (features[a].float(), features[b].float(), scale.float(), None if bias is None else bias.float())
+            args = (self.operand(features[a]), self.operand(features[b]))
+            args += (scale.float(), None if bias is None else bias.float())
             kw = dict(
                 kind=cfg.kind,
                 tile_size=cfg.tile_size,
@@ -69,13 +78,14 @@ class ContrastiveObjective:
                 impl=cfg.impl,
             )
             if cfg.matryoshka:
+                fused_kernel(cfg.kernel, args[0], "the matryoshka loss", NOT_FUSED)
                 width = args[0].shape[1]
                 widths, weights = cfg.nested_widths(width), cfg.nested_weights(width)
                 nested = matryoshka_losses(*args, dims=widths, **kw)
                 losses[f"loss/{a}-{b}"] = nested @ nested.new_tensor(weights)
                 report.update({f"loss/{a}-{b}@{w}": x for w, x in zip(widths, nested.detach())})
             else:
-                losses[f"loss/{a}-{b}"] = contrastive_loss(*args, **kw)
+                losses[f"loss/{a}-{b}"] = contrastive_loss(*args, kernel=cfg.kernel, **kw)
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
             if bias is not None:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
@@ -87,9 +97,9 @@ class ContrastiveObjective:
                 scale = out["logit_scale"][pair_key(*group)]
                 name = "-".join(group)
                 higher_order = symile_loss if cfg.higher_order == "symile" else gram_loss
-                losses[f"loss/{name}"] = higher_order(
-                    [features[m].float() for m in group], scale.float(), cfg.tile_size, self.group
-                )
+                tuple_features = [self.operand(features[m]) for m in group]
+                fused_kernel(cfg.kernel, tuple_features[0], f"the {cfg.higher_order} loss", NOT_FUSED)
+                losses[f"loss/{name}"] = higher_order(tuple_features, scale.float(), cfg.tile_size, self.group)
                 report[f"temperature/{name}"] = 1.0 / scale.detach()
                 terms.append(cfg.higher_order_weight * losses[f"loss/{name}"])
         losses["loss"] = torch.stack(terms).sum()

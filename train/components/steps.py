@@ -200,13 +200,11 @@ class TwoPassStep:
         with torch.no_grad():
             for buf, saved in statistics:
                 buf.copy_(saved)
-        # the loss over every feature, and its gradient with respect to features, temperatures and biases (as fp32
-        # leaves: the loss computes in fp32 whatever the model's precision, so the gradients are the same numbers)
+        # the loss over every feature, and its gradient with respect to features, temperatures and biases (the
+        # features in the towers' dtype, as the one-graph step hands them to the loss; scales and biases in fp32)
         first = outputs[0]
         leaves = {
-            "features": {
-                m: torch.cat([o["features"][m] for o in outputs]).float().requires_grad_() for m in first["features"]
-            },
+            "features": {m: torch.cat([o["features"][m] for o in outputs]).requires_grad_() for m in first["features"]},
             "logit_scale": {k: v.detach().float().requires_grad_() for k, v in first["logit_scale"].items()},
         }
         if "logit_bias" in first:

@@ -106,6 +106,23 @@ class LossConfig:
             "batch x batch matrix (the reference)"
         },
     )
+    kernel: Literal["auto", "triton", "torch"] = field(
+        default="auto",
+        metadata={
+            "help": "how the tiles are computed: triton, a fused kernel that keeps the logits on chip (InfoNCE and "
+            "SigLIP, with DCL and label smoothing; not label positives, Matryoshka or the higher-order losses, "
+            "which run torch and say so once); torch, a GEMM per tile; auto, triton on CUDA where it covers the "
+            "loss, else torch"
+        },
+    )
+    precision: Literal["auto", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "the features' dtype in the loss: auto, the towers' compute dtype on a GPU (bf16/fp16 operands, "
+            "fp32 accumulation and log-sum-exps) and fp32 on CPU (whose GEMMs would round bf16 logits); fp32, "
+            "fp32 everywhere (exact-fp32 tiles, no TF32 unless torch is told to allow it)"
+        },
+    )
     dcl: bool = field(
         default=False,
         metadata={"help": "InfoNCE: leave the positive out of the denominator (decoupled contrastive learning)"},
