@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .options import LossOptions, check_impl, check_inputs, fused_kernel
 from .reference import contrastive_loss_reference
 from .ring import Layout, gather_batch, is_distributed
-from .tiles import Tile, TiledObjective, TileEngine, resolve_tile, wide
+from .tiles import DEFAULT_GATHER_BUDGET, Plan, Tile, TiledObjective, TileEngine, resolve_tile, wide
 
 
 def positive_weights(opts: LossOptions, layout: Layout, tile: Tile, like: torch.Tensor) -> tuple:
@@ -66,7 +66,7 @@ class _Contrastive(TiledObjective):
         self.coef = self.grad_as = self.grad_bias = None
         self.fused = fused
         if fused:
-            from . import kernels
+            import tessera.losses.kernels as kernels
 
             self.kernels = kernels
             self.kind = kernels.INFONCE if opts.kind == "infonce" else kernels.SIGLIP
@@ -140,8 +140,12 @@ class _Contrastive(TiledObjective):
 
     # --- the fused kernel (kernels.py): no labels, so the positives are the diagonal of this rank's own block ---
     def _shift(self, tile: Tile) -> int | None:
-        """Where DCL's mask lies in the tile: column = row + shift; None: nothing to mask."""
-        return tile.r[0] - tile.c[0] if self.opts.dcl and tile.block == self.layout.rank else None
+        """Where DCL's mask (the global diagonal) lies in the tile: column = row + shift (a shift past the tile
+        masks nothing); None: no mask."""
+        if not self.opts.dcl:
+            return None
+        layout = self.layout
+        return layout.offset(layout.rank) + tile.r[0] - layout.offset(tile.block) - tile.c[0]
 
     def forward_fused(self, tile, rows, cols):
         k = self.kernels
@@ -168,9 +172,9 @@ class _Contrastive(TiledObjective):
 
 class _TiledContrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, tile: int, group, fused: bool):
+    def forward(ctx, a, b, scale, bias, labels, opts: LossOptions, plan: Plan, group, fused: bool):
         acc = wide(a[:0]).dtype
-        engine = TileEngine(group, a.shape[0], labels, a.device, acc, tile)
+        engine = TileEngine(group, a.shape[0], labels, a.device, acc, plan)
         layout, world = engine.layout, engine.ring.world
         opts.check_batch(layout.distinct)
         G = layout.total
@@ -300,6 +304,8 @@ def contrastive_loss(
     label_smoothing: float = 0.0,
     impl: str = "tiled",
     kernel: str = "auto",
+    uniform_batches: bool = False,
+    gather_budget: int | None = DEFAULT_GATHER_BUDGET,
 ) -> torch.Tensor:
     """Mean contrastive loss over the global batch (see the module docstring for the exact definition and the
     gradient convention across ranks).
@@ -309,7 +315,10 @@ def contrastive_loss(
     logit_bias: SigLIP's bias. labels: (B,) integer ids; samples sharing an id are positives for each other.
     impl="full" gathers the features and builds the whole matrix (the reference: G^2 memory, and every rank
     must pass the same B). kernel: "auto" (the fused Triton kernel on CUDA where it covers the options), "triton"
-    or "torch" (see options.fused_kernel).
+    or "torch" (see options.fused_kernel). uniform_batches: every rank passes the same B (as the training
+    loader's batches do), so the ranks need not exchange their sizes first. gather_budget: across ranks, gather
+    every rank's features (forward) and reduce-scatter their gradients (backward) where they fit this many bytes
+    per rank, else pass them round the ring (None: always the ring); both are exact and give the same numbers.
     """
     opts = LossOptions(kind, dcl, float(label_smoothing))
     opts.check(logit_bias is not None, labels is not None)
@@ -327,7 +336,8 @@ def contrastive_loss(
     not_covered = "label positives need a mask per tile (loss.positives=label)" if labels is not None else None
     fused = fused_kernel(kernel, a, f"the {kind} loss", not_covered)
     a, b = a.contiguous(), b.contiguous()
-    return _TiledContrastive.apply(a, b, scale, bias, labels, opts, int(tile_size), group, fused)
+    plan = Plan(int(tile_size), uniform_batches, gather_budget)
+    return _TiledContrastive.apply(a, b, scale, bias, labels, opts, plan, group, fused)
 
 
 def count_flops(kind: str, global_batch: int, dim: int, world: int = 1) -> int:

@@ -34,7 +34,7 @@ from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 
 from .reference import VOLUME_EPS, gram_volume
 from .ring import is_distributed
-from .tiles import TiledObjective, TileEngine, resolve_tile, wide
+from .tiles import DEFAULT_GATHER_BUDGET, Plan, TiledObjective, TileEngine, resolve_tile, wide
 
 
 class _OffDiagonal(TiledObjective):
@@ -72,7 +72,7 @@ class _OneWayWithPositives(torch.autograd.Function):
     """L = 1/G sum_i [logaddexp(LSE_{j != i} a_s_i . u_j, p_i) - p_i] over the global batch, tiled."""
 
     @staticmethod
-    def forward(ctx, a_s, u, p, tile: int, group):
+    def forward(ctx, a_s, u, p, tile: Plan, group):
         acc = wide(a_s[:0]).dtype
         engine = TileEngine(group, a_s.shape[0], None, a_s.device, acc, tile)
         lse = torch.full((a_s.shape[0],), float("-inf"), dtype=acc, device=a_s.device)
@@ -109,15 +109,16 @@ def symile_loss(
     tile_size: int | None = None,
     process_group=None,
     generator: torch.Generator | None = None,
+    gather_budget: int | None = DEFAULT_GATHER_BUDGET,
 ) -> torch.Tensor:
     """Symile's loss with O(N) negatives over the global batch: the mean over anchors of the one-way cross-entropy
     of the positive MIP against MIPs with independently shuffled non-anchor rows (see the module docstring).
 
     features: k >= 3 (B, D) tensors of this rank, one per modality, row i of each from sample i (normalised, as
     Symile uses them). logit_scale: the multiplier. generator: the source of the shuffles (on the features'
-    device); the shuffles stay within a rank."""
+    device); the shuffles stay within a rank. gather_budget: as `contrastive_loss`'s."""
     _check_tuple(features, "Symile")
-    tile = resolve_tile(tile_size, features[0].device)
+    tile = Plan(resolve_tile(tile_size, features[0].device), gather_budget=gather_budget)
     group = process_group if is_distributed(process_group) else None
     scale = wide(logit_scale.reshape(()))
     n = features[0].shape[0]
@@ -203,7 +204,7 @@ class _TiledGram(torch.autograd.Function):
     batch, for the volume logits of `_tile_logits` (the positives' term is added outside)."""
 
     @staticmethod
-    def forward(ctx, anchor, others, anchor_sq, cross, scale, tile: int, group):
+    def forward(ctx, anchor, others, anchor_sq, cross, scale, tile: Plan, group):
         acc = wide(anchor[:0]).dtype
         engine = TileEngine(group, anchor.shape[0], None, anchor.device, acc, tile)
         row_lse = torch.full((anchor.shape[0],), float("-inf"), dtype=acc, device=anchor.device)
@@ -241,13 +242,15 @@ def gram_loss(
     logit_scale: torch.Tensor,
     tile_size: int | None = None,
     process_group=None,
+    gather_budget: int | None = DEFAULT_GATHER_BUDGET,
 ) -> torch.Tensor:
     """GRAM's contrastive loss over the global batch: the symmetric InfoNCE whose logits are -s times the volume
     spanned by the anchor (features[0]) of sample i and the other modalities of sample j (see the module docstring).
 
-    features: k >= 3 (B, D) tensors of this rank (normalised, as GRAM uses them), the anchor first."""
+    features: k >= 3 (B, D) tensors of this rank (normalised, as GRAM uses them), the anchor first. gather_budget:
+    as `contrastive_loss`'s."""
     _check_tuple(features, "GRAM")
-    tile = resolve_tile(tile_size, features[0].device)
+    tile = Plan(resolve_tile(tile_size, features[0].device), gather_budget=gather_budget)
     distributed = is_distributed(process_group)
     group = process_group if distributed else None
     anchor, rest = features[0], features[1:]
@@ -263,7 +266,7 @@ def gram_loss(
     top = torch.cat([anchor_sq[:, None], ax], 1)[:, None]  # (B, 1, k)
     gram = torch.cat([top, torch.cat([ax[:, :, None], cross], 2)], 1)  # (B, k, k)
     positives = (-scale * gram_volume(gram)).sum()
-    total = anchor.new_tensor([anchor.shape[0]], dtype=acc)
+    total = torch.full((1,), anchor.shape[0], dtype=acc, device=anchor.device)  # a fill, not a host-to-device copy
     if distributed:
         positives = all_reduce_with_grad(positives, group=group or dist.group.WORLD)
         dist.all_reduce(total, group=group)

@@ -31,7 +31,7 @@ from .contrastive import positive_weights
 from .options import LossOptions, check_impl, check_inputs
 from .reference import matryoshka_reference
 from .ring import gather_batch, is_distributed
-from .tiles import TiledObjective, TileEngine, resolve_tile, wide
+from .tiles import DEFAULT_GATHER_BUDGET, Plan, TiledObjective, TileEngine, resolve_tile, wide
 
 _NORM_EPS = 1e-12  # as F.normalize
 
@@ -151,9 +151,9 @@ class _Matryoshka(TiledObjective):
 
 class _TiledMatryoshka(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, ra, rb, bias, labels, opts: LossOptions, dims, tile: int, group):
+    def forward(ctx, a, b, ra, rb, bias, labels, opts: LossOptions, dims, plan: Plan, group):
         acc = wide(a[:0]).dtype
-        engine = TileEngine(group, a.shape[0], labels, a.device, acc, tile)
+        engine = TileEngine(group, a.shape[0], labels, a.device, acc, plan)
         layout = engine.layout
         opts.check_batch(layout.distinct)
         K, infonce = len(dims), opts.kind == "infonce"
@@ -193,7 +193,7 @@ class _TiledMatryoshka(torch.autograd.Function):
             grad_b, grad_rb = (grad_brb[:, :D] * W).to(b.dtype), grad_brb[:, D:] * W
         if bias is not None:
             grad_bias = (obj.grad_bias * W).reshape(bias.shape).to(bias.dtype)
-        return grad_a.to(a.dtype), grad_b, grad_ra, grad_rb, grad_bias, None, None, None, None, None
+        return grad_a.to(a.dtype), grad_b, grad_ra, grad_rb, grad_bias, *(None,) * 5
 
 
 def matryoshka_losses(
@@ -209,6 +209,8 @@ def matryoshka_losses(
     dcl: bool = False,
     label_smoothing: float = 0.0,
     impl: str = "tiled",
+    uniform_batches: bool = False,
+    gather_budget: int | None = DEFAULT_GATHER_BUDGET,
 ) -> torch.Tensor:
     """(K,) contrastive losses of the global batch at the prefix widths `dims` (increasing, the last one the full
     width D), each prefix renormalised; the arguments are `contrastive_loss`'s. impl="full" computes each prefix
@@ -228,4 +230,6 @@ def matryoshka_losses(
     rb = prefix_inverse_norms(b, dims)
     bias = None if logit_bias is None else logit_bias.reshape(())
     group = process_group if is_distributed(process_group) else None
-    return _TiledMatryoshka.apply(a.contiguous(), b.contiguous(), ra, rb, bias, labels, opts, dims, tile_size, group)
+    a, b = a.contiguous(), b.contiguous()
+    plan = Plan(tile_size, uniform_batches, gather_budget)
+    return _TiledMatryoshka.apply(a, b, ra, rb, bias, labels, opts, dims, plan, group)

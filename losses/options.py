@@ -86,8 +86,13 @@ def fused_kernel(kernel: str, x: torch.Tensor, what: str, not_covered: str | Non
         reason = f"it takes bf16, fp16 or fp32 features, not {x.dtype}"
     if reason is None:
         return True
-    message = f"loss.kernel={kernel}: {what} runs the torch path: {reason}"
-    if message not in _told:
-        _told.add(message)
-        log.warning(message)
+    tell_once(f"loss.kernel={kernel}: {what} runs the torch path: {reason}", logging.WARNING)
     return False
+
+
+def tell_once(message: str, level: int = logging.INFO, key: str | None = None) -> None:
+    """Log `message` the first time it (or its `key`) comes in this process."""
+    key = message if key is None else key
+    if key not in _told:
+        _told.add(key)
+        log.log(level, message)

@@ -123,6 +123,54 @@ class Ring:
             work.wait()
         return result
 
+    def gathered(
+        self,
+        payload: list[torch.Tensor],
+        sizes: list[int],
+        compute: Callable[[int, list[torch.Tensor]], torch.Tensor | None],
+        reduce: str | None,
+    ) -> torch.Tensor | None:
+        """What `Ring.run` returns, by collectives instead of the ring: every rank's payload gathered at once into
+        one block of the whole global batch (`ALL`), computed here in one walk (so its tiles are not bounded by a
+        rank's block), then the accumulators reduced to their owners: `reduce` "lse" merges them by log-sum-exp
+        across ranks (forward's column statistics), "sum" adds them (backward's column gradients), None: there are
+        none. Holds every rank's payload and accumulators at once."""
+        top, equal = max(sizes), len(set(sizes)) == 1
+        whole = []
+        for t in payload:
+            every = gather(_padded(t, top), self.group)  # (W * top, ...), each block padded to the largest
+            if not equal:
+                every = torch.cat([every[r * top : r * top + n] for r, n in enumerate(sizes)])
+            whole.append(every)
+        acc = compute(ALL, whole)
+        del whole
+        if reduce is None:
+            return None
+        if reduce == "lse":
+            peak = acc.clone()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+            peak = torch.where(torch.isfinite(peak), peak, 0.0)
+            acc = acc.sub_(peak).exp_()
+        offset = sum(sizes[: self.rank])
+        mine = slice(offset, offset + sizes[self.rank])
+        if equal and dist.get_backend(self.group) != dist.Backend.GLOO:
+            out = acc.new_empty((top, *acc.shape[1:]))
+            dist.reduce_scatter_tensor(out, acc.contiguous(), group=self.group)
+        else:  # gloo has no reduce-scatter, and unequal blocks do not split evenly: sum everything, keep ours
+            dist.all_reduce(acc, group=self.group)
+            out = acc[mine]
+        if reduce == "lse":
+            out = out.log_().add_(peak[mine])
+        return out
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x.contiguous()
+    out = x.new_zeros((rows, *x.shape[1:]))
+    out[: x.shape[0]] = x
+    return out
+
 
 _HOST_GROUPS: dict = {}
 
@@ -131,6 +179,11 @@ def register_host_group(group, host_group) -> None:
     """A gloo group over the same ranks as `group` (None: the world), for the loss's one size exchange per call:
     on an NCCL group that exchange would copy device to host, a sync of the GPU stream."""
     _HOST_GROUPS[group] = host_group
+
+
+def host_group_of(group):
+    """The gloo group registered beside `group` (None: none was)."""
+    return _HOST_GROUPS.get(group)
 
 
 def _exchange_sizes(local_size: int, group, device) -> list[int]:
@@ -143,11 +196,19 @@ def _exchange_sizes(local_size: int, group, device) -> list[int]:
     return gather(mine, host if host is not None else group).tolist()
 
 
-class Layout:
-    """Who owns which rows of the global batch, and the labels of all of them (`acc`: the dtype of the counts)."""
+ALL = -1  # the block of the whole global batch, every rank's rows in rank order (`Ring.gathered`)
 
-    def __init__(self, ring: Ring, local_size: int, labels: torch.Tensor | None, device, acc: torch.dtype):
-        sizes = _exchange_sizes(local_size, ring.group, device) if ring.world > 1 else [local_size]
+
+class Layout:
+    """Who owns which rows of the global batch, and the labels of all of them (`acc`: the dtype of the counts).
+    A block is a rank's rows, or ALL: the whole global batch."""
+
+    def __init__(self, ring: Ring, local_size: int, labels, device, acc: torch.dtype, uniform: bool = False):
+        """`uniform`: every rank passes `local_size` rows (the training loader's batches), so no sizes travel."""
+        if ring.world == 1 or uniform:
+            sizes = [local_size] * ring.world
+        else:
+            sizes = _exchange_sizes(local_size, ring.group, device)
         self.rank = ring.rank
         self.sizes = sizes
         self.offsets = [sum(sizes[:r]) for r in range(len(sizes))]
@@ -166,16 +227,20 @@ class Layout:
             self.counts = counts[inverse].to(acc)
             self.distinct = counts.numel()
 
-    def rows(self, rank: int, span: tuple[int, int]) -> slice:
-        """Where rows span[0]:span[1] of `rank` sit in the global batch."""
-        return slice(self.offsets[rank] + span[0], self.offsets[rank] + span[1])
+    def offset(self, block: int) -> int:
+        """Where `block` starts in the global batch."""
+        return 0 if block == ALL else self.offsets[block]
+
+    def rows(self, block: int, span: tuple[int, int]) -> slice:
+        """Where rows span[0]:span[1] of `block` sit in the global batch."""
+        return slice(self.offset(block) + span[0], self.offset(block) + span[1])
 
     def positives(self, col_block: int, r: tuple[int, int], c: tuple[int, int], device) -> torch.Tensor | None:
         """The positive mask of a tile (this rank's rows r against block `col_block`'s columns c): samples sharing a
         label, or without labels the global diagonal; None where a label-free tile misses the diagonal."""
         if self.labels is not None:
             return self.labels[self.rows(self.rank, r)][:, None] == self.labels[self.rows(col_block, c)][None, :]
-        row0, col0 = self.offsets[self.rank] + r[0], self.offsets[col_block] + c[0]
+        row0, col0 = self.offset(self.rank) + r[0], self.offset(col_block) + c[0]
         if row0 >= col0 + (c[1] - c[0]) or col0 >= row0 + (r[1] - r[0]):
             return None
         rows = torch.arange(row0, row0 + r[1] - r[0], device=device)

@@ -26,11 +26,13 @@ bookkeeping stay as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .options import tell_once
 from .ring import Layout, Ring
 
 DEFAULT_TILE = 1024
@@ -52,6 +54,21 @@ def resolve_tile(tile_size: int | None, device: torch.device) -> int:
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     return int(tile_size)
+
+
+DEFAULT_GATHER_BUDGET = 2**30  # bytes of every rank's blocks (and their accumulators) a rank may hold at once
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an engine call runs, not what it computes: the tile edge; `uniform`: every rank passes the same number
+    of rows (no sizes are exchanged); `gather_budget`: the bytes of every rank's blocks, and of the accumulators
+    they fill, that a rank may hold at once, to gather them with collectives rather than pass them round the ring
+    (None: always the ring)."""
+
+    tile: int
+    uniform: bool = False
+    gather_budget: int | None = None
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -159,13 +176,31 @@ class TileEngine:
     """The ring, the layout of the global batch and the tile edge of one loss call (kept from forward for backward:
     none of them holds a transfer)."""
 
-    def __init__(self, group, local_size: int, labels: torch.Tensor | None, device, acc: torch.dtype, tile: int):
+    def __init__(self, group, local_size: int, labels, device, acc: torch.dtype, plan: Plan | int):
+        plan = plan if isinstance(plan, Plan) else Plan(plan)
         self.ring = Ring(group)
-        self.layout = Layout(self.ring, local_size, labels, device, acc)
-        self.tile, self.acc = tile, acc
+        self.layout = Layout(self.ring, local_size, labels, device, acc, plan.uniform)
+        self.tile, self.acc, self.plan = plan.tile, acc, plan
 
     def _shapes(self, payload: list[torch.Tensor]):
         return lambda blk: [(self.layout.sizes[blk], *t.shape[1:]) for t in payload]
+
+    def _gathers(self, payload: list[torch.Tensor], acc_row: tuple[int, ...] | None, what: str) -> bool:
+        """Whether this call gathers every rank's blocks (they and their accumulators fit the plan's budget) or
+        passes them round the ring; the log says which, once per choice."""
+        budget = self.plan.gather_budget
+        if self.ring.world == 1 or budget is None:
+            return False
+        rows = max(self.layout.sizes) * self.ring.world
+        row_bytes = sum(t[:1].numel() * t.element_size() for t in payload)
+        if acc_row is not None:
+            row_bytes += math.prod(acc_row) * torch.finfo(self.acc).bits // 8
+        need = rows * row_bytes
+        gathers = need <= budget
+        how = "gathers every rank's blocks" if gathers else "passes the blocks round the ring"
+        size = f"{need / 2**20:.1f} MiB of them, loss.gather_budget {budget / 2**20:.0f} MiB"
+        tell_once(f"loss {what}: {how} ({size})", key=f"{what}: {how}")
+        return gathers
 
     def forward(self, obj: TiledObjective, payload: list[torch.Tensor]) -> torch.Tensor | None:
         """Every tile of the global batch's rows (this rank's) against its columns (every rank's, round the ring)
@@ -180,6 +215,8 @@ class TileEngine:
             self._walk_forward(obj, blk, block, col_state)
             return col_state
 
+        if self._gathers(payload, obj.col_state_shape, "forward"):
+            return self.ring.gathered(payload, self.layout.sizes, compute, "lse" if keeps else None)
         return self.ring.run(
             payload,
             self._shapes(payload),
@@ -204,6 +241,9 @@ class TileEngine:
             self._walk_backward(obj, blk, block, grad)
             return grad
 
+        if self._gathers(payload, col_grad_shape, "backward"):
+            reduce = "sum" if col_grad_shape is not None else None
+            return self.ring.gathered(payload, self.layout.sizes, compute, reduce)
         return self.ring.run(
             payload,
             self._shapes(payload),

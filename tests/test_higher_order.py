@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -74,15 +75,18 @@ def _ring_losses(rank, world):
             features, scale = _scaled_features(loss, sizes)
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
-            def tiled(f, s, loss=loss):
-                if loss == "gram":
-                    return gram_loss(f, s, tile_size=256)
-                return symile_loss(f, s, tile_size=256, generator=torch.Generator().manual_seed(100 + rank))
+            for budget in (None, 2**30):  # the ring, then the blocks gathered by collectives
 
-            got = _grads(tiled, [f[rows] for f in features], scale)
-            dist.all_reduce(got[-1])  # DeepSpeed/DDP average the replicated scale's gradient
-            got[-1] /= world
-            out.append([t.numpy() for t in got])
+                def tiled(f, s, loss=loss, budget=budget):
+                    if loss == "gram":
+                        return gram_loss(f, s, tile_size=256, gather_budget=budget)
+                    seeded = torch.Generator().manual_seed(100 + rank)
+                    return symile_loss(f, s, tile_size=256, generator=seeded, gather_budget=budget)
+
+                got = _grads(tiled, [f[rows] for f in features], scale)
+                dist.all_reduce(got[-1])  # DeepSpeed/DDP average the replicated scale's gradient
+                got[-1] /= world
+                out.append([t.numpy() for t in got])
     return out
 
 
@@ -100,8 +104,8 @@ def test_ring_symile_and_gram_on_every_rank_equal_the_global_whole_matrix_forms(
             want = _grads(lambda f, s, perms=perms: symile_reference(f, s, perms), features, scale)
         else:
             want = _grads(gram_reference, features, scale)
-        for rank in range(world):
-            got = [torch.from_numpy(x) for x in results[rank][index]]
+        for rank, mode in itertools.product(range(world), range(2)):
+            got = [torch.from_numpy(x) for x in results[rank][2 * index + mode]]
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
             expected = [want[0]] + [g[rows] * world for g in want[1:-1]] + [want[-1]]
             _assert_close(

@@ -5,6 +5,7 @@ rounding are measured on a GPU (scripts/bench_loss.py --device cuda, tests/test_
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import numpy as np
@@ -103,32 +104,42 @@ def test_kernel_choice_and_why_the_torch_path_runs(caplog):
 
 def _fused_ring(rank, world):
     use_interpreter()
+    told = []
+    handler = logging.Handler()
+    handler.emit = lambda record: told.append(record.getMessage())
+    logging.getLogger("tessera.losses").addHandler(handler)
+    logging.getLogger("tessera.losses").setLevel(logging.INFO)
     sizes = [13, 9, 11][:world]
     out = []
-    for kind, dcl, smoothing in FUSED:
+    for (kind, dcl, smoothing), budget in itertools.product(FUSED, (None, 2**30)):  # the ring, then gathered
         (a, b, s, bias), kw = _fused_case(sum(sizes), kind, dcl, smoothing, seed=5)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         fp32 = [t.float() if t is not None else None for t in (a[rows], b[rows], s, bias)]
-        got = _loss_and_grads(contrastive_loss, *fp32, tile_size=8, kernel="triton", **kw)
+        got = _loss_and_grads(contrastive_loss, *fp32, tile_size=8, kernel="triton", gather_budget=budget, **kw)
         for g in got[3:]:  # what DeepSpeed/DDP do with the replicated scale and bias
             torch.distributed.all_reduce(g)
             g /= world
         out.append([t.numpy() for t in got])
-    return out
+    return out, told
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_kernel_round_the_ring_equals_the_global_batch_loss(world):
-    """Unequal blocks per rank, several tiles per block, DCL's diagonal on each rank's own block only."""
+    """Unequal blocks per rank, several tiles per block, DCL's diagonal on each rank's own block only; the blocks
+    round the ring and gathered by collectives."""
     results, procs = _spawned(functools.partial(in_gloo_group, _fused_ring), world, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
     assert not failed, "\n".join(failed)
     sizes = [13, 9, 11][:world]
+    for rank in range(world):  # which way the blocks went, said once per direction and choice
+        told = [m.split(" (")[0] for m in results[rank][1]]
+        assert told == ["loss forward: gathers every rank's blocks", "loss backward: gathers every rank's blocks"]
+        results[rank] = results[rank][0]
     for case, (kind, dcl, smoothing) in enumerate(FUSED):
         args, kw = _fused_case(sum(sizes), kind, dcl, smoothing, seed=5)
         want = _loss_and_grads(contrastive_loss_reference, *args, **kw)
-        for rank in range(world):
+        for rank, mode in itertools.product(range(world), range(2)):
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            got = [torch.from_numpy(x) for x in results[rank][case]]
+            got = [torch.from_numpy(x) for x in results[rank][2 * case + mode]]
             _assert_close(got, [want[0], want[1][rows] * world, want[2][rows] * world, *want[3:]], 1e-5, 1e-6)

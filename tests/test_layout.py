@@ -83,7 +83,9 @@ LAYERS = {
     },
 }
 # function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
-OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils")
+# imported where first used: optional libraries, and the loss's Triton kernels (importing triton jit-compiles its
+# library, which a CPU run never needs)
+OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils", "tessera.losses.kernels")
 
 
 def _modules() -> dict[str, Path]:

@@ -242,13 +242,20 @@ def test_bad_arguments_say_what_is_wrong():
 # Across ranks: real gloo process groups, one per world size, every case in the same group
 # --------------------------------------------------------------------------------------------------------------
 
+# impl: "ring" (tiled, blocks round the ring), "gathered" (tiled, blocks gathered by collectives), "full"
 RING_CASES = [
     (option, sizes, tile, impl)
     for option in OPTIONS
-    for sizes, tile, impl in [("equal", 2, "tiled"), ("unequal", 1024, "tiled"), ("equal", 3, "full")]
+    for sizes, tile, impl in [
+        ("equal", 2, "ring"),
+        ("unequal", 1024, "ring"),
+        ("equal", 2, "gathered"),
+        ("unequal", 3, "gathered"),
+        ("equal", 3, "full"),
+    ]
     if not (impl == "full" and sizes == "unequal")
 ] + [  # blocks and travelling accumulators of 2,050-2,120 x 512 fp64: above 8 MB, far beyond NCCL's buffered size
-    (option, "large", 1024, "tiled")
+    (option, "large", 1024, "ring")
     for option in OPTIONS
     if option in [("infonce", False, False, 0.0), ("siglip", False, False, 0.0)]
 ]
@@ -319,7 +326,8 @@ def _ring_worker(rank, world, port, queue):
             rows = slice(sum(n[:rank]), sum(n[: rank + 1]))
             if kw["labels"] is not None:
                 kw["labels"] = kw["labels"][rows]
-            got = _loss_and_grads(contrastive_loss, a[rows], b[rows], s, bias, tile_size=tile, impl=impl, **kw)
+            how = dict(impl="full") if impl == "full" else dict(gather_budget=None if impl == "ring" else 2**30)
+            got = _loss_and_grads(contrastive_loss, a[rows], b[rows], s, bias, tile_size=tile, **how, **kw)
             # what DeepSpeed/DDP do with the replicated scale and bias: average their gradients over the ranks
             for i in range(3, len(got)):
                 dist.all_reduce(got[i])

@@ -115,17 +115,21 @@ def _ring_losses(rank, world):
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         if kw["labels"] is not None:
             kw["labels"] = kw["labels"][rows]
-        got = _grads(_weighted(dims), a[rows], b[rows], scale, bias, tile_size=tile, **kw)
-        for i in range(3, len(got)):  # DeepSpeed/DDP average the replicated scale's and bias's gradients
-            dist.all_reduce(got[i])
-            got[i] /= world
-        out.append([t.numpy() for t in got])
+        for budget in GATHER_BUDGETS:
+            got = _grads(_weighted(dims), a[rows], b[rows], scale, bias, tile_size=tile, gather_budget=budget, **kw)
+            for i in range(3, len(got)):  # DeepSpeed/DDP average the replicated scale's and bias's gradients
+                dist.all_reduce(got[i])
+                got[i] /= world
+            out.append([t.numpy() for t in got])
     return out
+
+
+GATHER_BUDGETS = (None, 2**30)  # the ring, then the blocks gathered by collectives
 
 
 @pytest.mark.multiproc
 def test_ring_matryoshka_on_every_rank_equals_the_global_references():
-    """Every option, unequal sizes, and a 4.5 MB column block, through the ring under NCCL's rules."""
+    """Every option, unequal sizes, and a 4.5 MB column block, through the ring under NCCL's rules and gathered."""
     world = 2
     results, procs = _spawned(functools.partial(in_gloo_group, _ring_losses), world, 300)
     failed = [r for r in results.values() if isinstance(r, str)]
@@ -136,10 +140,11 @@ def test_ring_matryoshka_on_every_rank_equals_the_global_references():
         args, kw = _case(case)
         want = _grads(_weighted(dims), *args, impl="full", **kw)
         for rank in range(world):
-            got = [torch.from_numpy(x) for x in results[rank][index]]
-            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            expected = [want[0], want[1][rows] * world, want[2][rows] * world] + want[3:]
-            _assert_close(got, expected, rtol=1e-10, atol=1e-13)
+            for mode in range(len(GATHER_BUDGETS)):
+                got = [torch.from_numpy(x) for x in results[rank][index * len(GATHER_BUDGETS) + mode]]
+                rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+                expected = [want[0], want[1][rows] * world, want[2][rows] * world] + want[3:]
+                _assert_close(got, expected, rtol=1e-10, atol=1e-13)
 
 
 def test_objective_weighs_every_prefix_of_every_pair_and_reports_each():

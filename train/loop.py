@@ -128,6 +128,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     engine.train()
     started, first_step = time.perf_counter(), step + 1
     first_record: dict[str, float] = {}
+    unsettled: list[tuple[int, list]] = []  # the steps whose flags the host has not read yet, with their values
     while step < t.steps and not guard.stop:
         values = []
         for _ in range(t.grad_accum):
@@ -140,15 +141,17 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
         if step == first_step:  # the first step of this process: its graphs are built (and compiled: train.compile)
             first_record["first_step_s"] = time.perf_counter() - started
             log.info("first step: %.1f s%s", first_record["first_step_s"], " (with torch.compile)" if t.compile else "")
-        if guard.bad:  # the step was skipped: its numbers stay out of the logged means
-            skipped.count(step, guard.bad, values)
-        else:
-            skipped.reset()
-            for v in values:
-                window.add(v)
+        for v in values:  # a skipped step's numbers stay out of the logged means (guard.good is 0.0 for it)
+            window.add(v, guard.good)
+        unsettled.append((step, values))
         logger.progress(step)
 
-        if step % t.log_every == 0 or step == t.steps or guard.stop:
+        log_now = step % t.log_every == 0 or step == t.steps or guard.stop
+        eval_now = cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not guard.stop
+        ckpt_now = t.ckpt_every > 0 and step % t.ckpt_every == 0
+        if log_now or eval_now or ckpt_now:  # the host learns which steps were skipped (may stop the run)
+            _settle(guard, skipped, unsettled)
+        if log_now:
             means = all_reduce_mean(window.means(), dist.device) if window.count else {"loss": float("nan")}
             record = {
                 **means,
@@ -168,16 +171,17 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
                 step, loss=means["loss"], sps=record["samples_per_s"], bad=sum(record["data"]["skipped"].values())
             )
             window.reset()
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not guard.stop:
+        if eval_now:
             with window.paused():
                 evaluate(cfg, engine.module, dist, step, logger)
-        if t.ckpt_every > 0 and step % t.ckpt_every == 0:
+        if ckpt_now:
             with window.paused():
                 checkpoint.save(
                     engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared
                 )
             last_ckpt = step
 
+    _settle(guard, skipped, unsettled)
     if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared)
     guard.close()
@@ -189,6 +193,17 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     else:
         log.warning("%s: stopped at step %d without a checkpoint (train.ckpt_every=-1)", stopped, step)
     return step, stopped
+
+
+def _settle(guard: StepGuard, skipped: Skipped, unsettled: list[tuple[int, list]]) -> None:
+    """Read the guard's flags of the steps in `unsettled` (one host sync), and count, log and, at
+    train.max_nonfinite_steps in a row, stop on the skipped ones (a collective: every rank settles the same steps)."""
+    for (step, values), bad in zip(unsettled, guard.settle()):
+        if bad:
+            skipped.count(step, bad, values)
+        else:
+            skipped.reset()
+    unsettled.clear()
 
 
 def _setup_logging(dist: DistInfo) -> None:

@@ -1,20 +1,20 @@
-"""What every optimizer step checks at its boundary, agreed by all ranks in one collective: numbers that are not
-finite, and a request to stop (SIGTERM, SIGINT).
+"""What every optimizer step checks at its boundary, on the device and agreed by all ranks: numbers that are not
+finite; and, on the host, a request to stop (SIGTERM, SIGINT).
 
-Non-finite numbers. Each rank accumulates, on its device and without a host sync, the sum of every loss it
-backpropagates and of every gradient its backward produces (a hook on each trainable parameter sees the rank's own
-gradient before DeepSpeed reduces it): the sum is not finite exactly when one of them is not, or is too large to
-mean anything. A bad step is withheld from the optimizer that makes the update (torch's AdamW, which DeepSpeed
-calls at every ZeRO stage), so no weight, moment or step count changes on any rank; `train.max_nonfinite_steps` of
-them in a row stop the run. Under fp16 the loss scaler owns gradient overflow (it skips those steps itself and
-lowers the scale), so only the loss is watched.
+Non-finite numbers. Each rank adds up, on its device, every loss it backpropagates; at the optimizer step the
+optimizer (`SkippableAdamW`) takes one fused norm over the gradients it is about to apply (the reduced ones: under
+ZeRO, the rank's partition) and the ranks take the maximum of both flags in one device all-reduce. A step with any
+of them not finite (or too large to mean anything) is withheld on the device, by the fused AdamW's `found_inf`: no
+weight, moment or step count changes, on any rank, and no host waits for the GPU to find out. Under fp16 the loss
+scaler owns gradient overflow (it skips those steps itself and lowers the scale), so only the loss is watched.
+
+The host reads the flags later, at the loop's next log step, evaluation or checkpoint (`settle`): each skipped
+step is then logged with what was not finite, counted, and `train.max_nonfinite_steps` of them in a row stop the
+run. Between those points a step costs no host sync.
 
 Stop requests. The first SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) sets a flag; the ranks agree on it
-at the next boundary, so every rank finishes the same step, checkpoints it and exits 0. A second signal of the same
-kind acts as it would without Tessera.
-
-The ranks OR their flags together just before DeepSpeed's step: one small all-reduce and one host sync per
-optimizer step.
+at every boundary through a CPU (gloo) all-reduce, which does not wait for the GPU, so every rank finishes the same
+step, checkpoints it and exits 0. A second signal of the same kind acts as it would without Tessera.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 
 from tessera.config import UserError
 
-from ..distributed.groups import gather_objects
+from ..distributed.groups import gather_objects, host_group
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,19 @@ class NonFiniteError(UserError, RuntimeError):
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose step can be withheld: while `skip` is set, `step()` changes nothing."""
+    """The fused AdamW, whose step is withheld on the device where `flags` (set by `StepGuard`) says so: `check()`
+    adds the gradients' finiteness to the flags and agrees them across ranks; `step()` then passes their maximum
+    as the fused kernel's `found_inf`, which leaves weights, moments and step counts as they were."""
 
-    skip = False
+    guard: StepGuard | None = None
 
     def step(self, closure=None):
-        if self.skip:
-            return None
-        return super().step(closure)
+        if self.guard is not None:
+            self.found_inf = self.guard.check([p.grad for g in self.param_groups for p in g["params"]])
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = None
 
 
 class StopSignals:
@@ -82,8 +87,8 @@ class StopSignals:
 
 
 class StepGuard:
-    """Watches an engine's backward passes and steps (see the module docstring). After each optimizer step, `bad`
-    says whether it was skipped and what was not finite, and `stop` whether every rank is to stop after it."""
+    """Watches an engine's backward passes and steps (see the module docstring). `stop` says, after each optimizer
+    step, whether every rank is to stop after it; `settle()` reads the steps' flags since it was last called."""
 
     def __init__(self, engine, model: nn.Module, gradients: bool = True, signals: StopSignals | None = None):
         """`engine`: a DeepSpeed engine built on a `SkippableAdamW`; `model` its module; `gradients`: watch the
@@ -92,16 +97,15 @@ class StepGuard:
         if not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError(f"the engine's optimizer is {type(self.optimizer).__name__}, not a SkippableAdamW")
         self.device = engine.device
+        self.gradients = gradients
         self.loss_sum = torch.zeros((), device=self.device)
-        self.grad_sum = torch.zeros((), device=self.device)
-        self.bad: dict[str, bool] | None = None
+        self.flags = torch.zeros(2, dtype=torch.int32, device=self.device)  # the last step's: loss, gradient
+        self.good = torch.ones((), device=self.device)  # 1.0 where the last step was applied, else 0.0
+        self.pending: list[torch.Tensor] = []  # each step's flags since the last settle()
         self.stop = False
         self.signals = signals
-        self._hooks = []
-        if gradients:
-            for p in model.parameters():
-                if p.requires_grad:
-                    self._hooks.append(p.register_hook(self._watch_gradient))
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.optimizer.guard = self
         backward, step = engine.backward, engine.step
 
         def guarded_backward(loss, *args, **kwargs):
@@ -111,35 +115,56 @@ class StepGuard:
         def guarded_step(*args, **kwargs):
             if not engine.is_gradient_accumulation_boundary():
                 return step(*args, **kwargs)
-            self._decide()
-            self.optimizer.skip = bool(self.bad)
+            self.flags = torch.stack([~torch.isfinite(self.loss_sum), self.flags.new_zeros((), dtype=torch.bool)])
+            self.flags = self.flags.to(torch.int32)
+            self.checked = False
             try:
-                return step(*args, **kwargs)
+                return step(*args, **kwargs)  # the optimizer calls check()
             finally:
-                self.optimizer.skip = False
+                if not self.checked:
+                    # DeepSpeed withheld the step itself, having found the gradients' norm not finite (ZeRO 1-2, its
+                    # own host check); under fp16 that is its loss scaler's business, and only the loss is watched
+                    if self.gradients:
+                        self.flags = torch.stack([self.flags[0], torch.ones_like(self.flags[1])])
+                    self.check([])
+                self._agree_stop()
+                self.good = (self.flags.amax() == 0).float()
+                self.pending.append(self.flags)
+                self.loss_sum.zero_()
 
         engine.backward, engine.step = guarded_backward, guarded_step
 
-    def _watch_gradient(self, grad: torch.Tensor) -> None:
-        self.grad_sum.add_(grad.detach().float().sum())
+    def check(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """At the optimizer step: add the gradients' finiteness to the flags, agree them across ranks (one device
+        all-reduce), and return the fused AdamW's found_inf."""
+        self.checked = True
+        grads = [g for g in grads if g is not None]
+        if self.gradients and grads:
+            total = torch.stack(torch._foreach_norm(grads)).float().sum()  # not finite iff one of them is not
+            self.flags = torch.stack([self.flags[0], (~torch.isfinite(total)).to(torch.int32)])
+        if self.distributed:
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
+        return self.flags.amax().float()
 
-    def _decide(self) -> None:
-        requested = torch.tensor(self.signals is not None and self.signals.requested is not None)
-        flags = torch.stack(
-            [~torch.isfinite(self.loss_sum), ~torch.isfinite(self.grad_sum), requested.to(self.device)]
-        ).to(torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        loss_bad, grad_bad, stop = (bool(f) for f in flags.tolist())  # the guard's one host sync per step
-        self.bad = {"loss": loss_bad, "gradient": grad_bad} if loss_bad or grad_bad else None
-        self.stop = stop
-        self.loss_sum.zero_()
-        self.grad_sum.zero_()
+    def _agree_stop(self) -> None:
+        requested = self.signals is not None and self.signals.requested is not None
+        if self.distributed:  # on the CPU: no wait for the GPU
+            flag = torch.tensor([int(requested)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+            requested = bool(flag[0])
+        self.stop = requested
+
+    def settle(self) -> list[dict[str, bool] | None]:
+        """The flags of each step since the last call ({"loss": ..., "gradient": ...} for a skipped step, None for an
+        applied one): one host sync for all of them."""
+        if not self.pending:
+            return []
+        flags = torch.stack(self.pending).tolist()
+        self.pending = []
+        return [{"loss": bool(lo), "gradient": bool(gr)} if lo or gr else None for lo, gr in flags]
 
     def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.optimizer.guard = None
 
 
 class Skipped:

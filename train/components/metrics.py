@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -116,14 +117,20 @@ class Window:
         self.excluded = 0.0
         self.waited = 0.0
 
-    def add(self, values: dict[str, Any]) -> None:
+    def add(self, values: dict[str, Any], weight: torch.Tensor | None = None) -> None:
+        """Add one micro-step's values; `weight` (a device scalar, 1.0 or 0.0) keeps a skipped step's out without
+        the host reading it."""
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
-            self.counts[key] = self.counts.get(key, 0) + 1
+            value = value.detach().float()
+            if weight is not None:
+                value = torch.where(weight > 0, value, 0.0)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0.0) + (1.0 if weight is None else weight)
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        """Each key's mean over the micro-steps that reported it (NaN where every one was skipped)."""
+        return {k: float(torch.as_tensor(v, dtype=torch.float64) / self.counts[k]) for k, v in self.sums.items()}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.excluded

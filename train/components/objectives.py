@@ -26,12 +26,22 @@ class ContrastiveObjective:
     """Sum of the contrastive losses of every configured pair present in the batch."""
 
     def __init__(
-        self, pairs: list[tuple[str, str]], loss_cfg: LossConfig, process_group=None, tuples: list[list[str]] = ()
+        self,
+        pairs: list[tuple[str, str]],
+        loss_cfg: LossConfig,
+        process_group=None,
+        tuples: list[list[str]] = (),
+        uniform_batches: bool = False,
     ):
+        """`uniform_batches`: every rank's batches hold the same number of samples (the training loader's), so the
+        losses skip their exchange of sizes."""
         self.pairs = pairs
         self.tuples = [list(t) for t in tuples]
         self.loss_cfg = loss_cfg
         self.group = process_group
+        self.uniform_batches = uniform_batches
+        self.gather_budget = int(loss_cfg.gather_budget * 2**30) or None  # 0: always the ring
+        self._weights: dict = {}  # the Matryoshka weights, made once per device
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
         return self.loss(engine(batch), batch)
@@ -76,13 +86,18 @@ class ContrastiveObjective:
                 dcl=cfg.dcl,
                 label_smoothing=cfg.label_smoothing,
                 impl=cfg.impl,
+                uniform_batches=self.uniform_batches,
+                gather_budget=self.gather_budget,
             )
             if cfg.matryoshka:
                 fused_kernel(cfg.kernel, args[0], "the matryoshka loss", NOT_FUSED)
                 width = args[0].shape[1]
                 widths, weights = cfg.nested_widths(width), cfg.nested_weights(width)
                 nested = matryoshka_losses(*args, dims=widths, **kw)
-                losses[f"loss/{a}-{b}"] = nested @ nested.new_tensor(weights)
+                key = (nested.device, tuple(weights))
+                if key not in self._weights:  # a host-to-device copy: once, not every step
+                    self._weights[key] = nested.new_tensor(weights)
+                losses[f"loss/{a}-{b}"] = nested @ self._weights[key]
                 report.update({f"loss/{a}-{b}@{w}": x for w, x in zip(widths, nested.detach())})
             else:
                 losses[f"loss/{a}-{b}"] = contrastive_loss(*args, kernel=cfg.kernel, **kw)
@@ -99,7 +114,9 @@ class ContrastiveObjective:
                 higher_order = symile_loss if cfg.higher_order == "symile" else gram_loss
                 tuple_features = [self.operand(features[m]) for m in group]
                 fused_kernel(cfg.kernel, tuple_features[0], f"the {cfg.higher_order} loss", NOT_FUSED)
-                losses[f"loss/{name}"] = higher_order(tuple_features, scale.float(), cfg.tile_size, self.group)
+                losses[f"loss/{name}"] = higher_order(
+                    tuple_features, scale.float(), cfg.tile_size, self.group, gather_budget=self.gather_budget
+                )
                 report[f"temperature/{name}"] = 1.0 / scale.detach()
                 terms.append(cfg.higher_order_weight * losses[f"loss/{name}"])
         losses["loss"] = torch.stack(terms).sum()

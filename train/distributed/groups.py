@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.losses import register_host_group
+from tessera.losses.ring import host_group_of
 
 from .deepspeed_setup import deepspeed
 
@@ -75,6 +76,14 @@ def restart_hazard() -> str | None:
             "(pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that each attempt has a fresh store"
         )
     return None
+
+
+def host_group():
+    """A process group over every rank for CPU tensors: the world where it is gloo, else the gloo group made beside
+    NCCL. Its collectives do not wait for the GPU."""
+    if dist.get_backend() == dist.Backend.GLOO:
+        return None
+    return host_group_of(None)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -115,6 +115,13 @@ class LossConfig:
             "loss, else torch"
         },
     )
+    gather_budget: float = field(
+        default=1.0,
+        metadata={
+            "help": "GiB per rank: across ranks, the loss gathers every rank's features (and reduce-scatters their "
+            "gradients) where they fit this, else passes them round the ring (0: always the ring); both exact"
+        },
+    )
     precision: Literal["auto", "fp32"] = field(
         default="auto",
         metadata={
@@ -177,6 +184,7 @@ class LossConfig:
 
     def __post_init__(self):
         require(self.tile_size is None or self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
+        require(self.gather_budget >= 0, f"loss.gather_budget must be >= 0 GiB, got {self.gather_budget}")
         for pair, w in self.weights.items():
             require(w >= 0, f"loss.weights.{pair} must be >= 0, got {w}")
         for pair, (floor, cap) in self.temperature_range.items():

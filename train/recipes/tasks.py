@@ -80,7 +80,8 @@ class Pretrain:
         return self.model
 
     def make_objective(self, model: nn.Module):
-        return ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples)
+        # the training loader drops short batches: every rank's hold train.batch_size samples
+        return ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples, uniform_batches=True)
 
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
