@@ -5,6 +5,7 @@ exactly."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -111,5 +112,11 @@ def test_compile_without_a_cpp_compiler_is_refused_with_a_clear_error(tmp_path, 
     for key, value in no_compiler_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     model = build_model(from_dict(ModelConfig, TINY_MODEL, "model"))
-    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
-        compile_towers(model, 4)
+    # Inductor remembers the compiler it found in this process (a test that compiled in it, before this one)
+    search = importlib.import_module("torch._inductor.cpp_builder").cpp_compiler_search
+    search.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+            compile_towers(model, 4)
+    finally:
+        search.cache_clear()

@@ -24,15 +24,20 @@ from tessera.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def compile_towers(model: nn.Module, recompiles: int) -> None:
-    """Compile every tower of `model` in place (its forward; heads and loss stay eager). Sets two process-wide torch
-    settings: dynamo's recompile limit (`recompiles`) and its recompile log."""
+def compile_towers(model: nn.Module, recompiles: int, replayed: bool = False) -> None:
+    """Compile every tower of `model` in place (its forward; heads and loss stay eager). Sets process-wide torch
+    settings: dynamo's recompile limit (`recompiles`) and its recompile log; with `replayed` (the two-pass step,
+    which runs each chunk twice and replays its random numbers), Inductor's random ops fall back to eager's, so that
+    the first pass's graph (without autograd) and the second's (with it) draw dropout masks alike from the same
+    state."""
     if not torch.cuda.is_available():
         try:  # the compiler Inductor would use ($CXX, else g++), found as Inductor finds it
             importlib.import_module("torch._inductor.cpp_builder").get_cpp_compiler()
         except RuntimeError as exc:
             raise ConfigError(f"train.compile on a CPU needs a C++ compiler ({exc}); set it false") from None
     torch._dynamo.config.recompile_limit = recompiles
+    if replayed:
+        importlib.import_module("torch._inductor.config").fallback_random = True
     torch._logging.set_logs(recompiles=True)
     for tower in model.towers.values():
         tower.compile()

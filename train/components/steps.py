@@ -141,19 +141,20 @@ class TwoPassStep:
         return to_device(whole, device)
 
     def _hooks(self, modalities, states: dict, replay: bool) -> list:
-        """Forward pre-hooks on each tower and head of `modalities` that record the random state each starts from
-        (first pass) or restore it (second pass), so every module draws the same numbers in both passes even where
-        the second pass skips a locked tower."""
+        """Forward pre-hooks on the head of each of `modalities` that record the random state it starts from (first
+        pass) or restore it (second pass). With the chunk's starting state (restored by the caller) every module
+        then draws the same numbers in both passes: a tower starts where the chunk or the head before it left the
+        state, and a head where its tower did, even where the second pass skips a locked tower. The hooks sit on the
+        heads, which run eagerly, never on the towers: under train.compile a tower's hooks run inside its compiled
+        call, where Dynamo keeps the hooks it first traced (it does not guard them) and would replay a stale
+        chunk's state."""
         hooks = []
         for m in modalities:
-            for kind, module in (("tower", self.model.towers[m]), ("head", self.model.heads[m])):
-                if replay:
-                    hook = module.register_forward_pre_hook(lambda *_, key=(m, kind): _set_rng_state(states[key]))
-                else:
-                    hook = module.register_forward_pre_hook(
-                        lambda *_, key=(m, kind): states.__setitem__(key, _rng_state())
-                    )
-                hooks.append(hook)
+            head = self.model.heads[m]
+            if replay:
+                hooks.append(head.register_forward_pre_hook(lambda *_, key=m: _set_rng_state(states[key])))
+            else:
+                hooks.append(head.register_forward_pre_hook(lambda *_, key=m: states.__setitem__(key, _rng_state())))
         return hooks
 
     def _trained_towers(self) -> set[str]:
@@ -184,13 +185,14 @@ class TwoPassStep:
                 states.append({})
                 encoded.append({})
                 hooks = self._hooks(present, states[-1], replay=False)
-                hooks += [
-                    towers[m].register_forward_hook(
-                        lambda mod, args, out, m=m, into=encoded[-1]: into.__setitem__(m, out)
+                hooks += [  # a locked tower's output, as its head receives it
+                    heads[m].register_forward_pre_hook(
+                        lambda mod, args, m=m, into=encoded[-1]: into.__setitem__(m, args[0])
                     )
                     for m in head_only
                     if m in chunk
                 ]
+                states[-1]["start"] = _rng_state()
                 try:
                     outputs.append(engine(to_device(chunk, device, self.dtype)))
                 finally:
@@ -220,6 +222,7 @@ class TwoPassStep:
             inputs = to_device(inputs, device, self.dtype)
             inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
             hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
+            _set_rng_state(states[i]["start"])
             try:
                 out = engine(inputs)
             finally:

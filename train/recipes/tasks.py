@@ -52,7 +52,7 @@ def prepare(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.train.compile:
-        compile_towers(model, cfg.train.compile_recompiles)
+        compile_towers(model, cfg.train.compile_recompiles, replayed=bool(cfg.train.chunk_size))
     return model
 
 
