@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch
 from tessera.losses import contrastive_loss, contrastive_loss_reference
 from tessera.losses.options import interpreted
 
+from .conftest import ROOT
 from .test_losses import _assert_close, _case, _loss_and_grads, _spawned, in_gloo_group
 
 # the options the kernel fuses: (kind, dcl, label smoothing), every one without labels
@@ -143,3 +146,18 @@ def test_fused_kernel_round_the_ring_equals_the_global_batch_loss(world):
             rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
             got = [torch.from_numpy(x) for x in results[rank][2 * case + mode]]
             _assert_close(got, [want[0], want[1][rows] * world, want[2][rows] * world, *want[3:]], 1e-5, 1e-6)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_an_h100_without_one():
+    """Every launch the loss makes on bf16 features, compiled ahead of time for sm_90 by triton's own compiler and
+    ptxas (the interpreter above checks the arithmetic, not what the GPU compiler accepts; `python
+    tests/compile_kernels.py 80 90` compiles every dtype for both targets)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "compile_kernels.py"), "90", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sm_90 ") == 6, proc.stdout
