@@ -75,6 +75,11 @@ class Decoder:
     def decode(self, sample: dict[str, Any]) -> Any:
         raise NotImplementedError
 
+    def decode_for(self, sample: dict[str, Any], transform) -> Any:
+        """`decode`, for what `transform` makes of the value next (an image decoder reads the transform's
+        `decode_size`: how large it needs the picture). Default: `decode`."""
+        return self.decode(sample)
+
     def read_file(self, path: Path) -> Any:
         """A file of this modality (its name ends in a suffix this decoder reads) -> its value, as `decode` gives it
         for a shard member; the Python API's file inputs."""

@@ -179,7 +179,7 @@ class ShardStream(IterableDataset):
                 decoder = spec.decoders[modality]
                 if not decoder.present(sample):
                     raise BadSample(f"missing_{modality}")
-                value = decoder.decode(sample)
+                value = decoder.decode_for(sample, spec.transforms[modality])
                 if spec.all_views and not spec.train:
                     item[modality] = [spec.transforms[modality](v) for v in decoder.views(value)]
                     continue

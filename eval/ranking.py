@@ -60,7 +60,7 @@ def embed(
     with common.eval_mode(model):
         batches = eval_batches(
             common.sources_with(sources, modalities),
-            model.transforms(False),
+            model.transforms(False, compact=True),
             model.collators(),
             list(modalities),
             batch_size,

@@ -159,7 +159,7 @@ def embed_labelled(
     """(N, D) normalised embeddings and (N,) `cls` labels of every sample carrying both."""
     if modality not in model.modalities:
         raise ValueError(f"the model has no '{modality}' tower (it has {model.modalities})")
-    transforms = {modality: model.transforms(False)[modality], LABEL: keep}
+    transforms = {modality: model.transforms(False, compact=True)[modality], LABEL: keep}
     collators = {modality: model.collators()[modality], LABEL: collate_labels}
     feats, labels = [], []
     with common.eval_mode(model):

@@ -75,9 +75,9 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def compact_transform(self, is_train: bool) -> Callable[[Any], Any]:
-        """`transform` for inputs held for a whole contrastive batch (the two-pass step): the same model input in
-        its smallest form, which `forward` also accepts (images as uint8, normalised on the device). By default the
-        transform itself."""
+        """`transform` as the loaders use it: the same model input in its smallest form, which `forward` also
+        accepts (images as uint8, normalised on the device: a quarter of the bytes through the loader's shared
+        memory, pinning and the copy to the device). By default the transform itself."""
         return self.transform(is_train)
 
     @staticmethod

@@ -4,6 +4,7 @@ open_clip's image transforms (see `open_clip_common` for names, overrides and ch
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +154,21 @@ class OpenClipImageEncoder(Encoder):
 
     def transform(self, is_train: bool):
         aug = AugmentationCfg(**self.cfg.augmentation) if is_train else None
-        return fuse_to_tensor_normalize(image_transform_v2(self.preprocess_cfg, is_train=is_train, aug_cfg=aug))
+        compose = fuse_to_tensor_normalize(image_transform_v2(self.preprocess_cfg, is_train=is_train, aug_cfg=aug))
+        if is_train:
+            compose.decode_size = self._decode_size(aug)
+        return compose
+
+    def _decode_size(self, aug: AugmentationCfg) -> tuple[int, int]:
+        """The smallest (width, height) a training picture needs to be decoded at: the random resized crop's
+        smallest crop (scale[0] of the area) must still hold the input's pixels. A JPEG at least twice that on
+        both sides is decoded at a DCT scale of 1/2, 1/4 or 1/8 (`ImageDecoder`), a fraction of the work, then
+        goes through the same crop and resize. Evaluation decodes at full size."""
+        size = self.preprocess_cfg.size
+        width, height = (size, size) if isinstance(size, int) else (size[1], size[0])
+        smallest = (aug.scale or (1.0, 1.0))[0]
+        grow = 1.0 / math.sqrt(max(smallest, 1e-6))
+        return math.ceil(width * grow), math.ceil(height * grow)
 
     def compact_transform(self, is_train: bool):
         """The transform up to its ToTensor + Normalize, which `forward` does on the device: uint8 images, a quarter

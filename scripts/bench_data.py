@@ -33,7 +33,7 @@ clip's frames sampled, each through the image train transform at the clips' 32 p
 frame (the bare decoder; its + transform row samples from those frames).
 
 Data (made once under --out/shards, reused): `tessera.data.demo`'s 64 px jpg+txt pictures, larger photo-like JPEGs
-(256-512 px, noisy, quality 85-95), and `tessera.data.demo_joint`'s sounds (1 s flac/wav/ogg at 16/22.05 kHz) and
+(256-1024 px, noisy, quality 85-95), and `tessera.data.demo_joint`'s sounds (1 s flac/wav/ogg at 16/22.05 kHz) and
 graphs (npz, a quarter json), and `tessera.data.demo_video`'s clips (16 frames, mp4/webm/avi/mkv). The demo shards
 keep their few deliberately broken samples.
 
@@ -97,7 +97,8 @@ def _urls(d: Path, prefix: str) -> list[str]:
 
 
 def _photos(n: int, seed: int):
-    """Photo-like jpg+txt samples, 256-512 px: a smooth random colour field, blobs, sensor-like noise."""
+    """Photo-like jpg+txt samples, 256-1024 px on a side as img2dataset writes them, any aspect ratio: a smooth
+    random colour field, blobs, sensor-like noise."""
     import random
 
     import numpy as np
@@ -108,7 +109,7 @@ def _photos(n: int, seed: int):
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     for i in range(n):
-        w, h = rng.randint(256, 512), rng.randint(256, 512)
+        w, h = rng.randint(256, 1024), rng.randint(256, 1024)
         field = nrng.uniform(0, 255, (h // 48 + 2, w // 48 + 2, 3)).astype(np.uint8)
         img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
         draw = ImageDraw.Draw(img)
@@ -136,8 +137,8 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     if not _complete(out / "demo", "train-txt", n):
         demo.build(fresh(out / "demo"), train_per_source=n, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
         made.append("demo pictures")
-    if not _complete(out / "photos", "photos", n):
-        write_shards(_photos(n, seed), fresh(out / "photos"), "photos", SAMPLES_PER_SHARD)
+    if not _complete(out / "photos1024", "photos", n):  # 256-1024 px (the folder "photos" held 256-512 px ones)
+        write_shards(_photos(n, seed), fresh(out / "photos1024"), "photos", SAMPLES_PER_SHARD)
         made.append("photos")
     if not (_complete(out / "joint", "sounds", n) and _complete(out / "joint", "graphs", n)):
         demo_joint.build(fresh(out / "joint"), per_source=n, triple=0, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
@@ -149,7 +150,7 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
         print(f"[bench] wrote {', '.join(made)} under {out}", flush=True)
     return {
         "image_demo64": _urls(out / "demo", "train-txt"),
-        "image_photo": _urls(out / "photos", "photos"),
+        "image_photo": _urls(out / "photos1024", "photos"),
         "audio": _urls(out / "joint", "sounds"),
         "graph": _urls(out / "joint", "graphs"),
         "video": _urls(out / "video", "videos"),
@@ -556,7 +557,7 @@ def overheads_us(n: int = 2000) -> dict[str, float]:
 
 SETS = {  # name: (modality, tower, label)
     "image_demo64": ("image", "image", "image, demo 64 px"),
-    "image_photo": ("image", "image", "image, photos 256-512 px"),
+    "image_photo": ("image", "image", "image, photos 256-1024 px"),
     "audio": ("audio", "audio", "audio, 1 s clips"),
     "graph": ("graph", "graph", "graph, no PE"),
     "graph_pe": ("graph", "graph_pe", "graph, random-walk PE"),

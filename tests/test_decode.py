@@ -105,3 +105,31 @@ def test_a_manifest_caption_of_several_lines_stays_one_caption(tmp_path):
     members = {k: json.dumps(v).encode() if isinstance(v, dict) else v for k, v in written.items()}
     assert text.decode(members) == ["a poem\nin two lines"]
     assert text.decode(text.members("text", "one line", tmp_path)) == ["one line"]
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.radial_gradient("L").resize((width, height)).convert("RGB").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_the_dct_scale_its_training_crop_needs():
+    """A training picture is needed at (34, 34) for a 32-pixel input whose crops keep 90% of the area: a JPEG at
+    least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it; a smaller JPEG, a PNG and
+    evaluation decode at full size. The drafted picture goes through the same crop to the same input size."""
+    from tessera.config import from_dict
+    from tessera.models import ModelConfig, build_model
+
+    from .conftest import TINY_MODEL
+
+    tower = build_model(from_dict(ModelConfig, TINY_MODEL, "model")).towers["image"]
+    train, evaluate = tower.compact_transform(True), tower.compact_transform(False)
+    assert train.decode_size == (34, 34) and getattr(evaluate, "decode_size", None) is None
+    images = decoder("image")
+    sizes = {(w, h): images.decode_for({"jpg": _jpeg(w, h)}, train).size for w, h in [(512, 384), (300, 80), (60, 60)]}
+    assert sizes == {(512, 384): (64, 48), (300, 80): (150, 40), (60, 60): (60, 60)}
+    png = io.BytesIO()
+    Image.new("RGB", (512, 384)).save(png, format="PNG")
+    assert images.decode_for({"png": png.getvalue()}, train).size == (512, 384)
+    assert images.decode_for({"jpg": _jpeg(512, 384)}, evaluate).size == (512, 384)
+    assert train(images.decode_for({"jpg": _jpeg(512, 384)}, train)).shape == (3, 32, 32)

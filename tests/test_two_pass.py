@@ -205,6 +205,31 @@ def test_images_held_as_uint8_give_the_float_transform_s_embeddings():
     assert model.transforms(True, compact=True)["image"].transforms[-1].__class__.__name__ == "ToUint8"
 
 
+@pytest.mark.parametrize("chunks", [[], ["train.chunk_size=4"]])
+def test_training_loaders_carry_images_as_uint8_on_every_step(demo_shards, tmp_path, chunks):
+    """The one-graph step's batches as the two-pass step's: images cross the loader as uint8."""
+    from tessera.data import train_loader
+    from tessera.train.recipes.load import load_config
+    from tessera.train.recipes.tasks import make_task
+
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"model={json.dumps(TINY_MODEL)}",
+            f"data.train={demo_shards}/train-txt-000000.tar",
+            "data.num_workers=0",
+            *chunks,
+        ],
+    )
+    task = make_task(cfg)
+    model = task.build_model()
+    transforms, collators, keys = task.pipelines(model)
+    batch = next(train_loader(cfg.data, transforms, collators, keys, 4))
+    images = batch[0]["image"] if isinstance(batch, list) else batch["image"]
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+
+
 def test_siglip_with_its_bias():
     model = _model({"image": DROPOUT_IMAGE, "text": TEXT}, init_temperature=0.1, init_logit_bias=-10.0)
     report = _compare(model, _batch(model), LossConfig(kind="siglip", tile_size=5))

@@ -85,9 +85,9 @@ class Pretrain:
 
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
-        # in chunks, a step holds its whole batch's inputs: in their compact form (images as uint8)
-        compact = bool(self.cfg.train.chunk_size)
-        transforms, collators, keys = model.transforms(True, compact), model.collators(), list(model.modalities)
+        # inputs in their compact form (images as uint8, normalised by the tower on the device): a quarter of the
+        # bytes through shared memory, pinning and the host-to-device copy, and the same numbers
+        transforms, collators, keys = model.transforms(True, compact=True), model.collators(), list(model.modalities)
         if self.cfg.loss.positives == "label":  # every sample also carries its `cls` id
             transforms[LABEL], collators[LABEL] = keep, collate_labels
             keys.append(LABEL)
@@ -209,7 +209,7 @@ class FewShotFinetune(ContrastiveFinetune):
                 batch_size,
             )
         log.info("fewshot: %d shots (k=%d, %d classes) of %s", shots, fs.k, len(self.classnames), fs.modality)
-        transforms = {fs.modality: model.transforms(is_train=True)[fs.modality], LABEL: keep}
+        transforms = {fs.modality: model.transforms(is_train=True, compact=True)[fs.modality], LABEL: keep}
         collators = {fs.modality: model.collators()[fs.modality], LABEL: collate_labels}
         source = SourceConfig(spec, name="shots", modalities=[fs.modality, LABEL])
         data_cfg = dataclasses.replace(cfg.data, train=[source], batching="mixed")
