@@ -26,16 +26,15 @@ Under TRITON_INTERPRET=1 (set before the import) the kernels run on CPU tensors,
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .options import interpreted
+
 INFONCE, SIGLIP = 0, 1
 NO_DIAGONAL = 1 << 40  # a shift no tile reaches: nothing is masked
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -141,7 +140,7 @@ def blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     tl.dot allows (it runs them in numpy, so fewer, larger ones are no faster); on a GPU, 128 x 128 output blocks
     with 64-wide GEMM steps for 2-byte operands and 32-wide for fp32, which keep the operands of a few pipelined
     steps in shared memory."""
-    if INTERPRETED:
+    if interpreted():
         return 16, 16, 16, 16, 1, 1
     bk = 64 if dtype in (torch.bfloat16, torch.float16) else 32
     return 128, 128, min(bk, triton.next_power_of_2(dim)), min(64, triton.next_power_of_2(dim)), 8, 3

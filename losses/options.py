@@ -86,7 +86,8 @@ def fused_kernel(kernel: str, x: torch.Tensor, what: str, not_covered: str | Non
         reason = f"it takes bf16, fp16 or fp32 features, not {x.dtype}"
     if reason is None:
         return True
-    tell_once(f"loss.kernel={kernel}: {what} runs the torch path: {reason}", logging.WARNING)
+    level = logging.WARNING if kernel == "triton" else logging.INFO  # asked for by name, or chosen by auto
+    tell_once(f"loss.kernel={kernel}: {what} runs the torch path: {reason}", level)
     return False
 
 

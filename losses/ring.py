@@ -181,19 +181,23 @@ def register_host_group(group, host_group) -> None:
     _HOST_GROUPS[group] = host_group
 
 
+def has_host_group(group) -> bool:
+    """Whether `group` (None: the world) can run collectives of CPU tensors, which never wait for a GPU: it is gloo,
+    or a gloo group was registered beside it."""
+    return group in _HOST_GROUPS or dist.get_backend(group) == dist.Backend.GLOO
+
+
 def host_group_of(group):
-    """The gloo group registered beside `group` (None: none was)."""
-    return _HOST_GROUPS.get(group)
+    """The group that runs `group`'s collectives of CPU tensors (where `has_host_group`)."""
+    return _HOST_GROUPS.get(group, group)
 
 
 def _exchange_sizes(local_size: int, group, device) -> list[int]:
     """Every rank's batch size, in rank order: on the CPU through a gloo group where there is one, else through
     the group's own device (one device-to-host copy)."""
-    host = _HOST_GROUPS.get(group)
-    if host is None and dist.get_backend(group) == dist.Backend.GLOO:
-        host = group
-    mine = torch.tensor([local_size], dtype=torch.int64, device="cpu" if host is not None else device)
-    return gather(mine, host if host is not None else group).tolist()
+    if has_host_group(group):
+        return gather(torch.tensor([local_size], dtype=torch.int64), host_group_of(group)).tolist()
+    return gather(torch.tensor([local_size], dtype=torch.int64, device=device), group).tolist()
 
 
 ALL = -1  # the block of the whole global batch, every rank's rows in rank order (`Ring.gathered`)

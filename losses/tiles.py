@@ -176,8 +176,7 @@ class TileEngine:
     """The ring, the layout of the global batch and the tile edge of one loss call (kept from forward for backward:
     none of them holds a transfer)."""
 
-    def __init__(self, group, local_size: int, labels, device, acc: torch.dtype, plan: Plan | int):
-        plan = plan if isinstance(plan, Plan) else Plan(plan)
+    def __init__(self, group, local_size: int, labels, device, acc: torch.dtype, plan: Plan):
         self.ring = Ring(group)
         self.layout = Layout(self.ring, local_size, labels, device, acc, plan.uniform)
         self.tile, self.acc, self.plan = plan.tile, acc, plan

@@ -29,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tessera.config import UserError
+from tessera.losses.ring import host_group_of
 
-from ..distributed.groups import gather_objects, host_group
+from ..distributed.groups import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class StepGuard:
         self.device = engine.device
         self.gradients = gradients
         self.loss_sum = torch.zeros((), device=self.device)
-        self.flags = torch.zeros(2, dtype=torch.int32, device=self.device)  # the last step's: loss, gradient
+        self.flags: torch.Tensor | None = None  # the last step's (loss, gradient), 1 where not finite
         self.good = torch.ones((), device=self.device)  # 1.0 where the last step was applied, else 0.0
         self.pending: list[torch.Tensor] = []  # each step's flags since the last settle()
         self.stop = False
@@ -115,8 +116,6 @@ class StepGuard:
         def guarded_step(*args, **kwargs):
             if not engine.is_gradient_accumulation_boundary():
                 return step(*args, **kwargs)
-            self.flags = torch.stack([~torch.isfinite(self.loss_sum), self.flags.new_zeros((), dtype=torch.bool)])
-            self.flags = self.flags.to(torch.int32)
             self.checked = False
             try:
                 return step(*args, **kwargs)  # the optimizer calls check()
@@ -124,9 +123,7 @@ class StepGuard:
                 if not self.checked:
                     # DeepSpeed withheld the step itself, having found the gradients' norm not finite (ZeRO 1-2, its
                     # own host check); under fp16 that is its loss scaler's business, and only the loss is watched
-                    if self.gradients:
-                        self.flags = torch.stack([self.flags[0], torch.ones_like(self.flags[1])])
-                    self.check([])
+                    self.check([], withheld=self.gradients)
                 self._agree_stop()
                 self.good = (self.flags.amax() == 0).float()
                 self.pending.append(self.flags)
@@ -134,14 +131,19 @@ class StepGuard:
 
         engine.backward, engine.step = guarded_backward, guarded_step
 
-    def check(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """At the optimizer step: add the gradients' finiteness to the flags, agree them across ranks (one device
-        all-reduce), and return the fused AdamW's found_inf."""
+    def check(self, grads: list[torch.Tensor | None], withheld: bool = False) -> torch.Tensor:
+        """At the optimizer step: the step's flags (the losses', and the gradients' finiteness, or `withheld`:
+        known bad), agreed across ranks in one device all-reduce; returns the fused AdamW's found_inf."""
         self.checked = True
+        loss_bad = ~torch.isfinite(self.loss_sum)
         grads = [g for g in grads if g is not None]
-        if self.gradients and grads:
-            total = torch.stack(torch._foreach_norm(grads)).float().sum()  # not finite iff one of them is not
-            self.flags = torch.stack([self.flags[0], (~torch.isfinite(total)).to(torch.int32)])
+        if withheld:
+            grad_bad = loss_bad.new_ones(())
+        elif self.gradients and grads:
+            grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())  # iff one is not
+        else:
+            grad_bad = loss_bad.new_zeros(())
+        self.flags = torch.stack([loss_bad, grad_bad]).to(torch.int32)
         if self.distributed:
             dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
         return self.flags.amax().float()
@@ -150,7 +152,7 @@ class StepGuard:
         requested = self.signals is not None and self.signals.requested is not None
         if self.distributed:  # on the CPU: no wait for the GPU
             flag = torch.tensor([int(requested)], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group_of(None))
             requested = bool(flag[0])
         self.stop = requested
 

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from tessera.losses import register_host_group
-from tessera.losses.ring import host_group_of
 
 from .deepspeed_setup import deepspeed
 
@@ -57,7 +56,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         if dist.get_backend() != dist.Backend.GLOO and dist.get_world_size() > 1:
-            # the loss exchanges its per-rank sizes on the CPU, not through a device-to-host copy
+            # CPU collectives (the loss's per-rank sizes, the guard's stop requests) without a device-to-host copy
             register_host_group(None, dist.new_group(backend="gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -76,14 +75,6 @@ def restart_hazard() -> str | None:
             "(pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that each attempt has a fresh store"
         )
     return None
-
-
-def host_group():
-    """A process group over every rank for CPU tensors: the world where it is gloo, else the gloo group made beside
-    NCCL. Its collectives do not wait for the GPU."""
-    if dist.get_backend() == dist.Backend.GLOO:
-        return None
-    return host_group_of(None)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
