@@ -20,7 +20,7 @@ from .config import DataConfig, SourceConfig
 from .consumed import SampleSet
 from .decode import decoders
 from .pipeline import ShardStream, Source, StreamSpec, slot_split
-from .shards import ShardError, expand_shards, shard_sizes
+from .shards import ShardError, expand_shards, seekable, shard_sizes
 from .stats import DataQualityError, SampleStats
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class TrainLoader:
         self._queues: dict[int, deque] = {}
         self._ended: set[int] = set()
         self._batches_in_epoch = 0
+        self.counted: dict[str, int] = {}  # samples per shard, as the workers found reading shards to their end
 
     def _workers(self, sources: list[Source], requested: int, world: int) -> int:
         return plan_workers(sources, requested, world, self.cfg.resampled)
@@ -220,6 +221,7 @@ class TrainLoader:
                 self.taken = SampleSet()
                 continue
             self.stats.merge(item.pop("_stats"))
+            self.counted.update(item.pop("_counted", {}))
             worker, _, cursor, batches = item.pop("_state")
             self.stats.check(self.cfg.max_bad_fraction, self.cfg.bad_check_after, f"rank {self.rank} training data")
             if item.pop("_end", False):
@@ -238,6 +240,7 @@ class TrainLoader:
             "stats": self.stats.to_dict(),
             "taken": self.taken.to_state(),
             "exclude": {str(e): s.to_state() for e, s in self.exclude.items()},
+            "shard_counts": dict(self.counted),
         }
 
     def load_state_dict(self, state: dict[str, Any], peers: Callable[[], list[dict] | None] | None = None) -> None:
@@ -252,6 +255,7 @@ class TrainLoader:
         cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
         self.taken = SampleSet.from_state(state.get("taken"))
         self.exclude = {int(e): SampleSet.from_state(s) for e, s in state.get("exclude", {}).items()}
+        self._learn_counts(state.get("shard_counts", {}))
         if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
             cursors, self.next_worker = {}, 0
             saved = f"{state.get('world')} x {state.get('num_workers')}"
@@ -279,6 +283,35 @@ class TrainLoader:
                 self.taken, self.exclude = SampleSet(), {}
         self.cursors = dict(cursors)
         self._skip = cursors
+        self._say_what_resume_reads()
+
+    def _learn_counts(self, counts: dict[str, Any]) -> None:
+        """Shard sample counts a checkpoint recorded: the workers pass the shards they cover over unopened."""
+        self.counted.update({str(u): int(n) for u, n in counts.items() if isinstance(n, int)})
+        for src in self.spec.sources:
+            src.counted = {u: self.counted[u] for u in src.urls if u in self.counted}
+
+    def _say_what_resume_reads(self) -> None:
+        """Once, in the main process: which shards a resume mid-epoch may have to read up to its position."""
+        if not any(skip for skip, _ in self._skip.values()):
+            return
+        unknown = [u for s in self.spec.sources for u in s.urls if u not in s.counted and u not in s.sizes]
+        unseekable = [u for s in self.spec.sources for u in s.urls if not seekable(u)]
+        if unknown:
+            log.warning(
+                "resuming mid-epoch: %d shard(s) have no recorded sample count (no sizes.json entry, not read to "
+                "their end before the checkpoint), e.g. %s: those the workers had consumed are read again to reach "
+                "the position",
+                len(unknown),
+                unknown[0],
+            )
+        if unseekable:
+            log.warning(
+                "resuming mid-epoch: %d shard(s) are remote or compressed, e.g. %s: where the position lies inside "
+                "one, or the shuffle buffer holds its samples, it is read from its start",
+                len(unseekable),
+                unseekable[0],
+            )
 
     def _continue_epoch(self, states: list[dict[str, Any]]) -> tuple[int, dict[int, SampleSet]]:
         """From every saving rank's state: the epoch to continue (the earliest any rank was in) and, per epoch from
@@ -332,6 +365,7 @@ def eval_batches(
         stats.merge(item.pop("_stats"))
         item.pop("_state")
         item.pop("_taken", None)
+        item.pop("_counted", None)
         if not (item.pop("_heartbeat", False) or item.pop("_end", False)):
             yield item
 

@@ -5,11 +5,15 @@
     -> batch + collate
 
 Everything before `decode` handles undecoded bytes and is cheap; its order depends only on
-(seed, epoch, rank, worker). So a resumed run replays it exactly and skips what it had consumed,
-without decoding a single skipped sample. Each batch carries `_state` (worker, epoch, cursor: the
+(seed, epoch, rank, worker) and the shards' sample counts. So a resumed run replays it exactly and skips what it had
+consumed without reading it: the shards it had finished stay closed, the one it was in is read from the saved position
+(by offset, when local and uncompressed), and the samples its shuffle buffer held are read back into it
+(`shards.Ahead`). Where a shard's count is unknown (no sizes.json, not read to its end before), or it cannot be read by
+offset, the samples before the position are read again. Each batch carries `_state` (worker, epoch, cursor: the
 stream samples behind it, and the worker's batch count), `_taken` (the (shard, index) of every sample the stream
 consumed since the previous batch, for resuming on another layout: `consumed.SampleSet`) and
-`_stats` (bad-sample counts since the worker's previous item) for the main process. Between batches a
+`_stats` (bad-sample counts since the worker's previous item) and `_counted` (the sample counts of the shards read to
+their end since then) for the main process. Between batches a
 worker may send `_heartbeat` items (stats only), and it ends its epoch with an `_end` item.
 """
 
@@ -24,11 +28,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
 from .consumed import SampleSet
 from .decode import BadSample, Decoder
-from .shards import Split, iter_raw_samples, split_shards
+from .shards import STAND_IN, Ahead, Split, fill, iter_raw_samples, split_shards
 from .stats import SampleStats
 
 HEARTBEAT_SAMPLES = 256  # ship stats at least this often, so all-bad data is noticed without a batch
@@ -63,6 +66,27 @@ def sample_randomness(rng: random.Random):
         torch.default_generator.set_state(torch_state)
 
 
+def shuffled(samples: Iterator[Any], bufsize: int, initial: int, rng: random.Random, buf: list[Any]) -> Iterator[Any]:
+    """webdataset's sample shuffle (`filters._shuffle`: the same draws, so the same order), over a buffer the caller
+    holds, so that a resume can read its content back (`Ahead`)."""
+    initial = min(initial, bufsize)
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            buf.extend(itertools.islice(samples, 1))
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list[Any], rng: random.Random) -> Any:
+    k = rng.randint(0, len(buf) - 1)
+    sample, buf[k] = buf[k], buf[-1]
+    buf.pop()
+    return sample
+
+
 @dataclass
 class Source:
     name: str
@@ -70,6 +94,7 @@ class Source:
     weight: float
     modalities: list[str]
     sizes: dict[str, int] = field(default_factory=dict)  # samples per shard, from sizes.json
+    counted: dict[str, int] = field(default_factory=dict)  # samples per shard, as reading it to its end found
 
 
 @dataclass
@@ -133,28 +158,32 @@ class ShardStream(IterableDataset):
         split = slot_split(spec, self.epoch, src_idx, spec.rank, spec.world, worker, num_workers)
         return iter(split.shards), split
 
-    def _source_samples(self, src_idx: int, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
-        spec = self.spec
+    def _source_samples(
+        self, src_idx: int, worker: int, num_workers: int, stats: SampleStats, reading: _Reading
+    ) -> Iterator[dict]:
+        spec, src = self.spec, self.spec.sources[src_idx]
         urls, split = self._shard_urls(src_idx, worker, num_workers)
         exclude = self.exclude
         if exclude is not None:
             urls = (u for u in urls if not exclude.whole(u))
-        samples = iter_raw_samples(urls, stats, self.spec.sources[src_idx].sizes)
+        samples = iter_raw_samples(urls, stats, src.sizes, reading.ahead, reading.counted)
         if exclude is not None:
             samples = (s for s in samples if (s["__url__"], s["__index__"]) not in exclude)
         if split.sample_stride > 1:
             samples = itertools.islice(samples, split.sample_offset, None, split.sample_stride)
         if spec.train and spec.shuffle_buffer > 1:
             rng = seeded_rng(spec.seed, self.epoch, spec.rank, worker, src_idx, "samples")
-            samples = _shuffle(samples, bufsize=spec.shuffle_buffer, initial=spec.shuffle_initial, rng=rng)
+            buf: list[dict] = []
+            reading.buffers.append(buf)
+            samples = shuffled(samples, spec.shuffle_buffer, spec.shuffle_initial, rng, buf)
         for sample in samples:
             sample["__source__"] = src_idx
             yield sample
 
-    def _mixed(self, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
+    def _mixed(self, worker: int, num_workers: int, stats: SampleStats, reading: _Reading) -> Iterator[dict]:
         """Training: draw from the sources by weight; the epoch ends when any source runs out. Evaluation: every
         sample of every source, one source after the other."""
-        streams = [self._source_samples(i, worker, num_workers, stats) for i in range(len(self.spec.sources))]
+        streams = [self._source_samples(i, worker, num_workers, stats, reading) for i in range(len(self.spec.sources))]
         if len(streams) == 1 or not self.spec.train:
             yield from itertools.chain.from_iterable(streams)
             return
@@ -212,10 +241,13 @@ class ShardStream(IterableDataset):
         def state(cursor: int) -> tuple[int, int, int, int]:
             return (worker, self.epoch, cursor, batches)
 
+        counts = {url: n for src in spec.sources for url, n in src.counted.items()}
+        reading = _Reading(Ahead(counts) if skip else None)
         cursor = 0
-        for cursor, sample in enumerate(self._mixed(worker, num_workers, stats), start=1):
-            if cursor <= skip:  # replaying what a checkpointed run already consumed
+        for cursor, sample in enumerate(self._mixed(worker, num_workers, stats, reading), start=1):
+            if cursor <= skip:  # consumed before the checkpoint: passed over unread where the shards allow
                 if cursor == skip:
+                    reading.arrived()
                     stats.take()  # its counts were already saved with the checkpoint
                 continue
             stats.seen += 1
@@ -228,18 +260,43 @@ class ShardStream(IterableDataset):
             if len(items) == spec.batch_size:
                 batches += 1
                 batch = self._collate(items)
-                batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken)
+                batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken, _counted=reading.news())
                 items, taken, unshipped = [], [], 0
                 yield batch
                 if spec.batches_per_worker is not None and batches >= spec.batches_per_worker:
                     break
             elif unshipped >= HEARTBEAT_SAMPLES:
                 unshipped = 0
-                yield {"_state": state(cursor), "_stats": stats.take(), "_heartbeat": True}
+                yield {"_state": state(cursor), "_stats": stats.take(), "_counted": reading.news(), "_heartbeat": True}
         if items and not spec.drop_last:
             batch = self._collate(items)
-            batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken)
+            batch.update(_state=state(cursor), _stats=stats.take(), _taken=taken, _counted=reading.news())
             yield batch
         elif items:
             stats.event("dropped_partial_batch_samples", len(items))
-        yield {"_state": state(cursor), "_stats": stats.take(), "_end": True}
+        yield {"_state": state(cursor), "_stats": stats.take(), "_counted": reading.news(), "_end": True}
+
+
+class _Reading:
+    """A worker's reading of its epoch: the resume's `Ahead` (None when starting from the top), the shuffle buffers
+    (whose stand-ins it reads on arrival), and the sample counts of the shards read to their end (`counted`), of
+    which `news()` gives those not yet shipped to the main process."""
+
+    def __init__(self, ahead: Ahead | None) -> None:
+        self.ahead = ahead
+        self.buffers: list[list[dict]] = []
+        self.counted: dict[str, int] = {}
+        self._shipped = 0
+
+    def arrived(self) -> None:
+        """The stream is at its checkpoint: read from here on, and read the stand-ins it holds."""
+        if self.ahead is not None:
+            self.ahead.on = False
+            fill([s for buf in self.buffers for s in buf if STAND_IN in s])
+
+    def news(self) -> dict[str, int]:
+        if len(self.counted) == self._shipped:
+            return {}
+        items = list(self.counted.items())[self._shipped :]
+        self._shipped = len(self.counted)
+        return dict(items)

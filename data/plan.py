@@ -183,7 +183,7 @@ class PlannedStream(ShardStream):
         for start in range(worker * size, len(self.order), num_workers * size):
             yield from self.order[start : start + size]
 
-    def _mixed(self, worker: int, num_workers: int, stats: SampleStats) -> Iterator[dict]:
+    def _mixed(self, worker: int, num_workers: int, stats: SampleStats, reading: Any = None) -> Iterator[dict]:
         index, exclude = self.index, self.exclude
         rows: Iterator[int] = self._rows(worker, num_workers)
         if exclude is not None:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,11 +165,17 @@ def _until_damage(url: str, members: Iterator[dict[str, Any]], stats: SampleStat
         log.warning("shard %s failed to read (%s); keeping the samples before the damage", url, exc)
 
 
+def open_shard(url: str):
+    """A shard's bytes as a binary file: local paths directly (seekable), anything else through webdataset's
+    `gopen` (`pipe:`, URLs). Every shard read goes through here."""
+    return open(url, "rb") if _is_local(url) else gopen(url, "rb")  # noqa: SIM115 (the caller closes it)
+
+
 def _shard_members(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
     """Members `{fname, data}` of one shard, up to any damage (`_until_damage`)."""
 
     def read() -> Iterator[dict[str, Any]]:
-        with gopen(url, "rb") as stream:
+        with open_shard(url) as stream:
             yield from tar_file_iterator(stream, select_files=_member_filter(stats))
 
     return _until_damage(url, read(), stats)
@@ -198,7 +204,7 @@ def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
     end = os.path.getsize(url)
 
     def read() -> Iterator[dict[str, Any]]:
-        with tarfile.open(url, mode="r:") as tar:
+        with open_shard(url) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for info in tar:
                 if info.offset_data + info.size > end:
                     raise EOFError(f"member {info.name} runs past the end of the file")
@@ -208,18 +214,145 @@ def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
     yield from _until_damage(url, read(), stats)
 
 
+def seekable(url: str) -> bool:
+    """Whether samples of shard `url` can be read by offset: a local, uncompressed tar."""
+    if not _is_local(url):
+        return False
+    try:
+        with open(url, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return False
+    return not any(head.startswith(magic) for magic in COMPRESSED_MAGIC)
+
+
+STAND_IN = "__stand_in__"  # marks a sample known by position only: its shard was not opened (`Ahead`)
+
+
+class Ahead:
+    """A resumed stream's way past the samples consumed before its checkpoint, without reading them.
+
+    While `on`, `iter_raw_samples` yields, for every shard whose sample count it knows, stand-ins
+    `{__url__, __index__, STAND_IN: True}` in place of its samples, and leaves the shard unopened. Once the stream has
+    reached its position, `on` goes off: the next sample is read from where the stand-ins stopped, by offset in a local
+    uncompressed shard, by reading and dropping the samples before it in any other; and `fill` reads the stand-ins
+    the stream still holds (its shuffle buffer) in place. The counts are `counts` (what reading the shards to their end
+    found, as the checkpoint records it), else sizes.json's; a shard whose count neither gives is read."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.on = True
+        self.counts = counts
+
+
+def _gated(members: Iterable[dict[str, Any]], wanted: Callable[[int], bool], read, gate: _Gate):
+    """`members` of one shard in tar order, each numbered by its sample as `group_samples` groups them: members of
+    samples `wanted` says no to come with `data` None (unread), the others with `read(data)`; `gate` opens at the first
+    member wanted, so that `group_samples` counts the events of the samples read, not of those passed over."""
+    number, key = -1, None
+    for member in members:
+        prefix, _ = base_plus_ext(member["fname"])
+        if prefix is not None and prefix != key:
+            number, key = number + 1, prefix
+        if prefix is None or not wanted(number):
+            gate.live = False
+            yield {"fname": member["fname"], "data": None}
+            continue
+        gate.live = True
+        yield {"fname": member["fname"], "data": read(member["data"])}
+
+
+class _Gate:
+    """A `SampleStats` stand-in that passes events on only while `live`."""
+
+    def __init__(self, stats: SampleStats) -> None:
+        self.stats, self.live = stats, False
+
+    def event(self, *args, **kwargs) -> None:
+        if self.live:
+            self.stats.event(*args, **kwargs)
+
+
+def _some_samples(
+    url: str, wanted: Callable[[int], bool], stats: SampleStats, expected: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The samples of shard `url` whose index `wanted` accepts, with the duplicate-key markers and counts the whole
+    shard's reading gives them. A seekable shard's other samples are not read (their members' headers are)."""
+    gate = _Gate(stats)
+    if seekable(url):
+        fh = open_shard(url)
+
+        def read(extent: tuple[int, int]) -> bytes:
+            fh.seek(extent[0])
+            data = fh.read(extent[1])
+            if len(data) != extent[1]:
+                raise EOFError(f"a member of {url} ends after {len(data)} of {extent[1]} bytes")
+            return data
+
+        members = _gated(member_extents(url, gate), wanted, read, gate)
+    else:
+        fh = None
+        members = _gated(_shard_members(url, gate), wanted, lambda data: data, gate)
+    try:
+        for sample in group_samples(url, members, gate, expected):
+            if wanted(sample["__index__"]):
+                yield sample
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def fill(stand_ins: Iterable[dict[str, Any]]) -> None:
+    """Read the samples `stand_ins` name, in place (their other keys are kept; a resampled shard may be named twice).
+    One whose shard turns out shorter becomes a `__bad__` marker."""
+    by_url: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for s in stand_ins:
+        by_url.setdefault(s["__url__"], {}).setdefault(s["__index__"], []).append(s)
+    for url, wanted in by_url.items():
+        last = max(wanted)
+        for sample in _some_samples(url, wanted.__contains__, SampleStats()):  # counted when first read
+            for s in wanted.pop(sample["__index__"]):
+                s.update(sample)
+                s.pop(STAND_IN)
+            if sample["__index__"] >= last:
+                break
+        for s in itertools.chain.from_iterable(wanted.values()):
+            s.update({"__key__": f"{url}#{s['__index__']}", "__bad__": "missing_from_shard"})
+            s.pop(STAND_IN)
+
+
 def iter_raw_samples(
-    urls: Iterable[str], stats: SampleStats, sizes: dict[str, int] | None = None
+    urls: Iterable[str],
+    stats: SampleStats,
+    sizes: dict[str, int] | None = None,
+    ahead: Ahead | None = None,
+    counted: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples `{__key__, __url__, __index__, suffix: bytes}` from the shards, in order (`__index__`: the
-    sample's position in its shard); see `group_samples`."""
+    sample's position in its shard); see `group_samples`. `ahead`: a resume passing over what it had consumed
+    (`Ahead`). `counted` gets the sample count of every shard read to its end."""
     sizes = sizes or {}
     for url in urls:
-        yield from group_samples(url, _shard_members(url, stats), stats, sizes.get(url))
+        known = None if ahead is None else ahead.counts.get(url, sizes.get(url))
+        start = 0
+        if ahead is not None and known is not None:
+            while start < known and ahead.on:
+                yield {"__url__": url, "__index__": start, STAND_IN: True}
+                start += 1
+            if start == known:
+                continue
+        if start:
+            samples = _some_samples(url, start.__le__, stats, sizes.get(url))
+        else:
+            samples = group_samples(url, _shard_members(url, stats), stats, sizes.get(url), counted)
+        yield from samples
 
 
 def group_samples(
-    url: str, members: Iterable[dict[str, Any]], stats: SampleStats, expected: int | None = None
+    url: str,
+    members: Iterable[dict[str, Any]],
+    stats: SampleStats,
+    expected: int | None = None,
+    counted: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of one visit of shard `url`, from its members `{fname, data}` in tar order.
 
@@ -231,6 +364,7 @@ def group_samples(
     - a repeated member of one sample is dropped and counted (`duplicate_member`);
     - fewer samples than `expected` (the shard's `sizes` entry: a tar cut at a member boundary reads as a shorter,
       valid tar) counts the difference as `samples_missing_from_shard`.
+    `counted[url]` gets the number of samples once the visit ends.
     """
     keys: set[str] = set()
     held = 0
@@ -257,6 +391,8 @@ def group_samples(
             stats.event("duplicate_member", shard=url)
             continue
         current[suffix] = member["data"]
+    if counted is not None:
+        counted[url] = held
     if expected is not None and held < expected:
         stats.event("samples_missing_from_shard", expected - held, shard=url)
         log.warning("shard %s held %d samples, sizes.json says %d", url, held, expected)
