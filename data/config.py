@@ -55,8 +55,12 @@ class DataConfig:
             "pair's loss sees a full batch; auto: per_source when the sources' modalities differ"
         },
     )
-    num_workers: int = field(
-        default=2, metadata={"help": "loader worker processes per rank (per source, when batching is per_source)"}
+    num_workers: int | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "loader worker processes per rank (shared out over the sources, when batching is per_source); "
+            "auto: the cores per local rank less one for the training process, at most 16"
+        },
     )
     prefetch_factor: int = field(default=2, metadata={"help": "batches each worker prepares ahead"})
     resampled: bool = field(default=False, metadata={"help": "draw shards with replacement (needs train_num_samples)"})
@@ -84,7 +88,7 @@ class DataConfig:
     def __post_init__(self):
         self.train = parse_sources(self.train, "data.train")
         self.val = parse_sources(self.val, "data.val")
-        require(self.num_workers >= 0, "data.num_workers must be >= 0")
+        require(self.num_workers == "auto" or self.num_workers >= 0, "data.num_workers must be >= 0 or auto")
         require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
         require(self.shuffle_buffer >= 0 and self.shuffle_initial >= 0, "data.shuffle_* must be >= 0")
         require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from tessera.modalities import MODALITIES
 from .config import DataConfig, SourceConfig
 from .consumed import SampleSet
 from .decode import decoders
-from .pipeline import ShardStream, Source, StreamSpec, slot_split
+from .pipeline import EpochClock, ShardStream, Source, StreamSpec, slot_split
 from .shards import ShardError, expand_shards, seekable, shard_sizes
 from .stats import DataQualityError, SampleStats
 
@@ -58,6 +59,27 @@ def resolve_sources(sources: list[SourceConfig], default_modalities: list[str]) 
 def _decoders(sources: list[Source]) -> dict:
     """The decoders of the modalities the sources carry, and no others (each imports what it needs)."""
     return decoders(sorted({m for s in sources for m in s.modalities}))
+
+
+MAX_AUTO_WORKERS = 16
+
+
+def auto_workers(shares: int = 1) -> int:
+    """`data.num_workers=auto`: the cores this process may run on, per local rank (torchrun's LOCAL_WORLD_SIZE), less
+    one for the training process, at most MAX_AUTO_WORKERS, split over `shares` loaders; at least 1. Logged."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    workers = max(1, min(cores // local - 1, MAX_AUTO_WORKERS) // max(1, shares))
+    log.info(
+        "data.num_workers=auto: %d loader worker(s) per rank%s (%d core(s) for %d local rank(s), one kept for "
+        "training, at most %d)",
+        workers,
+        f" for each of {shares} sources" if shares > 1 else "",
+        cores,
+        local,
+        MAX_AUTO_WORKERS,
+    )
+    return workers
 
 
 def plan_workers(sources: list[Source], requested: int, world: int, resampled: bool) -> int:
@@ -113,7 +135,8 @@ class TrainLoader:
     ):
         self.cfg = cfg
         sources = resolve_sources(cfg.train, modalities)
-        self.num_workers = self._workers(sources, cfg.num_workers, world)
+        requested = auto_workers() if cfg.num_workers == "auto" else cfg.num_workers
+        self.num_workers = self._workers(sources, requested, world)
         per_worker = None
         if cfg.resampled:
             per_worker = math.ceil(cfg.train_num_samples / (world * max(1, self.num_workers) * batch_size))
@@ -145,6 +168,8 @@ class TrainLoader:
         self.exclude: dict[int, SampleSet] = {}  # per epoch: consumed by runs on another layout
         self._skip: dict[int, tuple[int, int]] = {}
         self._iter: Iterator | None = None
+        self._loader: DataLoader | None = None  # its workers stay from one epoch to the next
+        self._clock = EpochClock()
         self._queues: dict[int, deque] = {}
         self._ended: set[int] = set()
         self._batches_in_epoch = 0
@@ -153,23 +178,34 @@ class TrainLoader:
     def _workers(self, sources: list[Source], requested: int, world: int) -> int:
         return plan_workers(sources, requested, world, self.cfg.resampled)
 
-    def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: SampleSet | None) -> ShardStream:
-        return ShardStream(self.spec, epoch=epoch, skip=skip, exclude=exclude)
+    def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: dict[int, SampleSet]) -> ShardStream:
+        return ShardStream(self.spec, epoch=epoch, skip=skip, exclude=exclude, clock=self._clock)
 
     @property
     def _slots(self) -> int:
         return max(1, self.num_workers)
 
     def _open_epoch(self) -> Iterator[dict[str, Any]]:
-        stream = self._stream(self.epoch, self._skip, self.exclude.get(self.epoch))
-        self._skip = {}
+        """The iterator of this epoch's worker items. The DataLoader and its workers are made once, at the first epoch
+        (or after `load_state_dict`), and persist: each epoch, the workers read which one it is from the clock."""
+        self._clock.set(self.epoch)
         self._queues = {w: deque() for w in range(self._slots)}
         self._ended = set()
-        kwargs: dict[str, Any] = {}
-        if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
-        return iter(loader)
+        if self._loader is None:
+            stream = self._stream(self.epoch, self._skip, dict(self.exclude))
+            self._skip = {}
+            kwargs: dict[str, Any] = {}
+            if self.num_workers > 0:
+                kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": True}
+            self._loader = DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
+            )
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the workers (they otherwise stay until the loader is collected)."""
+        self._iter = None
+        self._loader = None
 
     def _pop_in_rotation(self) -> dict[str, Any] | None:
         for _ in range(self._slots):
@@ -249,7 +285,7 @@ class TrainLoader:
         rank order (None where some are missing): the epoch continues without the samples they consumed."""
         self.epoch = int(state["epoch"])
         self.stats = SampleStats.from_dict(state.get("stats", {}))
-        self._iter = None
+        self.close()  # the workers hold the old position: new ones start at this one
         self._batches_in_epoch = 0
         self.next_worker = int(state.get("next_worker", 0))
         cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}

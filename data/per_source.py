@@ -23,7 +23,7 @@ from typing import Any
 from tessera.config import ConfigError
 
 from .config import DataConfig, SourceConfig
-from .loader import TrainLoader
+from .loader import TrainLoader, auto_workers
 from .pipeline import seeded_rng
 from .plan import PlannedLoader
 from .shards import ShardError
@@ -77,6 +77,8 @@ class PerSourceLoader:
         if len(set(self.names)) != len(self.names):
             raise ShardError(f"data.train: source names must differ for per-source batching, got {self.names}")
         self.weights = [s.weight for s in cfg.train]
+        if cfg.num_workers == "auto":  # the cores are shared out over the sources' loaders
+            cfg = dataclasses.replace(cfg, num_workers=auto_workers(len(cfg.train)))
         self.loaders = {
             s.name: TrainLoader(
                 dataclasses.replace(cfg, train=[s]),

@@ -130,23 +130,48 @@ def slot_split(spec: StreamSpec, epoch: int, src_idx: int, rank: int, world: int
     return split_shards(urls, rank, world, worker, workers)
 
 
+class EpochClock:
+    """The epoch the main process is in, in shared memory: loader workers that persist from one epoch to the next read
+    it each time they begin one."""
+
+    def __init__(self) -> None:
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def get(self) -> int:
+        return int(self._epoch[0])
+
+
 class ShardStream(IterableDataset):
-    """Yields collated batches (dicts keyed by modality) for one epoch of one rank."""
+    """Yields collated batches (dicts keyed by modality) for one epoch of one rank: `epoch`, or with a `clock`, the
+    one it says each time iteration begins."""
 
     def __init__(
         self,
         spec: StreamSpec,
         epoch: int = 0,
         skip: dict[int, tuple[int, int]] | None = None,
-        exclude: SampleSet | None = None,
+        exclude: dict[int, SampleSet] | None = None,
+        clock: EpochClock | None = None,
     ):
-        """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered; `exclude`: the
-        samples of this epoch that runs on another layout consumed, left out before anything else."""
+        """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered in `epoch`;
+        `exclude[e]`: the samples of epoch e that runs on another layout consumed, left out before anything else."""
         super().__init__()
         self.spec = spec
-        self.epoch = epoch
-        self.skip = skip or {}
-        self.exclude = exclude or None
+        self.first_epoch = self.epoch = epoch
+        self.skips = skip or {}
+        self.excludes = exclude or {}
+        self.clock = clock
+        self.skip: dict[int, tuple[int, int]] = {}
+        self.exclude: SampleSet | None = None
+
+    def _begin(self) -> None:
+        """Set the epoch this iteration streams, and what of it a resume skips or leaves out."""
+        self.epoch = self.clock.get() if self.clock is not None else self.first_epoch
+        self.skip = self.skips if self.epoch == self.first_epoch else {}
+        self.exclude = self.excludes.get(self.epoch) or None
 
     # -- stages before decoding: bytes only, order fixed by (seed, epoch, rank, worker) --------------
 
@@ -229,6 +254,7 @@ class ShardStream(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._begin()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec = self.spec

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from tessera.config import ConfigError
 
 from .consumed import SampleSet
 from .loader import TrainLoader
-from .pipeline import ShardStream, Source, StreamSpec, seeded_rng
+from .pipeline import EpochClock, ShardStream, Source, StreamSpec, seeded_rng
 from .shards import ShardError, group_samples, member_extents
 from .stats import SampleStats
 
@@ -169,14 +169,21 @@ class PlannedStream(ShardStream):
         self,
         spec: StreamSpec,
         index: SampleIndex,
-        order: Sequence[int],
+        order_of: Callable[[int], Sequence[int]],
         source_of: Sequence[int],
         epoch: int = 0,
         skip: dict[int, tuple[int, int]] | None = None,
-        exclude: SampleSet | None = None,
+        exclude: dict[int, SampleSet] | None = None,
+        clock: EpochClock | None = None,
     ):
-        super().__init__(spec, epoch, skip, exclude)
-        self.index, self.order, self.source_of = index, order, source_of
+        """`order_of(epoch)`: the rows this rank streams in that epoch."""
+        super().__init__(spec, epoch, skip, exclude, clock)
+        self.index, self.order_of, self.source_of = index, order_of, source_of
+        self.order: Sequence[int] = []
+
+    def _begin(self) -> None:
+        super()._begin()
+        self.order = self.order_of(self.epoch)
 
     def _rows(self, worker: int, num_workers: int) -> Iterator[int]:
         size = self.spec.batch_size
@@ -323,10 +330,30 @@ class PlannedLoader(TrainLoader):
             )
         return [owner[p] for p in self.plan.index.shards]
 
-    def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: SampleSet | None) -> ShardStream:
-        batches = epoch_batches(
-            self.plan.communities, self.spec.seed, epoch, self.global_batch, self.cfg.batch_plan_random
+    def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: dict[int, SampleSet]) -> ShardStream:
+        order_of = RankOrder(
+            self.plan.communities,
+            self.spec.seed,
+            self.global_batch,
+            self.cfg.batch_plan_random,
+            self.rank * self.rank_batch,
+            (self.rank + 1) * self.rank_batch,
         )
-        lo, hi = self.rank * self.rank_batch, (self.rank + 1) * self.rank_batch
-        order = [r for b in batches for r in b[lo:hi]]
-        return PlannedStream(self.spec, self.plan.index, order, self.source_of, epoch, skip, exclude)
+        return PlannedStream(self.spec, self.plan.index, order_of, self.source_of, epoch, skip, exclude, self._clock)
+
+
+@dataclass
+class RankOrder:
+    """The rows one rank streams in an epoch of a batch plan: its slice `lo:hi` of each planned batch (made in the
+    loader workers, from the epoch the clock gives)."""
+
+    communities: list[list[int]]
+    seed: int
+    global_batch: int
+    random_fraction: float
+    lo: int
+    hi: int
+
+    def __call__(self, epoch: int) -> list[int]:
+        batches = epoch_batches(self.communities, self.seed, epoch, self.global_batch, self.random_fraction)
+        return [r for b in batches for r in b[self.lo : self.hi]]

@@ -90,7 +90,7 @@ def embed_index(model, index, modalities: Sequence[str], batch_size: int, worker
         drop_last=False,
         extra_keys=["__row__"],
     )
-    stream = PlannedStream(spec, index, range(len(index)), [0] * len(index.shards))
+    stream = PlannedStream(spec, index, lambda epoch: range(len(index)), [0] * len(index.shards))
     rows, chunks = [], []
     with common.eval_mode(model):
         for item in DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(index) // batch_size))):
