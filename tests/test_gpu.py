@@ -85,3 +85,29 @@ def test_loader_batches_are_pinned_for_the_gpu(demo_shards):
     loader = train_loader(data, model.transforms(True), model.collators(), list(model.modalities), 8, pin_memory=True)
     batch = next(loader)
     assert batch["image"].is_pinned() and batch["image"].to("cuda", non_blocking=True).is_cuda
+
+
+def test_the_feed_copies_on_a_side_stream_and_the_step_waits_on_the_device():
+    """Each batch crosses on the feed's own stream, issued while the compute stream is busy, and arrives intact (the
+    compute stream waits for the copy's event); a two-pass batch that fits stays on the device, and its chunks are
+    not copied again."""
+    from tessera.data.feed import DeviceFeed, chunks_on
+    from tessera.data.per_source import Chunks
+
+    host = [{"image": torch.randint(0, 255, (64, 3, 224, 224), dtype=torch.uint8).pin_memory()} for _ in range(4)]
+    feed = DeviceFeed(iter(host), torch.device("cuda"))
+    assert feed.stream is not None and feed.stream != torch.cuda.current_stream()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for expected in host:
+        got = feed.take()
+        for _ in range(20):  # keep the compute stream busy while the next copy is issued
+            busy = busy @ busy / 64
+        feed.ahead()
+        assert got["image"].is_cuda and torch.equal(got["image"].cpu(), expected["image"])
+    chunks = Chunks({"image": h["image"][:8]} for h in host)
+    moved = DeviceFeed(iter([chunks]), torch.device("cuda")).take()  # small: whole on the device
+    assert all(c["image"].is_cuda for c in moved)
+    again = list(chunks_on(list(moved), torch.device("cuda")))
+    assert all(a["image"].data_ptr() == m["image"].data_ptr() for a, m in zip(again, moved))  # not copied again
+    streamed = list(chunks_on(list(chunks), torch.device("cuda")))  # from the host: chunk i+1 in flight during i
+    assert all(torch.equal(s["image"].cpu(), c["image"]) for s, c in zip(streamed, chunks))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tessera.config import ConfigError
-from tessera.data import to_device
+from tessera.data.feed import DeviceFeed
 from tessera.eval.zeroshot import read_classes
 
 from .components import checkpoint, resume
@@ -128,15 +128,21 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     engine.train()
     started, first_step = time.perf_counter(), step + 1
     first_record: dict[str, float] = {}
+    feed = DeviceFeed(loader, dist.device, dtype)  # batches on the device, each copy overlapping the step before
     unsettled: list[tuple[int, list]] = []  # the steps whose flags the host has not read yet, with their values
     while step < t.steps and not guard.stop:
         values = []
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             with window.waiting():
-                batch = next(loader)
-            batch = to_device(batch, dist.device, dtype)
+                batch = feed.take()
             losses, report_ = task(engine, batch)  # its forward, backward passes and engine steps
             values.append({**losses, **report_})
+            # the next batch's copy overlaps this step on the device; not where the loader's position is saved next
+            # (a checkpoint, the last step, a stop), which must not count a batch no step has taken
+            saves = step + 1 >= t.steps or guard.stop or t.ckpt_every > 0 and (step + 1) % t.ckpt_every == 0
+            if micro < t.grad_accum - 1 or not saves:
+                with window.waiting():
+                    feed.ahead()
         step += 1
         if step == first_step:  # the first step of this process: its graphs are built (and compiled: train.compile)
             first_record["first_step_s"] = time.perf_counter() - started

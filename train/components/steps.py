@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tessera.data import to_device
+from tessera.data.feed import chunks_on
 from tessera.models.multitower import Encoded
 
 from ..recipes.config import TrainConfig
@@ -180,7 +181,7 @@ class TwoPassStep:
         statistics = _norm_statistics([*(towers[m] for m in trained), *(heads[m] for m in trained | head_only)])
         states, outputs, encoded = [], [], []
         with torch.no_grad():
-            for _, _, chunk in chunks:
+            for chunk in chunks_on([c for _, _, c in chunks], device, self.dtype):
                 present = [m for m in towers if m in chunk]
                 states.append({})
                 encoded.append({})
@@ -194,7 +195,7 @@ class TwoPassStep:
                 ]
                 states[-1]["start"] = _rng_state()
                 try:
-                    outputs.append(engine(to_device(chunk, device, self.dtype)))
+                    outputs.append(engine(chunk))
                 finally:
                     for hook in hooks:
                         hook.remove()
@@ -217,9 +218,8 @@ class TwoPassStep:
         # into the weights; the temperatures' and biases' gradients enter once, with the first chunk. DeepSpeed
         # counts every chunk as a micro-step: its boundary (one gradient reduction, the optimizer step) comes after
         # the last chunk of the step's last micro-batch.
-        for i, (start, stop, chunk) in enumerate(chunks):
-            inputs = {k: v for k, v in chunk.items() if k not in towers or k in trained}
-            inputs = to_device(inputs, device, self.dtype)
+        second = [{k: v for k, v in chunk.items() if k not in towers or k in trained} for _, _, chunk in chunks]
+        for i, ((start, stop, _), inputs) in enumerate(zip(chunks, chunks_on(second, device, self.dtype))):
             inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
             hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
             _set_rng_state(states[i]["start"])
