@@ -9,10 +9,11 @@ loader worker's memory over many samples; and the time a mid-epoch resume takes 
   the two loaders taking turns. From the rate per worker: the workers one GPU needs to feed --gpu-rate samples/s.
 - Memory: the RSS of one Tessera worker after 2,000 and after --rss-samples samples (epochs over the same shards:
   the workers persist across them).
-- Resume: a loader loaded with the state another saved at 10% and at 90% of an epoch (1 worker, a shuffle buffer of
-  256, an eighth of the epoch, as 5,000 is a small part of a worker's epoch at scale), timed from
-  `load_state_dict` to its first batch; and the same with the shards' sample counts withheld (no sizes.json, no
-  checkpoint record), which reads every sample before the position again, as every resume did before.
+- Resume: a loader loaded with the state another saved at 10% and at 90% of an epoch (in-process, where a wrapped
+  opener counts the shard bytes read; a shuffle buffer of 256, as 5,000 is a small part of a worker's epoch at
+  scale), timed from `load_state_dict` to its first batch; and the same with the shards' sample counts withheld (no
+  sizes.json, no checkpoint record), which reads every sample before the position again, as every resume did
+  before.
 
 Data: --samples photo-like JPEG+caption samples, 256-1024 px on a side at any aspect ratio, quality 85-95, in shards
 of 128 with their sizes.json (scripts/bench_data.py's `_photos`, written once under --out/shards).
@@ -190,23 +191,52 @@ def _children() -> set[int]:
     return pids
 
 
-def resume_times(urls: list[str], image_size: int, total: int) -> dict[str, float]:
-    """Seconds from load_state_dict to the first batch, for a state saved at 10% and at 90% of the epoch; with the
-    shards' counts known (the resume passes the consumed samples over unread) and withheld (it reads them again)."""
+class _Counting:
+    """A shard file that adds the bytes read through it to `total`."""
+
+    total = 0
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def read(self, *args):
+        data = self.fh.read(*args)
+        _Counting.total += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def resume_times(urls: list[str], image_size: int, total: int) -> dict[str, dict]:
+    """Seconds from load_state_dict to the first batch, and the shard bytes read, for a state saved at 10% and at 90%
+    of the epoch; with the shards' counts known (the resume passes the consumed samples over unread) and withheld (it
+    reads them again). In-process (0 workers), where every read is counted."""
+    from tessera.data import shards
+
+    opener = shards.open_shard
+    shards.open_shard = lambda url: _Counting(opener(url))
     batches = total // BATCH
     states = {}
     small = {"shuffle_buffer": 256, "shuffle_initial": 256}  # a buffer well within the epoch, as at scale
-    ref = tessera_loader(urls, 1, image_size, **small)
-    for i in range(1, int(batches * 0.9) + 1):
+    ref = tessera_loader(urls, 0, image_size, **small)
+    at = {share: max(1, round(batches * share)) for share in (0.1, 0.9)}
+    for i in range(1, at[0.9] + 1):
         next(ref)
-        for share in (0.1, 0.9):
-            if i == int(batches * share):
+        for share, batch in at.items():
+            if i == batch:
                 states[share] = ref.state_dict()
-    ref.close()
     out = {}
     for known in (True, False):
         for share, state in states.items():
-            loader = tessera_loader(urls, 1, image_size, **small)
+            loader = tessera_loader(urls, 0, image_size, **small)
+            _Counting.total = 0
             t0 = time.perf_counter()
             loader.load_state_dict(state)
             if not known:
@@ -214,8 +244,9 @@ def resume_times(urls: list[str], image_size: int, total: int) -> dict[str, floa
                 for src in loader.spec.sources:
                     src.sizes, src.counted = {}, {}
             next(loader)
-            out[f"{'counts known' if known else 'counts withheld'} @ {share:.0%}"] = time.perf_counter() - t0
-            loader.close()
+            key = f"{'counts known' if known else 'counts withheld'} @ {share:.0%}"
+            out[key] = {"seconds": time.perf_counter() - t0, "bytes": _Counting.total}
+    shards.open_shard = opener
     return out
 
 
@@ -283,7 +314,7 @@ def main(argv=None) -> None:
     if args.rss_samples:
         rss = worker_rss(urls, args.image_size, marks)
         results["worker_rss_kib"] = rss
-    results["resume_s"] = resume_times(urls, args.image_size, args.samples)
+    results["resume"] = resume_times(urls, args.image_size, args.samples)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = [
         f"Whole loader, one epoch of {args.samples} photos (256-1024 px) at {args.image_size} px, batch {BATCH}, on "
@@ -311,17 +342,20 @@ def main(argv=None) -> None:
             f"Worker RSS: {rss[2000] / 1024:.0f} MiB after 2,000 samples, {rss[args.rss_samples] / 1024:.0f} MiB "
             f"after {args.rss_samples:,} ({rss[args.rss_samples] / rss[2000]:.3f}x).",
         ]
-    res = results["resume_s"]
+    res = results["resume"]
     md += [
         "",
-        "Resume, load_state_dict to the first batch (1 worker):",
+        "Resume, load_state_dict to the first batch (in-process, shuffle buffer 256):",
         "",
-        "| | at 10% | at 90% | 90% / 10% |",
-        "|---|---|---|---|",
+        "| | at 10% | at 90% | 90% / 10% | MiB read at 10% | at 90% |",
+        "|---|---|---|---|---|---|",
     ]
     for kind in ("counts known", "counts withheld"):
         a, b = res[f"{kind} @ 10%"], res[f"{kind} @ 90%"]
-        md.append(f"| {kind} | {a:.2f} s | {b:.2f} s | {b / a:.2f} |")
+        md.append(
+            f"| {kind} | {a['seconds']:.2f} s | {b['seconds']:.2f} s | {b['seconds'] / a['seconds']:.2f} | "
+            f"{a['bytes'] / 2**20:.0f} | {b['bytes'] / 2**20:.0f} |"
+        )
     (out / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     plot(results, workers, out / "loader.png")
@@ -343,9 +377,9 @@ def plot(results: dict, workers: list[int], path: Path) -> None:
     a.set_ylabel("samples/s")
     a.set_title("whole loader")
     a.legend()
-    res = results["resume_s"]
+    res = results["resume"]
     for kind in ("counts known", "counts withheld"):
-        b.plot([10, 90], [res[f"{kind} @ 10%"], res[f"{kind} @ 90%"]], "o-", label=kind)
+        b.plot([10, 90], [res[f"{kind} @ 10%"]["seconds"], res[f"{kind} @ 90%"]["seconds"]], "o-", label=kind)
     b.set_xlabel("position in the epoch (%)")
     b.set_ylabel("seconds to the first batch")
     b.set_title("resume")
