@@ -332,7 +332,7 @@ class TrainLoader:
         if not any(skip for skip, _ in self._skip.values()):
             return
         unknown = [u for s in self.spec.sources for u in s.urls if u not in s.counted and u not in s.sizes]
-        unseekable = [u for s in self.spec.sources for u in s.urls if not seekable(u)]
+        unseekable = [u for s in self.spec.sources for u in s.urls if not seekable(u, look=False)]
         if unknown:
             log.warning(
                 "resuming mid-epoch: %d shard(s) have no recorded sample count (no sizes.json entry, not read to "

@@ -214,10 +214,16 @@ def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
     yield from _until_damage(url, read(), stats)
 
 
-def seekable(url: str) -> bool:
-    """Whether samples of shard `url` can be read by offset: a local, uncompressed tar."""
+COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd")
+
+
+def seekable(url: str, look: bool = True) -> bool:
+    """Whether samples of shard `url` can be read by offset: a local, uncompressed tar. `look`: read its first bytes
+    to tell (else its name says, which costs no file open: for the log about thousands of shards)."""
     if not _is_local(url):
         return False
+    if not look:
+        return not url.lower().endswith(COMPRESSED_SUFFIXES)
     try:
         with open(url, "rb") as fh:
             head = fh.read(6)
