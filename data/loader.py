@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -65,10 +66,13 @@ MAX_AUTO_WORKERS = 16
 
 
 def auto_workers(shares: int = 1) -> int:
-    """`data.num_workers=auto`: the cores this process may run on, per local rank (torchrun's LOCAL_WORLD_SIZE), less
-    one for the training process, at most MAX_AUTO_WORKERS, split over `shares` loaders; at least 1. Logged."""
+    """`data.num_workers=auto`: the cores this process may run on, per local rank (torchrun's LOCAL_WORLD_SIZE; a task
+    srun started has its own), less one for the training process, at most MAX_AUTO_WORKERS, split over `shares`
+    loaders; at least 1. Logged."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if "SLURM_PROCID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+        local = 1  # a task srun started (no torchrun): its CPUs are its own already (--cpus-per-task)
     workers = max(1, min(cores // local - 1, MAX_AUTO_WORKERS) // max(1, shares))
     log.info(
         "data.num_workers=auto: %d loader worker(s) per rank%s (%d core(s) for %d local rank(s), one kept for "
@@ -80,6 +84,14 @@ def auto_workers(shares: int = 1) -> int:
         MAX_AUTO_WORKERS,
     )
     return workers
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's start (`worker_init_fn`): SIGTERM and SIGINT are the main process's business. A scheduler
+    signals the whole process group (Slurm's preemption and time limit, scancel, `timeout`, Ctrl-C in a terminal);
+    the main process finishes its step, saves, and then shuts the workers down."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def plan_workers(sources: list[Source], requested: int, world: int, resampled: bool) -> int:
@@ -196,7 +208,11 @@ class TrainLoader:
             self._skip = {}
             kwargs: dict[str, Any] = {}
             if self.num_workers > 0:
-                kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": True}
+                kwargs = {
+                    "prefetch_factor": self.cfg.prefetch_factor,
+                    "persistent_workers": True,
+                    "worker_init_fn": ignore_stop_signals,
+                }
             self._loader = DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
             )
@@ -396,7 +412,8 @@ def eval_batches(
     )
     stats = stats if stats is not None else SampleStats()
     workers = min(num_workers, min(len(s.urls) for s in spec.sources))
-    loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers)
+    extra = {"worker_init_fn": ignore_stop_signals} if workers else {}
+    loader = DataLoader(ShardStream(spec), batch_size=None, num_workers=workers, **extra)
     for item in loader:
         stats.merge(item.pop("_stats"))
         item.pop("_state")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -60,12 +61,16 @@ class SkippableAdamW(torch.optim.AdamW):
 
 class StopSignals:
     """A context in which the first SIGTERM or SIGINT sets `requested` (the signal's name) instead of ending the
-    process; the handlers before it are put back on exit, and at once for a signal already received."""
+    process; the handlers before it are put back on exit. A signal that comes more than REPEAT_S after the first stops
+    at once (the handler before it runs); one within REPEAT_S is the same request arriving twice, as a signal to the
+    whole process group does under torchrun: directly, and forwarded by torchrun's agent."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_S = 2.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -77,9 +82,13 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested is None:
-            self.requested = name
+            self.requested, self._at = name, time.monotonic()
             log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)", name)
-        signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+            return
+        if time.monotonic() - self._at <= self.REPEAT_S:
+            return
+        self.__exit__()  # the handlers from before: the signal now does what it did before the run began
+        signal.raise_signal(signum)
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
