@@ -67,9 +67,13 @@ def test_a_workers_memory_stays_flat_over_many_epochs(tiny_model, demo_shards): 
 @pytest.mark.parametrize("cores,local,expected", [(16, 1, 15), (16, 8, 1), (64, 2, 16), (2, 1, 1), (1, 1, 1)], ids=str)
 def test_the_default_worker_count_follows_the_cores_per_local_rank(monkeypatch, caplog, cores, local, expected):
     assert DataConfig().num_workers == "auto"
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     with caplog.at_level(logging.INFO, logger="tessera.data.loader"):
         assert loader.auto_workers() == expected
     assert f"{expected} loader worker(s) per rank" in caplog.text
     assert loader.auto_workers(shares=3) == max(1, expected // 3)  # per-source batching shares the cores out
+    monkeypatch.setenv("SLURM_PROCID", "0")  # srun gave this task its own CPUs (--cpus-per-task)
+    assert loader.auto_workers() == max(1, min(cores - 1, 16))

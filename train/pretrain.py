@@ -16,6 +16,7 @@ import sys
 
 from tessera.config import UserError
 
+from .distributed.slurm import adopt_slurm
 from .recipes.load import dump_config, help_text, load_config
 from .recipes.runs import PretrainConfig
 
@@ -49,6 +50,7 @@ def run(argv: list[str] | None, cls: type, prog: str, doc: str | None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
+        adopt_slurm()  # srun without torchrun: each task a rank
         if os.environ.get("RANK", "0") == "0":
             print("loading torch, DeepSpeed and the towers' libraries ...", file=sys.stderr, flush=True)
         importlib.import_module(RUNNER).run(cfg)

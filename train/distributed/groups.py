@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tessera.losses import register_host_group
 
 from .deepspeed_setup import deepspeed
+from .slurm import adopt_slurm
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ def _free_port() -> int:
 
 
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group (gloo on CPU, nccl on GPU); a plain process becomes a world of one.
+    """Join the torchrun process group (gloo on CPU, nccl on GPU), or Slurm's (srun without torchrun:
+    `slurm.adopt_slurm`); a plain process becomes a world of one.
 
     DeepSpeed always wants a process group, so a single process gets a local one as well.
     """
+    adopt_slurm()
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0",
