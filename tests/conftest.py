@@ -133,7 +133,7 @@ def jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
 PY = sys.executable
 # what a run's environment may change and still fork from the warm interpreter: nothing read at process start or
 # at import (glibc's MALLOC_* tunables, for one, are read when the process starts)
-WARM_ENV = {"OMP_NUM_THREADS", "PYTHONUNBUFFERED", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "DEEPSPEED_TIMEOUT"}
+WARM_ENV = {"OMP_NUM_THREADS", "PYTHONUNBUFFERED", "DEEPSPEED_TIMEOUT"}
 
 
 def command(args: list[str], env: dict | None = None) -> list[str]:

@@ -23,7 +23,7 @@ from .components.guard import Skipped, StepGuard, StopSignals
 from .components.metrics import MetricsLogger, Window, data_counts
 from .components.precision import input_dtype
 from .distributed.engine import build_engine
-from .distributed.groups import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed, restart_hazard
+from .distributed.groups import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .recipes.load import dump_config
 from .recipes.tasks import Pretrain, make_task
 
@@ -39,8 +39,6 @@ def train(task: Pretrain) -> dict[str, Any]:
     cfg, t = task.cfg, task.cfg.train
     dist = init_distributed()
     _setup_logging(dist)
-    if dist.is_main and (hazard := restart_hazard()):
-        log.warning(hazard)
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     shared = checkpoint.shared_storage(out_dir, dist)  # else node-local disks: each node keeps its own checkpoints

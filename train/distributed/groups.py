@@ -57,27 +57,32 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        _init_per_attempt(backend)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # joins the group made above, if any
         if dist.get_backend() != dist.Backend.GLOO and dist.get_world_size() > 1:
             # CPU collectives (the loss's per-rank sizes, the guard's stop requests) without a device-to-host copy
             register_host_group(None, dist.new_group(backend="gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def restart_hazard() -> str | None:
-    """A warning for `torchrun --max-restarts` over the rendezvous TCP store that torchrun shares with its workers by
-    default: that store outlives a restart, and a restarted rank can read a dead peer's address from the attempt
-    before it (pytorch/pytorch#135712), then fail to connect until the process-group timeout (DEEPSPEED_TIMEOUT
-    minutes). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every attempt gets a fresh store."""
-    if (
-        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    ):
-        return (
-            "torchrun --max-restarts with its shared rendezvous store: a restarted rank may try a dead peer's address "
-            "(pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that each attempt has a fresh store"
-        )
-    return None
+def _init_per_attempt(backend: str) -> None:
+    """Under torchrun's default, where its agent shares the rendezvous store with the ranks
+    (TORCHELASTIC_USE_AGENT_STORE), make the process group over that store with keys of this restart attempt's own
+    (TORCHELASTIC_RESTART_COUNT). The store outlives a restart, and torch's env:// reads it with no prefix per
+    attempt: a restarted rank would take a dead peer's address from the attempt before and fail to connect, or wait
+    on it until the process-group timeout (pytorch#135712). Elsewhere deepspeed.init_distributed does env://."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from deepspeed.constants import default_pg_timeout  # DEEPSPEED_TIMEOUT, as DeepSpeed's own init would use
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"tessera/attempt{attempt}", shared)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=default_pg_timeout)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
