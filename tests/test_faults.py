@@ -3,14 +3,16 @@ save. Each gets a message naming what and where, and no run resumes from, or lea
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import PY, run_cli
+from .conftest import PY, ROOT, run_cli
 from .test_train import tiny_run_args
 
 PRETRAIN = [PY, "-m", "tessera.train.pretrain"]
@@ -54,8 +56,8 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
 @pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_says_so_and_leaves_nothing_partial(demo_shards, tmp_path):
     """The checkpoints folder is a tmpfs (in a user namespace) with room for one checkpoint and a half: the second
-    save fills it. The run stops saying "no space left on" the folder, the partial step folder is gone, and latest
-    still names the first checkpoint."""
+    save would fill it. The run stops before writing it, saying "no space left on" the folder, how much is free and
+    what the last checkpoint took; nothing partial is left, and latest still names the first checkpoint."""
     if not _can_mount_tmpfs(tmp_path):
         pytest.skip("user namespaces (unshare -rm) are not permitted here, so no small filesystem can be mounted")
     sized = tmp_path / "sized"
@@ -73,8 +75,9 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_leaves_nothing_partial(demo_sha
     )
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert "rc=2" in proc.stdout, proc.stderr[-3000:]
-    assert f"error: checkpoint at step 2: no space left on {ckpt}; the partial step00000002 was removed, " in (
-        proc.stderr
+    assert f"error: checkpoint at step 2: no space left on {ckpt}: " in proc.stderr
+    assert re.search(
+        r"MiB free, the last checkpoint took \d+ MiB \(rank 0, host [^)]+\); nothing was written", proc.stderr
     )
     assert "latest still names step00000001" in proc.stderr and "Traceback" not in proc.stderr
     listing = proc.stdout.split("rc=2", 1)[1].split()
@@ -100,3 +103,27 @@ def test_held_out_data_problems_stop_the_run_before_its_first_step(demo_shards, 
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("where", ["probe", "save"])
+def test_a_save_that_fails_on_one_rank_stops_every_rank_promptly_with_its_message(demo_shards, tmp_path, where):
+    """Rank 1's writes fail with ENOSPC from the checkpoint of step 4 on: found by the check every rank makes before
+    DeepSpeed's collective save (probe), or inside that save (save), where the other rank is in DeepSpeed's
+    collectives. Both ranks stop within seconds, with rank 1's message; latest names step 2, which resumes."""
+    run = tmp_path / "run"
+    args = _args(demo_shards, run, "train.steps=6", "train.ckpt_every=2", "deepspeed.zero_stage=1")
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    started = time.monotonic()
+    proc = run_cli([*launch, str(ROOT / "tests" / "fail_writes_run.py"), where, "1", "4", *args], timeout=300)
+    assert proc.returncode != 0 and time.monotonic() - started < 120, proc.stderr[-4000:]  # no wait for a timeout
+    said = re.search(r"error: checkpoint at step 4: (.*)", proc.stderr)
+    assert said and "no space left on" in proc.stderr and "(rank 1, host " in proc.stderr, proc.stderr[-4000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    if where == "save":
+        again = run_cli([*launch, "-m", "tessera.train.pretrain", *args, "resume=latest"], env={"OMP_NUM_THREADS": "1"})
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (
+            "step00000002 at step 2" in again.stderr and (run / "checkpoints" / "latest").read_text() == "step00000006"
+        )

@@ -143,7 +143,17 @@ def save(
         for stray in ckpt_dir.glob(".latest.tmp-*"):  # left by a kill between write and rename
             stray.unlink(missing_ok=True)
     barrier()
-    failure = None
+    latest = ckpt_dir / "latest"
+
+    def kept() -> str:
+        return f"latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint is kept"
+
+    where = f"rank {dist.rank}, host {socket.gethostname()}"
+    # before DeepSpeed's collective save: can every rank write here, with room for a checkpoint? One collective says
+    problem = _room_to_write(ckpt_dir, latest)
+    problems = [p for p in gather_objects(problem and f"{problem} ({where})") if p]
+    if problems:
+        raise CheckpointError(f"checkpoint at step {step}: {problems[0]}; nothing was written, {kept()}")
     try:
         engine.save_checkpoint(
             str(ckpt_dir),
@@ -153,17 +163,27 @@ def save(
             save_latest=False,
             exclude_frozen_parameters=trainable_only,
         )
-        atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state}, _rank_file(tag_dir, dist.rank))
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as "unexpected pos ..."
-        failure = _write_failure(exc, ckpt_dir)
+        # Inside DeepSpeed's save, whose collectives the other ranks are still in: no collective to agree through.
+        # This rank stops now; torchrun (or srun --kill-on-bad-exit) stops the others, and a peer's broken collective
+        # stops it here too.
+        if writer:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        failure = "another rank stopped during the save (its log says why)" if _peer_lost(exc) else None
+        failure = failure or _write_failure(exc, ckpt_dir)
+        removed = f"the partial {tag} was removed, " if writer else ""
+        raise CheckpointError(f"checkpoint at step {step}: {failure} ({where}); {removed}{kept()}") from None
+    failure = None
+    try:
+        atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state}, _rank_file(tag_dir, dist.rank))
+    except OSError as exc:
+        failure = f"{_write_failure(exc, ckpt_dir)} ({where})"
     failures = [f for f in gather_objects(failure) if f]  # every rank learns of any rank's failure
     if failures:
         if writer:
             shutil.rmtree(tag_dir, ignore_errors=True)
         barrier()
-        latest = ckpt_dir / "latest"
-        kept = f"latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint is kept"
-        raise CheckpointError(f"checkpoint at step {step}: {failures[0]}; the partial {tag} was removed, {kept}")
+        raise CheckpointError(f"checkpoint at step {step}: {failures[0]}; the partial {tag} was removed, {kept()}")
     barrier()  # every rank's files are in place (no rank's temporary file is renamed under another's walk)
     fsync_tree(tag_dir)  # what DeepSpeed wrote too: on disk before COMPLETE says so
     barrier()
@@ -182,6 +202,41 @@ def _prune(ckpt_dir: Path, keep: int, protect: str) -> None:
     for name in tags[:-keep]:
         if name != protect:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+
+
+PROBE_BYTES = 1 << 16
+
+
+def _room_to_write(ckpt_dir: Path, latest: Path) -> str | None:
+    """Why this rank cannot write a checkpoint under `ckpt_dir` (None if it can): a file there cannot be written, or
+    the disk has less room free than the last checkpoint took (its MANIFEST)."""
+    probe = ckpt_dir / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return _write_failure(exc, ckpt_dir)
+    finally:
+        probe.unlink(missing_ok=True)
+    try:
+        last = json.loads((ckpt_dir / latest.read_text().strip() / MANIFEST).read_text()) if latest.is_file() else {}
+        need = sum(int(v) for v in last.values())
+        free = shutil.disk_usage(ckpt_dir).free
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # no last checkpoint to size this one by
+    if free < need:
+        return (
+            f"no space left on {ckpt_dir}: {free / 2**20:.0f} MiB free, the last checkpoint took {need / 2**20:.0f} MiB"
+        )
+    return None
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that broke because another rank went away."""
+    text = str(exc).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
 def _write_failure(exc: BaseException, where: Path) -> str:
