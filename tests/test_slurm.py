@@ -1,4 +1,5 @@
-"""Slurm without torchrun: `srun python -m tessera.train.pretrain ...` makes each task a rank."""
+"""Slurm without torchrun (`srun python -m tessera.train.pretrain ...` makes each task a rank), and what a run over
+several nodes checks before it tries to connect them."""
 
 from __future__ import annotations
 
@@ -109,3 +110,19 @@ def test_two_slurm_tasks_train_checkpoint_and_resume(demo_shards, tmp_path):
     assert all(p.returncode == 0 for p in again), again[0].stderr[-3000:] + again[1].stderr[-3000:]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_hostname_on_loopback_stops_a_multi_node_run_with_the_variable_to_set():
+    from tessera.train.distributed.groups import loopback_problem
+
+    nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node001"}
+
+    def resolve(name):
+        return "10.0.0.1" if name == "node001" else "127.0.1.1"
+
+    said = loopback_problem(nodes, resolve=resolve)
+    assert "resolves to 127.0.1.1, a loopback address" in said and "GLOO_SOCKET_IFNAME" in said
+    assert loopback_problem({**nodes, "GLOO_SOCKET_IFNAME": "eth0"}, resolve=resolve) is None
+    assert loopback_problem(nodes, resolve=lambda host: "10.0.0.7") is None
+    assert loopback_problem({**nodes, "WORLD_SIZE": "8"}, resolve=resolve) is None  # one node
+    assert loopback_problem(nodes, resolve=lambda host: "127.0.0.1") is None  # "nodes" all on this machine

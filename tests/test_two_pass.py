@@ -337,6 +337,9 @@ def test_two_ranks_through_the_ring_chunked_equal_unchunked_and_resume_exactly(d
     for name, extra in (("plain", []), ("chunked", ["train.chunk_size=4"])):
         proc = torchrun(*tiny_run_args(demo_shards, tmp_path / name, *common, *extra))
         assert proc.returncode == 0, proc.stderr[-4000:]
+        # ZeRO-2 reduce-scatters at each chunk's backward pass: said, with the way out (ZeRO-1)
+        said = "after each of the step's 4 chunk backward passes, 4x the communication" in proc.stderr
+        assert said == (name == "chunked") and (not said or "deepspeed.zero_stage=1" in proc.stderr)
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = [x for x in lines if x["kind"] == "train"]
     for a, b in zip(runs["plain"], runs["chunked"], strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,6 +15,8 @@ from ..components.guard import SkippableAdamW
 from ..recipes.config import DeepSpeedConfig, TrainConfig
 from .deepspeed_setup import deepspeed
 from .groups import init_distributed
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(
@@ -121,6 +124,16 @@ def build_engine(
     )
     if t.compile and engine.zero_optimization_stage() == 3:  # set through deepspeed.config (zero_stage is checked)
         raise ConfigError("train.compile does not train exactly under ZeRO stage 3 yet; use stage 0, 1 or 2 with it")
+    if backwards > 1 and engine.zero_optimization_stage() >= 2 and engine.dp_world_size > 1:
+        # ZeRO-2/3 reduce-scatter the gradients at every backward pass, not once per step as ZeRO-0/1 do
+        log.warning(
+            "train.chunk_size under ZeRO stage %d: the gradients are reduce-scattered after each of the step's %d "
+            "chunk backward passes, %dx the communication of one per step; ZeRO stage 1 (deepspeed.zero_stage=1) "
+            "reduces once per step and still shards the optimizer state",
+            engine.zero_optimization_stage(),
+            backwards,
+            backwards,
+        )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One process has nothing to average, yet DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it and copy it back: about 10% of a ViT-B/32 step on CPU.

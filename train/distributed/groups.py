@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tessera.config import UserError
 from tessera.losses import register_host_group
 
 from .deepspeed_setup import deepspeed
@@ -58,12 +59,41 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if problem := loopback_problem(os.environ):
+            raise DistributedSetupError(problem)
         _init_per_attempt(backend)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)  # joins the group made above, if any
         if dist.get_backend() != dist.Backend.GLOO and dist.get_world_size() > 1:
             # CPU collectives (the loss's per-rank sizes, the guard's stop requests) without a device-to-host copy
             register_host_group(None, dist.new_group(backend="gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+class DistributedSetupError(UserError, RuntimeError):
+    """The machines' setup keeps the ranks from reaching each other; the message says what to set."""
+
+
+def loopback_problem(env, resolve=socket.gethostbyname) -> str | None:
+    """Why gloo would hand the other nodes an address they cannot reach (None when it would not): a run over several
+    nodes (WORLD_SIZE above LOCAL_WORLD_SIZE) uses gloo (the CPU backend, and on GPUs the side group for small CPU
+    collectives), which advertises the address this host's name resolves to; where that is a loopback address
+    (127.x, as /etc/hosts often maps the hostname) and GLOO_SOCKET_IFNAME names no interface, the ranks of other
+    nodes try to connect to themselves."""
+    if env.get("GLOO_SOCKET_IFNAME") or int(env.get("WORLD_SIZE", 1)) <= int(env.get("LOCAL_WORLD_SIZE", 1)):
+        return None
+    host = socket.gethostname()
+    try:
+        address = resolve(host)
+        master = resolve(env.get("MASTER_ADDR", "127.0.0.1"))
+    except OSError:
+        return None  # gloo will say what it cannot resolve
+    if not address.startswith("127.") or master.startswith("127."):
+        return None  # a reachable address; or the "nodes" are all on this machine (their master is on loopback)
+    return (
+        f"this host's name {host!r} resolves to {address}, a loopback address, so gloo would give the other nodes an "
+        "address they cannot reach: set GLOO_SOCKET_IFNAME to the network interface the nodes share (e.g. "
+        "GLOO_SOCKET_IFNAME=eth0 or ib0; `ip -br addr` lists them), or map the hostname to that interface's address"
+    )
 
 
 def _init_per_attempt(backend: str) -> None:
