@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tessera.train.components.guard import NonFiniteError, check_weights
+from tessera.train.distributed.engine import cosine_schedule
 
 from .conftest import PY, ROOT, run_cli
 from .test_distributed import torchrun
@@ -58,6 +59,12 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(demo_shards, tmp_pa
     assert _same(_module(run, 2), _module(run, 4)) and not _same(_module(run, 4), _module(run, 6))
     records = _train_records(run)
     assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
+    # the schedule does not advance over the skipped steps: steps 5 and 6 take the rates steps 3 and 4 would have
+    # (each record's lr is the next step's); warmup 2, cosine over 6 steps
+    factor = cosine_schedule(2, 6, 0.0)
+    lr = [r["lr"] for r in records]
+    peak = lr[0] / factor(1)
+    assert lr == pytest.approx([peak * factor(k) for k in (1, 2, 2, 2, 3, 4)], rel=1e-6)
     assert all(r["loss"] == r["loss"] for r in records if r["step"] not in (3, 4))  # finite steps log numbers
 
 
@@ -71,6 +78,10 @@ def test_a_gradient_that_is_not_finite_skips_the_step_at_zero_1(demo_shards, tmp
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step 2 skipped: a gradient is not finite (the loss of image-text is)" in proc.stderr
     assert _same(_module(run, 1), _module(run, 2)) and not _same(_module(run, 2), _module(run, 3))
+    # DeepSpeed withheld this step itself (its own check of the gradients' norm), and its schedule with it: taken
+    # out once, not twice
+    factor, lr = cosine_schedule(2, 3, 0.0), [r["lr"] for r in _train_records(run)]
+    assert lr == pytest.approx([lr[0] / factor(1) * factor(k) for k in (1, 1, 2)], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -122,6 +122,8 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     # fp16: DeepSpeed's loss scaler skips the steps whose scaled gradients overflow, so only the loss is watched
     guard = StepGuard(engine, engine.module, gradients=t.precision != "fp16", signals=signals)
     skipped = Skipped(t.max_nonfinite_steps)
+    # the schedule a skipped step must not advance; under fp16 DeepSpeed's loss scaler holds it back itself
+    scheduler = engine.lr_scheduler if t.precision != "fp16" else None
     last_ckpt = step
     engine.train()
     started, first_step = time.perf_counter(), step + 1
@@ -154,7 +156,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
         eval_now = cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not guard.stop
         ckpt_now = t.ckpt_every > 0 and step % t.ckpt_every == 0
         if log_now or eval_now or ckpt_now:  # the host learns which steps were skipped (may stop the run)
-            _settle(guard, skipped, unsettled)
+            _settle(guard, skipped, unsettled, scheduler)
         if log_now:
             means = all_reduce_mean(window.means(), dist.device) if window.count else {"loss": float("nan")}
             record = {
@@ -185,7 +187,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
                 )
             last_ckpt = step
 
-    _settle(guard, skipped, unsettled)
+    _settle(guard, skipped, unsettled, scheduler)
     if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared)
     guard.close()
@@ -199,15 +201,34 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     return step, stopped
 
 
-def _settle(guard: StepGuard, skipped: Skipped, unsettled: list[tuple[int, list]]) -> None:
+def _settle(guard: StepGuard, skipped: Skipped, unsettled: list[tuple[int, list]], scheduler=None) -> None:
     """Read the guard's flags of the steps in `unsettled` (one host sync), and count, log and, at
-    train.max_nonfinite_steps in a row, stop on the skipped ones (a collective: every rank settles the same steps)."""
-    for (step, values), bad in zip(unsettled, guard.settle()):
+    train.max_nonfinite_steps in a row, stop on the skipped ones (a collective: every rank settles the same steps).
+    `scheduler`: the learning-rate schedule to take the skipped steps back out of (`rewind_schedule`)."""
+    bad_steps = 0
+    flags, advanced = guard.settle(), guard.take_advanced()
+    for (step, values), bad, moved in zip(unsettled, flags, advanced):
         if bad:
+            bad_steps += moved
             skipped.count(step, bad, values)
         else:
             skipped.reset()
     unsettled.clear()
+    rewind_schedule(scheduler, bad_steps)
+
+
+def rewind_schedule(scheduler, steps: int) -> None:
+    """Take `steps` skipped optimizer steps back out of a LambdaLR schedule: the next step uses the learning rate the
+    first skipped one would have. The host learns of a skip at the next settle (a log step, evaluation or
+    checkpoint), so the steps between a skip and that settle run one position ahead in the schedule; with
+    train.log_every=1 the sequence is exact."""
+    if not steps or scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        return
+    scheduler.last_epoch = max(0, scheduler.last_epoch - steps)
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _setup_logging(dist: DistInfo) -> None:

@@ -112,6 +112,7 @@ class StepGuard:
         self.flags: torch.Tensor | None = None  # the last step's (loss, gradient), 1 where not finite
         self.good = torch.ones((), device=self.device)  # 1.0 where the last step was applied, else 0.0
         self.pending: list[torch.Tensor] = []  # each step's flags since the last settle()
+        self.advanced: list[bool] = []  # each such step: whether DeepSpeed advanced the schedule
         self.stop = False
         self.signals = signals
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -129,6 +130,9 @@ class StepGuard:
             try:
                 return step(*args, **kwargs)  # the optimizer calls check()
             finally:
+                # DeepSpeed advances its learning-rate schedule after an optimizer step it ran (ours, even where the
+                # fused kernel withheld the update), not after one it withheld itself
+                self.advanced.append(self.checked)
                 if not self.checked:
                     # DeepSpeed withheld the step itself, having found the gradients' norm not finite (ZeRO 1-2, its
                     # own host check); under fp16 that is its loss scaler's business, and only the loss is watched
@@ -173,6 +177,11 @@ class StepGuard:
         flags = torch.stack(self.pending).tolist()
         self.pending = []
         return [{"loss": bool(lo), "gradient": bool(gr)} if lo or gr else None for lo, gr in flags]
+
+    def take_advanced(self) -> list[bool]:
+        """For each step `settle` gave flags of, whether DeepSpeed advanced the learning-rate schedule after it."""
+        advanced, self.advanced = self.advanced, []
+        return advanced
 
     def close(self) -> None:
         self.optimizer.guard = None
