@@ -104,9 +104,8 @@ def _init_per_attempt(backend: str) -> None:
     on it until the process-group timeout (pytorch#135712). Elsewhere deepspeed.init_distributed does env://."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
-    from deepspeed.constants import default_pg_timeout  # DEEPSPEED_TIMEOUT, as DeepSpeed's own init would use
-
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    default_pg_timeout = deepspeed.constants.default_pg_timeout  # DEEPSPEED_TIMEOUT, as DeepSpeed's own init uses
     shared = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout
     )
