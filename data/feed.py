@@ -21,20 +21,6 @@ from .loader import to_device
 RESIDENT_SHARE = 1 / 16  # of the device's memory: what a two-pass batch's inputs may take to stay there
 
 
-def nbytes(batch: Any) -> int:
-    """The bytes of the tensors in a batch (dicts, lists, PyG batches)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, dict):
-        return sum(nbytes(v) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return sum(nbytes(v) for v in batch)
-    stores = getattr(batch, "stores", None)  # a PyG Data/Batch
-    if stores is not None:
-        return sum(nbytes(dict(store)) for store in stores)
-    return 0
-
-
 def _tensors(batch: Any) -> Iterator[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         yield batch
@@ -47,6 +33,11 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
     elif getattr(batch, "stores", None) is not None:
         for store in batch.stores:
             yield from _tensors(dict(store))
+
+
+def nbytes(batch: Any) -> int:
+    """The bytes of the tensors in a batch (dicts, lists, PyG batches)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(batch))
 
 
 class _Copy:

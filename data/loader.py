@@ -191,7 +191,7 @@ class TrainLoader:
         return plan_workers(sources, requested, world, self.cfg.resampled)
 
     def _stream(self, epoch: int, skip: dict[int, tuple[int, int]], exclude: dict[int, SampleSet]) -> ShardStream:
-        return ShardStream(self.spec, epoch=epoch, skip=skip, exclude=exclude, clock=self._clock)
+        return ShardStream(self.spec, epoch, skip, exclude, self._clock, dict(self.counted))
 
     @property
     def _slots(self) -> int:
@@ -307,7 +307,7 @@ class TrainLoader:
         cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
         self.taken = SampleSet.from_state(state.get("taken"))
         self.exclude = {int(e): SampleSet.from_state(s) for e, s in state.get("exclude", {}).items()}
-        self._learn_counts(state.get("shard_counts", {}))
+        self.counted.update({str(u): n for u, n in state.get("shard_counts", {}).items() if isinstance(n, int)})
         if state.get("num_workers") != self.num_workers or state.get("world") != self.world:
             cursors, self.next_worker = {}, 0
             saved = f"{state.get('world')} x {state.get('num_workers')}"
@@ -337,17 +337,11 @@ class TrainLoader:
         self._skip = cursors
         self._say_what_resume_reads()
 
-    def _learn_counts(self, counts: dict[str, Any]) -> None:
-        """Shard sample counts a checkpoint recorded: the workers pass the shards they cover over unopened."""
-        self.counted.update({str(u): int(n) for u, n in counts.items() if isinstance(n, int)})
-        for src in self.spec.sources:
-            src.counted = {u: self.counted[u] for u in src.urls if u in self.counted}
-
     def _say_what_resume_reads(self) -> None:
         """Once, in the main process: which shards a resume mid-epoch may have to read up to its position."""
         if not any(skip for skip, _ in self._skip.values()):
             return
-        unknown = [u for s in self.spec.sources for u in s.urls if u not in s.counted and u not in s.sizes]
+        unknown = [u for s in self.spec.sources for u in s.urls if u not in self.counted and u not in s.sizes]
         unseekable = [u for s in self.spec.sources for u in s.urls if not seekable(u, look=False)]
         if unknown:
             log.warning(

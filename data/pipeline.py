@@ -94,7 +94,6 @@ class Source:
     weight: float
     modalities: list[str]
     sizes: dict[str, int] = field(default_factory=dict)  # samples per shard, from sizes.json
-    counted: dict[str, int] = field(default_factory=dict)  # samples per shard, as reading it to its end found
 
 
 @dataclass
@@ -155,15 +154,19 @@ class ShardStream(IterableDataset):
         skip: dict[int, tuple[int, int]] | None = None,
         exclude: dict[int, SampleSet] | None = None,
         clock: EpochClock | None = None,
+        counts: dict[str, int] | None = None,
     ):
         """`skip[worker] = (stream samples, batches)` that worker's previous run already delivered in `epoch`;
-        `exclude[e]`: the samples of epoch e that runs on another layout consumed, left out before anything else."""
+        `exclude[e]`: the samples of epoch e that runs on another layout consumed, left out before anything else;
+        `counts`: samples per shard as earlier reading found them (the checkpoint's record; else sizes.json's), by
+        which a resume passes the shards it had finished over unopened."""
         super().__init__()
         self.spec = spec
         self.first_epoch = self.epoch = epoch
         self.skips = skip or {}
         self.excludes = exclude or {}
         self.clock = clock
+        self.counts = counts or {}
         self.skip: dict[int, tuple[int, int]] = {}
         self.exclude: SampleSet | None = None
 
@@ -267,8 +270,7 @@ class ShardStream(IterableDataset):
         def state(cursor: int) -> tuple[int, int, int, int]:
             return (worker, self.epoch, cursor, batches)
 
-        counts = {url: n for src in spec.sources for url, n in src.counted.items()}
-        reading = _Reading(Ahead(counts) if skip else None)
+        reading = _Reading(Ahead(self.counts) if skip else None)
         cursor = 0
         for cursor, sample in enumerate(self._mixed(worker, num_workers, stats, reading), start=1):
             if cursor <= skip:  # consumed before the checkpoint: passed over unread where the shards allow

@@ -32,7 +32,7 @@ from tessera.config import ConfigError
 from .consumed import SampleSet
 from .loader import TrainLoader
 from .pipeline import EpochClock, ShardStream, Source, StreamSpec, seeded_rng
-from .shards import ShardError, group_samples, member_extents
+from .shards import ShardError, group_samples, member_extents, read_extent
 from .stats import SampleStats
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,7 @@ class ShardReader:
         try:
             fh = self._open(path)
             for suffix, (offset, size) in index.members[row].items():
-                fh.seek(offset)
-                data = fh.read(size)
-                if len(data) != size:
-                    raise EOFError(f"{suffix} ends after {len(data)} of {size} bytes")
-                sample[suffix] = data
+                sample[suffix] = read_extent(fh, offset, size)
         except (OSError, EOFError) as exc:
             log.warning("sample %s of %s failed to read (%s)", index.key[row], path, exc)
             return {**{k: sample[k] for k in ("__key__", "__url__", "__index__")}, "__bad__": "shard_read_error"}

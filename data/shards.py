@@ -193,11 +193,9 @@ def member_extents(url: str, stats: SampleStats) -> Iterator[dict[str, Any]]:
     if not _is_local(url):
         raise ShardError(f"'{url}' is not a local file: reading samples by offset needs local shards")
     try:
-        with open(url, "rb") as fh:
-            head = fh.read(6)
+        kind = _compression(url)
     except OSError as exc:
         raise ShardError(f"cannot read shard '{url}': {exc.strerror or exc}") from exc
-    kind = next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
     if kind is not None:
         raise ShardError(f"'{url}' is {kind}-compressed: reading samples by offset needs uncompressed tar shards")
     select = _member_filter(stats)
@@ -225,11 +223,25 @@ def seekable(url: str, look: bool = True) -> bool:
     if not look:
         return not url.lower().endswith(COMPRESSED_SUFFIXES)
     try:
-        with open(url, "rb") as fh:
-            head = fh.read(6)
+        return _compression(url) is None
     except OSError:
         return False
-    return not any(head.startswith(magic) for magic in COMPRESSED_MAGIC)
+
+
+def _compression(path: str) -> str | None:
+    """The compression a local shard's first bytes show (gzip, bzip2, xz, zstd), or None for a plain tar."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def read_extent(fh, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open shard; EOFError where it ends before them."""
+    fh.seek(offset)
+    data = fh.read(size)
+    if len(data) != size:
+        raise EOFError(f"ends after {len(data)} of {size} bytes")
+    return data
 
 
 STAND_IN = "__stand_in__"  # marks a sample known by position only: its shard was not opened (`Ahead`)
@@ -286,15 +298,7 @@ def _some_samples(
     gate = _Gate(stats)
     if seekable(url):
         fh = open_shard(url)
-
-        def read(extent: tuple[int, int]) -> bytes:
-            fh.seek(extent[0])
-            data = fh.read(extent[1])
-            if len(data) != extent[1]:
-                raise EOFError(f"a member of {url} ends after {len(data)} of {extent[1]} bytes")
-            return data
-
-        members = _gated(member_extents(url, gate), wanted, read, gate)
+        members = _gated(member_extents(url, gate), wanted, lambda extent: read_extent(fh, *extent), gate)
     else:
         fh = None
         members = _gated(_shard_members(url, gate), wanted, lambda data: data, gate)

@@ -170,26 +170,19 @@ def time_peer(python: Path, urls: list[str], workers: int, image_size: int, tota
 
 def worker_rss(urls: list[str], image_size: int, marks: list[int]) -> dict[int, int]:
     """KiB of RSS of a lone loader worker after each of `marks` samples."""
-    before = _children()
+    from benchlib import children, status_kib
+
+    before = children()
     loader = tessera_loader(urls, 1, image_size, shuffle_buffer=1000, shuffle_initial=100)
     seen, out = 0, {}
     for mark in marks:
         while seen < mark:
             seen += len(next(loader)["__key__"])
-        (pid,) = _children() - before
-        out[mark] = int(
-            next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS")).split()[1]
-        )
+        (pid,) = children() - before
+        out[mark] = status_kib("VmRSS", pid)
         print(f"[bench] worker RSS after {seen} samples: {out[mark] / 1024:.0f} MiB", flush=True)
     loader.close()
     return out
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids.update(int(p) for p in (task / "children").read_text().split())
-    return pids
 
 
 class _Counting:
@@ -244,7 +237,7 @@ def resume_times(urls: list[str], image_size: int, total: int, repeats: int) -> 
                 if not known:
                     loader.counted = {}
                     for src in loader.spec.sources:
-                        src.sizes, src.counted = {}, {}
+                        src.sizes = {}
                 next(loader)
                 seconds = time.perf_counter() - t0
                 key = f"{'counts known' if known else 'counts withheld'} @ {share:.0%}"

@@ -12,12 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def status_kib(key: str) -> int:
-    """A field of /proc/self/status, in KiB (VmRSS: resident now; VmHWM: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kib(key: str, pid: int | str = "self") -> int:
+    """A field of /proc/PID/status (this process's by default), in KiB (VmRSS: resident now; VmHWM: peak since the
+    last reset)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def children() -> set[int]:
+    """The pids of this process's children (a DataLoader's workers among them)."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
 
 
 def reset_peak() -> int:

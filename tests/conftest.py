@@ -152,6 +152,15 @@ def command(args: list[str], env: dict | None = None) -> list[str]:
     return [PY, str(ZYGOTE), *rest]
 
 
+def finished(procs: list[subprocess.Popen], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Wait for processes started together (with text pipes), each in turn; their outcomes, in order."""
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
 def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
     """Run a command with the test interpreter's environment; return the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import PY, SEED, command, learned, loss_fall, no_compiler_env, run_cli
+from .conftest import PY, SEED, command, finished, learned, loss_fall, no_compiler_env, run_cli
 from .test_train import tiny_run_args
 
 
@@ -141,11 +141,7 @@ def _nodes(port: int, runs: list[list[str]]) -> list[subprocess.CompletedProcess
         )
         for n, args in enumerate(runs)
     ]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    return finished(procs)
 
 
 @pytest.mark.slow

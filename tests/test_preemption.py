@@ -15,7 +15,7 @@ import pytest
 
 from tessera.train.components.guard import StopSignals
 
-from .conftest import PY, ROOT
+from .conftest import PY, ROOT, finished
 from .test_train import tiny_run_args
 
 STEPS = 20  # the signal lands after step 3 (about step 5): room to spare, and short runs
@@ -69,9 +69,7 @@ def _stopped_step(run: Path) -> int:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = _launch(cmd)
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return finished([_launch(cmd)])[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from tessera.train.distributed.slurm import SlurmError, expand_nodelist, torchrun_environment
 
-from .conftest import PY, ROOT
+from .conftest import PY, ROOT, finished
 from .test_train import tiny_run_args
 
 
@@ -90,11 +90,7 @@ def _srun(args: list[str], job: int) -> list[subprocess.CompletedProcess]:
         )
         for r in range(2)
     ]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    return finished(procs)
 
 
 @pytest.mark.slow

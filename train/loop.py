@@ -139,7 +139,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
             values.append({**losses, **report_})
             # the next batch's copy overlaps this step on the device; not where the loader's position is saved next
             # (a checkpoint, the last step, a stop), which must not count a batch no step has taken
-            saves = step + 1 >= t.steps or guard.stop or t.ckpt_every > 0 and (step + 1) % t.ckpt_every == 0
+            saves = step + 1 >= t.steps or guard.stop or _checkpoints_at(step + 1, t.ckpt_every)
             if micro < t.grad_accum - 1 or not saves:
                 with window.waiting():
                     feed.ahead()
@@ -154,7 +154,7 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
 
         log_now = step % t.log_every == 0 or step == t.steps or guard.stop
         eval_now = cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not guard.stop
-        ckpt_now = t.ckpt_every > 0 and step % t.ckpt_every == 0
+        ckpt_now = _checkpoints_at(step, t.ckpt_every)
         if log_now or eval_now or ckpt_now:  # the host learns which steps were skipped (may stop the run)
             _settle(guard, skipped, unsettled, scheduler)
         if log_now:
@@ -201,15 +201,19 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
     return step, stopped
 
 
+def _checkpoints_at(step: int, every: int) -> bool:
+    """Whether train.ckpt_every=`every` checkpoints at `step` (besides the last step's)."""
+    return every > 0 and step % every == 0
+
+
 def _settle(guard: StepGuard, skipped: Skipped, unsettled: list[tuple[int, list]], scheduler=None) -> None:
     """Read the guard's flags of the steps in `unsettled` (one host sync), and count, log and, at
     train.max_nonfinite_steps in a row, stop on the skipped ones (a collective: every rank settles the same steps).
     `scheduler`: the learning-rate schedule to take the skipped steps back out of (`rewind_schedule`)."""
     bad_steps = 0
-    flags, advanced = guard.settle(), guard.take_advanced()
-    for (step, values), bad, moved in zip(unsettled, flags, advanced):
+    for (step, values), (bad, advanced) in zip(unsettled, guard.settle()):
         if bad:
-            bad_steps += moved
+            bad_steps += advanced
             skipped.count(step, bad, values)
         else:
             skipped.reset()

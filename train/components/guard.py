@@ -111,8 +111,8 @@ class StepGuard:
         self.loss_sum = torch.zeros((), device=self.device)
         self.flags: torch.Tensor | None = None  # the last step's (loss, gradient), 1 where not finite
         self.good = torch.ones((), device=self.device)  # 1.0 where the last step was applied, else 0.0
-        self.pending: list[torch.Tensor] = []  # each step's flags since the last settle()
-        self.advanced: list[bool] = []  # each such step: whether DeepSpeed advanced the schedule
+        # each step's flags since the last settle(), and whether DeepSpeed advanced its schedule after it
+        self.pending: list[tuple[torch.Tensor, bool]] = []
         self.stop = False
         self.signals = signals
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -132,14 +132,14 @@ class StepGuard:
             finally:
                 # DeepSpeed advances its learning-rate schedule after an optimizer step it ran (ours, even where the
                 # fused kernel withheld the update), not after one it withheld itself
-                self.advanced.append(self.checked)
+                advanced = self.checked
                 if not self.checked:
                     # DeepSpeed withheld the step itself, having found the gradients' norm not finite (ZeRO 1-2, its
                     # own host check); under fp16 that is its loss scaler's business, and only the loss is watched
                     self.check([], withheld=self.gradients)
                 self._agree_stop()
                 self.good = (self.flags.amax() == 0).float()
-                self.pending.append(self.flags)
+                self.pending.append((self.flags, advanced))
                 self.loss_sum.zero_()
 
         engine.backward, engine.step = guarded_backward, guarded_step
@@ -169,19 +169,17 @@ class StepGuard:
             requested = bool(flag[0])
         self.stop = requested
 
-    def settle(self) -> list[dict[str, bool] | None]:
-        """The flags of each step since the last call ({"loss": ..., "gradient": ...} for a skipped step, None for an
-        applied one): one host sync for all of them."""
+    def settle(self) -> list[tuple[dict[str, bool] | None, bool]]:
+        """For each step since the last call, its flags ({"loss": ..., "gradient": ...} for a skipped step, None for
+        an applied one), and whether DeepSpeed advanced its learning-rate schedule after it: one host sync for all."""
         if not self.pending:
             return []
-        flags = torch.stack(self.pending).tolist()
+        flags = torch.stack([f for f, _ in self.pending]).tolist()
+        advanced = [a for _, a in self.pending]
         self.pending = []
-        return [{"loss": bool(lo), "gradient": bool(gr)} if lo or gr else None for lo, gr in flags]
-
-    def take_advanced(self) -> list[bool]:
-        """For each step `settle` gave flags of, whether DeepSpeed advanced the learning-rate schedule after it."""
-        advanced, self.advanced = self.advanced, []
-        return advanced
+        return [
+            ({"loss": bool(lo), "gradient": bool(gr)} if lo or gr else None, a) for (lo, gr), a in zip(flags, advanced)
+        ]
 
     def close(self) -> None:
         self.optimizer.guard = None
