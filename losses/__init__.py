@@ -6,17 +6,20 @@
     contrastive.py   InfoNCE and SigLIP, with labels as positives, DCL and label smoothing
     matryoshka.py    the contrastive loss at every nested prefix of the embedding, from one pass
     higher_order.py  Symile and GRAM, for samples with three or more modalities
+    distill.py       logit distillation: the KL of a teacher's similarity matrix from the student's, tiled
     reference.py     every objective with whole matrices: the yardsticks of the tests, and impl="full"
 
 The package imports torch only: a model's user can take the loss without DeepSpeed, the loader or the trainer.
 """
 
 from .contrastive import contrastive_loss, count_flops
+from .distill import DISTILL_KINDS, distill_loss
 from .higher_order import gram_loss, symile_loss
 from .matryoshka import check_dims, matryoshka_losses, prefix_inverse_norms
 from .options import KINDS, LossOptions
 from .reference import (
     contrastive_loss_reference,
+    distill_reference,
     gram_reference,
     gram_volume,
     infonce_reference,
@@ -28,6 +31,7 @@ from .tiles import DEFAULT_TILE, GPU_TILE, default_tile
 
 __all__ = [
     "DEFAULT_TILE",
+    "DISTILL_KINDS",
     "GPU_TILE",
     "KINDS",
     "LossOptions",
@@ -36,6 +40,8 @@ __all__ = [
     "contrastive_loss_reference",
     "count_flops",
     "default_tile",
+    "distill_loss",
+    "distill_reference",
     "gather_with_grad",
     "gram_loss",
     "gram_reference",

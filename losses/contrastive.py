@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from .options import LossOptions, check_impl, check_inputs, fused_kernel
 from .reference import contrastive_loss_reference
 from .ring import Layout, gather_batch, is_distributed
-from .tiles import DEFAULT_GATHER_BUDGET, Plan, Tile, TiledObjective, TileEngine, resolve_tile, wide
+from .tiles import (
+    DEFAULT_GATHER_BUDGET,
+    Plan,
+    Tile,
+    TiledObjective,
+    TileEngine,
+    resolve_tile,
+    upstream_coefficients,
+    wide,
+)
 
 
 def positive_weights(opts: LossOptions, layout: Layout, tile: Tile, like: torch.Tensor) -> tuple:
@@ -222,20 +231,11 @@ class _TiledContrastive(torch.autograd.Function):
         a, b, scale, bias, row_lse, col_lse, sums_ab = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         engine = ctx.engine
-        coef, upstream = _coefficients(wide(grad_out), ctx.norm, a.dtype)
+        coef, upstream = upstream_coefficients(wide(grad_out), ctx.norm, a.dtype)
         a_s = (wide(a) * wide(scale)).to(a.dtype)  # recomputed rather than kept from forward: B x D less held
         obj = _Contrastive(ctx.opts, engine.layout, a_s, bias, row_lse, fused=ctx.kernel)
         needs = ctx.needs_input_grad
         return _gradients(engine, obj, needs, a, b, scale, bias, col_lse, sums_ab, coef, upstream) + (None,) * 5
-
-
-def _coefficients(upstream: torch.Tensor, norm: int, dtype: torch.dtype) -> tuple:
-    """(coef, upstream) for `_gradients`, with the gradient reaching the loss kept on the device (no host sync).
-    It is multiplied in last (the same numbers as 1/norm when it is 1.0), except for fp16 inputs: their 5 exponent
-    bits need the loss scale inside the tiles, before the cast, or the ~1/(2 G^2) entries underflow."""
-    if dtype == torch.float16:
-        return upstream / norm, None
-    return 1.0 / norm, upstream
 
 
 def _gradients(engine, obj: _Contrastive, needs, a, b, scale, bias, col_lse, sums_ab, coef, upstream=None) -> tuple:

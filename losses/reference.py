@@ -98,3 +98,22 @@ def gram_reference(features: list[torch.Tensor], logit_scale: torch.Tensor) -> t
     logits = -logit_scale * gram_volume(vectors @ vectors.transpose(-1, -2))
     labels = torch.arange(n)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def distill_reference(a, b, logit_scale, teacher_a, teacher_b, teacher_scale, logit_bias=None, teacher_bias=None):
+    """Logit distillation with both whole G x G matrices: for InfoNCE students (no biases) the mean row KL and the
+    mean column KL of the teacher's softmax from the student's, averaged; for SigLIP students (both biases) every
+    pair's Bernoulli KL, summed, over G. The teacher takes no gradient."""
+    z = logit_scale * a @ b.T
+    t = (teacher_scale * teacher_a @ teacher_b.T).detach()
+    if logit_bias is not None:
+        z, t = z + logit_bias, t + teacher_bias
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(z)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-z))
+        return kl.sum() / a.shape[0]
+
+    def one_direction(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # rows are the queries
+        log_p = torch.log_softmax(x, 1)
+        return (log_p.exp() * (log_p - torch.log_softmax(s, 1))).sum(1).mean()
+
+    return 0.5 * (one_direction(z, t) + one_direction(z.T, t.T))

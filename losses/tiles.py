@@ -91,6 +91,16 @@ def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x @ y).float()
 
 
+def upstream_coefficients(upstream: torch.Tensor, norm: int, dtype: torch.dtype) -> tuple:
+    """(coef, upstream) for an objective's gradient sweep: coef multiplies the tiles' gradient coefficients, and
+    upstream (the gradient reaching the loss, kept on the device: no host sync reads it) is multiplied in last
+    (the same numbers as 1/norm when it is 1.0), except for fp16 inputs: their 5 exponent
+    bits need the loss scale inside the tiles, before the cast, or the ~1/(2 G^2) entries underflow."""
+    if dtype == torch.float16:
+        return upstream / norm, None
+    return 1.0 / norm, upstream
+
+
 def spans(n: int, tile: int) -> list[tuple[int, int]]:
     return [(s, min(s + tile, n)) for s in range(0, n, tile)]
 
