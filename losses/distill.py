@@ -46,23 +46,18 @@ DISTILL_KINDS = ("infonce", "siglip")
 STUDENT, TEACHER, ABOVE, BELOW = range(4)
 
 
-def _log_relu(x: torch.Tensor) -> torch.Tensor:
-    """log max(x, 0): -inf where x <= 0."""
-    return x.clamp_min(0.0).log_()
-
-
-def _stats(z: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The tile's four log-sum-exps along `dim`, stacked last: (rows or columns, 4)."""
-    d = t - z
-    return torch.stack(
-        [
-            torch.logsumexp(z, dim),
-            torch.logsumexp(t, dim),
-            torch.logsumexp(t + _log_relu(d), dim),
-            torch.logsumexp(t + _log_relu(d.neg_()), dim),
-        ],
-        -1,
-    )
+def _fold_stats(z: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Fold a tile's four log-sum-exps into its rows' (r, 4) and its columns' (c, 4) running ones. Overwrites z and
+    t (fresh products): beside them it holds one more tile and log-sum-exp's temporary."""
+    for k, x in ((STUDENT, z), (TEACHER, t)):
+        torch.logaddexp(rows[:, k], torch.logsumexp(x, 1), out=rows[:, k])
+        torch.logaddexp(cols[:, k], torch.logsumexp(x, 0), out=cols[:, k])
+    d = z.neg_().add_(t)  # t - z
+    above = d.clamp_min(0.0).log_().add_(t)  # t + log relu(t - z)
+    below = d.neg_().clamp_min_(0.0).log_().add_(t)  # t + log relu(z - t), in z's place
+    for k, x in ((ABOVE, above), (BELOW, below)):
+        torch.logaddexp(rows[:, k], torch.logsumexp(x, 1), out=rows[:, k])
+        torch.logaddexp(cols[:, k], torch.logsumexp(x, 0), out=cols[:, k])
 
 
 def _kl(stats: torch.Tensor) -> torch.Tensor:
@@ -119,9 +114,7 @@ class _Distill(TiledObjective):
         if self.kind == "siglip":
             self.total += _bernoulli_kl(z, t).sum()
             return
-        rows, cols = self.row_stats[tile.rows], tile.col_state[tile.cols]
-        torch.logaddexp(rows, _stats(z, t, 1), out=rows)
-        torch.logaddexp(cols, _stats(z, t, 0), out=cols)
+        _fold_stats(z, t, self.row_stats[tile.rows], tile.col_state[tile.cols])
 
     def backward_tile(self, tile, products):
         z, t = self._logits(products)
@@ -129,9 +122,10 @@ class _Distill(TiledObjective):
             g = z.sigmoid_().sub_(t.sigmoid_())
         else:
             rows, cols = self.row_stats[tile.rows], tile.payload[2][tile.cols]
-            g = (z - rows[:, None, STUDENT]).exp_()
-            g -= (t - rows[:, None, TEACHER]).exp_()
+            # softmax_j z - softmax_j t + softmax_i z - softmax_i t, with one tile beside z and t
+            g = torch.sub(z, rows[:, None, STUDENT]).exp_()
             g += z.sub_(cols[None, :, STUDENT]).exp_()
+            g -= z.copy_(t).sub_(rows[:, None, TEACHER]).exp_()
             g -= t.sub_(cols[None, :, TEACHER]).exp_()
         g *= self.coef
         if self.grad_bias is not None:
