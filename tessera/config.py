@@ -231,8 +231,22 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         else:
             default = "required"
         help_text = f.metadata.get("help", "")
-        lines.append(f"  {key} = {default!r}\n      {_type_name(tp)}. {help_text}".rstrip())
+        section = _optional_section(tp)
+        type_name = f"{section.__name__} | None" if section is not None else _type_name(tp)
+        lines.append(f"  {key} = {default!r}\n      {type_name}. {help_text}".rstrip())
+        if section is not None:  # a section that is off (None) by default: its keys, as they are once it is set
+            lines.extend(describe(section, key))
     return lines
+
+
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass of an `X | None` annotation whose X is a dataclass parsed field by field; else None."""
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]) and "from_dict" not in args[0].__dict__:
+        return args[0]
+    return None
 
 
 def require(condition: bool, message: str) -> None:

@@ -18,7 +18,8 @@ from tessera.data.feed import DeviceFeed
 from tessera.eval.zeroshot import read_classes
 
 from .components import checkpoint, resume
-from .components.evaluate import check_eval, evaluate, report
+from .components.ema import WeightEMA, build_ema
+from .components.evaluate import check_eval, evaluate_weights, report
 from .components.guard import Skipped, StepGuard, StopSignals
 from .components.metrics import MetricsLogger, Window, data_counts
 from .components.precision import input_dtype
@@ -69,9 +70,10 @@ def train(task: Pretrain) -> dict[str, Any]:
         load_universal=universal is not None,
     )
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
+    ema = build_ema(engine, t.ema)  # the weights' moving average, if asked for: resumed with the rest
     step = 0
     if tag_dir is not None:
-        extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal)
+        extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal, ema)
         step = int(extras["step"])
         loader.load_state_dict(extras["loader"], checkpoint.loader_states(tag_dir))
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
@@ -94,7 +96,7 @@ def train(task: Pretrain) -> dict[str, Any]:
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
     with StopSignals() as signals:
-        step, stopped = _steps(task, engine, data, dist, logger, step, signals, shared)
+        step, stopped = _steps(task, engine, ema, data, dist, logger, step, signals, shared)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
     if stopped:
         logger.close()
@@ -102,19 +104,31 @@ def train(task: Pretrain) -> dict[str, Any]:
         return {**summary, "stopped": stopped}
     if dist.is_main:
         log.info("step %d: training done; exporting into %s", step, out_dir)
-    summary.update(task.export(engine, out_dir, dist, step))
-    result = evaluate(cfg, engine.module, dist, step, logger)
+    summary.update(task.export(engine, out_dir, dist, step, ema))
+    results = evaluate_weights(cfg, engine.module, ema, dist, step, logger)
     logger.close()
-    if result is not None and dist.is_main:
-        summary["eval"] = result
-        report(cfg, out_dir, step, result)
+    if dist.is_main:
+        for weights, result in results.items():
+            summary["eval" if weights == "raw" else f"eval_{weights}"] = result
+            report(cfg, out_dir, step, result, weights)
     barrier()
     return summary
 
 
-def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, step: int, signals, shared: bool):
+def _steps(
+    task: Pretrain,
+    engine,
+    ema: WeightEMA | None,
+    data,
+    dist: DistInfo,
+    logger: MetricsLogger,
+    step: int,
+    signals,
+    shared: bool,
+):
     """Train from `step` to train.steps, or until every rank agrees to stop on a signal; checkpoint as configured
-    and at the last step. Returns the last step and what stopped the run early (None if nothing did)."""
+    and at the last step; update the weights' moving average `ema` after each optimizer step. Returns the last step
+    and what stopped the run early (None if nothing did)."""
     cfg, t, loader = task.cfg, task.cfg.train, data.loader
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     dtype = input_dtype(t.precision)
@@ -144,6 +158,8 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
                 with window.waiting():
                     feed.ahead()
         step += 1
+        if ema is not None:  # the optimizer stepped after the last micro-batch (each chunk's, in a two-pass step)
+            ema.update(step)
         if step == first_step:  # the first step of this process: its graphs are built (and compiled: train.compile)
             first_record["first_step_s"] = time.perf_counter() - started
             log.info("first step: %.1f s%s", first_record["first_step_s"], " (with torch.compile)" if t.compile else "")
@@ -179,17 +195,19 @@ def _steps(task: Pretrain, engine, data, dist: DistInfo, logger: MetricsLogger, 
             window.reset()
         if eval_now:
             with window.paused():
-                evaluate(cfg, engine.module, dist, step, logger)
+                evaluate_weights(cfg, engine.module, ema, dist, step, logger)
         if ckpt_now:
             with window.paused():
                 checkpoint.save(
-                    engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared
+                    engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema
                 )
             last_ckpt = step
 
     _settle(guard, skipped, unsettled, scheduler)
     if last_ckpt != step and t.ckpt_every >= 0:
-        checkpoint.save(engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared)
+        checkpoint.save(
+            engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema
+        )
     guard.close()
     if not guard.stop:
         return step, None

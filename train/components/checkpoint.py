@@ -4,6 +4,7 @@ Layout under OUTPUT_DIR/checkpoints:
 
     step00000500/            DeepSpeed model/optimizer/scheduler files, and per rank:
         tessera_rank0.pt     RNG states + data loader position (loaded with weights_only=True)
+        ema.safetensors      with train.ema: the weights' moving average, whole tensors by parameter name
         MANIFEST.json        every file above and its size: a truncated file is found before it is loaded
         COMPLETE             written after every rank finished writing
     latest                   the newest COMPLETE tag, replaced atomically
@@ -41,6 +42,7 @@ from tessera.config import ConfigError
 from tessera.durable import atomic_write_bytes, fsync_path, fsync_tree
 
 from ..distributed.groups import DistInfo, barrier, gather_objects
+from .ema import EMA_FILE, WeightEMA
 from .guard import check_weights
 
 log = logging.getLogger(__name__)
@@ -128,10 +130,12 @@ def save(
     keep: int,
     trainable_only: bool = False,
     shared: bool = True,
+    ema: WeightEMA | None = None,
 ) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
-    `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest)."""
+    `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest). `ema`:
+    the weights' moving average, written by the ranks that write per-disk files."""
     check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -178,6 +182,11 @@ def save(
         atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state}, _rank_file(tag_dir, dist.rank))
     except OSError as exc:
         failure = f"{_write_failure(exc, ckpt_dir)} ({where})"
+    if ema is not None:  # every rank takes part (ZeRO-3 gathers the partitions) before anything is written
+        try:
+            ema.save(tag_dir / EMA_FILE, write=writer and failure is None)
+        except OSError as exc:
+            failure = f"{_write_failure(exc, ckpt_dir)} ({where})"
     failures = [f for f in gather_objects(failure) if f]  # every rank learns of any rank's failure
     if failures:
         if writer:
@@ -323,11 +332,16 @@ def _unshare_steps(engine) -> None:
 
 
 def load(
-    engine, tag_dir: Path, dist: DistInfo, trainable_only: bool = False, universal_dir: Path | None = None
+    engine,
+    tag_dir: Path,
+    dist: DistInfo,
+    trainable_only: bool = False,
+    universal_dir: Path | None = None,
+    ema: WeightEMA | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return its saved extras. On another
-    world size the weights and optimizer come from `universal_dir` (see `universal`; ZeRO 0 needs none), and the
-    RNG stays as seeded."""
+    """Restore model, optimizer, scheduler (DeepSpeed), the weights' moving average (`ema`) and this rank's RNG;
+    return its saved extras. On another world size the weights and optimizer come from `universal_dir` (see
+    `universal`; ZeRO 0 needs none), and the RNG stays as seeded."""
     saved_world = complete_world(tag_dir) or 0
     extras_file = extras_path(tag_dir, dist.rank)
     if not extras_file.is_file():
@@ -344,6 +358,12 @@ def load(
         raise ConfigError(f"DeepSpeed could not load the checkpoint in '{source}'")
     if universal_dir is not None:
         _unshare_steps(engine)
+    if ema is not None:
+        if (tag_dir / EMA_FILE).is_file():
+            ema.load(tag_dir / EMA_FILE)
+        else:
+            ema.reset()
+            log.warning("%s holds no weight EMA (saved without train.ema): it starts from the resumed weights", tag_dir)
     extras = torch.load(extras_file, map_location="cpu", weights_only=True)
     if saved_world == dist.world:
         set_rng_state(extras["rng"])

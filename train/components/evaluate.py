@@ -1,5 +1,6 @@
 """Evaluation during and after training: retrieval on data.val for the model's pairs, zero-shot classification by
-class prompts when eval.classes is set, as metrics.jsonl lines and, at the end, OUTPUT_DIR/eval."""
+class prompts when eval.classes is set, as metrics.jsonl lines and, at the end, OUTPUT_DIR/eval. With train.ema the
+weights' moving average is evaluated beside the trained weights: `eval_ema` lines, and OUTPUT_DIR/eval/ema."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tessera.eval.zeroshot import evaluate_zeroshot, plot_confusion, read_classe
 
 from ..distributed.groups import DistInfo
 from ..recipes.runs import PretrainConfig
+from .ema import WeightEMA
 from .metrics import MetricsLogger
 from .precision import input_dtype
 
@@ -43,16 +45,34 @@ def check_eval(cfg: PretrainConfig, modalities: list[str]) -> None:
         )
 
 
-def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: MetricsLogger) -> dict | None:
+def evaluate_weights(
+    cfg: PretrainConfig, model, ema: WeightEMA | None, dist: DistInfo, step: int, logger: MetricsLogger
+) -> dict[str, dict]:
+    """`evaluate` with the trained weights ("raw") and, with `ema`, with the moving average swapped in ("ema");
+    the results by weights (empty without data.val). Every rank runs it."""
+    if not cfg.data.val:
+        return {}
+    results = {"raw": evaluate(cfg, model, dist, step, logger)}
+    if ema is not None:
+        with ema.swapped():
+            results["ema"] = evaluate(cfg, model, dist, step, logger, weights="ema")
+    return results
+
+
+def evaluate(
+    cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: MetricsLogger, weights: str = "raw"
+) -> dict | None:
     """Retrieval (and zero-shot classification) on data.val. Every rank runs it (so ZeRO-3 can gather parameters);
-    rank 0 reports."""
+    rank 0 reports. `weights` names what the model holds: its metrics.jsonl line is `kind: eval` for the trained
+    weights ("raw"), else `eval_<weights>`, and says which in its `weights` field."""
     if not cfg.data.val:
         return None
     dtype = input_dtype(cfg.train.precision)
     trained = cfg.model.pair_list()
     pairs = cfg.eval.pairs or trained
     if dist.is_main:
-        log.info("step %d: evaluating retrieval on %s", step, ", ".join(map(str, cfg.data.val)))
+        shown = "" if weights == "raw" else f" with the {weights} weights"
+        log.info("step %d: evaluating retrieval%s on %s", step, shown, ", ".join(map(str, cfg.data.val)))
     # a pair or a modality the held-out data does not carry is left out with a warning: the run has trained and
     # exported by now, and the rest of the evaluation still reports
     # a Matryoshka model is evaluated at every prefix it trains, from the same embeddings
@@ -65,6 +85,7 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
         f"{a}-{b}" for a, b in pairs if (a, b) not in trained and (b, a) not in trained and f"{a}-{b}" in result["n"]
     ]
     record = {
+        "weights": weights,
         "metrics": result["metrics"],
         "chance": result["chance"],
         "diagnostics": result["diagnostics"],
@@ -84,17 +105,20 @@ def evaluate(cfg: PretrainConfig, model, dist: DistInfo, step: int, logger: Metr
         record["zeroshot"] = {
             m: {k: z[k] for k in ("metrics", "chance", "widths") if k in z} for m, z in result["zeroshot"].items()
         }
-    logger.log(step, record, kind="eval")
+    logger.log(step, record, kind="eval" if weights == "raw" else f"eval_{weights}")
     return result
 
 
-def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]) -> None:
-    """OUTPUT_DIR/eval: retrieval.json + its R@K plot + retrieval.md, and zeroshot_<modality>.json + its confusion
-    matrix (linked from retrieval.md) when eval.classes is set; the tables go to stdout."""
-    eval_dir = out_dir / "eval"
+def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any], weights: str = "raw") -> None:
+    """OUTPUT_DIR/eval (OUTPUT_DIR/eval/ema for the moving average's `weights`): retrieval.json + its R@K plot +
+    retrieval.md, and zeroshot_<modality>.json + its confusion matrix (linked from retrieval.md) when eval.classes is
+    set; the tables go to stdout."""
+    eval_dir = out_dir / "eval" if weights == "raw" else out_dir / "eval" / weights
+    suffix = cfg.export.suffixes().get(weights)  # where these weights were exported, if they were
     doc = {
         "dataset": [s.shards for s in cfg.data.val],
-        "model": str(out_dir / "model"),
+        "model": str(out_dir / f"model{suffix}") if suffix is not None else f"{out_dir} ({weights}, not exported)",
+        "weights": weights,
         "task": "zeroshot_retrieval",
         "step": step,
         **result,
@@ -132,7 +156,8 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
             "",
         ]
     write_report(doc, eval_dir / "retrieval.json", extra)
-    print(f"\nzero-shot retrieval on held-out data after {step} steps:\n{summary_table(result)}", flush=True)
+    shown = "" if weights == "raw" else f" ({weights} weights)"
+    print(f"\nzero-shot retrieval on held-out data after {step} steps{shown}:\n{summary_table(result)}", flush=True)
     if result.get("emergent"):
         print(
             f"never paired in training (emergent retrieval through the shared space): {', '.join(result['emergent'])}",
@@ -140,7 +165,7 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
         )
     for m, z in zeroshot.items():
         print(
-            f"zero-shot {m} classification ({z['classes']} classes, {z['n']} samples): "
+            f"zero-shot {m} classification{shown} ({z['classes']} classes, {z['n']} samples): "
             f"acc1 {z['metrics']['acc1']:.1%} (chance {z['chance']['acc1']:.1%}), "
             f"acc5 {z['metrics']['acc5']:.1%} (chance {z['chance']['acc5']:.1%})"
             + "".join(f"; @{w}: acc1 {x['acc1']:.1%}" for w, x in z.get("widths", {}).items()),

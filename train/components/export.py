@@ -1,8 +1,9 @@
-"""Export a trained DeepSpeed engine as a plain model directory (fp32 master weights, no DeepSpeed)."""
+"""Export a trained DeepSpeed engine as a plain model directory (fp32 master weights, no DeepSpeed): the trained
+weights, the weights' moving average (train.ema), or both, as export.weights says."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from tessera.models.adapters import carries_prompts, fingerprint, load_adapter, 
 
 from ..distributed.deepspeed_setup import deepspeed
 from ..distributed.groups import DistInfo, barrier
+from .ema import WeightEMA
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -48,14 +50,41 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_engine(
-    engine, model: MultiTowerModel, out_dir: Path, dist: DistInfo, metadata: dict[str, Any] | None = None
-) -> Path | None:
+def weight_states(engine, ema: WeightEMA | None, weights: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The full fp32 state dict of each of `weights`: "raw", the trained weights (`full_fp32_state_dict`); "ema", the
+    same with the trainable parameters' moving average in their place. A collective under ZeRO-3."""
     state = full_fp32_state_dict(engine)
+    out = {}
+    for kind in weights:
+        if kind == "raw":
+            out[kind] = state
+        elif ema is None:
+            raise ValueError(f"export of the {kind} weights needs the run's weight EMA (train.ema)")
+        else:
+            out[kind] = {**state, **ema.state_dict()}
+    return out
+
+
+def _recorded(metadata: dict[str, Any] | None, kind: str, ema: WeightEMA | None) -> dict[str, Any]:
+    """An export's metadata, saying which weights it holds (and the average's settings)."""
+    return {**(metadata or {}), "weights": kind, **({"ema": ema.describe()} if kind == "ema" and ema else {})}
+
+
+def export_engine(
+    engine,
+    model: MultiTowerModel,
+    out_dirs: dict[str, Path],
+    dist: DistInfo,
+    metadata: dict[str, Any] | None = None,
+    ema: WeightEMA | None = None,
+) -> None:
+    """Write each folder of `out_dirs` ({"raw" or "ema": folder}) with those weights (`weight_states`). A
+    collective."""
+    states = weight_states(engine, ema, out_dirs)
     if dist.is_main:
-        save_model(model, out_dir, metadata=metadata, state_dict=state)
+        for kind, out_dir in out_dirs.items():
+            save_model(model, out_dir, metadata=_recorded(metadata, kind, ema), state_dict=states[kind])
     barrier()
-    return out_dir if dist.is_main else None
 
 
 def export_adapter(
@@ -66,26 +95,31 @@ def export_adapter(
     dist: DistInfo,
     merged: bool,
     metadata: dict[str, Any] | None = None,
+    suffixes: dict[str, str] | None = None,
+    ema: WeightEMA | None = None,
 ) -> dict[str, str]:
     """OUTPUT_DIR/adapter (the trained weights, from DeepSpeed's fp32 masters: LoRA in peft's format, or prompts)
-    and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. The adapter goes onto a
-    fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never onto the engine's module,
-    whose frozen weights DeepSpeed may hold in bf16. A collective."""
-    state = full_fp32_state_dict(engine)
-    out = {"adapter": str(out_dir / "adapter")}
-    if dist.is_main:
+    and, for LoRA with `merged`, OUTPUT_DIR/model: the base with the adapter folded in. `suffixes` ({"raw" or "ema":
+    suffix}, default {"raw": ""}) names the weights to export and their folders' suffixes (adapter-ema, model-ema).
+    The adapter goes onto a fresh fp32 copy of the base (`attach(base model)` puts an untrained one on it), never
+    onto the engine's module, whose frozen weights DeepSpeed may hold in bf16. A collective."""
+    suffixes = suffixes or {"raw": ""}
+    states = weight_states(engine, ema, suffixes)
+    out = {}
+    for kind, suffix in suffixes.items():
+        adapter_dir, model_dir = out_dir / f"adapter{suffix}", out_dir / f"model{suffix}"
+        out[adapter_dir.name] = str(adapter_dir)
+        if not dist.is_main:
+            continue
         plain = load_model(base)
         identity = (base, fingerprint(plain))
         fresh = attach(plain)
         trained = {n for n, p in fresh.named_parameters() if p.requires_grad}
-        fresh.load_state_dict({n: state[n] for n in trained}, strict=False)
-        save_adapter(fresh, out_dir / "adapter", base=identity)
-        if carries_prompts(fresh):
-            merged = False  # prompts live in the inputs, not in weights: nothing to merge
-        if merged:
-            save_model(
-                merge_adapter(load_adapter(load_model(base), out_dir / "adapter")), out_dir / "model", metadata=metadata
-            )
-            out["model"] = str(out_dir / "model")
+        fresh.load_state_dict({n: states[kind][n] for n in trained}, strict=False)
+        save_adapter(fresh, adapter_dir, base=identity)
+        if merged and not carries_prompts(fresh):  # prompts live in the inputs, not in weights: nothing to merge
+            merged_model = merge_adapter(load_adapter(load_model(base), adapter_dir))
+            save_model(merged_model, model_dir, metadata=_recorded(metadata, kind, ema))
+            out[model_dir.name] = str(model_dir)
     barrier()
     return out

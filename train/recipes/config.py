@@ -1,5 +1,5 @@
-"""What a recipe may say about the training runtime: one typed dataclass per component (`train`, `loss`,
-`deepspeed`, `eval`), each validated on construction. `model` and `data` keep theirs beside their code
+"""What a recipe may say about the training runtime: one typed dataclass per component (`train` and its `train.ema`,
+`loss`, `deepspeed`, `eval`, `export`), each validated on construction. `model` and `data` keep theirs beside their code
 (`tessera.models.config`, `tessera.data.config`); a whole run's config, and the checks across components, are in
 `runs`.
 """
@@ -10,6 +10,36 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tessera.config import require
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the trainable weights (timm's ModelEmaV3, open_clip's --model-ema): updated
+    after optimizer steps, checkpointed beside them, evaluated beside the trained weights and exported on request."""
+
+    decay: float = field(
+        default=0.9999,
+        metadata={
+            "help": "decay per optimizer step: the average spans about 1/(1-decay) steps (0.9999: ~10k, 0.999: ~1k); "
+            "with train.ema.every=k each update uses decay**k, so the span does not depend on k"
+        },
+    )
+    every: int = field(default=1, metadata={"help": "optimizer steps between updates of the average"})
+    start_step: int = field(
+        default=0,
+        metadata={
+            "help": "the average starts after this many optimizer steps; until then each update copies the weights "
+            "(an early, fast-moving stretch left out)"
+        },
+    )
+
+    def __post_init__(self):
+        require(
+            0.0 <= self.decay < 1.0,
+            f"train.ema.decay must be in [0, 1), got {self.decay}: e.g. 0.9999 averages over about 10,000 steps",
+        )
+        require(self.every >= 1, f"train.ema.every must be >= 1 (optimizer steps between updates), got {self.every}")
+        require(self.start_step >= 0, f"train.ema.start_step must be >= 0, got {self.start_step}")
 
 
 @dataclass
@@ -64,6 +94,13 @@ class TrainConfig:
     ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end; -1: none)"})
     keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     export: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/model at the end"})
+    ema: EMAConfig | None = field(
+        default=None,
+        metadata={
+            "help": "keep an exponential moving average of the trainable weights (off unless set, e.g. "
+            "train.ema.decay=0.9999); export.weights chooses what OUTPUT_DIR/model holds"
+        },
+    )
 
     def __post_init__(self):
         require(self.steps > 0, "train.steps must be positive")
@@ -81,6 +118,12 @@ class TrainConfig:
         require(self.log_every > 0, "train.log_every must be positive")
         require(self.compile_recompiles >= 1, "train.compile_recompiles must be >= 1")
         require(self.ckpt_every >= -1 and self.keep_ckpts >= 1, "need train.ckpt_every >= -1, train.keep_ckpts >= 1")
+        if self.ema is not None:
+            require(
+                self.ema.start_step < self.steps,
+                f"train.ema.start_step ({self.ema.start_step}) must be below train.steps ({self.steps}): the average "
+                "would never start",
+            )
 
 
 @dataclass
@@ -256,3 +299,20 @@ class EvalConfig:
         if isinstance(self.classify, str):
             self.classify = [self.classify]
         require(self.classify is None or len(self.classify) > 0, "eval.classify is empty")
+
+
+@dataclass
+class ExportConfig:
+    weights: Literal["raw", "ema", "both"] = field(
+        default="raw",
+        metadata={
+            "help": "what the export at the end holds (with train.export): raw, the trained weights in "
+            "OUTPUT_DIR/model; ema, train.ema's average there instead; both, the trained weights in OUTPUT_DIR/model "
+            "and the average in OUTPUT_DIR/model-ema (adapters alike: OUTPUT_DIR/adapter and adapter-ema)"
+        },
+    )
+
+    def suffixes(self) -> dict[str, str]:
+        """The suffix of the exported folders' names (model, adapter) for each kind of weights exported."""
+        return {"raw": {"raw": ""}, "ema": {"ema": ""}, "both": {"raw": "", "ema": "-ema"}}[self.weights]
+

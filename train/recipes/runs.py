@@ -19,7 +19,7 @@ from tessera.data import DataConfig
 from tessera.models import ModelConfig, read_model_config
 from tessera.models.adapter_config import AdapterConfig
 
-from .config import DeepSpeedConfig, EvalConfig, LossConfig, TrainConfig
+from .config import DeepSpeedConfig, EvalConfig, ExportConfig, LossConfig, TrainConfig
 
 
 def classified(model: ModelConfig) -> list[str]:
@@ -43,6 +43,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self):
         # measured (DeepSpeed 0.19.8, torch 2.11): compiled towers under ZeRO-3 compute the first step's loss exactly,
@@ -54,6 +55,11 @@ class PretrainConfig:
         require(
             not (self.train.compile and self.deepspeed.zero_stage == 3),
             "train.compile does not train exactly under deepspeed.zero_stage=3 yet; use stage 0, 1 or 2 with it",
+        )
+        require(
+            self.export.weights == "raw" or self.train.ema is not None,
+            f"export.weights={self.export.weights} exports the weights' moving average, but train.ema is not set: "
+            "set train.ema.decay (e.g. train.ema.decay=0.9999), or export.weights=raw",
         )
         towers = list(self.model.towers)
         for m in self.train.lock:

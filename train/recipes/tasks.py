@@ -5,7 +5,8 @@ A task declares
 - its data: the training loader and the micro-batch it feeds per rank (`data`);
 - its objective: one forward of a batch, returning losses and a report, and the step that trains a micro-batch
   with it: one autograd graph, or the two-pass step when towers run in chunks (`step`, `components.steps`);
-- what a checkpoint holds (`trainable_only`) and what it exports at the end (`export`).
+- what a checkpoint holds (`trainable_only`) and what it exports at the end (`export`: the trained weights, their
+  moving average (train.ema), or both, as export.weights says).
 
 Tasks are registered by name in `TASKS`; a run config names its task (`task`).
 """
@@ -27,6 +28,7 @@ from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
 from ..components.compiled import compile_towers
+from ..components.ema import WeightEMA
 from ..components.export import export_adapter, export_engine
 from ..components.objectives import ClassificationObjective, ContrastiveObjective, Losses
 from ..components.precision import autocast_dtype, resolve
@@ -114,11 +116,12 @@ class Pretrain:
         """Train on one micro-batch: its forward and backward passes and the engine's step calls."""
         return self.step(engine, batch)
 
-    def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
+    def export(self, engine, out_dir: Path, dist: DistInfo, step: int, ema: WeightEMA | None = None) -> dict[str, str]:
         if not self.cfg.train.export:
             return {}
-        export_engine(engine, self.model, out_dir / "model", dist, metadata={"step": step, "seed": self.cfg.seed})
-        return {"model": str(out_dir / "model")}
+        folders = {kind: out_dir / f"model{suffix}" for kind, suffix in self.cfg.export.suffixes().items()}
+        export_engine(engine, self.model, folders, dist, metadata={"step": step, "seed": self.cfg.seed}, ema=ema)
+        return {folder.name: str(folder) for folder in folders.values()}
 
 
 class ContrastiveFinetune(Pretrain):
@@ -161,9 +164,9 @@ class ContrastiveFinetune(Pretrain):
         self.step = make_step(self.objective, self.model, cfg.train)
         return self.model
 
-    def export(self, engine, out_dir: Path, dist: DistInfo, step: int) -> dict[str, str]:
+    def export(self, engine, out_dir: Path, dist: DistInfo, step: int, ema: WeightEMA | None = None) -> dict[str, str]:
         if not self.trainable_only:
-            return super().export(engine, out_dir, dist, step)
+            return super().export(engine, out_dir, dist, step, ema)
         cfg = self.cfg
         return export_adapter(
             engine,
@@ -173,6 +176,8 @@ class ContrastiveFinetune(Pretrain):
             dist,
             cfg.adapter.export_merged and cfg.train.export,
             metadata={"step": step, "seed": cfg.seed, "base": cfg.base},
+            suffixes=cfg.export.suffixes(),
+            ema=ema,
         )
 
 
