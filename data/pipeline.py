@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .consumed import SampleSet
 from .decode import BadSample, Decoder
+from .derived import Derived
 from .shards import STAND_IN, Ahead, Split, fill, iter_raw_samples, split_shards
 from .stats import SampleStats
 
@@ -242,6 +243,9 @@ class ShardStream(IterableDataset):
                     continue
                 value = decoder.pick(value, rng) if spec.train else decoder.first(value)
                 item[modality] = spec.transforms[modality](value)
+                for key, make in spec.transforms.items():  # a teacher's view of the same value, or its embedding
+                    if isinstance(make, Derived) and make.modality == modality:
+                        item[key] = make(sample, value)
         return item
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

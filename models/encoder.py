@@ -80,6 +80,11 @@ class Encoder(nn.Module):
         memory, pinning and the copy to the device). By default the transform itself."""
         return self.transform(is_train)
 
+    def local_crop_transform(self, scale: tuple[float, float]) -> Callable[[Any], Any] | None:
+        """`compact_transform(True)` cropping a random region of `scale` (min, max) of the input's area: the local
+        views of self-distillation (SILC). None: this tower has no such view."""
+        return None
+
     @staticmethod
     def collate(items: list[Any]) -> Any:
         """Stack transformed items into the batch `forward` takes. A static method: loader workers receive it

@@ -152,8 +152,10 @@ class OpenClipImageEncoder(Encoder):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.tower(images)
 
-    def transform(self, is_train: bool):
-        aug = AugmentationCfg(**self.cfg.augmentation) if is_train else None
+    def transform(self, is_train: bool, aug: AugmentationCfg | None = None):
+        """`aug`: the training augmentation in place of the tower's own."""
+        if is_train and aug is None:
+            aug = AugmentationCfg(**self.cfg.augmentation)
         compose = fuse_to_tensor_normalize(image_transform_v2(self.preprocess_cfg, is_train=is_train, aug_cfg=aug))
         if is_train:
             compose.decode_size = self._decode_size(aug)
@@ -170,14 +172,17 @@ class OpenClipImageEncoder(Encoder):
         grow = 1.0 / math.sqrt(max(smallest, 1e-6))
         return math.ceil(width * grow), math.ceil(height * grow)
 
-    def compact_transform(self, is_train: bool):
+    def compact_transform(self, is_train: bool, aug: AugmentationCfg | None = None):
         """The transform up to its ToTensor + Normalize, which `forward` does on the device: uint8 images, a quarter
         of the memory of float32 ones. A transform with steps after those (timm's random erasing) stays float."""
-        compose = self.transform(is_train)
+        compose = self.transform(is_train, aug)
         steps = list(getattr(compose, "transforms", []))
         if steps and isinstance(steps[-1], ToTensorNormalize) and len(steps[-1].scale_C11) == 3:
             compose.transforms = [*steps[:-1], ToUint8()]
         return compose
+
+    def local_crop_transform(self, scale: tuple[float, float]):
+        return self.compact_transform(True, AugmentationCfg(**{**self.cfg.augmentation, "scale": tuple(scale)}))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)

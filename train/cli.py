@@ -3,6 +3,7 @@
 tessera pretrain --config configs/demo.yaml train.steps=100
 tessera finetune --config configs/finetune-lora-demo.yaml base=runs/demo/model
 tessera make-shards --manifest samples.jsonl --out shards/
+tessera embed-shards --model runs/big/model --data "train-{000000..000009}.tar" --out taught/   (distill)
 tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
 tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
 tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
@@ -24,6 +25,7 @@ COMMANDS = {
     "pretrain": "tessera.train.pretrain",
     "finetune": "tessera.train.finetune",
     "make-shards": "tessera.data.make_shards",
+    "embed-shards": "tessera.eval.embed_shards",
     "plan-batches": "tessera.tools.plan_batches",
     "demo-data": "tessera.data.demo",
     "export": "tessera.models.interop:export_main",

@@ -70,7 +70,8 @@ def train(task: Pretrain) -> dict[str, Any]:
         load_universal=universal is not None,
     )
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
-    ema = build_ema(engine, t.ema)  # the weights' moving average, if asked for: resumed with the rest
+    # the weights' moving average, if asked for (held by the teacher's model for distill.teacher=ema): resumed below
+    ema = build_ema(engine, t.ema, task.ema_module)
     step = 0
     if tag_dir is not None:
         extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal, ema)

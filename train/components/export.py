@@ -14,7 +14,14 @@ from tessera.models.adapters import carries_prompts, fingerprint, load_adapter, 
 
 from ..distributed.deepspeed_setup import deepspeed
 from ..distributed.groups import DistInfo, barrier
+from .distill import MAPS
 from .ema import WeightEMA
+
+
+def _training_only(name: str) -> bool:
+    """Whether a tensor belongs to what trains with the model but is not part of it: distillation's maps into a
+    teacher's width."""
+    return name.startswith(MAPS + ".")
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -32,6 +39,8 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
                 master[id(lp)] = hp
     state = {}
     for name, p in module.named_parameters():
+        if _training_only(name):
+            continue
         full = deepspeed.utils.safe_get_full_fp32_param(p) if p.requires_grad else None
         if full is None:
             full = master.get(id(p))
@@ -44,7 +53,7 @@ def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
         state[name] = full.detach().float().cpu().clone()
     param_names = set(state)
     for name, buf in module.state_dict().items():
-        if name not in param_names and isinstance(buf, torch.Tensor):
+        if name not in param_names and not _training_only(name) and isinstance(buf, torch.Tensor):
             buf = buf.detach().cpu().clone()
             state[name] = buf.float() if buf.is_floating_point() else buf
     return state
@@ -61,7 +70,7 @@ def weight_states(engine, ema: WeightEMA | None, weights: Iterable[str]) -> dict
         elif ema is None:
             raise ValueError(f"export of the {kind} weights needs the run's weight EMA (train.ema)")
         else:
-            out[kind] = {**state, **ema.state_dict()}
+            out[kind] = {**state, **{k: v for k, v in ema.state_dict().items() if not _training_only(k)}}
     return out
 
 

@@ -54,6 +54,14 @@ class ContrastiveObjective:
             return x.float()
         return x
 
+    def pair_scale(self, out: dict[str, Any], a: str, b: str) -> torch.Tensor:
+        """The logit scale of the pair a-b in a model output, within loss.temperature_range where it sets one."""
+        scale = out["logit_scale"][pair_key(a, b)]
+        bounds = self.loss_cfg.per_pair("temperature_range", a, b)
+        if bounds is not None:  # as the model's own max_logit_scale: a clamp in the forward pass
+            scale = scale.clamp(1.0 / bounds[1], 1.0 / bounds[0])
+        return scale
+
     def loss(self, out: dict[str, Any], batch: dict[str, Any]) -> Losses:
         """The losses of a model output (features, logit scales and biases) over `batch` (its labels)."""
         features = out["features"]
@@ -71,10 +79,7 @@ class ContrastiveObjective:
                 continue
             present.append((a, b))
             key = pair_key(a, b)
-            scale = out["logit_scale"][key]
-            bounds = cfg.per_pair("temperature_range", a, b)
-            if bounds is not None:  # as the model's own max_logit_scale: a clamp in the forward pass
-                scale = scale.clamp(1.0 / bounds[1], 1.0 / bounds[0])
+            scale = self.pair_scale(out, a, b)
             bias = out.get("logit_bias", {}).get(key)
             args = (self.operand(features[a]), self.operand(features[b]))
             args += (scale.float(), None if bias is None else bias.float())

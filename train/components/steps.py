@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tessera.data import to_device
+from tessera.data.derived import is_derived_key
 from tessera.data.feed import chunks_on
 from tessera.models.multitower import Encoded
 
@@ -131,7 +132,7 @@ class TwoPassStep:
             return batch
         whole = {}
         for key, value in batch[0].items():
-            if key in self.model.towers:
+            if key in self.model.towers or is_derived_key(key):  # inputs: the loss reads the chunks' features
                 continue
             if isinstance(value, torch.Tensor):
                 whole[key] = torch.cat([c[key] for c in batch])
@@ -180,6 +181,8 @@ class TwoPassStep:
         # statistics of what the second pass runs again are put back afterwards (a locked tower keeps its update)
         statistics = _norm_statistics([*(towers[m] for m in trained), *(heads[m] for m in trained | head_only)])
         states, outputs, encoded = [], [], []
+        teach = getattr(self.objective, "teacher_features", None)  # distillation: a teacher's features, kept too
+        taught = []
         with torch.no_grad():
             for chunk in chunks_on([c for _, _, c in chunks], device, self.dtype):
                 present = [m for m in towers if m in chunk]
@@ -199,6 +202,8 @@ class TwoPassStep:
                 finally:
                     for hook in hooks:
                         hook.remove()
+                if teach is not None:
+                    taught.append(teach(chunk))
         after = _rng_state()
         with torch.no_grad():
             for buf, saved in statistics:
@@ -210,6 +215,8 @@ class TwoPassStep:
             "features": {m: torch.cat([o["features"][m] for o in outputs]).requires_grad_() for m in first["features"]},
             "logit_scale": {k: v.detach().float().requires_grad_() for k, v in first["logit_scale"].items()},
         }
+        if taught:
+            leaves["teacher"] = {m: torch.cat([t[m] for t in taught]) for m in taught[0]}
         if "logit_bias" in first:
             leaves["logit_bias"] = {k: v.detach().float().requires_grad_() for k, v in first["logit_bias"].items()}
         losses, report = self.objective.loss(leaves, self._whole(batch, device))

@@ -316,3 +316,65 @@ class ExportConfig:
         """The suffix of the exported folders' names (model, adapter) for each kind of weights exported."""
         return {"raw": {"raw": ""}, "ema": {"ema": ""}, "both": {"raw": "", "ema": "-ema"}}[self.weights]
 
+
+@dataclass
+class DistillConfig:
+    """Learning from a teacher beside the contrastive loss (see `tessera.train.components.distill`)."""
+
+    teacher: str = field(
+        default="",
+        metadata={
+            "help": "a model directory (Tessera export, open_clip or transformers; larger, another width, or some of "
+            "the student's modalities only), run without gradient; stored: the embeddings `tessera embed-shards` "
+            "wrote into data.train's shards (no teacher forward); ema: the student's own train.ema average "
+            "(self-distillation, as SigLIP 2's SILC)"
+        },
+    )
+    kind: Literal["logits", "features", "both"] = field(
+        default="logits",
+        metadata={
+            "help": "logits: the KL of the teacher's similarity matrices from the student's for every pair both "
+            "have (softmax per row and column, or sigmoid per pair for SigLIP students; tiled, never batch x batch); "
+            "features: each embedding toward the teacher's (through a learned linear map where the widths differ, "
+            "dropped at export); both"
+        },
+    )
+    weight: float = field(default=1.0, metadata={"help": "weight of each pair's logit KL in the total loss"})
+    feature_weight: float = field(default=1.0, metadata={"help": "weight of each modality's feature loss"})
+    feature_loss: Literal["cosine", "l2"] = field(
+        default="cosine",
+        metadata={"help": "cosine: 1 - cos(student, teacher); l2: squared distance to the teacher's unit embedding"},
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "temperature of the teacher's logits; default: the teacher's own learned one (stored: the one "
+            "its manifest records). The student's logits use its own, which the KL trains"
+        },
+    )
+    teacher_hash: str | None = field(
+        default=None,
+        metadata={
+            "help": "teacher=stored: the hash `tessera embed-shards` printed; the shards' teacher.json must name "
+            "it (an error before the first step otherwise). Default: whatever teacher the manifest names, logged"
+        },
+    )
+    local_crops: tuple[float, float] | None = field(
+        default=None,
+        metadata={
+            "help": "teacher=ema (SILC): the student also encodes a random crop of each image covering this share "
+            "of it, e.g. [0.05, 0.4], pulled toward the teacher's embedding of the whole image"
+        },
+    )
+
+    def __post_init__(self):
+        require(self.teacher != "", "distill.teacher is required: a model directory, 'stored' or 'ema'")
+        require(self.weight >= 0 and self.feature_weight >= 0, "distill.weight and feature_weight must be >= 0")
+        require(
+            self.temperature is None or self.temperature > 0,
+            f"distill.temperature must be positive, got {self.temperature}",
+        )
+        if self.local_crops is not None:
+            low, high = self.local_crops
+            require(0 < low < high <= 1, f"distill.local_crops needs 0 < min < max <= 1, got {self.local_crops}")
+            require(self.teacher == "ema", "distill.local_crops is SILC's self-distillation: it needs teacher=ema")

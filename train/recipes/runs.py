@@ -19,7 +19,7 @@ from tessera.data import DataConfig
 from tessera.models import ModelConfig, read_model_config
 from tessera.models.adapter_config import AdapterConfig
 
-from .config import DeepSpeedConfig, EvalConfig, ExportConfig, LossConfig, TrainConfig
+from .config import DeepSpeedConfig, DistillConfig, EvalConfig, ExportConfig, LossConfig, TrainConfig
 
 
 def classified(model: ModelConfig) -> list[str]:
@@ -44,6 +44,10 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig | None = field(
+        default=None,
+        metadata={"help": "learn from a teacher beside the contrastive loss (off unless set: distill.teacher=DIR)"},
+    )
 
     def __post_init__(self):
         # measured (DeepSpeed 0.19.8, torch 2.11): compiled towers under ZeRO-3 compute the first step's loss exactly,
@@ -61,6 +65,16 @@ class PretrainConfig:
             f"export.weights={self.export.weights} exports the weights' moving average, but train.ema is not set: "
             "set train.ema.decay (e.g. train.ema.decay=0.9999), or export.weights=raw",
         )
+        if self.distill is not None and self.distill.teacher == "ema":
+            require(
+                self.train.ema is not None,
+                "distill.teacher=ema distils from the weights' average: set train.ema, e.g. train.ema.decay=0.999",
+            )
+            require(
+                self.deepspeed.zero_stage < 3,
+                "distill.teacher=ema runs the average as a model of its own, which ZeRO-3's partitions are not: use "
+                "deepspeed.zero_stage 0-2",
+            )
         towers = list(self.model.towers)
         for m in self.train.lock:
             require(m in towers, f"train.lock: no tower '{m}' (towers: {towers})")
@@ -185,6 +199,10 @@ class FinetuneConfig(PretrainConfig):
         towers = list(self.model.towers)
         language = modalities.language(towers)
         if self.task == "fewshot":
+            require(
+                self.distill is None,
+                "distill distils a contrastive student; task=fewshot trains a classifier (use task=contrastive)",
+            )
             if self.fewshot.modality is None:
                 self.fewshot = dataclasses.replace(self.fewshot, modality=next(iter(classified(self.model)), None))
             require(

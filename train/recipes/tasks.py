@@ -28,12 +28,13 @@ from tessera.models import build_model, load_model
 from tessera.models.adapters import apply_adapter, parameter_counts
 
 from ..components.compiled import compile_towers
+from ..components.distill import DistillObjective, Teacher, build_teacher, check_pairs, teacher_inputs
 from ..components.ema import WeightEMA
 from ..components.export import export_adapter, export_engine
 from ..components.objectives import ClassificationObjective, ContrastiveObjective, Losses
 from ..components.precision import autocast_dtype, resolve
 from ..components.steps import make_step
-from ..distributed.groups import DistInfo, barrier
+from ..distributed.groups import DistInfo, barrier, init_distributed
 from .runs import FinetuneConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -70,20 +71,35 @@ class Pretrain:
         self.model: nn.Module | None = None
         self.objective = None
         self.step = None
+        self.teacher: Teacher | None = None  # distill
+        self.ema_module: nn.Module | None = None  # distill.teacher=ema: the model that holds the weights' average
 
     @property
     def lr_scales(self) -> dict[str, float]:
         return {}
 
     def build_model(self) -> nn.Module:
-        self.model = prepare(build_model(self.cfg.model), self.cfg)
+        return self.finish(build_model(self.cfg.model))
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The model built: its teacher (distill) and what that adds to it, `prepare`, the objective, the step."""
+        cfg = self.cfg
+        if cfg.distill is not None:
+            shards = [s.shards for s in cfg.data.train]
+            device = init_distributed().device
+            self.teacher, self.ema_module = build_teacher(cfg.distill, model, cfg.train.precision, shards, device)
+        self.model = prepare(model, cfg)
         self.objective = self.make_objective(self.model)
-        self.step = make_step(self.objective, self.model, self.cfg.train)
+        self.step = make_step(self.objective, self.model, cfg.train)
         return self.model
 
     def make_objective(self, model: nn.Module):
         # the training loader drops short batches: every rank's hold train.batch_size samples
-        return ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples, uniform_batches=True)
+        objective = ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples, uniform_batches=True)
+        if self.teacher is None:
+            return objective
+        pairs = check_pairs(self.teacher, model.pairs, self.cfg.distill, self.cfg.loss.kind)
+        return DistillObjective(objective, self.teacher, self.cfg.distill, pairs)
 
     def pipelines(self, model: nn.Module) -> tuple[dict, dict, list[str]]:
         """Transforms and collators by batch key, and the keys every training sample must carry."""
@@ -93,6 +109,8 @@ class Pretrain:
         if self.cfg.loss.positives == "label":  # every sample also carries its `cls` id
             transforms[LABEL], collators[LABEL] = keep, collate_labels
             keys.append(LABEL)
+        if self.teacher is not None:  # the teacher's inputs (or stored embeddings), beside the student's
+            teacher_inputs(self.teacher, self.cfg.distill, model, transforms, collators)
         return transforms, collators, keys
 
     def data(self, model: nn.Module, dist: DistInfo) -> TrainData:
@@ -150,7 +168,7 @@ class ContrastiveFinetune(Pretrain):
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
-        self.model = prepare(self.attach(load_model(cfg.base)), cfg)
+        self.finish(self.attach(load_model(cfg.base)))
         counts = parameter_counts(self.model)
         log.info(
             "fine-tuning %s (%s): %s of %s parameters trainable (%.3f%%)",
@@ -160,8 +178,6 @@ class ContrastiveFinetune(Pretrain):
             f"{counts['total']:,}",
             100 * counts["trainable"] / counts["total"],
         )
-        self.objective = self.make_objective(self.model)
-        self.step = make_step(self.objective, self.model, cfg.train)
         return self.model
 
     def export(self, engine, out_dir: Path, dist: DistInfo, step: int, ema: WeightEMA | None = None) -> dict[str, str]:
