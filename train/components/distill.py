@@ -82,7 +82,7 @@ class ModelTeacher(Teacher):
             return {m: self.module.encode(m, batch[teacher_key(m)]) for m in self.widths if teacher_key(m) in batch}
 
     def scale(self, a: str, b: str):
-        name = self.module.pair_name(a, b)
+        name = self.module.pair_name(a, b)  # the pair in the order the teacher names it
         return None if name is None else self.module.logit_scale(*name.split("__")).detach()
 
     def bias(self, a: str, b: str):
@@ -92,8 +92,12 @@ class ModelTeacher(Teacher):
 
 
 class StoredTeacher(Teacher):
-    """The embeddings `tessera embed-shards` stored in the shards (batch[teacher_key(m)], fp16), and the scales its
-    manifest records."""
+    """The embeddings `tessera embed-shards` stored in the shards (batch[teacher_key(m)], fp16) under the teacher's
+    `name`, and the scales its manifest records."""
+
+    def __init__(self, name: str, widths: dict[str, int], scales: dict[str, float], biases: dict[str, float]):
+        super().__init__(widths, scales, biases)
+        self.name = name
 
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {m: F.normalize(batch[teacher_key(m)].float(), dim=-1) for m in self.widths if teacher_key(m) in batch}
@@ -136,9 +140,7 @@ def stored_teacher(cfg: DistillConfig, shard_specs: list[str], student_modalitie
     pairs = teacher.get("pairs", {})
     scales = {k: float(v["scale"]) for k, v in pairs.items()}
     biases = {k: float(v["bias"]) for k, v in pairs.items() if v.get("bias") is not None}
-    stored = StoredTeacher(widths, scales, biases)
-    stored.name = teacher["name"]
-    return stored
+    return StoredTeacher(teacher["name"], widths, scales, biases)
 
 
 class StudentExtras:
@@ -195,8 +197,7 @@ def model_teacher(cfg: DistillConfig, student: nn.Module, precision: str, device
         )
     module.requires_grad_(False).eval()
     module.autocast_dtype = autocast_dtype(precision)
-    half = input_dtype(precision)
-    module.to(device=device, dtype=half) if half is not None else module.to(device)
+    module.to(device=device, dtype=input_dtype(precision))  # fp16 runs: half weights, as DeepSpeed makes the student's
     n = sum(p.numel() for p in module.parameters())
     log.info(
         "distill.teacher: %s (%s parameters; %s), width %d", cfg.teacher, f"{n:,}", "+".join(shared), module.output_dim
@@ -296,8 +297,8 @@ class DistillObjective:
                 base.operand(features[a]),
                 base.operand(features[b]),
                 scale.float(),
-                taught[a].float(),
-                taught[b].float(),
+                base.operand(taught[a]),
+                base.operand(taught[b]),
                 t_scale,
                 None if bias is None else bias.float(),
                 t_bias,
