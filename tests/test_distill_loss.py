@@ -93,7 +93,7 @@ def test_bad_arguments_say_what_is_wrong():
 RING_CASES = [
     (kind, sizes, impl)
     for kind in ("infonce", "siglip")
-    for sizes, impl in (([5, 3, 6], "ring"), ([4, 1, 6], "gathered"), ([700, 650, 720], "ring"), ([5, 5, 5], "full"))
+    for sizes, impl in (([5, 3, 6], "ring"), ([4, 1, 6], "gathered"), ([5, 5, 5], "full"))
 ]
 
 
@@ -105,7 +105,7 @@ def _ring_losses(rank, world):
         rows = slice(sum(n[:rank]), sum(n[: rank + 1]))
         local = [x[rows] if i in (0, 1, 3, 4) else x for i, x in enumerate(args)]
         how = dict(impl="full") if impl == "full" else dict(gather_budget=None if impl == "ring" else 2**30)
-        got = _loss_and_grads(distill_loss, *local, kind=kind, tile_size=256, **how)
+        got = _loss_and_grads(distill_loss, *local, kind=kind, tile_size=2, **how)  # several tiles per block
         for g in got[3:]:  # DeepSpeed/DDP average the replicated scale's and bias's gradients over the ranks
             dist.all_reduce(g)
             g /= world

@@ -130,14 +130,14 @@ def test_sigterm_to_a_torchrun_job_s_process_group_checkpoints_every_rank_and_re
 
 def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
     monkeypatch.setattr(StopSignals, "REPEAT_S", 0.3)
+    # raise_signal: delivered to this thread and handled before it returns (os.kill may land on another of the
+    # process's threads, and the handler then runs at whichever later instruction the main thread checks, which
+    # under load can be after pytest.raises has closed)
     with StopSignals() as signals:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
+        signal.raise_signal(signal.SIGTERM)
         assert signals.requested == "SIGTERM"
-        os.kill(os.getpid(), signal.SIGINT)  # within the window: nothing more
-        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)  # within the window: nothing more
         time.sleep(0.4)
         with pytest.raises(KeyboardInterrupt):  # SIGINT's handler from before: Python's
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is not None
