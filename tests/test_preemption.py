@@ -128,8 +128,11 @@ def test_sigterm_to_a_torchrun_job_s_process_group_checkpoints_every_rank_and_re
     assert [got[s] for s in range(step + 1, STEPS + 1)] == [expected[s] for s in range(step + 1, STEPS + 1)]
 
 
-def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
+def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch, request):
     monkeypatch.setattr(StopSignals, "REPEAT_S", 0.3)
+    # the handler from before is Python's, whatever an earlier test in this process left installed
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, saved))
     # raise_signal: delivered to this thread and handled before it returns (os.kill may land on another of the
     # process's threads, and the handler then runs at whichever later instruction the main thread checks, which
     # under load can be after pytest.raises has closed)
