@@ -22,6 +22,7 @@ import numpy as np
 from .decode import BadSample, torch_module
 from .shards import ShardError
 
+TEACHER_MANIFEST = "teacher.json"  # beside shards `tessera embed-shards` wrote: the teacher of their embeddings
 TEACHER_PREFIX = "teacher/"
 LOCAL_PREFIX = "local/"  # a local crop of a modality for the student (SILC's self-distillation)
 # a stored embedding's member: KEY.teacher-<name>.<modality>.npy

@@ -118,6 +118,13 @@ class StreamSpec:
     drop_last: bool = True
     extra_keys: list[str] = field(default_factory=lambda: ["__key__"])
     all_views: bool = False  # evaluation: keep every view (caption) of a sample; see _collate
+    # per modality, the batch keys derived from it (`Derived` transforms: a teacher's input), found once
+    derived: dict[str, list[tuple[str, Derived]]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, make in self.transforms.items():
+            if isinstance(make, Derived):
+                self.derived.setdefault(make.modality, []).append((key, make))
 
 
 def slot_split(spec: StreamSpec, epoch: int, src_idx: int, rank: int, world: int, worker: int, workers: int) -> Split:
@@ -243,9 +250,8 @@ class ShardStream(IterableDataset):
                     continue
                 value = decoder.pick(value, rng) if spec.train else decoder.first(value)
                 item[modality] = spec.transforms[modality](value)
-                for key, make in spec.transforms.items():  # a teacher's view of the same value, or its embedding
-                    if isinstance(make, Derived) and make.modality == modality:
-                        item[key] = make(sample, value)
+                for key, make in spec.derived.get(modality, ()):  # a teacher's view of the same value, or its embedding
+                    item[key] = make(sample, value)
         return item
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,8 @@ import torch
 
 from tessera.config import ConfigError, to_dict
 from tessera.data import BadSample, SampleStats, ShardError, decoders, expand_shards
-from tessera.data.derived import check_teacher_name, embedding_suffix
+from tessera.data.derived import TEACHER_MANIFEST, check_teacher_name, embedding_suffix
+from tessera.data.loader import to_device
 from tessera.data.shards import iter_raw_samples
 from tessera.durable import atomic_write_bytes, fsync_path
 from tessera.models.adapters import fingerprint
@@ -39,7 +40,6 @@ from tessera.models.adapters import fingerprint
 from .api import load as load_any
 
 log = logging.getLogger(__name__)
-MANIFEST = "teacher.json"
 
 
 def teacher_manifest(module, name: str, path: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ class ShardEmbedder:
             if not inputs:
                 continue
             batch = self.collators[m]([x for _, x in inputs])
-            batch = batch.to(self.device) if hasattr(batch, "to") else _to(batch, self.device)
+            batch = to_device(batch, self.device)
             features = self.module.encode(m, batch).float().cpu().numpy().astype(np.float16)
             for (i, _), row in zip(inputs, features):
                 buf = io.BytesIO()
@@ -133,12 +133,6 @@ class ShardEmbedder:
         return n
 
 
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch.to(device) if hasattr(batch, "to") else batch
-
-
 def embed_shards(model: str, data: str, out: str | Path, name: str | None = None, batch_size: int = 256) -> dict:
     """Write every shard of `data` into `out` with `model`'s embeddings added (see the module docstring); returns
     the manifest written."""
@@ -169,7 +163,7 @@ def embed_shards(model: str, data: str, out: str | Path, name: str | None = None
         "source": data,
         "data": stats.to_dict(),
     }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(out / TEACHER_MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 

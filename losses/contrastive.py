@@ -39,9 +39,11 @@ from .ring import Layout, gather_batch, is_distributed
 from .tiles import (
     DEFAULT_GATHER_BUDGET,
     Plan,
+    ScaledRows,
     Tile,
     TiledObjective,
     TileEngine,
+    finish_gradients,
     resolve_tile,
     upstream_coefficients,
     wide,
@@ -61,7 +63,7 @@ def positive_weights(opts: LossOptions, layout: Layout, tile: Tile, like: torch.
     return k / counts[layout.rows(layout.rank, tile.r)], k / counts[layout.rows(tile.block, tile.c)]
 
 
-class _Contrastive(TiledObjective):
+class _Contrastive(ScaledRows, TiledObjective):
     """InfoNCE or SigLIP with their options, on the logits z = a_s @ b^T (+ bias), a_s = s * a.
 
     Payload of a column block: [b] in forward; [b, its column LSEs] in InfoNCE's backward. `totals` holds [the
@@ -80,13 +82,6 @@ class _Contrastive(TiledObjective):
             self.kernels = kernels
             self.kind = kernels.INFONCE if opts.kind == "infonce" else kernels.SIGLIP
             self.tf32 = torch.get_float32_matmul_precision() != "highest"
-
-    def start_backward(self, coef, need_bias: bool) -> None:
-        """The coefficient of the numerator, and zeroed d(a_s) and d(bias) buffers for the backward sweep."""
-        acc = wide(self.a_s[:0]).dtype
-        self.coef = coef
-        self.grad_as = torch.zeros(self.a_s.shape, dtype=acc, device=self.a_s.device)
-        self.grad_bias = torch.zeros((), dtype=acc, device=self.a_s.device) if need_bias else None
 
     def rows(self):
         return [self.a_s]
@@ -260,12 +255,7 @@ def _gradients(engine, obj: _Contrastive, needs, a, b, scale, bias, col_lse, sum
         grad_as.sub_(w * sums_ab[1])
         if need_b:
             grad_b.sub_(w * sums_ab[0])
-    W = world if upstream is None else upstream * world  # see the module docstring: DeepSpeed/DDP divide by W
-    grad_s = ((grad_as.view(-1) @ wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
-    grad_a = grad_as.mul_(wide(scale) * W).to(a.dtype) if needs[0] else None
-    grad_b = grad_b.mul_(W).to(b.dtype) if need_b else None
-    grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) if bias is not None and needs[3] else None
-    return grad_a, grad_b, grad_s, grad_bias
+    return finish_gradients(world, upstream, needs, a, b, scale, bias, grad_as, grad_b, grad_bias)
 
 
 def _sub_scaled(y: torch.Tensor, x: torch.Tensor, w: float | torch.Tensor) -> None:

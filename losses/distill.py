@@ -34,8 +34,10 @@ from .ring import gather_batch, is_distributed
 from .tiles import (
     DEFAULT_GATHER_BUDGET,
     Plan,
+    ScaledRows,
     TiledObjective,
     TileEngine,
+    finish_gradients,
     resolve_tile,
     upstream_coefficients,
     wide,
@@ -73,7 +75,7 @@ def _bernoulli_kl(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return p * (F.logsigmoid(t) - F.logsigmoid(z)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-z))
 
 
-class _Distill(TiledObjective):
+class _Distill(ScaledRows, TiledObjective):
     """The operands: the student's scaled rows a_s against its columns b, the teacher's scaled rows ta_s against
     its tb. A forward block's payload is [b, tb]; InfoNCE's backward adds the block's column log-sum-exps (n, 2)."""
 
@@ -83,12 +85,6 @@ class _Distill(TiledObjective):
         self.teacher_bias = None if teacher_bias is None else wide(teacher_bias)
         self.col_state_shape = (4,) if kind == "infonce" else None
         self.coef = self.grad_as = self.grad_bias = None
-
-    def start_backward(self, coef, need_bias: bool) -> None:
-        acc = wide(self.a_s[:0]).dtype
-        self.coef = coef
-        self.grad_as = torch.zeros(self.a_s.shape, dtype=acc, device=self.a_s.device)
-        self.grad_bias = torch.zeros((), dtype=acc, device=self.a_s.device) if need_bias else None
 
     def rows(self):
         return [self.a_s, self.ta_s]
@@ -179,13 +175,9 @@ class _TiledDistill(torch.autograd.Function):
         obj.start_backward(coef, bias is not None and needs[3])
         payload = [b, tb, col_lse] if infonce else [b, tb]
         grad_b = engine.backward(obj, payload, (b.shape[1],) if needs[1] else None)
-        W = engine.ring.world if upstream is None else upstream * engine.ring.world  # see `contrastive`'s docstring
-        grad_as = obj.grad_as
-        grad_s = ((grad_as.view(-1) @ wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
-        grad_a = grad_as.mul_(wide(scale) * W).to(a.dtype) if needs[0] else None
-        grad_b = grad_b.mul_(W).to(b.dtype) if needs[1] else None
-        grad_bias = (obj.grad_bias * W).reshape(bias.shape).to(bias.dtype) if obj.grad_bias is not None else None
-        return grad_a, grad_b, grad_s, grad_bias, None, None, None, None, None, None, None
+        world = engine.ring.world
+        grads = finish_gradients(world, upstream, needs, a, b, scale, bias, obj.grad_as, grad_b, obj.grad_bias)
+        return grads + (None,) * 7
 
 
 def distill_loss(

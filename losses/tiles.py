@@ -164,6 +164,32 @@ class TiledObjective:
         raise NotImplementedError
 
 
+class ScaledRows:
+    """What objectives on scaled rows a_s = s * a against columns b share (contrastive, distillation): their
+    backward's fp32 buffers for d(a_s) and d(bias), and `finish_gradients`."""
+
+    a_s: torch.Tensor
+
+    def start_backward(self, coef, need_bias: bool) -> None:
+        """The coefficient of the tiles' gradients, and zeroed d(a_s) and d(bias) buffers for the backward sweep."""
+        acc = wide(self.a_s[:0]).dtype
+        self.coef = coef
+        self.grad_as = torch.zeros(self.a_s.shape, dtype=acc, device=self.a_s.device)
+        self.grad_bias = torch.zeros((), dtype=acc, device=self.a_s.device) if need_bias else None
+
+
+def finish_gradients(world: int, upstream, needs, a, b, scale, bias, grad_as, grad_b, grad_bias) -> tuple:
+    """d(a), d(b), d(scale), d(bias) from the sweep's d(a_s), d(b) and d(bias), as the ranks' convention wants them
+    (every rank's W times its share: DeepSpeed/DDP average over the W ranks; see `contrastive`'s docstring), times
+    `upstream` (the gradient reaching the loss, a device scalar multiplied in last: no host sync reads it)."""
+    W = world if upstream is None else upstream * world
+    grad_s = ((grad_as.view(-1) @ wide(a).view(-1)) * W).reshape(scale.shape).to(scale.dtype) if needs[2] else None
+    grad_a = grad_as.mul_(wide(scale) * W).to(a.dtype) if needs[0] else None
+    grad_b = grad_b.mul_(W).to(b.dtype) if needs[1] and grad_b is not None else None
+    grad_bias = (grad_bias * W).reshape(bias.shape).to(bias.dtype) if grad_bias is not None and needs[3] else None
+    return grad_a, grad_b, grad_s, grad_bias
+
+
 def _products(rows: list[torch.Tensor], cols: list[torch.Tensor], r: tuple, c: tuple) -> Iterator[torch.Tensor]:
     for x, y in zip(rows, cols):
         yield mm(x[r[0] : r[1]], y[c[0] : c[1]].T)

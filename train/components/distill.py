@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import ConfigError
-from tessera.data.derived import StoredEmbedding, View, embedding_suffix, local_key, stack, teacher_key
+from tessera.data.derived import (
+    TEACHER_MANIFEST,
+    StoredEmbedding,
+    View,
+    embedding_suffix,
+    local_key,
+    stack,
+    teacher_key,
+)
 from tessera.data.shards import expand_shards
 from tessera.eval.api import load as load_any
 from tessera.losses import distill_loss
@@ -45,7 +53,6 @@ log = logging.getLogger(__name__)
 MAPS = "distill_maps"  # the student's learned maps into the teacher's width: trained, checkpointed, not exported
 MAPPED = "distill:"  # features[MAPPED + m]: the student's features of m in the teacher's width
 LOCAL = "local:"  # features[LOCAL + m]: the student's features of a local crop of m (SILC)
-MANIFEST = "teacher.json"  # beside shards written by `tessera embed-shards`
 
 
 class Teacher:
@@ -110,11 +117,11 @@ def read_manifests(shard_specs: list[str]) -> dict[str, Any]:
     for spec in shard_specs:
         folders = {Path(url).parent for url in expand_shards(spec)}
         for folder in folders:
-            path = folder / MANIFEST
+            path = folder / TEACHER_MANIFEST
             if not path.is_file():
                 raise ConfigError(
-                    f"distill.teacher=stored: no {MANIFEST} beside the shards in '{folder}'; write the shards with "
-                    "`tessera embed-shards --model TEACHER --data SHARDS --out DIR` and train on DIR"
+                    f"distill.teacher=stored: no {TEACHER_MANIFEST} beside the shards in '{folder}'; write the "
+                    "shards with `tessera embed-shards --model TEACHER --data SHARDS --out DIR` and train on DIR"
                 )
             try:
                 found[str(path)] = json.loads(path.read_text())
@@ -131,7 +138,7 @@ def stored_teacher(cfg: DistillConfig, shard_specs: list[str], student_modalitie
     teacher = manifest["teacher"]
     if cfg.teacher_hash is not None and teacher["hash"] != cfg.teacher_hash:
         raise ConfigError(
-            f"distill.teacher_hash is {cfg.teacher_hash}, but the shards' {MANIFEST} names teacher "
+            f"distill.teacher_hash is {cfg.teacher_hash}, but the shards' {TEACHER_MANIFEST} names teacher "
             f"'{teacher['name']}' with hash {teacher['hash']} ({teacher.get('path')}): the embeddings are of another "
             "teacher; re-embed the shards or correct distill.teacher_hash"
         )
