@@ -28,8 +28,9 @@ if [ "$JOINT" = 1 ]; then
         python -m tessera.data.demo_video --out "$DATA"
     fi
     RUN=runs/demo-joint
-    rm -rf "$RUN/checkpoints" "$RUN/model" "$RUN/eval" "$RUN/tensorboard" "$RUN/metrics.jsonl"
+    rm -rf "$RUN/checkpoints" "$RUN/model" "$RUN/eval" "$RUN/tensorboard" "$RUN/metrics.jsonl" "$RUN/report.png"
     python -m tessera.train.pretrain --config configs/demo-joint.yaml "$@"
+    python -m tessera.tools.report "$RUN"
     echo
     echo "== standalone emergent retrieval: sounds -> pictures, a pair the loss never saw (python -m tessera.eval.retrieval) =="
     python -m tessera.eval.retrieval --model "$RUN/model" --data "$DATA/val-joint-000000.tar" \
@@ -94,8 +95,12 @@ if [ ! -f "$DATA/sizes.json" ] || [ ! -f "$DATA/classes.json" ]; then
     python -m tessera.data.demo --out "$DATA"
 fi
 # a rerun replaces the previous demo run (the data is kept)
-rm -rf runs/demo/checkpoints runs/demo/model runs/demo/eval runs/demo/tensorboard runs/demo/metrics.jsonl
+rm -rf runs/demo/checkpoints runs/demo/model runs/demo/eval runs/demo/tensorboard runs/demo/metrics.jsonl \
+    runs/demo/report.png
 python -m tessera.train.pretrain --config configs/demo.yaml "$@"
+echo
+echo "== the run's curves and evaluations in one picture (tessera report) =="
+python -m tessera.tools.report runs/demo
 echo
 echo "== standalone evaluation of the exported model (python -m tessera.eval.retrieval) =="
 python -m tessera.eval.retrieval --model runs/demo/model --data "$DATA/val-000000.tar" \
@@ -117,9 +122,9 @@ run = [json.loads(x) for x in open("runs/demo/metrics.jsonl")]
 train = [x for x in run if x["kind"] == "train"]
 print(f"training: {train[-1]['step']} steps, loss {train[0]['loss']:.2f} -> {train[-1]['loss']:.2f}, "
       f"{train[-1]['samples_per_s']:.0f} samples/s; bad training samples skipped: {train[-1]['data']['skipped']}")
-print("outputs: runs/demo/{config.yaml,metrics.jsonl,tensorboard,checkpoints,model,eval}")
+print("outputs: runs/demo/{config.yaml,metrics.jsonl,tensorboard,checkpoints,model,eval,report.png}")
 # The verdict asks for what every CPU reaches, not for the figures above: bf16 kernels (AMX, AVX-512 or AVX2) and
-# the thread count change them by a few points from machine to machine (README, "Reproducibility").
+# the thread count change them by a few points from machine to machine (docs/reproducibility.md).
 z = json.load(open("runs/demo/eval/zeroshot-cli.json"))
 ratios = [m[d + "_R@1"] / c[d + "_R@1"] for d in ("text_to_image", "image_to_text")]
 zs = z["metrics"]["acc1"] / z["chance"]["acc1"]

@@ -82,10 +82,10 @@ LAYERS = {
         for m in ("config", "runs", "load")
     },
 }
-# function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules)
-# imported where first used: optional libraries, and the loss's Triton kernels (importing triton jit-compiles its
-# library, which a CPU run never needs)
-OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils", "tessera.losses.kernels")
+# function-local imports allowed: optional extras only (RDKit, the `chem` extra, and PyG's converter of its molecules;
+# wandb, the `wandb` extra) imported where first used: optional libraries, and the loss's Triton kernels (importing
+# triton jit-compiles its library, which a CPU run never needs)
+OPTIONAL_EXTRAS = ("rdkit", "torch_geometric.utils", "tessera.losses.kernels", "wandb")
 
 
 def _modules() -> dict[str, Path]:

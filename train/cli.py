@@ -10,6 +10,7 @@ tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test
 tessera eval mteb --model runs/demo/model --data "val-000000.tar" --classes classes.json    (the mteb extra)
 tessera plan-batches --model runs/demo/model --data "train-{000..003}.tar" --out plan.json --batch-size 128
 tessera demo-data --out runs/demo/data
+tessera report runs/demo     (the run's curves and evaluations in one PNG: runs/demo/report.png)
 tessera export --format open_clip runs/demo/model     (or --format hf)
 tessera import open_clip DIR_OR_CHECKPOINT [--model ViT-B-32] --out base/model     (or: import hf DIR)
 """
@@ -27,6 +28,7 @@ COMMANDS = {
     "make-shards": "tessera.data.make_shards",
     "embed-shards": "tessera.eval.embed_shards",
     "plan-batches": "tessera.tools.plan_batches",
+    "report": "tessera.tools.report",
     "demo-data": "tessera.data.demo",
     "export": "tessera.models.interop:export_main",
     "import": "tessera.models.interop:import_main",

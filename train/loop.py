@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tessera.config import ConfigError
+from tessera.config import ConfigError, to_dict
 from tessera.data.feed import DeviceFeed
 from tessera.eval.zeroshot import read_classes
 
@@ -21,7 +21,7 @@ from .components import checkpoint, resume
 from .components.ema import WeightEMA, build_ema
 from .components.evaluate import check_eval, evaluate_weights, report
 from .components.guard import Skipped, StepGuard, StopSignals
-from .components.metrics import MetricsLogger, Window, data_counts
+from .components.metrics import MetricsLogger, Window, data_counts, require_wandb
 from .components.precision import input_dtype
 from .distributed.engine import build_engine
 from .distributed.groups import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
@@ -52,6 +52,8 @@ def train(task: Pretrain) -> dict[str, Any]:
     universal = resume.universal(tag_dir, dist, cfg.deepspeed.zero_stage, shared) if tag_dir else None
     if cfg.eval.classes:  # a bad classes.json fails now, not after training
         read_classes(cfg.eval.classes)
+    if "wandb" in cfg.log.report_to:  # on every rank, before anything is built
+        require_wandb()
 
     _seed(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()
@@ -72,10 +74,10 @@ def train(task: Pretrain) -> dict[str, Any]:
     _seed(cfg.seed + 1000 * dist.rank)  # distinct dropout/augmentation streams per rank
     # the weights' moving average, if asked for (held by the teacher's model for distill.teacher=ema): resumed below
     ema = build_ema(engine, t.ema, task.ema_module)
-    step = 0
+    step, logged = 0, {}
     if tag_dir is not None:
         extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal, ema)
-        step = int(extras["step"])
+        step, logged = int(extras["step"]), extras.get("logged", {})
         loader.load_state_dict(extras["loader"], checkpoint.loader_states(tag_dir))
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
     elif cfg.resume:
@@ -95,7 +97,7 @@ def train(task: Pretrain) -> dict[str, Any]:
         )
         log.info("starting the loader and the first step")
 
-    logger = MetricsLogger(out_dir, dist.is_main, t.steps, step)
+    logger = MetricsLogger(out_dir, dist.is_main, t.steps, step, cfg.log, to_dict(cfg), logged)
     with StopSignals() as signals:
         step, stopped = _steps(task, engine, ema, data, dist, logger, step, signals, shared)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
@@ -107,11 +109,12 @@ def train(task: Pretrain) -> dict[str, Any]:
         log.info("step %d: training done; exporting into %s", step, out_dir)
     summary.update(task.export(engine, out_dir, dist, step, ema))
     results = evaluate_weights(cfg, engine.module, ema, dist, step, logger)
-    logger.close()
     if dist.is_main:
         for weights, result in results.items():
-            summary["eval" if weights == "raw" else f"eval_{weights}"] = result
-            report(cfg, out_dir, step, result, weights)
+            kind = "eval" if weights == "raw" else f"eval_{weights}"
+            summary[kind] = result
+            logger.images(step, kind, report(cfg, out_dir, step, result, weights))
+    logger.close()
     barrier()
     return summary
 
@@ -200,14 +203,32 @@ def _steps(
         if ckpt_now:
             with window.paused():
                 checkpoint.save(
-                    engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema
+                    engine,
+                    ckpt_dir,
+                    step,
+                    loader.state_dict(),
+                    dist,
+                    t.keep_ckpts,
+                    task.trainable_only,
+                    shared,
+                    ema,
+                    logger.state_dict(),
                 )
             last_ckpt = step
 
     _settle(guard, skipped, unsettled, scheduler)
     if last_ckpt != step and t.ckpt_every >= 0:
         checkpoint.save(
-            engine, ckpt_dir, step, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema
+            engine,
+            ckpt_dir,
+            step,
+            loader.state_dict(),
+            dist,
+            t.keep_ckpts,
+            task.trainable_only,
+            shared,
+            ema,
+            logger.state_dict(),
         )
     guard.close()
     if not guard.stop:

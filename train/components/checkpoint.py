@@ -131,11 +131,13 @@ def save(
     trainable_only: bool = False,
     shared: bool = True,
     ema: WeightEMA | None = None,
+    logged: dict[str, Any] | None = None,
 ) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
     `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest). `ema`:
-    the weights' moving average, written by the ranks that write per-disk files."""
+    the weights' moving average, written by the ranks that write per-disk files. `logged`: this rank's
+    `MetricsLogger.state_dict()` (the W&B run's id), which `load` returns as the extras' `logged`."""
     check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -179,7 +181,10 @@ def save(
         raise CheckpointError(f"checkpoint at step {step}: {failure} ({where}); {removed}{kept()}") from None
     failure = None
     try:
-        atomic_torch_save({"step": step, "rng": rng_state(), "loader": loader_state}, _rank_file(tag_dir, dist.rank))
+        atomic_torch_save(
+            {"step": step, "rng": rng_state(), "loader": loader_state, "logged": logged or {}},
+            _rank_file(tag_dir, dist.rank),
+        )
     except OSError as exc:
         failure = f"{_write_failure(exc, ckpt_dir)} ({where})"
     if ema is not None:  # every rank takes part (ZeRO-3 gathers the partitions) before anything is written

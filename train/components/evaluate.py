@@ -109,10 +109,10 @@ def evaluate(
     return result
 
 
-def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any], weights: str = "raw") -> None:
+def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any], weights: str = "raw") -> list[Path]:
     """OUTPUT_DIR/eval (OUTPUT_DIR/eval/ema for the moving average's `weights`): retrieval.json + its R@K plot +
     retrieval.md, and zeroshot_<modality>.json + its confusion matrix (linked from retrieval.md) when eval.classes is
-    set; the tables go to stdout."""
+    set; the tables go to stdout. Returns the plots written."""
     eval_dir = out_dir / "eval" if weights == "raw" else out_dir / "eval" / weights
     suffix = cfg.export.suffixes().get(weights)  # where these weights were exported, if they were
     doc = {
@@ -125,6 +125,7 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
     }
     zeroshot = doc.pop("zeroshot", None) or {}
     extra = []
+    plots = []
     if zeroshot:
         classnames, _ = read_classes(cfg.eval.classes)
         eval_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,8 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
                 indent=2,
             )
         )
-        plot_confusion(z["confusion"], classnames, eval_dir / f"zeroshot_{m}_confusion.png")
+        plots.append(eval_dir / f"zeroshot_{m}_confusion.png")
+        plot_confusion(z["confusion"], classnames, plots[-1])
         metrics, chance = z["metrics"], z["chance"]
         extra += [
             f"## Zero-shot {m} classification ({z['classes']} classes, {z['n']} samples)",
@@ -155,7 +157,7 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
             f"[zeroshot_{m}.json](zeroshot_{m}.json)",
             "",
         ]
-    write_report(doc, eval_dir / "retrieval.json", extra)
+    plots[:0] = [p for p in write_report(doc, eval_dir / "retrieval.json", extra) if p.suffix == ".png"]
     shown = "" if weights == "raw" else f" ({weights} weights)"
     print(f"\nzero-shot retrieval on held-out data after {step} steps{shown}:\n{summary_table(result)}", flush=True)
     if result.get("emergent"):
@@ -171,3 +173,4 @@ def report(cfg: PretrainConfig, out_dir: Path, step: int, result: dict[str, Any]
             + "".join(f"; @{w}: acc1 {x['acc1']:.1%}" for w, x in z.get("widths", {}).items()),
             flush=True,
         )
+    return plots

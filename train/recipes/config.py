@@ -1,7 +1,7 @@
 """What a recipe may say about the training runtime: one typed dataclass per component (`train` and its `train.ema`,
-`loss`, `deepspeed`, `eval`, `export`), each validated on construction. `model` and `data` keep theirs beside their code
-(`tessera.models.config`, `tessera.data.config`); a whole run's config, and the checks across components, are in
-`runs`.
+`loss`, `deepspeed`, `eval`, `export`, `log`), each validated on construction. `model` and `data` keep theirs beside
+their code (`tessera.models.config`, `tessera.data.config`); a whole run's config, and the checks across components,
+are in `runs`.
 """
 
 from __future__ import annotations
@@ -315,6 +315,42 @@ class ExportConfig:
     def suffixes(self) -> dict[str, str]:
         """The suffix of the exported folders' names (model, adapter) for each kind of weights exported."""
         return {"raw": {"raw": ""}, "ema": {"ema": ""}, "both": {"raw": "", "ema": "-ema"}}[self.weights]
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run (log.report_to: [wandb]), as open_clip_train's --report-to wandb."""
+
+    project: str = field(default="tessera", metadata={"help": "the W&B project"})
+    name: str | None = field(default=None, metadata={"help": "the run's name; default: output_dir's last folder"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "the run's tags"})
+    mode: Literal["online", "offline", "disabled"] = field(
+        default="online",
+        metadata={
+            "help": "online: stream to the W&B server (needs `wandb login` or WANDB_API_KEY); offline: write the run "
+            "under OUTPUT_DIR/wandb only, for `wandb sync` later; disabled: no run at all"
+        },
+    )
+    entity: str | None = field(default=None, metadata={"help": "the W&B team or user; default: your default entity"})
+
+
+@dataclass
+class LogConfig:
+    """Where rank 0 reports what metrics.jsonl holds (metrics.jsonl is always written)."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": "the trackers beside metrics.jsonl: tensorboard (OUTPUT_DIR/tensorboard), wandb (the `wandb` "
+            "extra: pip install -e '.[wandb]'; a resumed run continues the same W&B run); [] for none"
+        },
+    )
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        require(
+            len(set(self.report_to)) == len(self.report_to), f"log.report_to names a tracker twice: {self.report_to}"
+        )
 
 
 @dataclass

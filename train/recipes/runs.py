@@ -19,7 +19,7 @@ from tessera.data import DataConfig
 from tessera.models import ModelConfig, read_model_config
 from tessera.models.adapter_config import AdapterConfig
 
-from .config import DeepSpeedConfig, DistillConfig, EvalConfig, ExportConfig, LossConfig, TrainConfig
+from .config import DeepSpeedConfig, DistillConfig, EvalConfig, ExportConfig, LogConfig, LossConfig, TrainConfig
 
 
 def classified(model: ModelConfig) -> list[str]:
@@ -44,6 +44,7 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     distill: DistillConfig | None = field(
         default=None,
         metadata={"help": "learn from a teacher beside the contrastive loss (off unless set: distill.teacher=DIR)"},
