@@ -80,7 +80,7 @@ class ASTConfig:
     depth: int | None = field(default=None, metadata={"help": "transformer blocks; default: the size's"})
     heads: int | None = field(default=None, metadata={"help": "attention heads; default: the size's"})
     patch_size: int | list[int] = field(default=16, metadata={"help": "patch, or [mel bins, frames]; no overlap"})
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of the width"})
     pool: Literal["token", "avg"] = field(default="token", metadata={"help": "class token, or mean of patches"})
     drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth, training"})
     output_dim: int | None = field(default=None, metadata={"help": "features width; default: width (no projection)"})

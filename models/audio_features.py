@@ -53,12 +53,12 @@ class AudioConfig:
     sample_rate: int = field(default=16000, metadata={"help": "resample every clip to this rate (Hz)"})
     clip_seconds: float = field(default=2.0, metadata={"help": "crop or repeat-pad to this length"})
     eval_crops: int = field(default=1, metadata={"help": "evaluation: evenly spaced crops of long clips"})
-    n_mels: int = 64
-    n_fft: int = 400
-    win_length: int = 400
-    hop_length: int = 160
-    f_min: float = 0.0
-    f_max: float | None = None
+    n_mels: int = field(default=64, metadata={"help": "mel bins"})
+    n_fft: int = field(default=400, metadata={"help": "FFT size (samples)"})
+    win_length: int = field(default=400, metadata={"help": "window length (samples), at most n_fft"})
+    hop_length: int = field(default=160, metadata={"help": "hop between frames (samples)"})
+    f_min: float = field(default=0.0, metadata={"help": "lowest mel frequency (Hz)"})
+    f_max: float | None = field(default=None, metadata={"help": "highest mel frequency (Hz); null: sample_rate / 2"})
     top_db: float = field(default=80.0, metadata={"help": "AmplitudeToDB's dynamic range"})
     freq_mask: int = field(default=8, metadata={"help": "SpecAugment: widest frequency mask (bins), training"})
     time_mask: int = field(default=20, metadata={"help": "SpecAugment: widest time mask (frames), training"})

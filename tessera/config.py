@@ -25,6 +25,8 @@ __all__ = [
     "to_dict",
     "closest",
     "describe",
+    "key_docs",
+    "KeyDoc",
     "set_dotted",
     "field_names",
     "require",
@@ -69,6 +71,13 @@ def field_names(cls: type) -> list[str]:
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -210,17 +219,28 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf key: `dotted.key (type, default) help`, for `--help`."""
-    lines = []
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One leaf key of a config tree, as `--help` and the generated reference show it."""
+
+    key: str  # dotted: train.ema.decay
+    type: str
+    default: Any  # "required" where there is none
+    help: str
+
+
+def key_docs(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of dataclass `cls` (nested sections flattened into dotted keys; a section that is off by default,
+    `X | None`, followed by its keys as they are once it is set)."""
+    docs = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
         key = _join(prefix, f.name)
-        if dataclasses.is_dataclass(tp) and "from_dict" not in tp.__dict__:
-            lines.extend(describe(tp, key))
+        if dataclasses.is_dataclass(tp):  # a section: its keys
+            docs.extend(key_docs(tp, key))
             continue
         if "shown" in f.metadata:  # a default that is costly to build, as the recipe would write it
             default = f.metadata["shown"]
@@ -230,13 +250,17 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             default = to_dict(f.default_factory())
         else:
             default = "required"
-        help_text = f.metadata.get("help", "")
         section = _optional_section(tp)
         type_name = f"{section.__name__} | None" if section is not None else _type_name(tp)
-        lines.append(f"  {key} = {default!r}\n      {type_name}. {help_text}".rstrip())
-        if section is not None:  # a section that is off (None) by default: its keys, as they are once it is set
-            lines.extend(describe(section, key))
-    return lines
+        docs.append(KeyDoc(key, type_name, default, f.metadata.get("help", "")))
+        if section is not None:
+            docs.extend(key_docs(section, key))
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: `dotted.key (type, default) help`, for `--help`."""
+    return [f"  {d.key} = {d.default!r}\n      {d.type}. {d.help}".rstrip() for d in key_docs(cls, prefix)]
 
 
 def _optional_section(tp: Any) -> type | None:
@@ -244,7 +268,7 @@ def _optional_section(tp: Any) -> type | None:
     if typing.get_origin(tp) not in (Union, types.UnionType):
         return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1 and dataclasses.is_dataclass(args[0]) and "from_dict" not in args[0].__dict__:
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]):
         return args[0]
     return None
 
