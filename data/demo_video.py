@@ -8,9 +8,14 @@ webm/VP8, avi/MJPEG, mkv/MPEG-4). An eighth of the training clips and every eval
 shape's sound from `demo_joint`), extracted into a `flac` member as `make_shards` does, so the eval set also
 scores the emergent video-audio pair. A few broken clips (truncated, empty, not a video) show bad-sample counting.
 
+Motion-only clips (`motion-*.tar`, `val-motion-000000.tar`) tell their direction by the frames' order alone: the
+shape crosses the whole canvas, from beyond one edge to beyond the other, at a random speed and from a random start
+time, so where it sits in any frame says nothing of where it is going, and the frames' average shows only the axis
+(a streak across or down the canvas), never the sense.
+
 Shards written: `videos-*.tar` (mp4/webm/avi/mkv + txt), `val-video-000000.tar` (one clip per shape, colour and
-direction, with its sound as `flac` and its direction as `cls`) and `classes-video.json` (the directions, for
-zero-shot).
+direction, with its sound as `flac` and its direction as `cls`), the motion-only `motion-*.tar` and
+`val-motion-000000.tar` (the same layout, no sound), and `classes-video.json` (the directions, for zero-shot).
 
     python -m tessera.data.demo_video --out runs/demo/data
 """
@@ -114,15 +119,48 @@ def moving_clip(shape: str, color: str, direction: str, rng: random.Random) -> l
     return out
 
 
+def crossing_clip(shape: str, color: str, direction: str, rng: random.Random) -> list[np.ndarray]:
+    """FRAMES frames of the shape crossing the whole canvas in `direction`, from wholly beyond one edge to wholly
+    beyond the other and, after a random time off the canvas, again: at a random speed (a crossing takes 0.6 to 1.2
+    clip lengths) and from a random start. Its position along the axis is then spread evenly over the canvas at
+    every frame, alike for both senses, so no frame and no average of frames tells which way it goes."""
+    dx, dy = DIRECTIONS[direction]
+    r = CANVAS * rng.uniform(0.12, 0.16)
+    distance = CANVAS + 2 * r  # from centre r beyond the first edge to r beyond the other
+    speed = distance / (FRAMES * rng.uniform(0.6, 1.2))  # pixels per frame
+    period = distance + rng.uniform(0.0, 0.5) * CANVAS  # a crossing, then out of sight
+    start = rng.uniform(0.0, period)
+    across = rng.uniform(r + 1, CANVAS - r - 1)
+    background = tuple(rng.randint(60, 200) for _ in range(3))
+    fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
+    noise = np.random.default_rng(rng.getrandbits(32))
+    angle = rng.uniform(-0.25, 0.25)
+    out = []
+    for t in range(FRAMES):
+        along = (start + speed * t) % period - r
+        if dx < 0 or dy < 0:
+            along = CANVAS - along
+        cx, cy = (along, across) if dx else (across, along)
+        img = Image.new("RGB", (CANVAS, CANVAS), background)
+        draw = ImageDraw.Draw(img)
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon([(cx + r * x, cy + r * y) for x, y in _polygon(shape, 0, 0, 1, angle)], fill=fill)
+        pixels = np.asarray(img, dtype=np.int16) + noise.normal(0, 5, (CANVAS, CANVAS, 3)).astype(np.int16)
+        out.append(np.clip(pixels, 0, 255).astype(np.uint8))
+    return out
+
+
 def sound_track(shape: str, color: str, rng: random.Random) -> tuple[np.ndarray, int]:
     """The shape's sound as `demo_joint` plays it (pitch from the colour, rhythm from the shape), as long as a clip."""
     return synth(shape, color, "large", rng, SOUND_RATE, seconds=FRAMES / FPS), SOUND_RATE
 
 
-def _sample(combo, rng: random.Random, container: str, with_sound: bool) -> dict:
+def _sample(combo, rng: random.Random, container: str, with_sound: bool, clip=moving_clip) -> dict:
     shape, color, direction = combo
     audio = sound_track(shape, color, rng) if with_sound else None
-    data = encode_video(moving_clip(shape, color, direction, rng), FPS, container, audio)
+    data = encode_video(clip(shape, color, direction, rng), FPS, container, audio)
     text = rng.choice(TEMPLATES).format(shape=shape, color=color, direction=direction)
     sample = {container: data, "txt": text.encode()}
     if with_sound:  # the track as make_shards extracts it
@@ -140,8 +178,11 @@ def _broken(rng: random.Random) -> list[dict]:
     ]
 
 
-def build(out: str | Path, train_clips: int = 768, samples_per_shard: int = 256, seed: int = 0) -> dict:
-    """Write the demo's video shards into `out`; returns what was written."""
+def build(
+    out: str | Path, train_clips: int = 768, samples_per_shard: int = 256, seed: int = 0, motion_clips: int = 1536
+) -> dict:
+    """Write the demo's video shards into `out` (and `motion_clips` motion-only training clips, with their eval shard,
+    unless 0); returns what was written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -161,21 +202,44 @@ def build(out: str | Path, train_clips: int = 768, samples_per_shard: int = 256,
         val.append((f"val{i:06d}", sample))
     shards = write_shards([(f"clip{i:06d}", s) for i, s in enumerate(train)], out, "videos", samples_per_shard)
     shards.update(write_shards(val, out, "val-video", len(val)))
+    motion = [
+        (f"cross{i:06d}", _sample(COMBOS[i % len(COMBOS)], rng, containers[i % len(containers)], False, crossing_clip))
+        for i in range(motion_clips)
+    ]
+    val_motion = []
+    for i, combo in enumerate(COMBOS if motion_clips else []):
+        sample = _sample(combo, rng, containers[i % len(containers)], False, crossing_clip)
+        sample["cls"] = str(names.index(combo[2])).encode()
+        val_motion.append((f"val{i:06d}", sample))
+    if motion:
+        shards.update(write_shards(motion, out, "motion", samples_per_shard))
+        shards.update(write_shards(val_motion, out, "val-motion", len(val_motion)))
     # a direction's prompt is every colour and shape moving that way: no caption names a thing without them
     templates = [f"a {color} {shape} moving {{}}" for shape, color in itertools.product(SHAPES, COLORS)]
     classes = {"classnames": names, "templates": templates}
     (out / "classes-video.json").write_text(json.dumps(classes, indent=1) + "\n")
-    return {"train": len(train) - len(broken), "broken": len(broken), "val": len(val), "shards": shards}
+    return {
+        "train": len(train) - len(broken),
+        "broken": len(broken),
+        "val": len(val),
+        "motion": len(motion),
+        "val_motion": len(val_motion),
+        "shards": shards,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the embedded demo's video shards (moving shapes).")
     p.add_argument("--out", default="runs/demo/data")
     p.add_argument("--train-clips", type=int, default=768)
+    p.add_argument("--motion-clips", type=int, default=1536, help="motion-only training clips (motion-*.tar)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    written = build(args.out, args.train_clips, seed=args.seed)
-    print(f"wrote {written['train']} training clips (+{written['broken']} broken) and {written['val']} eval clips")
+    written = build(args.out, args.train_clips, seed=args.seed, motion_clips=args.motion_clips)
+    print(
+        f"wrote {written['train']} training clips (+{written['broken']} broken) and {written['val']} eval clips; "
+        f"{written['motion']} motion-only training clips and {written['val_motion']} motion-only eval clips"
+    )
 
 
 if __name__ == "__main__":

@@ -97,6 +97,13 @@ def zeroshot(p: argparse.ArgumentParser) -> None:
     )
 
 
+def reversal(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--data", required=True, nargs="+", help="held-out shard spec(s) of captioned clips")
+    p.add_argument("--modality", help="the timed modality to reverse; default: the model's first (video) tower")
+    p.add_argument("--out", help=f"write the result JSON here; {CLIP_BENCHMARK_OUT}")
+
+
 def linear_probe(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--train", required=True, nargs="+", help="labelled train shard spec(s)")
@@ -126,6 +133,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "retrieval": (retrieval, "tessera.eval.retrieval"),
     "zeroshot": (zeroshot, "tessera.eval.zeroshot"),
     "linear-probe": (linear_probe, "tessera.eval.linear_probe"),
+    "reversal": (reversal, "tessera.eval.reversal"),
     "mteb": (mteb, "tessera.eval.mteb"),
 }
 

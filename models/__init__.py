@@ -14,7 +14,7 @@ __getattr__, __all__ = lazy_exports(
         ".config": ["HeadConfig", "ModelConfig", "TowerConfig", "pair_key", "read_model_config"],
         ".encoder": ["Encoder"],
         ".export": ["load_model", "save_model"],
-        ".multitower": ["MultiTowerModel", "build_model", "truncate_embeddings"],
+        ".multitower": ["REVERSED", "MultiTowerModel", "build_model", "truncate_embeddings"],
     },
 )
 __all__ += ["ConfigError"]

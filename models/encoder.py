@@ -64,6 +64,9 @@ class Encoder(nn.Module):
 
     config_cls: ClassVar[type]  # its typed config: a tower's YAML keys besides `encoder` and `head`
     context_kind: ClassVar[str | None] = None  # "spliced" (SplicedContext) or "prefix" (PrefixContext)
+    # the axis of a collated batch that is time, where the modality has one (a video's frames: 1); flipping it gives
+    # the batch of the same samples played backwards (the reversal test, `tessera eval reversal`)
+    time_axis: ClassVar[int | None] = None
     cfg: Any
     output_dim: int
 

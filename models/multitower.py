@@ -25,6 +25,11 @@ from .heads import build_head
 log = logging.getLogger(__name__)
 
 
+# a batch key: {modality: the modality's inputs played backwards (Encoder.time_axis flipped)}, encoded into the
+# output's "reversed" features
+REVERSED = "__reversed__"
+
+
 @dataclass
 class Encoded:
     """A modality's encoder output, computed before: `encode` (and `forward`) apply only the head to it. A training
@@ -144,6 +149,8 @@ class MultiTowerModel(nn.Module):
             "features": {m: self.encode(m, batch[m]) for m in self.towers if m in batch},
             "logit_scale": {pair_key(*group): self.logit_scale(*group) for group in (*self.pairs, *self.cfg.tuples)},
         }
+        if REVERSED in batch:  # the same samples played backwards, where the objective asks (loss.reversal_negatives)
+            out["reversed"] = {m: self.encode(m, x) for m, x in batch[REVERSED].items()}
         if self.cfg.init_logit_bias is not None:
             out["logit_bias"] = {key: bias.squeeze(0) for key, bias in self.logit_biases.items()}
         return out

@@ -140,14 +140,19 @@ class OpenClipImageEncoder(Encoder):
         if cfg.pretrained:
             load_pretrained(self.tower, cfg.pretrained, prefixes=("visual.",), keep_bare=())
 
+    def normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's input as floats: uint8 images (from compact_transform) normalised on their device; floats (the
+        float transform's, already normalised) as they are."""
+        if images.dtype != torch.uint8:
+            return images
+        device = images.device
+        if device not in self._normalize:  # made once per device: no host-to-device copy per step
+            constants = normalize_constants(self.preprocess_cfg.mean, self.preprocess_cfg.std)
+            self._normalize[device] = tuple(c.to(device) for c in constants)
+        return normalize_uint8(images, *self._normalize[device], next(self.tower.parameters()).dtype)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:  # from compact_transform
-            device = images.device
-            if device not in self._normalize:  # made once per device: no host-to-device copy per step
-                constants = normalize_constants(self.preprocess_cfg.mean, self.preprocess_cfg.std)
-                self._normalize[device] = tuple(c.to(device) for c in constants)
-            dtype = next(self.tower.parameters()).dtype
-            images = normalize_uint8(images, *self._normalize[device], dtype)
+        images = self.normalized(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.tower(images)

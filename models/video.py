@@ -30,6 +30,7 @@ from .open_clip_image import OpenClipImageConfig, OpenClipImageEncoder
 __all__ = ["OpenClipVideoConfig", "OpenClipVideoEncoder", "VideoTransform", "frame_indices"]
 
 TEMPORAL = ("mean", "transformer")
+MOTION = ("none", "difference")
 # LoRA names of the temporal transformer (torch's TransformerEncoderLayer)
 TEMPORAL_TARGETS = ["self_attn", "linear1", "linear2"]
 
@@ -41,6 +42,15 @@ class OpenClipVideoConfig(OpenClipImageConfig):
     temporal_layers: int = field(default=2, metadata={"help": "temporal transformer layers"})
     temporal_heads: int = field(default=4, metadata={"help": "temporal transformer heads (divide the width)"})
     max_seconds: float = field(default=60.0, metadata={"help": "sample frames from the clip's first seconds only"})
+    motion: str = field(
+        default="none",
+        metadata={
+            "help": "none; difference: a second frame tower (the same architecture) also encodes each two consecutive "
+            "sampled frames as one image (the first's grey levels, the second's, and their difference as its three "
+            "channels), so the tower sees motion where it happens, not only in the frames' order; its K-1 features "
+            "join the K frames' in the pooling (the temporal transformer's tokens, or their mean)"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +58,8 @@ class OpenClipVideoConfig(OpenClipImageConfig):
         require(self.temporal in TEMPORAL, f"temporal: '{self.temporal}' is not one of {list(TEMPORAL)}")
         require(self.temporal_layers >= 1 and self.temporal_heads >= 1, "temporal_layers and temporal_heads >= 1")
         require(self.max_seconds > 0, f"max_seconds must be positive, got {self.max_seconds}")
+        require(self.motion in MOTION, f"motion: '{self.motion}' is not one of {list(MOTION)}")
+        require(self.motion == "none" or self.frames >= 2, "motion: difference needs frames >= 2")
 
 
 def frame_indices(span: int, k: int, is_train: bool) -> list[int]:
@@ -80,12 +92,16 @@ class VideoTransform:
 
 class TemporalTransformer(nn.Module):
     """Pre-norm transformer over (B, K, D) frame features with a learned position per frame, then their mean. Its
-    residual branches' output projections start at zero: at initialisation it is the frames' mean exactly."""
+    residual branches' output projections start at zero and the positions start centred (their mean over the frames
+    is zero): at initialisation it is the frames' mean exactly. The positions start small and random, not zero:
+    with zero positions as well, every gradient of a clip's score against its reversal is zero at the start (the
+    tower sees the same set of frames either way) and an order-sensitive loss never leaves that saddle."""
 
     def __init__(self, width: int, frames: int, layers: int, heads: int):
         super().__init__()
         require(width % heads == 0, f"temporal_heads {heads} does not divide the frame feature width {width}")
-        self.positions = nn.Parameter(torch.zeros(frames, width))
+        positions = torch.randn(frames, width)
+        self.positions = nn.Parameter(positions - positions.mean(0))
         layer = nn.TransformerEncoderLayer(
             width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
@@ -103,21 +119,31 @@ class OpenClipVideoEncoder(Encoder):
     """open_clip's vision tower per frame, pooled over time -> (B, output_dim)."""
 
     config_cls = OpenClipVideoConfig
+    # (B, K, 3, H, W): the frames' axis. Evaluation samples frames symmetrically over the clip (`frame_indices`), so
+    # the flipped batch holds the frames of the reversed clips (for an odd K the middle one may be a frame apart)
+    time_axis = 1
 
     def __init__(self, cfg: OpenClipVideoConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
         self.frames = OpenClipImageEncoder(cfg, embed_dim)
         self.output_dim = self.frames.output_dim
+        self.motion = OpenClipImageEncoder(cfg, embed_dim) if cfg.motion == "difference" else None
+        tokens = cfg.frames + (cfg.frames - 1 if self.motion is not None else 0)
         self.temporal = (
-            TemporalTransformer(self.output_dim, cfg.frames, cfg.temporal_layers, cfg.temporal_heads)
+            TemporalTransformer(self.output_dim, tokens, cfg.temporal_layers, cfg.temporal_heads)
             if cfg.temporal == "transformer"
             else None
         )
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         B, K = videos.shape[:2]
-        x_BKD = self.frames(videos.flatten(0, 1)).view(B, K, -1)
+        frames = self.frames.normalized(videos.flatten(0, 1))
+        x_BKD = self.frames(frames).view(B, K, -1)
+        if self.motion is not None:  # K-1 more tokens: each two consecutive frames as one image
+            grey_BKHW = frames.unflatten(0, (B, K)).mean(2)
+            pairs = torch.stack([grey_BKHW[:, :-1], grey_BKHW[:, 1:], grey_BKHW[:, 1:] - grey_BKHW[:, :-1]], dim=2)
+            x_BKD = torch.cat([x_BKD, self.motion(pairs.flatten(0, 1)).view(B, K - 1, -1)], dim=1)
         return x_BKD.mean(1) if self.temporal is None else self.temporal(x_BKD)
 
     def transform(self, is_train: bool) -> VideoTransform:
@@ -129,6 +155,8 @@ class OpenClipVideoEncoder(Encoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.frames.set_grad_checkpointing(enable)
+        if self.motion is not None:
+            self.motion.set_grad_checkpointing(enable)
 
     def clip_checkpoint(self) -> str | None:
         return self.frames.clip_checkpoint()
@@ -140,4 +168,5 @@ class OpenClipVideoEncoder(Encoder):
         return [*self.frames.lora_targets(), *(TEMPORAL_TARGETS if self.temporal is not None else [])]
 
     def lora_unreachable(self) -> tuple[str, ...]:
-        return tuple(f"frames.{p}" for p in self.frames.lora_unreachable())
+        towers = ("frames", "motion") if self.motion is not None else ("frames",)
+        return tuple(f"{t}.{p}" for t in towers for p in self.frames.lora_unreachable())

@@ -144,7 +144,9 @@ def make_data(out: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
         demo_joint.build(fresh(out / "joint"), per_source=n, triple=0, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
         made.append("sounds and graphs")
     if not _complete(out / "video", "videos", n + 3):  # + the demo's three broken clips
-        demo_video.build(fresh(out / "video"), train_clips=n, samples_per_shard=SAMPLES_PER_SHARD, seed=seed)
+        demo_video.build(
+            fresh(out / "video"), train_clips=n, samples_per_shard=SAMPLES_PER_SHARD, seed=seed, motion_clips=0
+        )
         made.append("videos")
     if made:
         print(f"[bench] wrote {', '.join(made)} under {out}", flush=True)

@@ -1,6 +1,9 @@
 """Does the temporal tower read what a frame average cannot? The video tower with the temporal transformer
-(CLIP4Clip's seqTransf) against the frame average (meanP), trained alike on the demo's moving shapes, where every
-caption names the direction of motion.
+(CLIP4Clip's seqTransf), with and without reversed clips as negatives (loss.reversal_negatives, "Test of Time"),
+against the frame average (meanP), trained alike on the demo's moving shapes, where every caption names the
+direction of motion. Two sets of held-out clips: the demo's first clips (`val-video`: the shape travels edge to edge
+in the clip, so where it sits early on gives its sense away) and the motion-only clips (`val-motion`: it crosses at a
+random speed from a random start, so only the frames' order tells the sense); each is probed apart.
 
 An average of frames is blind to their order. It can tell the axis of motion (the shape's positions spread across
 or down the canvas) but not its sense: a clip of a shape moving left, played backwards, is a clip of it moving
@@ -15,11 +18,12 @@ right, and averages the same frames. So the sense of motion is where the two tow
 - axis: whether that pick lies on the true axis (chance 50%);
 - text->video R@1 and zero-shot direction over the averaged prompts, as each run's own final evaluation reports.
 
-Each (temporal, seed) is one `python -m tessera.train.pretrain --config configs/demo-video.yaml` run, in turn,
-alone on the machine; both towers see the same data, steps and seeds.
+Each (variant, seed) is one `python -m tessera.train.pretrain --config CONFIG` run (configs/demo-motion.yaml: the
+motion-only training clips; configs/demo-video.yaml: the first ones), in turn, alone on the machine; every variant
+sees the same data, steps and seeds.
 
-    python scripts/bench_video.py                      # 2 seeds x 600 steps, about 50 minutes on 2 cores
-    python scripts/bench_video.py --steps 400 --seeds 0
+    python scripts/bench_video.py                      # 3 variants x 2 seeds x 400 steps, about 40 minutes on 2 cores
+    python scripts/bench_video.py --config configs/demo-video.yaml --variants mean,transformer --seeds 0
 
 Writes runs/bench_video/results.json, table.md and sense.png.
 """
@@ -42,7 +46,13 @@ from tessera.data.video import VideoDecoder, open_container
 from tessera.eval.api import load
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-TEMPORALS = ("transformer", "mean")
+# variant -> its overrides of the recipe
+VARIANTS = {
+    "mean": ["model.towers.video.temporal=mean", "loss.reversal_negatives=0"],
+    "transformer": ["model.towers.video.temporal=transformer", "loss.reversal_negatives=0"],
+    "transformer+reversal": ["model.towers.video.temporal=transformer", "loss.reversal_negatives=1.0"],
+}
+SETS = {"video": "val-video-000000.tar", "motion": "val-motion-000000.tar"}  # the held-out clips probed
 # PNG frames in avi: lossless and each frame coded alone, so a clip and its reversal hold exactly the same frames
 LOSSLESS = ("avi", "png", "rgb24")
 CHANCE = {"sense": 0.5, "reversal": 0.5, "direction": 0.25, "axis": 0.5}
@@ -99,10 +109,9 @@ def probe_run(model_dir: Path, clips) -> dict[str, float]:
     }
 
 
-def train(run: Path, temporal: str, seed: int, steps: int, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "tessera.train.pretrain", "--config", "configs/demo-video.yaml",
-           f"output_dir={run}", f"model.towers.video.temporal={temporal}", f"seed={seed}", f"train.steps={steps}",
-           f"train.ckpt_every={steps}", *extra]  # fmt: skip
+def train(run: Path, config: str, variant: str, seed: int, steps: int, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "tessera.train.pretrain", "--config", config, f"output_dir={run}",
+           *VARIANTS[variant], f"seed={seed}", f"train.steps={steps}", f"train.ckpt_every={steps}", *extra]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
@@ -115,7 +124,9 @@ def run_metrics(run: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--config", default="configs/demo-motion.yaml", help="the recipe every variant trains")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--data", default="runs/demo/data", help="the demo's data folder (video shards made if missing)")
     p.add_argument("--out", default="runs/bench_video")
@@ -123,63 +134,77 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="more config overrides for every run (key=value)")
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
-    if not (data / "val-video-000000.tar").exists():
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    if not all((data / shard).exists() for shard in SETS.values()):
         build(data)
     seeds = [int(s) for s in args.seeds.split(",")]
-    clips = val_clips(data / "val-video-000000.tar")
-    results: dict = {"steps": args.steps, "seeds": seeds, "clips": len(clips), "overrides": args.overrides}
+    clips = {name: val_clips(data / shard) for name, shard in SETS.items()}
+    results: dict = {"config": args.config, "steps": args.steps, "seeds": seeds, "overrides": args.overrides,
+                     "clips": {name: len(c) for name, c in clips.items()}}  # fmt: skip
     runs = {}
-    for temporal in TEMPORALS:
+    for variant in variants:
         for seed in seeds:
-            run = out / f"{temporal}-seed{seed}"
+            run = out / f"{variant}-seed{seed}"
             if not (args.reuse and (run / "model").is_dir()):
-                train(run, temporal, seed, args.steps, args.overrides)
-            runs[f"{temporal}-seed{seed}"] = {"temporal": temporal, "seed": seed,
-                                              **run_metrics(run), **probe_run(run / "model", clips)}  # fmt: skip
+                train(run, args.config, variant, seed, args.steps, args.overrides)
+            probes = {f"{name}/{k}": v for name, c in clips.items() for k, v in probe_run(run / "model", c).items()}
+            runs[f"{variant}-seed{seed}"] = {"variant": variant, "seed": seed, **run_metrics(run), **probes}
     results["runs"] = runs
-    keys = ["sense", "reversal", "reversal_ties", "direction", "axis", "text_to_video_R@1", "zeroshot_direction"]
-    chance = {**CHANCE, "reversal_ties": None, "text_to_video_R@1": 1 / len(clips), "zeroshot_direction": 0.25}
+    measures = ["sense", "reversal", "reversal_ties", "direction", "axis"]
+    keys = [f"{name}/{m}" for name in SETS for m in measures] + ["text_to_video_R@1", "zeroshot_direction"]
+    chance = {f"{name}/{m}": CHANCE.get(m) for name in SETS for m in measures}
+    chance.update({"text_to_video_R@1": 1 / len(clips["motion"]), "zeroshot_direction": 0.25})
     summary = {}
-    for temporal in TEMPORALS:
-        mine = [r for r in runs.values() if r["temporal"] == temporal]
-        summary[temporal] = {k: statistics.mean(r[k] for r in mine) for k in keys}
+    for variant in variants:
+        mine = [r for r in runs.values() if r["variant"] == variant]
+        summary[variant] = {k: statistics.mean(r[k] for r in mine) for k in keys}
     results["mean_over_seeds"], results["chance"] = summary, chance
-    title = f"video tower on moving shapes, {args.steps} steps, seeds {seeds}, {len(clips)} eval clips"
-    header = "| measure | " + " | ".join(TEMPORALS) + " | chance |"
-    lines = [title + " (mean over seeds; each seed in results.json)", "", header, "|---" * (len(TEMPORALS) + 2) + "|"]
+    title = (
+        f"video tower, {args.config}, {args.steps} steps, seeds {seeds}; probes on each held-out set "
+        f"({', '.join(f'{n}: {len(c)} clips' for n, c in clips.items())}); R@1 and zero-shot: the run's own data.val"
+    )
+    header = "| measure | " + " | ".join(variants) + " | chance |"
+    lines = [title + " (mean over seeds; each seed in results.json)", "", header, "|---" * (len(variants) + 2) + "|"]
     for k in keys:
-        cells = [f"{100 * summary[t][k]:.1f}%" for t in TEMPORALS]
+        cells = [f"{100 * summary[v][k]:.1f}%" for v in variants]
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {'' if chance[k] is None else f'{100 * chance[k]:.1f}%'} |")
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table + "\n")
-    plot(runs, out / "sense.png", args.steps)
+    plot(runs, variants, out / "sense.png", args.steps)
 
 
-def plot(runs: dict, path: Path, steps: int) -> None:
+def plot(runs: dict, variants: list[str], path: Path, steps: int) -> None:
+    """One panel per held-out set: each variant's probes (bars: the mean over seeds; dots: each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measures = ["sense", "reversal", "direction", "axis"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(TEMPORALS)
-    for j, temporal in enumerate(TEMPORALS):
-        mine = [r for r in runs.values() if r["temporal"] == temporal]
-        means = [100 * np.mean([r[m] for r in mine]) for m in measures]
-        ax.bar(np.arange(len(measures)) + j * width, means, width, label=f"temporal={temporal}")
-        for i, m in enumerate(measures):  # each seed as a dot
-            ax.scatter([i + j * width] * len(mine), [100 * r[m] for r in mine], color="k", s=8, zorder=3)
-    for i, m in enumerate(measures):
-        label = "chance" if i == 0 else None
-        ax.plot([i - 0.5 * width, i + 1.5 * width], [100 * CHANCE[m]] * 2, "k--", lw=0.8, label=label)
-    ax.set_xticks(np.arange(len(measures)) + width / 2, measures)
-    ax.set_ylabel("% of eval clips")
-    ax.set_title(f"motion on the demo's moving shapes, {steps} steps")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(SETS), figsize=(6 * len(SETS), 3.5), sharey=True)
+    width = 0.8 / len(variants)
+    for ax, name in zip(axes, SETS):
+        for j, variant in enumerate(variants):
+            mine = [r for r in runs.values() if r["variant"] == variant]
+            means = [100 * np.mean([r[f"{name}/{m}"] for r in mine]) for m in measures]
+            ax.bar(np.arange(len(measures)) + j * width, means, width, label=variant)
+            for i, m in enumerate(measures):  # each seed as a dot
+                ys = [100 * r[f"{name}/{m}"] for r in mine]
+                ax.scatter([i + j * width] * len(mine), ys, color="k", s=8, zorder=3)
+        for i, m in enumerate(measures):
+            label = "chance" if i == 0 else None
+            ax.plot([i - 0.5 * width, i + (len(variants) - 0.5) * width], [100 * CHANCE[m]] * 2, "k--", lw=0.8,
+                    label=label)  # fmt: skip
+        ax.set_xticks(np.arange(len(measures)) + width * (len(variants) - 1) / 2, measures)
+        ax.set_title(f"held-out {name} clips, {steps} steps")
+    axes[0].set_ylabel("% of eval clips")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

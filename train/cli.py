@@ -8,6 +8,7 @@ tessera eval retrieval --model runs/demo/model --data "val-{000000..000001}.tar"
 tessera eval zeroshot --model runs/demo/model --data "val-000000.tar" --classes classes.json
 tessera eval linear-probe --model runs/demo/model --train "train-000.tar" --test "test-000.tar"
 tessera eval mteb --model runs/demo/model --data "val-000000.tar" --classes classes.json    (the mteb extra)
+tessera eval reversal --model runs/demo-video/transformer/model --data "val-motion-000000.tar"   (clip vs reversal)
 tessera plan-batches --model runs/demo/model --data "train-{000..003}.tar" --out plan.json --batch-size 128
 tessera demo-data --out runs/demo/data
 tessera report runs/demo     (the run's curves and evaluations in one PNG: runs/demo/report.png)
@@ -33,7 +34,7 @@ COMMANDS = {
     "export": "tessera.models.interop:export_main",
     "import": "tessera.models.interop:import_main",
 }
-EVAL = ("retrieval", "zeroshot", "linear-probe", "mteb")  # tessera.eval.commands reads their command lines
+EVAL = ("retrieval", "zeroshot", "linear-probe", "mteb", "reversal")  # tessera.eval.commands reads their command lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,7 +284,7 @@ class DistillObjective:
         return self.teacher.features(batch)
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
-        out = engine(batch)
+        out = engine(self.base.with_reversals(batch))
         out["teacher"] = self.teacher_features(batch)
         return self.loss(out, batch)
 

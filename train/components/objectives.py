@@ -14,7 +14,7 @@ from tessera.config import ConfigError
 from tessera.data import LABEL
 from tessera.losses import contrastive_loss, gram_loss, matryoshka_losses, symile_loss
 from tessera.losses.options import fused_kernel
-from tessera.models import pair_key
+from tessera.models import REVERSED, pair_key
 
 from ..recipes.config import LossConfig
 
@@ -32,9 +32,11 @@ class ContrastiveObjective:
         process_group=None,
         tuples: list[list[str]] = (),
         uniform_batches: bool = False,
+        time_axes: dict[str, int] | None = None,
     ):
         """`uniform_batches`: every rank's batches hold the same number of samples (the training loader's), so the
-        losses skip their exchange of sizes."""
+        losses skip their exchange of sizes. `time_axes`: the time axis of each modality whose batches have one
+        (`Encoder.time_axis`), which loss.reversal_negatives flips."""
         self.pairs = pairs
         self.tuples = [list(t) for t in tuples]
         self.loss_cfg = loss_cfg
@@ -42,9 +44,28 @@ class ContrastiveObjective:
         self.uniform_batches = uniform_batches
         self.gather_budget = int(loss_cfg.gather_budget * 2**30) or None  # 0: always the ring
         self._weights: dict = {}  # the Matryoshka weights, made once per device
+        self.time_axes = dict(time_axes or {}) if loss_cfg.reversal_negatives else {}
+        self.language = modalities.language([m for pair in pairs for m in pair])
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
-        return self.loss(engine(batch), batch)
+        return self.loss(engine(self.with_reversals(batch)), batch)
+
+    def with_reversals(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` and, with loss.reversal_negatives, its timed modalities played backwards (under REVERSED)."""
+        timed = {m: batch[m].flip(axis) for m, axis in self.time_axes.items() if m in batch and self.language in batch}
+        return {**batch, REVERSED: timed} if timed else batch
+
+    def reversal_term(self, out: dict[str, Any], a: str, b: str, scale: torch.Tensor) -> torch.Tensor | None:
+        """The arrow-of-time loss of the pair a-b, where one side was also encoded played backwards: each caption's
+        cross-entropy over its own clip and that clip reversed (log(1 + e^(s (t.r - t.v)))), the mean over this
+        rank's samples. None where the batch has no reversed side for the pair."""
+        reversed_ = out.get("reversed", {})
+        timed = next((m for m in (a, b) if m in reversed_), None)
+        if timed is None or self.language not in (a, b) or timed == self.language:
+            return None
+        text = out["features"][self.language].float()
+        clip, back = out["features"][timed].float(), reversed_[timed].float()
+        return F.softplus(scale.float() * ((back - clip) * text).sum(-1)).mean()
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
         """A tower's features as the loss takes them (loss.precision): as they come on a GPU, whose GEMMs take
@@ -106,12 +127,16 @@ class ContrastiveObjective:
                 report.update({f"loss/{a}-{b}@{w}": x for w, x in zip(widths, nested.detach())})
             else:
                 losses[f"loss/{a}-{b}"] = contrastive_loss(*args, kernel=cfg.kernel, **kw)
+            reversal = self.reversal_term(out, a, b, scale) if self.time_axes else None
+            if reversal is not None:
+                losses[f"loss/reversal/{a}-{b}"] = reversal
             report[f"temperature/{a}-{b}"] = 1.0 / scale.detach()
             if bias is not None:
                 report[f"logit_bias/{a}-{b}"] = bias.detach()
         if not losses:
             raise ValueError(f"batch with {sorted(features)} covers none of the pairs {self.pairs}")
         terms = [cfg.per_pair("weights", *pair, 1.0) * losses[f"loss/{pair[0]}-{pair[1]}"] for pair in present]
+        terms += [cfg.reversal_negatives * v for k, v in losses.items() if k.startswith("loss/reversal/")]
         for group in self.tuples:  # a higher-order loss where the batch carries the whole tuple
             if all(m in features for m in group):
                 scale = out["logit_scale"][pair_key(*group)]

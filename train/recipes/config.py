@@ -209,6 +209,15 @@ class LossConfig:
         },
     )
     higher_order_weight: float = field(default=1.0, metadata={"help": "weight of each tuple's loss in the total"})
+    reversal_negatives: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the arrow-of-time term ('Test of Time'): each clip of a tower with a time axis (video) "
+            "played backwards is a negative for its own caption, in the caption's softmax over the clip and its "
+            "reversal (exact, per sample, beside the batch's contrastive loss); 0: off. One more forward of the "
+            "video tower per batch; not with train.chunk_size"
+        },
+    )
     matryoshka: list[int] = field(
         default_factory=list,
         metadata={
@@ -228,6 +237,7 @@ class LossConfig:
     def __post_init__(self):
         require(self.tile_size is None or self.tile_size > 0, f"loss.tile_size must be positive, got {self.tile_size}")
         require(self.gather_budget >= 0, f"loss.gather_budget must be >= 0 GiB, got {self.gather_budget}")
+        require(self.reversal_negatives >= 0, f"loss.reversal_negatives must be >= 0, got {self.reversal_negatives}")
         for pair, w in self.weights.items():
             require(w >= 0, f"loss.weights.{pair} must be >= 0, got {w}")
         for pair, (floor, cap) in self.temperature_range.items():

@@ -110,6 +110,17 @@ class PretrainConfig:
             f"model.tuples={self.model.tuples} but loss.higher_order=none: their temperatures would never train; "
             "set loss.higher_order=symile",
         )
+        if self.loss.reversal_negatives:
+            require(
+                not self.train.chunk_size,
+                "loss.reversal_negatives runs the reversed clips in the step's one graph: not with train.chunk_size "
+                "(the two-pass step) yet",
+            )
+            require(
+                any(modalities.encoder_class(t.encoder).time_axis is not None for t in self.model.towers.values()),
+                "loss.reversal_negatives reverses the clips of a tower with a time axis (a video tower): the model "
+                f"has none ({', '.join(f'{m}: {t.encoder}' for m, t in self.model.towers.items())})",
+            )
         require(
             not (self.model.tuples and self.loss.matryoshka),
             "loss.matryoshka applies to the pairs' losses; with model.tuples the prefixes would not cover the "

@@ -95,7 +95,10 @@ class Pretrain:
 
     def make_objective(self, model: nn.Module):
         # the training loader drops short batches: every rank's hold train.batch_size samples
-        objective = ContrastiveObjective(model.pairs, self.cfg.loss, tuples=model.cfg.tuples, uniform_batches=True)
+        time_axes = {m: t.time_axis for m, t in model.towers.items() if t.time_axis is not None}
+        objective = ContrastiveObjective(
+            model.pairs, self.cfg.loss, tuples=model.cfg.tuples, uniform_batches=True, time_axes=time_axes
+        )
         if self.teacher is None:
             return objective
         pairs = check_pairs(self.teacher, model.pairs, self.cfg.distill, self.cfg.loss.kind)
