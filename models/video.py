@@ -93,9 +93,10 @@ class VideoTransform:
 class TemporalTransformer(nn.Module):
     """Pre-norm transformer over (B, K, D) frame features with a learned position per frame, then their mean. Its
     residual branches' output projections start at zero and the positions start centred (their mean over the frames
-    is zero): at initialisation it is the frames' mean exactly. The positions start small and random, not zero:
-    with zero positions as well, every gradient of a clip's score against its reversal is zero at the start (the
-    tower sees the same set of frames either way) and an order-sensitive loss never leaves that saddle."""
+    is zero): at initialisation it is the frames' mean exactly. The positions start random (unit normal, as
+    CLIP4Clip's), not zero: with zero positions as well, every gradient of a clip's score against its reversal is
+    zero at the start (the tower sees the same set of frames either way) and an order-sensitive loss never leaves
+    that saddle."""
 
     def __init__(self, width: int, frames: int, layers: int, heads: int):
         super().__init__()
