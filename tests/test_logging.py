@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,23 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run's file once W&B's service has written its last (`exit`): `run.finish()` can return before
+    the service, another process, has flushed the file (seen under load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path) if path.is_file() else []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_run(out: Path) -> tuple[str, list[dict]]:
     """The id and the history rows (key -> value, W&B's own `_` keys left out) of the one offline run in `out`."""
     (run_dir,) = sorted((out / "wandb").glob("offline-run-*"))
     (path,) = run_dir.glob("run-*.wandb")
     rows = []
-    for record in wandb_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             flat = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             media = {k.removesuffix("/_type") for k in flat if k.endswith("/_type")}  # a table's, an image's fields
@@ -121,7 +133,7 @@ def test_an_offline_wandb_run_holds_metrics_jsonl_and_a_resumed_run_continues_it
     assert media["eval/retrieval"]["_type"] == "table-file" and media["eval/retrieval"]["nrows"] == 2
     assert media["eval/retrieval_recall"]["_type"] == "image-file"  # the end's R@K plot
     assert (full / "tensorboard").is_dir()  # beside it, as asked
-    config = wandb_records(next((full / "wandb").glob("offline-run-*/run-*.wandb")))[1]
+    config = finished_records(next((full / "wandb").glob("offline-run-*/run-*.wandb")))[1]
     assert config.run.run_id == run_id and list(config.run.tags) == ["tiny", "offline"]
     assert config.run.project == "tessera-tests" and config.run.display_name == "full"
 
