@@ -92,22 +92,19 @@ def encode_video(
     return out.getvalue()
 
 
-def moving_clip(shape: str, color: str, direction: str, rng: random.Random) -> list[np.ndarray]:
-    """FRAMES frames of the shape crossing the canvas in `direction`, on a noisy background."""
+def _draw(shape: str, color: str, direction: str, r: float, along: list[float], rng: random.Random) -> list[np.ndarray]:
+    """A frame per position `along` the axis of `direction` (measured from the edge it comes from) of the shape of
+    radius `r`, on a noisy background; the rest of its look (where on the other axis, colours, angle) drawn here."""
     dx, dy = DIRECTIONS[direction]
-    r = CANVAS * rng.uniform(0.12, 0.16)
-    span = CANVAS - 2 * r - 2
     across = rng.uniform(r + 1, CANVAS - r - 1)  # where on the other axis it travels
     background = tuple(rng.randint(60, 200) for _ in range(3))
     fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
     noise = np.random.default_rng(rng.getrandbits(32))
     angle = rng.uniform(-0.25, 0.25)
     out = []
-    for t in range(FRAMES):
-        along = r + 1 + span * t / (FRAMES - 1)
-        if dx < 0 or dy < 0:
-            along = CANVAS - along
-        cx, cy = (along, across) if dx else (across, along)
+    for a in along:
+        a = CANVAS - a if dx < 0 or dy < 0 else a
+        cx, cy = (a, across) if dx else (across, a)
         img = Image.new("RGB", (CANVAS, CANVAS), background)
         draw = ImageDraw.Draw(img)
         if shape == "circle":
@@ -117,6 +114,13 @@ def moving_clip(shape: str, color: str, direction: str, rng: random.Random) -> l
         pixels = np.asarray(img, dtype=np.int16) + noise.normal(0, 5, (CANVAS, CANVAS, 3)).astype(np.int16)
         out.append(np.clip(pixels, 0, 255).astype(np.uint8))
     return out
+
+
+def moving_clip(shape: str, color: str, direction: str, rng: random.Random) -> list[np.ndarray]:
+    """FRAMES frames of the shape crossing the canvas in `direction`, on a noisy background."""
+    r = CANVAS * rng.uniform(0.12, 0.16)
+    span = CANVAS - 2 * r - 2
+    return _draw(shape, color, direction, r, [r + 1 + span * t / (FRAMES - 1) for t in range(FRAMES)], rng)
 
 
 def crossing_clip(shape: str, color: str, direction: str, rng: random.Random) -> list[np.ndarray]:
@@ -124,32 +128,12 @@ def crossing_clip(shape: str, color: str, direction: str, rng: random.Random) ->
     beyond the other and, after a random time off the canvas, again: at a random speed (a crossing takes 0.6 to 1.2
     clip lengths) and from a random start. Its position along the axis is then spread evenly over the canvas at
     every frame, alike for both senses, so no frame and no average of frames tells which way it goes."""
-    dx, dy = DIRECTIONS[direction]
     r = CANVAS * rng.uniform(0.12, 0.16)
     distance = CANVAS + 2 * r  # from centre r beyond the first edge to r beyond the other
     speed = distance / (FRAMES * rng.uniform(0.6, 1.2))  # pixels per frame
     period = distance + rng.uniform(0.0, 0.5) * CANVAS  # a crossing, then out of sight
     start = rng.uniform(0.0, period)
-    across = rng.uniform(r + 1, CANVAS - r - 1)
-    background = tuple(rng.randint(60, 200) for _ in range(3))
-    fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
-    noise = np.random.default_rng(rng.getrandbits(32))
-    angle = rng.uniform(-0.25, 0.25)
-    out = []
-    for t in range(FRAMES):
-        along = (start + speed * t) % period - r
-        if dx < 0 or dy < 0:
-            along = CANVAS - along
-        cx, cy = (along, across) if dx else (across, along)
-        img = Image.new("RGB", (CANVAS, CANVAS), background)
-        draw = ImageDraw.Draw(img)
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon([(cx + r * x, cy + r * y) for x, y in _polygon(shape, 0, 0, 1, angle)], fill=fill)
-        pixels = np.asarray(img, dtype=np.int16) + noise.normal(0, 5, (CANVAS, CANVAS, 3)).astype(np.int16)
-        out.append(np.clip(pixels, 0, 255).astype(np.uint8))
-    return out
+    return _draw(shape, color, direction, r, [(start + speed * t) % period - r for t in range(FRAMES)], rng)
 
 
 def sound_track(shape: str, color: str, rng: random.Random) -> tuple[np.ndarray, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -101,11 +102,11 @@ def config_page() -> str:
     return HEADER + "\n".join(lines).rstrip() + "\n"
 
 
-def _help(run, args: list[str]) -> str:
-    """What `run(args)` prints ending with `--help` (`tessera.eval.commands.main` takes the command's name first)."""
+def _help(main) -> str:
+    """What `main(["--help"])` prints."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        run(*args[:-1], args[-1:]) if len(args) > 1 else run(args)
+        main(["--help"])
     text = out.getvalue()
     cut = text.find("Config keys (set in the YAML recipe")
     if cut >= 0:  # the keys themselves are the config reference's
@@ -120,17 +121,17 @@ def cli_page() -> str:
         "`tessera COMMAND --help` prints each of these; `python -m MODULE` runs the same command.",
         "",
         "```text",
-        _help(cli.main, ["--help"]),
+        _help(cli.main),
         "```",
         "",
     ]
     for name, target in cli.COMMANDS.items():
         module, _, func = target.partition(":")
         main = getattr(importlib.import_module(module), func or "main")
-        lines += [f"## `tessera {name}`", "", f"Module: `{module}`.", "", "```text", _help(main, ["--help"]), "```", ""]
+        lines += [f"## `tessera {name}`", "", f"Module: `{module}`.", "", "```text", _help(main), "```", ""]
     commands = importlib.import_module("tessera.eval.commands")
     for name in cli.EVAL:
-        lines += [f"## `tessera eval {name}`", "", "```text", _help(commands.main, [name, "--help"])]
+        lines += [f"## `tessera eval {name}`", "", "```text", _help(functools.partial(commands.main, name))]
         lines += ["```", ""]
     return HEADER + "\n".join(lines).rstrip() + "\n"
 

@@ -143,6 +143,13 @@ def _steps(
     # the schedule a skipped step must not advance; under fp16 DeepSpeed's loss scaler holds it back itself
     scheduler = engine.lr_scheduler if t.precision != "fp16" else None
     last_ckpt = step
+
+    def save(at: int) -> None:  # a checkpoint of everything a resume needs, at optimizer step `at`
+        checkpoint.save(
+            engine, ckpt_dir, at, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema,
+            logger.state_dict(),
+        )  # fmt: skip
+
     engine.train()
     started, first_step = time.perf_counter(), step + 1
     first_record: dict[str, float] = {}
@@ -202,34 +209,12 @@ def _steps(
                 evaluate_weights(cfg, engine.module, ema, dist, step, logger)
         if ckpt_now:
             with window.paused():
-                checkpoint.save(
-                    engine,
-                    ckpt_dir,
-                    step,
-                    loader.state_dict(),
-                    dist,
-                    t.keep_ckpts,
-                    task.trainable_only,
-                    shared,
-                    ema,
-                    logger.state_dict(),
-                )
+                save(step)
             last_ckpt = step
 
     _settle(guard, skipped, unsettled, scheduler)
     if last_ckpt != step and t.ckpt_every >= 0:
-        checkpoint.save(
-            engine,
-            ckpt_dir,
-            step,
-            loader.state_dict(),
-            dist,
-            t.keep_ckpts,
-            task.trainable_only,
-            shared,
-            ema,
-            logger.state_dict(),
-        )
+        save(step)
     guard.close()
     if not guard.stop:
         return step, None

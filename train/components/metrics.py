@@ -143,9 +143,7 @@ RETRIEVAL_COLUMNS = ("direction", "R@1", "R@5", "R@10", "mAP@10", "chance R@1")
 def retrieval_rows(record: dict[str, Any]) -> list[list[Any]]:
     """An evaluation record's retrieval metrics as table rows: one per direction (`image_to_text`, ...)."""
     metrics, chance = record["metrics"], record.get("chance", {})
-    directions = sorted(
-        {k.rsplit("_R@", 1)[0] for k in metrics if "_R@" in k and f"{k.rsplit('_R@', 1)[0]}_mAP@10" in metrics}
-    )
+    directions = sorted(k.removesuffix("_mAP@10") for k in metrics if k.endswith("_mAP@10"))
     return [
         [d, *(metrics.get(f"{d}_{m}") for m in ("R@1", "R@5", "R@10", "mAP@10")), chance.get(f"{d}_R@1")]
         for d in directions
