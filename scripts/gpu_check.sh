@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a machine with a CUDA GPU (about 5 minutes on one H200):
 #   1. the `gpu`-marked tests: the loss's bf16 GEMMs against fp64 on the GPU, a training run per precision (bf16
-#      autocast; fp16 with DeepSpeed's loss scaler) with checkpoint, export and evaluation on the GPU, pinned loader
+#      autocast; fp16 autocast with its loss scale) with checkpoint, export and evaluation on the GPU, pinned loader
 #      batches;
 #   2. scripts/bench_loss.py on the GPU: open_clip's ClipLoss against Tessera's tiled loss (its torch path and its
 #      fused Triton kernel; Inf-CL where installed), bf16, up to B = 262,144; then the errors against fp64 at 65,536;

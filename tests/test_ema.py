@@ -61,7 +61,7 @@ def _closed_form(weights: list[torch.Tensor], cfg: EMAConfig) -> torch.Tensor:
     [(0.8, 1, 0, torch.float32), (0.9, 3, 4, torch.float32), (0.7, 2, 0, torch.float16)],
 )
 def test_the_average_after_k_updates_is_the_closed_form(decay, every, start_step, dtype):
-    """fp16 parameters (DeepSpeed's fp16) average into fp32 all the same."""
+    """fp16 parameters (DeepSpeed's own fp16 mode, through deepspeed.config) average into fp32 all the same."""
     torch.manual_seed(0)
     model = _model(dtype)
     cfg = EMAConfig(decay=decay, every=every, start_step=start_step)

@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped elsewhere; `bash scripts/gpu_check.sh` runs them): the loss's bf16 GEMMs against fp64,
-one training run per precision (bf16 autocast; fp16 with DeepSpeed's loss scaler) with evaluation on the GPU, and
+one training run per precision (bf16 autocast; fp16 autocast with its loss scale) with evaluation on the GPU, and
 pinned loader batches."""
 
 from __future__ import annotations

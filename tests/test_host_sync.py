@@ -46,6 +46,8 @@ class HostReads(TorchDispatchMode):
     [
         (0, "fp32", []),
         (0, "bf16", []),
+        (0, "fp16", []),
+        (0, "fp16", ["train.chunk_size=4"]),
         (0, "fp32", ["loss.matryoshka=[16]"]),
         (0, "fp32", ["train.chunk_size=4"]),
         (0, "fp32", ["train.ema.decay=0.9"]),
@@ -57,9 +59,9 @@ def test_steps_that_do_not_log_make_no_host_sync(
     demo_shards, tmp_path, in_process_training, monkeypatch, stage, precision, extra
 ):
     """Tessera's code reads nothing on the host in steps 2-4 of 5 (step 1 builds, step 5 logs), at every ZeRO stage
-    and with the two-pass step, Matryoshka and the weight EMA; nor does DeepSpeed at ZeRO-0. At ZeRO 1-3 DeepSpeed's
-    own optimizer reads the gradient norm's finiteness on the host each step (and ZeRO-3 checks its partitions'
-    order): those are DeepSpeed's, not changed here."""
+    and with the two-pass step, Matryoshka, the weight EMA and fp16's loss scale; nor does DeepSpeed at ZeRO-0. At
+    ZeRO 1-3 DeepSpeed's own optimizer reads the gradient norm's finiteness on the host each step (and ZeRO-3 checks
+    its partitions' order): those are DeepSpeed's, not changed here."""
     from tessera.train.components.metrics import MetricsLogger
     from tessera.train.loop import train
     from tessera.train.recipes.load import load_config

@@ -15,6 +15,7 @@ from tessera.config import from_dict
 from tessera.data import Chunks
 from tessera.models import ModelConfig, build_model
 from tessera.train.components.objectives import ContrastiveObjective
+from tessera.train.components.precision import LossScale
 from tessera.train.components.steps import TwoPassStep
 from tessera.train.recipes.config import LossConfig
 
@@ -113,8 +114,9 @@ def _compare(model, batch, loss_cfg: LossConfig, lock=(), as_chunks=False):
     return _check(reference, chunked, batch, loss_cfg, as_chunks)
 
 
-def _check(reference, chunked, batch, loss_cfg: LossConfig, as_chunks=False):
-    """The two-pass step of `chunked` against the one-graph step of `reference` (a copy of it), from zero gradients."""
+def _check(reference, chunked, batch, loss_cfg: LossConfig, as_chunks=False, loss_scale: float | None = None):
+    """The two-pass step of `chunked` against the one-graph step of `reference` (a copy of it), from zero gradients;
+    `loss_scale`: the two-pass step backpropagates under one (fp16's), the reference without."""
     model = reference
     for p in (*reference.parameters(), *chunked.parameters()):
         p.grad = None
@@ -125,7 +127,8 @@ def _check(reference, chunked, batch, loss_cfg: LossConfig, as_chunks=False):
     torch.manual_seed(7)
     engine = PlainEngine(chunked)
     given = Chunks(_chunks(model, batch)) if as_chunks else batch
-    got, report = TwoPassStep(objective, chunked, CHUNK, grad_accum=1)(engine, given)
+    scaled = LossScale(chunked, init=loss_scale) if loss_scale else None
+    got, report = TwoPassStep(objective, chunked, CHUNK, grad_accum=1, loss_scale=scaled)(engine, given)
     assert engine.steps == B // CHUNK and torch.equal(torch.get_rng_state(), rng_after_reference)
     assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
     params = dict(chunked.named_parameters())
@@ -160,6 +163,13 @@ def test_equals_the_one_graph_step_with_dropout(loss):
 
 
 @pytest.mark.slow
+def test_under_a_loss_scale_the_weights_get_the_unscaled_gradients():
+    """fp16's loss scale (2^12; in fp32 here, so the comparison stays tight): the loss's backward carries it into the
+    cached feature gradients, the second pass into the weights, whose hooks take it back out once."""
+    model = _model({"image": DROPOUT_IMAGE, "text": TEXT})
+    _check(model, copy.deepcopy(model), _batch(model), LossConfig(tile_size=5), loss_scale=2.0**12)
+
+
 def test_compiled_towers_with_dropout_equal_the_one_graph_step():
     """train.compile with the two-pass step and dropout in the towers (patch dropout) and heads: each of two steps
     equals the one-graph step of the same compiled towers (against eager towers the fp32 sums differ in order, past

@@ -22,7 +22,6 @@ from .components.ema import WeightEMA, build_ema
 from .components.evaluate import check_eval, evaluate_weights, report
 from .components.guard import Skipped, StepGuard, StopSignals
 from .components.metrics import MetricsLogger, Window, data_counts, require_wandb
-from .components.precision import input_dtype
 from .distributed.engine import build_engine
 from .distributed.groups import DistInfo, all_reduce_mean, barrier, gather_objects, init_distributed
 from .recipes.load import dump_config
@@ -78,6 +77,8 @@ def train(task: Pretrain) -> dict[str, Any]:
     if tag_dir is not None:
         extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal, ema)
         step, logged = int(extras["step"]), extras.get("logged", {})
+        if step_fn.loss_scale is not None and "loss_scale" in extras:  # fp16: the scale it had reached
+            step_fn.loss_scale.load_state_dict(extras["loss_scale"])
         loader.load_state_dict(extras["loader"], checkpoint.loader_states(tag_dir))
         log.info("resumed from %s at step %d (data epoch %d)", tag_dir, step, loader.epoch)
     elif cfg.resume:
@@ -135,25 +136,23 @@ def _steps(
     and what stopped the run early (None if nothing did)."""
     cfg, t, loader = task.cfg, task.cfg.train, data.loader
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    dtype = input_dtype(t.precision)
     window = Window()
-    # fp16: DeepSpeed's loss scaler skips the steps whose scaled gradients overflow, so only the loss is watched
-    guard = StepGuard(engine, engine.module, gradients=t.precision != "fp16", signals=signals)
+    loss_scale = task.step.loss_scale  # fp16
+    guard = StepGuard(engine, engine.module, signals=signals, loss_scale=loss_scale)
     skipped = Skipped(t.max_nonfinite_steps)
-    # the schedule a skipped step must not advance; under fp16 DeepSpeed's loss scaler holds it back itself
-    scheduler = engine.lr_scheduler if t.precision != "fp16" else None
+    scheduler = engine.lr_scheduler  # the schedule a skipped step must not advance
     last_ckpt = step
 
     def save(at: int) -> None:  # a checkpoint of everything a resume needs, at optimizer step `at`
         checkpoint.save(
             engine, ckpt_dir, at, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema,
-            logger.state_dict(),
+            logger.state_dict(), loss_scale and loss_scale.state_dict(),
         )  # fmt: skip
 
     engine.train()
     started, first_step = time.perf_counter(), step + 1
     first_record: dict[str, float] = {}
-    feed = DeviceFeed(loader, dist.device, dtype)  # batches on the device, each copy overlapping the step before
+    feed = DeviceFeed(loader, dist.device)  # batches on the device, each copy overlapping the step before
     unsettled: list[tuple[int, list]] = []  # the steps whose flags the host has not read yet, with their values
     while step < t.steps and not guard.stop:
         values = []
@@ -195,6 +194,7 @@ def _steps(
                 # the share of the window's training time this rank's steps waited for a batch from the loader
                 "data_wait": window.waited / window.seconds(),
                 "nonfinite_steps": skipped.total,
+                **({"overflow_steps": skipped.overflows, "loss_scale": float(loss_scale.scale)} if loss_scale else {}),
                 "data": data_counts(loader.stats.to_dict()),
                 **first_record,
             }

@@ -132,12 +132,14 @@ def save(
     shared: bool = True,
     ema: WeightEMA | None = None,
     logged: dict[str, Any] | None = None,
+    loss_scale: dict[str, Any] | None = None,
 ) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
     `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest). `ema`:
     the weights' moving average, written by the ranks that write per-disk files. `logged`: this rank's
-    `MetricsLogger.state_dict()` (the W&B run's id), which `load` returns as the extras' `logged`."""
+    `MetricsLogger.state_dict()` (the W&B run's id), which `load` returns as the extras' `logged`; `loss_scale`
+    likewise (fp16: `LossScale.state_dict()`)."""
     check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -182,7 +184,13 @@ def save(
     failure = None
     try:
         atomic_torch_save(
-            {"step": step, "rng": rng_state(), "loader": loader_state, "logged": logged or {}},
+            {
+                "step": step,
+                "rng": rng_state(),
+                "loader": loader_state,
+                "logged": logged or {},
+                **({"loss_scale": loss_scale} if loss_scale else {}),
+            },
             _rank_file(tag_dir, dist.rank),
         )
     except OSError as exc:

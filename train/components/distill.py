@@ -46,7 +46,7 @@ from tessera.models import pair_key
 
 from ..recipes.config import DistillConfig
 from .objectives import ContrastiveObjective, Losses
-from .precision import autocast_dtype, input_dtype
+from .precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def model_teacher(cfg: DistillConfig, student: nn.Module, precision: str, device
         )
     module.requires_grad_(False).eval()
     module.autocast_dtype = autocast_dtype(precision)
-    module.to(device=device, dtype=input_dtype(precision))  # fp16 runs: half weights, as DeepSpeed makes the student's
+    module.to(device)
     n = sum(p.numel() for p in module.parameters())
     log.info(
         "distill.teacher: %s (%s parameters; %s), width %d", cfg.teacher, f"{n:,}", "+".join(shared), module.output_dim

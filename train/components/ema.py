@@ -65,7 +65,8 @@ class WeightEMA:
             else:
                 self.shadow = _module_storage(shadow_module, named)
                 torch._foreach_copy_(self.shadow, self.live)
-        # fp16 parameters (DeepSpeed's fp16) cannot be a foreach lerp's end point; multiply-add accepts them
+        # half parameters (DeepSpeed's own fp16/bf16 modes, set through deepspeed.config) cannot be a foreach
+        # lerp's end point; multiply-add accepts them
         self.mixed = any(t.dtype != torch.float32 for t in self.live)
 
     @property

@@ -20,7 +20,6 @@ from ..distributed.groups import DistInfo
 from ..recipes.runs import PretrainConfig
 from .ema import WeightEMA
 from .metrics import MetricsLogger
-from .precision import input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,6 @@ def evaluate(
     weights ("raw"), else `eval_<weights>`, and says which in its `weights` field."""
     if not cfg.data.val:
         return None
-    dtype = input_dtype(cfg.train.precision)
     trained = cfg.model.pair_list()
     pairs = cfg.eval.pairs or trained
     if dist.is_main:
@@ -78,7 +76,7 @@ def evaluate(
     # a Matryoshka model is evaluated at every prefix it trains, from the same embeddings
     widths = cfg.loss.nested_widths(cfg.model.embed_dim)[:-1] if cfg.loss.matryoshka else []
     result = evaluate_pairs(
-        model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, dtype, skip_missing=True, widths=widths
+        model, cfg.data.val, pairs, cfg.eval.batch_size, dist.device, skip_missing=True, widths=widths
     )
     # pairs evaluated that the loss never aligned: their retrieval is emergent, through the shared space
     result["emergent"] = [
@@ -98,7 +96,7 @@ def evaluate(
         for m in cfg.eval.classify:
             try:
                 result["zeroshot"][m] = evaluate_zeroshot(
-                    model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, dtype, 0, widths
+                    model, cfg.data.val, m, classnames, templates, cfg.eval.batch_size, dist.device, widths=widths
                 )
             except NoSamples as exc:
                 log.warning("zero-shot classification of %s left out: %s", m, exc)

@@ -5,8 +5,9 @@ Non-finite numbers. Each rank adds up, on its device, every loss it backpropagat
 optimizer (`SkippableAdamW`) takes one fused norm over the gradients it is about to apply (the reduced ones: under
 ZeRO, the rank's partition) and the ranks take the maximum of both flags in one device all-reduce. A step with any
 of them not finite (or too large to mean anything) is withheld on the device, by the fused AdamW's `found_inf`: no
-weight, moment or step count changes, on any rank, and no host waits for the GPU to find out. Under fp16 the loss
-scaler owns gradient overflow (it skips those steps itself and lowers the scale), so only the loss is watched.
+weight, moment or step count changes, on any rank, and no host waits for the GPU to find out. Under fp16 the
+step's flags also update the loss scale (`tessera.train.components.precision.LossScale`): a step whose gradients
+overflowed at a scale above 1 is the scale's business (it halves), counted apart and not toward the limit below.
 
 The host reads the flags later, at the loop's next log step, evaluation or checkpoint (`settle`): each skipped
 step is then logged with what was not finite, counted, and `train.max_nonfinite_steps` of them in a row stop the
@@ -33,6 +34,7 @@ from tessera.config import UserError
 from tessera.losses.ring import host_group_of
 
 from ..distributed.groups import gather_objects
+from .precision import LossScale
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +102,27 @@ class StepGuard:
     """Watches an engine's backward passes and steps (see the module docstring). `stop` says, after each optimizer
     step, whether every rank is to stop after it; `settle()` reads the steps' flags since it was last called."""
 
-    def __init__(self, engine, model: nn.Module, gradients: bool = True, signals: StopSignals | None = None):
-        """`engine`: a DeepSpeed engine built on a `SkippableAdamW`; `model` its module; `gradients`: watch the
-        gradients too, not only the losses; `signals`: where a stop request is read."""
+    def __init__(
+        self,
+        engine,
+        model: nn.Module,
+        signals: StopSignals | None = None,
+        loss_scale: LossScale | None = None,
+    ):
+        """`engine`: a DeepSpeed engine built on a `SkippableAdamW`; `model` its module; `signals`: where a stop
+        request is read; `loss_scale`: the loss scale the steps backpropagate with (fp16), updated after each step."""
         self.engine, self.optimizer = engine, engine.basic_optimizer
         if not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError(f"the engine's optimizer is {type(self.optimizer).__name__}, not a SkippableAdamW")
         self.device = engine.device
-        self.gradients = gradients
+        self.loss_scale = loss_scale
         self.loss_sum = torch.zeros((), device=self.device)
         self.flags: torch.Tensor | None = None  # the last step's (loss, gradient), 1 where not finite
         self.good = torch.ones((), device=self.device)  # 1.0 where the last step was applied, else 0.0
-        # each step's flags since the last settle(), and whether DeepSpeed advanced its schedule after it
-        self.pending: list[tuple[torch.Tensor, bool]] = []
+        # each step's flags since the last settle() with the loss scale it ran at (1 without one), and whether
+        # DeepSpeed advanced its schedule after it
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        self._one = torch.ones((), device=self.device)
         self.stop = False
         self.signals = signals
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -135,11 +145,15 @@ class StepGuard:
                 advanced = self.checked
                 if not self.checked:
                     # DeepSpeed withheld the step itself, having found the gradients' norm not finite (ZeRO 1-2, its
-                    # own host check); under fp16 that is its loss scaler's business, and only the loss is watched
-                    self.check([], withheld=self.gradients)
+                    # own host check)
+                    self.check([], withheld=True)
                 self._agree_stop()
                 self.good = (self.flags.amax() == 0).float()
-                self.pending.append((self.flags, advanced))
+                scale = self._one
+                if self.loss_scale is not None:
+                    scale = self.loss_scale.scale.clone()
+                    self.loss_scale.update(self.flags.amax())
+                self.pending.append((self.flags, scale, advanced))
                 self.loss_sum.zero_()
 
         engine.backward, engine.step = guarded_backward, guarded_step
@@ -152,7 +166,7 @@ class StepGuard:
         grads = [g for g in grads if g is not None]
         if withheld:
             grad_bad = loss_bad.new_ones(())
-        elif self.gradients and grads:
+        elif grads:
             grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())  # iff one is not
         else:
             grad_bad = loss_bad.new_zeros(())
@@ -169,33 +183,53 @@ class StepGuard:
             requested = bool(flag[0])
         self.stop = requested
 
-    def settle(self) -> list[tuple[dict[str, bool] | None, bool]]:
-        """For each step since the last call, its flags ({"loss": ..., "gradient": ...} for a skipped step, None for
-        an applied one), and whether DeepSpeed advanced its learning-rate schedule after it: one host sync for all."""
+    def settle(self) -> list[tuple[dict[str, Any] | None, bool]]:
+        """For each step since the last call, what made it skipped ({"loss": ..., "gradient": ..., "overflow": ...,
+        "scale": the loss scale it ran at}; None for an applied step), and whether DeepSpeed advanced its
+        learning-rate schedule after it: one host sync for all. An overflow is a step whose gradients alone were not
+        finite at a loss scale above 1 (fp16)."""
         if not self.pending:
             return []
-        flags = torch.stack([f for f, _ in self.pending]).tolist()
-        advanced = [a for _, a in self.pending]
+        rows = torch.stack([torch.cat([f.float(), s.float().reshape(1)]) for f, s, _ in self.pending]).tolist()
+        advanced = [a for _, _, a in self.pending]
         self.pending = []
-        return [
-            ({"loss": bool(lo), "gradient": bool(gr)} if lo or gr else None, a) for (lo, gr), a in zip(flags, advanced)
-        ]
+        settled = []
+        for (lo, gr, scale), a in zip(rows, advanced):
+            bad = None
+            if lo or gr:
+                overflow = self.loss_scale is not None and not lo and scale > 1
+                bad = {"loss": bool(lo), "gradient": bool(gr), "overflow": overflow, "scale": scale}
+            settled.append((bad, a))
+        return settled
 
     def close(self) -> None:
+        """The run's steps are over: the optimizer and the parameters' gradients go back to what they were."""
         self.optimizer.guard = None
+        if self.loss_scale is not None:
+            self.loss_scale.close()
 
 
 class Skipped:
     """The loop's tally of skipped steps: each is logged with what was not finite, and the `limit`-th in a row
-    stops the run. `count` is a collective (every rank skips the same steps)."""
+    stops the run. `count` is a collective (every rank skips the same steps). fp16 overflows are tallied apart
+    (`overflows`), logged at info, and neither count toward the limit nor break a row."""
 
     def __init__(self, limit: int):
-        self.limit, self.total, self.in_a_row = limit, 0, 0
+        self.limit, self.total, self.in_a_row, self.overflows = limit, 0, 0, 0
 
     def reset(self) -> None:
         self.in_a_row = 0
 
-    def count(self, step: int, bad: dict[str, bool], values: list[dict[str, Any]]) -> None:
+    def count(self, step: int, bad: dict[str, Any], values: list[dict[str, Any]]) -> None:
+        if bad.get("overflow"):
+            self.overflows += 1
+            log.info(
+                "step %d skipped: fp16 gradients overflowed at loss scale %g, which halves (%d overflow(s) in all)",
+                step,
+                bad["scale"],
+                self.overflows,
+            )
+            return
         self.total += 1
         self.in_a_row += 1
         losses = [(k.split("/", 1)[1], v) for micro in values for k, v in micro.items() if k.startswith("loss/")]

@@ -33,14 +33,19 @@ from tessera.models.multitower import Encoded
 
 from ..recipes.config import TrainConfig
 from .objectives import ContrastiveObjective, Losses
-from .precision import input_dtype
+from .precision import LossScale
+
+
+def _scaled(loss: torch.Tensor, loss_scale: LossScale | None) -> torch.Tensor:
+    return loss if loss_scale is None else loss_scale.scaled(loss)
 
 
 class OneGraphStep:
     """Forward, one backward, one engine step."""
 
-    def __init__(self, objective):
-        self.objective = objective
+    def __init__(self, objective, loss_scale: LossScale | None = None):
+        """`loss_scale`: what the loss is multiplied by to backpropagate (train.precision=fp16)."""
+        self.objective, self.loss_scale = objective, loss_scale
 
     def backwards(self, batch_size: int) -> int:
         return 1
@@ -50,7 +55,7 @@ class OneGraphStep:
 
     def __call__(self, engine, batch: dict[str, Any]) -> Losses:
         losses, report = self.objective(engine, batch)
-        engine.backward(losses["loss"])
+        engine.backward(_scaled(losses["loss"], self.loss_scale))
         engine.step()
         return losses, report
 
@@ -88,11 +93,13 @@ class TwoPassStep:
         model: nn.Module,
         chunk_size: int,
         grad_accum: int,
-        dtype: torch.dtype | None = None,
+        loss_scale: LossScale | None = None,
     ):
-        """`dtype`: what floating inputs are cast to as a chunk moves to the engine's device (the precision's)."""
+        """`loss_scale`: what the loss is multiplied by to backpropagate (train.precision=fp16): the loss's own
+        backward carries it into the cached feature gradients (fp16 features: theirs would underflow without it),
+        and the second pass's backward passes it on to the weights, whose hooks take it back out."""
         self.objective, self.model, self.chunk_size, self.grad_accum = objective, model, chunk_size, grad_accum
-        self.dtype = dtype
+        self.loss_scale = loss_scale
 
     def backwards(self, batch_size: int) -> int:
         return math.ceil(batch_size / self.chunk_size)
@@ -184,7 +191,7 @@ class TwoPassStep:
         teach = getattr(self.objective, "teacher_features", None)  # distillation: a teacher's features, kept too
         taught = []
         with torch.no_grad():
-            for chunk in chunks_on([c for _, _, c in chunks], device, self.dtype):
+            for chunk in chunks_on([c for _, _, c in chunks], device):
                 present = [m for m in towers if m in chunk]
                 states.append({})
                 encoded.append({})
@@ -220,13 +227,13 @@ class TwoPassStep:
         if "logit_bias" in first:
             leaves["logit_bias"] = {k: v.detach().float().requires_grad_() for k, v in first["logit_bias"].items()}
         losses, report = self.objective.loss(leaves, self._whole(batch, device))
-        losses["loss"].backward()
+        _scaled(losses["loss"], self.loss_scale).backward()
         # pass 2: each chunk again with autograd, its random state replayed, its features' cached gradient pushed
         # into the weights; the temperatures' and biases' gradients enter once, with the first chunk. DeepSpeed
         # counts every chunk as a micro-step: its boundary (one gradient reduction, the optimizer step) comes after
         # the last chunk of the step's last micro-batch.
         second = [{k: v for k, v in chunk.items() if k not in towers or k in trained} for _, _, chunk in chunks]
-        for i, ((start, stop, _), inputs) in enumerate(zip(chunks, chunks_on(second, device, self.dtype))):
+        for i, ((start, stop, _), inputs) in enumerate(zip(chunks, chunks_on(second, device))):
             inputs.update({m: Encoded(f) for m, f in encoded[i].items()})
             hooks = self._hooks([m for m in towers if m in inputs], states[i], replay=True)
             _set_rng_state(states[i]["start"])
@@ -235,8 +242,8 @@ class TwoPassStep:
             finally:
                 for hook in hooks:
                     hook.remove()
-            terms = [
-                (f * leaves["features"][m].grad[start:stop]).sum()
+            terms = [  # in fp32: under a loss scale, fp16 products could overflow (only the gradient matters)
+                (f.float() * leaves["features"][m].grad[start:stop].float()).sum()
                 for m, f in out["features"].items()
                 if leaves["features"][m].grad is not None
             ]
@@ -252,6 +259,7 @@ class TwoPassStep:
                 # nothing of this chunk trains (a batch of frozen towers' modalities), but the backward must still
                 # run: DeepSpeed reduces gradients across ranks inside the boundary's backward
                 surrogate = 0.0 * next(p for p in self.model.parameters() if p.requires_grad).sum()
+            # the cached gradients carry the loss scale already
             engine.backward(surrogate / self.grad_accum, scale_wrt_gas=False)
             engine.step()
         _set_rng_state(after)
@@ -259,7 +267,9 @@ class TwoPassStep:
 
 
 def make_step(objective, model: nn.Module, t: TrainConfig):
-    """The two-pass step when towers run in chunks (`train.chunk_size`), else the one-graph step."""
+    """The two-pass step when towers run in chunks (`train.chunk_size`), else the one-graph step; under
+    train.precision=fp16 with a loss scale on `model`'s trainable parameters."""
+    loss_scale = LossScale(model) if t.precision == "fp16" else None
     if t.chunk_size:
-        return TwoPassStep(objective, model, t.chunk_size, t.grad_accum, input_dtype(t.precision))
-    return OneGraphStep(objective)
+        return TwoPassStep(objective, model, t.chunk_size, t.grad_accum, loss_scale)
+    return OneGraphStep(objective, loss_scale)

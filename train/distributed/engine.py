@@ -71,13 +71,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": t.grad_accum * backwards,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": ds_cfg.zero_stage},
-        # bf16 is autocast over fp32 weights (the model's autocast_dtype), so DeepSpeed runs in fp32: gradients
-        # are accumulated, reduced and clipped in fp32 at every ZeRO stage
-        "fp16": {"enabled": t.precision == "fp16"},
+        # bf16 and fp16 are autocast over fp32 weights (the model's autocast_dtype; fp16 with the steps' loss
+        # scale), so DeepSpeed runs in fp32: gradients are accumulated, reduced and clipped in fp32 at every stage
         "zero_allow_untested_optimizer": True,  # torch AdamW: it runs on CPU as well as GPU
-        # Buffers (BatchNorm statistics, attention masks) in the parameters' dtype, as module.half() would:
-        # DeepSpeed >= 0.19 leaves them fp32, and BatchNorm rejects half input with fp32 statistics.
-        "data_types": {"buffer_dtype": t.precision} if t.precision == "fp16" else {},
         "checkpoint": {"use_node_local_storage": node_local, "load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -107,8 +103,11 @@ def build_engine(
     DeepSpeed asserts on a missing LOCAL_RANK rather than saying so."""
     init_distributed()
     accel = deepspeed.accelerator.get_accelerator()
-    if t.precision == "fp16" and not accel.is_fp16_supported():
-        raise ConfigError(f"train.precision=fp16 is not supported by DeepSpeed on {accel.device_name()}; use bf16")
+    if t.precision == "fp16" and accel.device_name() == "cpu":
+        log.warning(
+            "train.precision=fp16 on a CPU: most CPUs emulate fp16 matrix products, slowly; it is meant for "
+            "GPUs without bf16 (V100, T4)"
+        )
     if t.precision == "bf16" and not accel.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16 is not supported on {accel.device_name()}; use fp32")
     groups = param_groups(model, t.weight_decay, t.lr, lr_scales)

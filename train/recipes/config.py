@@ -66,9 +66,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto",
         metadata={
-            "help": "bf16: towers compute in bf16 under autocast, with fp32 weights, gradients, reductions and "
-            "optimizer; fp16 (GPU): DeepSpeed's fp16 with loss scaling; fp32; auto: bf16 where the device computes "
-            "it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32"
+            "help": "bf16: towers compute in bf16 under autocast, with fp32 weights (temperatures and biases too), "
+            "gradients, reductions and optimizer (open_clip's amp_bf16); fp16: the same in fp16 with a dynamic loss "
+            "scale (open_clip's amp; for GPUs without bf16); fp32; auto: bf16 where the device computes it "
+            "natively (a GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32"
         },
     )
     max_nonfinite_steps: int = field(
