@@ -126,16 +126,18 @@ def test_fp16_follows_fp32_with_the_true_gradient_norm_at_zero_1(demo_shards, tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("chunks", [[], ["train.chunk_size=8"]], ids=["one-graph", "two-pass"])
 def test_overflows_halve_the_scale_skip_their_steps_and_a_resume_continues_from_the_scale(
-    demo_shards, tmp_path, in_process_training
+    demo_shards, tmp_path, in_process_training, chunks
 ):
     """From a scale of 2^24 the first steps overflow fp16: each is skipped (no update, the schedule held) and halves
     the scale, and more of them than train.max_nonfinite_steps (5) in a row do not stop the run, nor count as
-    non-finite steps. A run resumed from the step-4 checkpoint continues from the scale it had reached: its losses
-    and weights equal the uninterrupted run's."""
+    non-finite steps (the two-pass step's cached feature gradients overflow too: a gradient, not a loss, that is
+    not finite). A run resumed from the step-4 checkpoint continues from the scale it had reached: its losses and
+    weights equal the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    common = ["train.steps=12", "train.precision=fp16", "train.ckpt_every=4", "train.keep_ckpts=5"]
+    common = ["train.steps=12", "train.precision=fp16", "train.ckpt_every=4", "train.keep_ckpts=5", *chunks]
     lines = _train(demo_shards, tmp_path / "run", *common, scale=2.0**24)
     skipped = [x for x in lines if x["overflow_steps"] == x["step"]]
     assert len(skipped) > 5 and all(x["nonfinite_steps"] == 0 for x in lines)
@@ -150,7 +152,7 @@ def test_overflows_halve_the_scale_skip_their_steps_and_a_resume_continues_from_
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step00000004", resumed / "checkpoints" / "step00000004")
     (resumed / "checkpoints" / "latest").write_text("step00000004")
     again = _train(demo_shards, resumed, *common, "resume=latest", scale=2.0**24)
-    kept = ("step", "loss", "loss/image-text", "temperature/image-text", "lr", "loss_scale", "grad_norm")
+    kept = ("step", "loss", "loss/image-text", "temperature/image-text", "lr", "loss_scale", "overflow_steps")
 
     def same(x):  # a skipped step logs a NaN loss (no applied step to average), which is not equal to itself
         return {k: (None if x[k] != x[k] else x[k]) for k in kept if k in x}
@@ -158,3 +160,31 @@ def test_overflows_halve_the_scale_skip_their_steps_and_a_resume_continues_from_
     assert [same(x) for x in again] == [same(x) for x in lines[4:]]
     final, want = (load_file(str(d / "model" / "tessera_model.safetensors")) for d in (resumed, tmp_path / "run"))
     assert all(torch.equal(final[k], want[k]) for k in want)
+
+
+def test_a_checkpoint_of_deepspeed_s_own_fp16_mode_is_refused_with_a_clear_error(tmp_path):
+    """Before fp16 was autocast over fp32 weights, DeepSpeed's fp16 mode wrote half weights and its own optimizer
+    state; an engine without that mode cannot take them over (a KeyError at ZeRO-0, a loss scaled twice at ZeRO 1-3),
+    so the resume stops first, with what to do. DeepSpeed's model states record the config it ran with."""
+    from tessera.config import ConfigError
+    from tessera.train.components.checkpoint import load
+    from tessera.train.distributed.groups import DistInfo
+
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE").write_text("1")
+    torch.save({"step": 4, "rng": None, "loader": {}}, tag / "tessera_rank0.pt")
+    torch.save({"module": {}, "ds_config": {"fp16": {"enabled": True}}}, tag / "mp_rank_00_model_states.pt")
+
+    class Engine:  # what load asks of the engine before DeepSpeed's own load
+        def fp16_enabled(self):
+            return False
+
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError("DeepSpeed's load was reached")
+
+    with pytest.raises(ConfigError, match="saved under DeepSpeed's own fp16 mode"):
+        load(Engine(), tag, DistInfo(0, 1, 0, torch.device("cpu")))
+    torch.save({"module": {}, "ds_config": {"fp16": {"enabled": False}}}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(AssertionError, match="DeepSpeed's load was reached"):  # an fp32-mode checkpoint goes on
+        load(Engine(), tag, DistInfo(0, 1, 0, torch.device("cpu")))

@@ -162,7 +162,6 @@ def test_equals_the_one_graph_step_with_dropout(loss):
     _compare(model, _batch(model), loss, as_chunks=loss.positives == "label")
 
 
-@pytest.mark.slow
 def test_under_a_loss_scale_the_weights_get_the_unscaled_gradients():
     """fp16's loss scale (2^12; in fp32 here, so the comparison stays tight): the loss's backward carries it into the
     cached feature gradients, the second pass into the weights, whose hooks take it back out once."""
@@ -170,6 +169,7 @@ def test_under_a_loss_scale_the_weights_get_the_unscaled_gradients():
     _check(model, copy.deepcopy(model), _batch(model), LossConfig(tile_size=5), loss_scale=2.0**12)
 
 
+@pytest.mark.slow
 def test_compiled_towers_with_dropout_equal_the_one_graph_step():
     """train.compile with the two-pass step and dropout in the towers (patch dropout) and heads: each of two steps
     equals the one-graph step of the same compiled towers (against eager towers the fp32 sums differ in order, past

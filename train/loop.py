@@ -74,9 +74,12 @@ def train(task: Pretrain) -> dict[str, Any]:
     # the weights' moving average, if asked for (held by the teacher's model for distill.teacher=ema): resumed below
     ema = build_ema(engine, t.ema, task.ema_module)
     step, logged = 0, {}
+    skipped = Skipped(t.max_nonfinite_steps)  # the tally of skipped steps
     if tag_dir is not None:
         extras = checkpoint.load(engine, tag_dir, dist, task.trainable_only, universal, ema)
         step, logged = int(extras["step"]), extras.get("logged", {})
+        if "skipped" in extras:
+            skipped.load_state_dict(extras["skipped"])
         if step_fn.loss_scale is not None and "loss_scale" in extras:  # fp16: the scale it had reached
             step_fn.loss_scale.load_state_dict(extras["loss_scale"])
         loader.load_state_dict(extras["loader"], checkpoint.loader_states(tag_dir))
@@ -100,7 +103,7 @@ def train(task: Pretrain) -> dict[str, Any]:
 
     logger = MetricsLogger(out_dir, dist.is_main, t.steps, step, cfg.log, to_dict(cfg), logged)
     with StopSignals() as signals:
-        step, stopped = _steps(task, engine, ema, data, dist, logger, step, signals, shared)
+        step, stopped = _steps(task, engine, ema, data, dist, logger, skipped, step, signals, shared)
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "data": data_counts(loader.stats.to_dict())}
     if stopped:
         logger.close()
@@ -127,26 +130,31 @@ def _steps(
     data,
     dist: DistInfo,
     logger: MetricsLogger,
+    skipped: Skipped,
     step: int,
     signals,
     shared: bool,
 ):
     """Train from `step` to train.steps, or until every rank agrees to stop on a signal; checkpoint as configured
-    and at the last step; update the weights' moving average `ema` after each optimizer step. Returns the last step
-    and what stopped the run early (None if nothing did)."""
+    and at the last step; update the weights' moving average `ema` after each optimizer step; tally the skipped steps
+    in `skipped` (checkpointed with the run). Returns the last step and what stopped the run early (None if nothing
+    did)."""
     cfg, t, loader = task.cfg, task.cfg.train, data.loader
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     window = Window()
     loss_scale = task.step.loss_scale  # fp16
     guard = StepGuard(engine, engine.module, signals=signals, loss_scale=loss_scale)
-    skipped = Skipped(t.max_nonfinite_steps)
     scheduler = engine.lr_scheduler  # the schedule a skipped step must not advance
     last_ckpt = step
 
     def save(at: int) -> None:  # a checkpoint of everything a resume needs, at optimizer step `at`
         checkpoint.save(
             engine, ckpt_dir, at, loader.state_dict(), dist, t.keep_ckpts, task.trainable_only, shared, ema,
-            logger.state_dict(), loss_scale and loss_scale.state_dict(),
+            {
+                "logged": logger.state_dict(),
+                "skipped": skipped.state_dict(),
+                **({"loss_scale": loss_scale.state_dict()} if loss_scale else {}),
+            },
         )  # fmt: skip
 
     engine.train()

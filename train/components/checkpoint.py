@@ -131,15 +131,13 @@ def save(
     trainable_only: bool = False,
     shared: bool = True,
     ema: WeightEMA | None = None,
-    logged: dict[str, Any] | None = None,
-    loss_scale: dict[str, Any] | None = None,
+    states: dict[str, Any] | None = None,
 ) -> str:
     """Save a checkpoint for optimizer step `step`; `latest` names it only once every rank is done. With
     `trainable_only` the frozen parameters are left out (adapter fine-tuning: a resumed run reloads its base).
     `shared`: the output directory is one for all ranks (else each node writes its own COMPLETE and latest). `ema`:
-    the weights' moving average, written by the ranks that write per-disk files. `logged`: this rank's
-    `MetricsLogger.state_dict()` (the W&B run's id), which `load` returns as the extras' `logged`; `loss_scale`
-    likewise (fp16: `LossScale.state_dict()`)."""
+    the weights' moving average, written by the ranks that write per-disk files. `states`: more of this rank's
+    state by name (the metrics logger's, the loss scale's, ...), which `load` returns among its extras."""
     check_weights(engine.module, step)  # never a checkpoint of non-finite weights
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -188,8 +186,7 @@ def save(
                 "step": step,
                 "rng": rng_state(),
                 "loader": loader_state,
-                "logged": logged or {},
-                **({"loss_scale": loss_scale} if loss_scale else {}),
+                **(states or {}),
             },
             _rank_file(tag_dir, dist.rank),
         )
@@ -344,6 +341,16 @@ def _unshare_steps(engine) -> None:
             seen.add(id(state["step"]))
 
 
+def _deepspeed_fp16(tag_dir: Path) -> bool:
+    """Whether DeepSpeed's own fp16 mode wrote the checkpoint in `tag_dir` (its model states record the config;
+    mapped, not read: the weights stay on disk)."""
+    states = sorted(tag_dir.glob("*model_states.pt"))
+    if not states:
+        return False
+    saved = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)  # DeepSpeed's own pickle
+    return bool((saved.get("ds_config") or {}).get("fp16", {}).get("enabled", False))
+
+
 def load(
     engine,
     tag_dir: Path,
@@ -360,6 +367,12 @@ def load(
     if not extras_file.is_file():
         raise ConfigError(f"'{tag_dir}' was saved by {saved_world} rank(s) and has no state for rank {dist.rank}")
     source = universal_dir or tag_dir
+    if _deepspeed_fp16(source) and not engine.fp16_enabled():
+        raise ConfigError(
+            f"'{tag_dir}' was saved under DeepSpeed's own fp16 mode (half weights, an fp16 optimizer state: what "
+            "train.precision=fp16 meant before it became autocast over fp32 weights), which this run cannot take "
+            "over; finish that run with the Tessera that started it, or fine-tune from its exported model"
+        )
     load_path, client = engine.load_checkpoint(
         str(source.parent),
         tag=source.name,

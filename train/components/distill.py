@@ -160,9 +160,11 @@ class StudentExtras:
     def __call__(self, module: nn.Module, args: tuple, out: dict[str, Any]) -> dict[str, Any]:
         batch, features = args[0], out["features"]
         if self.maps is not None:
+            dtype = module.autocast_dtype  # the towers' compute dtype: their features' (bf16, fp16) or fp32
             for m, layer in self.maps.items():
                 if m in features:
-                    features[MAPPED + m] = layer(features[m])
+                    with torch.autocast(features[m].device.type, dtype, enabled=dtype is not None):
+                        features[MAPPED + m] = layer(features[m])
         for m in self.local:
             if local_key(m) in batch:
                 features[LOCAL + m] = module.encode(m, batch[local_key(m)])

@@ -220,6 +220,12 @@ class Skipped:
     def reset(self) -> None:
         self.in_a_row = 0
 
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "in_a_row": self.in_a_row, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total, self.in_a_row, self.overflows = state["total"], state["in_a_row"], state["overflows"]
+
     def count(self, step: int, bad: dict[str, Any], values: list[dict[str, Any]]) -> None:
         if bad.get("overflow"):
             self.overflows += 1

@@ -259,11 +259,26 @@ class TwoPassStep:
                 # nothing of this chunk trains (a batch of frozen towers' modalities), but the backward must still
                 # run: DeepSpeed reduces gradients across ranks inside the boundary's backward
                 surrogate = 0.0 * next(p for p in self.model.parameters() if p.requires_grad).sum()
-            # the cached gradients carry the loss scale already
-            engine.backward(surrogate / self.grad_accum, scale_wrt_gas=False)
+            # what the engine backpropagates has the step's loss as its value (the first chunk's; 0 after it), for
+            # the guard that watches losses, and the surrogate's gradient, which carries the loss scale already
+            value = losses["loss"].detach() if i == 0 else torch.zeros((), device=surrogate.device)
+            engine.backward(_ValueOf.apply(value, surrogate) / self.grad_accum, scale_wrt_gas=False)
             engine.step()
         _set_rng_state(after)
         return {k: v.detach() for k, v in losses.items()}, report
+
+
+class _ValueOf(torch.autograd.Function):
+    """`value` forward, `of`'s gradient backward: a surrogate whose value is a loss (a non-finite cached gradient
+    then shows as a gradient that is not finite, an fp16 overflow, and not as a loss that is not)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+        return value.to(of.dtype).clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
 
 
 def make_step(objective, model: nn.Module, t: TrainConfig):
