@@ -95,7 +95,10 @@ def test_fp16_trains_fp32_weights_and_temperatures_whose_steps_are_below_an_fp16
     from tessera.train.components.resume import resolve
 
     out = tmp_path / "run"
-    _train(demo_shards, out, "train.steps=3", "train.lr=1e-4", "train.precision=fp16", "train.ckpt_every=3")
+    # from a scale no step overflows at (on any CPU kind): all 3 steps move the weights
+    _train(
+        demo_shards, out, "train.steps=3", "train.lr=1e-4", "train.precision=fp16", "train.ckpt_every=3", scale=2.0**10
+    )
     module = torch.load(
         resolve(out / "checkpoints", "latest") / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
     )["module"]
