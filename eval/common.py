@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import torch
 
 from tessera import modalities
 from tessera.data.shards import benchmark_root
+from tessera.durable import atomic_write_bytes
 from tessera.models import ConfigError, load_model
 from tessera.models.adapters import load_adapter, merge_adapter
 
@@ -100,6 +102,13 @@ def output_path(out: str | Path, doc: dict) -> Path:
     if len(model) > 80:
         model = f"{model[-60:]}-{hashlib.sha1(model.encode()).hexdigest()[:12]}"
     return Path(out) / f"{dataset}_{doc['pretrained']}_{model}_{doc['language']}_{doc['task']}.json"
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    """A command's result document at `path` (its folder made), whole or not at all; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
 
 
 def default_classified(model) -> str:

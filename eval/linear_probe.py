@@ -12,7 +12,6 @@ Metrics: `acc1`, `acc5`, `mean_per_class_recall` on the test split, beside chanc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -115,9 +114,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {args.out}")
+        print(f"wrote {common.write_json(args.out, doc)}")
     return 0
 
 

@@ -23,7 +23,6 @@ The ranking and its metrics are `ranking`'s; queries of several modalities at on
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import Counter
@@ -121,8 +120,7 @@ def summary_table(result: dict[str, Any], ks=KS) -> str:
 def write_report(doc: dict[str, Any], out: Path, extra: list[str] = ()) -> list[Path]:
     """JSON at `out`; R@K curves beside it as <stem>_recall.png; a markdown summary <stem>.md linking both
     (and ending with the `extra` markdown lines)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
+    common.write_json(out, doc)
     png = out.with_name(out.stem + "_recall.png")
     _plot_curves(doc["curves"], doc["chance"], png)
     md = out.with_suffix(".md")
@@ -232,10 +230,7 @@ def run_joint(args: argparse.Namespace, parser: argparse.ArgumentParser, model, 
         print(f"| {rule} | {m[f'{name}_R@1']:.2%} | {m[f'{name}_R@5']:.2%} | {m[f'{name}_R@10']:.2%} |")
     if args.out:
         doc = {**common.benchmark_fields(args.data, args.model, "zeroshot_retrieval"), "query": query, **result}
-        path = common.output_path(args.out, doc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {common.write_json(common.output_path(args.out, doc), doc)}")
     return 0
 
 

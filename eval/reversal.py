@@ -15,7 +15,6 @@ each sample's first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -111,10 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     if args.out:
         doc = {**common.benchmark_fields(args.data, args.model, "reversal"), "modality": modality, **result}
-        out = common.output_path(args.out, doc)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {out}")
+        print(f"wrote {common.write_json(common.output_path(args.out, doc), doc)}")
     return 0
 
 

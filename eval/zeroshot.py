@@ -295,9 +295,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         print(f"{key:<24}{100 * result['metrics'][key]:6.1f}%   chance {100 * result['chance'][key]:5.1f}%")
     if args.out:
-        out = common.output_path(args.out, doc)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
+        out = common.write_json(common.output_path(args.out, doc), doc)
         png = out.with_name(out.stem + "_confusion.png")
         plot_confusion(result["confusion"], classnames, png)
         print(f"wrote {out} and {png}")
